@@ -1,0 +1,153 @@
+//! The cluster handle: rskafka's client (data path, metadata) plus our connector (group APIs),
+//! both built once from the same settings. Every rskafka call here is bounded in time.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    sync::Arc,
+    time::Duration,
+};
+
+use rskafka::{
+    BackoffConfig,
+    client::{
+        Client, ClientBuilder,
+        partition::{PartitionClient, UnknownTopicHandling},
+    },
+};
+use tokio::sync::Mutex;
+
+use crate::{
+    conn::Connector,
+    error::{Error, Result},
+    settings::ConnectionSettings,
+};
+
+pub struct Cluster {
+    pub connector: Connector,
+    client: Client,
+    partitions: Mutex<HashMap<(String, i32), Arc<PartitionClient>>>,
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("connector", &self.connector)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bounds an rskafka call (which has no timeouts of its own).
+pub async fn bounded<T>(
+    call: &'static str,
+    broker: &str,
+    after: Duration,
+    fut: impl Future<Output = Result<T, rskafka::client::error::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r.map_err(Error::from),
+        Err(_) => Err(Error::Timeout {
+            call,
+            broker: broker.to_owned(),
+            after,
+        }),
+    }
+}
+
+impl Cluster {
+    /// Validates the settings (TLS material is read and checked here) and connects.
+    pub async fn connect(settings: ConnectionSettings) -> Result<Arc<Self>> {
+        let settings = Arc::new(settings);
+        let connector = Connector::new(settings.clone())?;
+        let mut builder = ClientBuilder::new(settings.bootstrap_strings())
+            .client_id(settings.client_id.clone())
+            .backoff_config(BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+                deadline: Some(Duration::from_secs(10)),
+            });
+        if let Some(tls) = connector.tls_config() {
+            builder = builder.tls_config(tls);
+        }
+        if let Some(sasl) = &settings.sasl {
+            builder = builder.sasl_config(crate::sasl::rskafka_config(sasl));
+        }
+        let timeout = connector.request_timeout;
+        let bootstrap = settings.bootstrap_strings().join(",");
+        // Our own connection first: it gives clear TLS and SASL errors.
+        connector.connect_any().await?;
+        let client = bounded("connect", &bootstrap, timeout, builder.build()).await?;
+        Ok(Arc::new(Self {
+            connector,
+            client,
+            partitions: Mutex::new(HashMap::new()),
+            request_timeout: timeout,
+        }))
+    }
+
+    fn bootstrap(&self) -> String {
+        self.connector.settings.bootstrap_strings().join(",")
+    }
+
+    /// Partition counts of `topics`, from fresh metadata. Missing topics are an error.
+    pub async fn partition_counts(&self, topics: &[String]) -> Result<BTreeMap<String, i32>> {
+        let all = bounded(
+            "Metadata",
+            &self.bootstrap(),
+            self.request_timeout,
+            self.client.list_topics(),
+        )
+        .await?;
+        let mut out = BTreeMap::new();
+        for t in topics {
+            let found = all
+                .iter()
+                .find(|x| &x.name == t)
+                .ok_or_else(|| Error::UnknownTopic(t.clone()))?;
+            out.insert(t.clone(), found.partitions.len() as i32);
+        }
+        Ok(out)
+    }
+
+    /// A (cached) client for one partition's leader.
+    pub async fn partition(&self, topic: &str, partition: i32) -> Result<Arc<PartitionClient>> {
+        let key = (topic.to_owned(), partition);
+        if let Some(c) = self.partitions.lock().await.get(&key) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(
+            bounded(
+                "Metadata",
+                &self.bootstrap(),
+                self.request_timeout,
+                self.client
+                    .partition_client(topic, partition, UnknownTopicHandling::Retry),
+            )
+            .await?,
+        );
+        self.partitions.lock().await.insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// Creates a topic; an existing topic is fine.
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
+        let ctl = self.client.controller_client()?;
+        match bounded(
+            "CreateTopics",
+            &self.bootstrap(),
+            self.request_timeout,
+            ctl.create_topic(name, partitions, 1, 10_000),
+        )
+        .await
+        {
+            Ok(()) => Ok(()),
+            Err(Error::Client(rskafka::client::error::Error::ServerError {
+                protocol_error: rskafka::client::error::ProtocolError::TopicAlreadyExists,
+                ..
+            })) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

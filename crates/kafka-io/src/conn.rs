@@ -1,0 +1,339 @@
+//! One connection to one broker for the requests rskafka lacks (group coordination, offsets):
+//! size-prefixed framing, correlation ids, ApiVersions and version choice, TLS, SASL. Requests go
+//! one at a time; every call has a timeout.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::{
+    messages::{
+        ApiVersionsRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
+        SaslHandshakeRequest,
+    },
+    protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes},
+};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{
+    error::{Error, Result},
+    settings::{BrokerAddr, ConnectionSettings},
+};
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
+
+/// Largest response frame accepted (guards against garbage length prefixes).
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// How to open connections: the settings plus the TLS config built once from them.
+#[derive(Clone)]
+pub struct Connector {
+    pub settings: Arc<ConnectionSettings>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    pub fn new(settings: Arc<ConnectionSettings>) -> Result<Self> {
+        let tls = if settings.security.uses_tls() {
+            Some(crate::tls::client_config(&settings.tls)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            settings,
+            tls,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        })
+    }
+
+    pub fn tls_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls.clone()
+    }
+
+    /// Connects to the first bootstrap broker that answers.
+    pub async fn connect_any(&self) -> Result<BrokerConn> {
+        let mut last = None;
+        for addr in &self.settings.bootstrap {
+            match self.connect(addr).await {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::debug!(broker = %addr, error = %e, "bootstrap broker unreachable");
+                    last = Some(e)
+                }
+            }
+        }
+        Err(last.unwrap_or(Error::Closed))
+    }
+
+    /// Opens, secures and authenticates one connection, and learns the broker's API versions.
+    pub async fn connect(&self, addr: &BrokerAddr) -> Result<BrokerConn> {
+        let name = addr.to_string();
+        let tcp = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((addr.host.as_str(), addr.port)),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            call: "connect",
+            broker: name.clone(),
+            after: self.connect_timeout,
+        })?
+        .map_err(|e| Error::Connect {
+            broker: name.clone(),
+            why: e.to_string(),
+        })?;
+        tcp.set_nodelay(true).ok();
+        let stream: Box<dyn Stream> = match &self.tls {
+            None => Box::new(tcp),
+            Some(cfg) => {
+                let server =
+                    ServerName::try_from(addr.host.clone()).map_err(|e| Error::Connect {
+                        broker: name.clone(),
+                        why: format!("invalid TLS server name: {e}"),
+                    })?;
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone());
+                let s = tokio::time::timeout(self.connect_timeout, tls.connect(server, tcp))
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        call: "TLS handshake",
+                        broker: name.clone(),
+                        after: self.connect_timeout,
+                    })?
+                    .map_err(|e| Error::Connect {
+                        broker: name.clone(),
+                        why: format!("TLS handshake failed: {e}"),
+                    })?;
+                Box::new(s)
+            }
+        };
+        let mut conn = BrokerConn {
+            stream,
+            broker: name,
+            correlation: 0,
+            versions: HashMap::new(),
+            client_id: StrBytes::from_string(self.settings.client_id.clone()),
+            timeout: self.request_timeout,
+        };
+        conn.api_versions().await?;
+        if let Some(sasl) = &self.settings.sasl {
+            crate::sasl::authenticate(&mut conn, sasl).await?;
+        }
+        Ok(conn)
+    }
+}
+
+/// An open connection. Not shared: the owning task sends one request at a time.
+pub struct BrokerConn {
+    stream: Box<dyn Stream>,
+    broker: String,
+    correlation: i32,
+    versions: HashMap<i16, (i16, i16)>,
+    client_id: StrBytes,
+    timeout: Duration,
+}
+
+impl BrokerConn {
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+
+    /// The highest version of `R` both sides speak, capped at `cap`.
+    pub fn version<R: Request>(&self, call: &'static str, cap: i16) -> Result<i16> {
+        let ours = R::VERSIONS;
+        let (min, max) = self
+            .versions
+            .get(&R::KEY)
+            .copied()
+            .ok_or_else(|| Error::Version {
+                call,
+                ours: format!("{}..{}", ours.min, ours.max),
+                theirs: "none".into(),
+            })?;
+        let hi = max.min(ours.max).min(cap);
+        let lo = min.max(ours.min);
+        if hi < lo {
+            return Err(Error::Version {
+                call,
+                ours: format!("{}..{}", ours.min, ours.max.min(cap)),
+                theirs: format!("{min}..{max}"),
+            });
+        }
+        Ok(hi)
+    }
+
+    async fn api_versions(&mut self) -> Result<()> {
+        // v0 is understood by every broker; v3 adds client software name (tagged header).
+        let req = ApiVersionsRequest::default();
+        let resp = self.send(req, 0, "ApiVersions").await?;
+        if resp.error_code != 0 {
+            return Err(broker_error("ApiVersions", resp.error_code, None));
+        }
+        self.versions = resp
+            .api_keys
+            .iter()
+            .map(|k| (k.api_key, (k.min_version, k.max_version)))
+            .collect();
+        Ok(())
+    }
+
+    /// Sends `req` at `version` and waits for its response, within the request timeout.
+    pub async fn send<R: Request>(
+        &mut self,
+        req: R,
+        version: i16,
+        call: &'static str,
+    ) -> Result<R::Response> {
+        let timeout = self.timeout;
+        self.send_with_timeout(req, version, call, timeout).await
+    }
+
+    pub async fn send_with_timeout<R: Request>(
+        &mut self,
+        req: R,
+        version: i16,
+        call: &'static str,
+        timeout: Duration,
+    ) -> Result<R::Response> {
+        self.correlation = self.correlation.wrapping_add(1);
+        let correlation = self.correlation;
+        let header = RequestHeader::default()
+            .with_request_api_key(R::KEY)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation)
+            .with_client_id(Some(self.client_id.clone()));
+        let mut buf = BytesMut::with_capacity(256);
+        buf.put_i32(0);
+        header
+            .encode(&mut buf, R::header_version(version))
+            .map_err(|e| proto(call, e))?;
+        req.encode(&mut buf, version).map_err(|e| proto(call, e))?;
+        let len = (buf.len() - 4) as i32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+
+        let broker = self.broker.clone();
+        let io = |e: std::io::Error| Error::Io {
+            call,
+            broker: broker.clone(),
+            why: e.to_string(),
+        };
+        let exchange = async {
+            self.stream.write_all(&buf).await.map_err(io)?;
+            self.stream.flush().await.map_err(io)?;
+            let size = self.stream.read_i32().await.map_err(io)?;
+            if size < 4 || size as usize > MAX_FRAME {
+                return Err(Error::Protocol {
+                    call,
+                    why: format!("bad response frame size {size}"),
+                });
+            }
+            let mut frame = vec![0u8; size as usize];
+            self.stream.read_exact(&mut frame).await.map_err(io)?;
+            Ok(Bytes::from(frame))
+        };
+        let mut frame = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| Error::Timeout {
+                call,
+                broker: self.broker.clone(),
+                after: timeout,
+            })??;
+        let rh = ResponseHeader::decode(&mut frame, R::Response::header_version(version))
+            .map_err(|e| proto(call, e))?;
+        if rh.correlation_id != correlation {
+            return Err(Error::Protocol {
+                call,
+                why: format!(
+                    "correlation id {} does not match request {correlation}",
+                    rh.correlation_id
+                ),
+            });
+        }
+        let resp = R::Response::decode(&mut frame, version).map_err(|e| proto(call, e))?;
+        if frame.has_remaining() {
+            tracing::trace!(
+                call,
+                left = frame.remaining(),
+                "response has trailing bytes"
+            );
+        }
+        Ok(resp)
+    }
+
+    pub(crate) async fn sasl_handshake(&mut self, mechanism: &'static str) -> Result<Vec<String>> {
+        let v = self.version::<SaslHandshakeRequest>("SaslHandshake", 1)?;
+        let resp = self
+            .send(
+                SaslHandshakeRequest::default()
+                    .with_mechanism(StrBytes::from_static_str(mechanism)),
+                v,
+                "SaslHandshake",
+            )
+            .await?;
+        let offered: Vec<String> = resp.mechanisms.iter().map(|m| m.to_string()).collect();
+        if resp.error_code != 0 {
+            return Err(Error::Sasl {
+                mechanism,
+                why: format!("broker offers {offered:?} only"),
+            });
+        }
+        Ok(offered)
+    }
+
+    pub(crate) async fn sasl_authenticate(
+        &mut self,
+        mechanism: &'static str,
+        bytes: Vec<u8>,
+    ) -> Result<Vec<u8>> {
+        let v = self.version::<SaslAuthenticateRequest>("SaslAuthenticate", 2)?;
+        let resp = self
+            .send(
+                SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(bytes)),
+                v,
+                "SaslAuthenticate",
+            )
+            .await?;
+        if resp.error_code != 0 {
+            return Err(Error::Sasl {
+                mechanism,
+                why: resp
+                    .error_message
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| format!("error code {}", resp.error_code)),
+            });
+        }
+        Ok(resp.auth_bytes.to_vec())
+    }
+}
+
+/// A broker error code as a typed error.
+pub fn broker_error(call: &'static str, code: i16, message: Option<&StrBytes>) -> Error {
+    Error::Broker {
+        call,
+        code,
+        error: kafka_protocol::error::ResponseError::try_from_code(code)
+            .unwrap_or(kafka_protocol::error::ResponseError::Unknown(code)),
+        message: message.map(|m| m.to_string()),
+    }
+}
+
+fn proto(call: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Protocol {
+        call,
+        why: e.to_string(),
+    }
+}

@@ -1,0 +1,103 @@
+//! Typed errors of kafka-io. Messages name the setting or the broker call that failed and never
+//! carry secrets.
+
+use std::time::Duration;
+
+use kafka_protocol::error::ResponseError;
+
+/// A setting that is missing or wrong: found at start-up, before any connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} is not set")]
+    Missing(&'static str),
+    #[error("{setting}: {why}")]
+    Invalid { setting: &'static str, why: String },
+}
+
+/// A TLS setting that cannot be turned into a working client configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {why}")]
+pub struct TlsError {
+    /// The setting(s) at fault, e.g. `KAFKA_SSL_CLIENT_KEY / KAFKA_SSL_CLIENT_KEY_FILE`.
+    pub setting: &'static str,
+    pub why: String,
+}
+
+/// Anything that goes wrong talking to the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot reach broker {broker}: {why}")]
+    Connect { broker: String, why: String },
+    #[error("{call} to {broker} timed out after {after:?}")]
+    Timeout {
+        call: &'static str,
+        broker: String,
+        after: Duration,
+    },
+    #[error("connection to {broker} failed during {call}: {why}")]
+    Io {
+        call: &'static str,
+        broker: String,
+        why: String,
+    },
+    #[error("{call}: the broker answered {error:?} ({code}){}", .message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Broker {
+        call: &'static str,
+        code: i16,
+        error: ResponseError,
+        message: Option<String>,
+    },
+    #[error("SASL {mechanism} authentication failed: {why}")]
+    Sasl {
+        mechanism: &'static str,
+        why: String,
+    },
+    #[error("{call}: broker supports no common version (ours {ours}, its {theirs})")]
+    Version {
+        call: &'static str,
+        ours: String,
+        theirs: String,
+    },
+    #[error("{call}: could not encode or decode: {why}")]
+    Protocol { call: &'static str, why: String },
+    #[error("rskafka: {0}")]
+    Client(#[from] rskafka::client::error::Error),
+    #[error("the consumer is closed")]
+    Closed,
+    #[error("topic {0} does not exist")]
+    UnknownTopic(String),
+}
+
+impl Error {
+    /// True when the same call may succeed later (network, coordinator moves, timeouts).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Timeout { .. } | Error::Io { .. } => true,
+            Error::Broker { error, .. } => {
+                error.is_retriable()
+                    || matches!(
+                        error,
+                        ResponseError::NotCoordinator
+                            | ResponseError::CoordinatorNotAvailable
+                            | ResponseError::CoordinatorLoadInProgress
+                    )
+            }
+            Error::Client(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The broker's error code, when the broker answered with one.
+    pub fn broker_error(&self) -> Option<ResponseError> {
+        match self {
+            Error::Broker { error, .. } => Some(*error),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,123 @@
+//! Per-partition offset tracking: records are handed out in offset order, complete in any
+//! order, and the committable position is the lowest offset not yet complete (or, with none
+//! outstanding, the offset after the last handed-out record). So a commit never passes a record
+//! whose result is not safely written.
+
+use std::collections::VecDeque;
+
+#[derive(Debug, Default)]
+pub struct PartitionOffsets {
+    /// Handed-out offsets in order, with whether each is complete.
+    outstanding: VecDeque<(i64, bool)>,
+    /// Offset after the last handed-out record (the next one to fetch).
+    next: i64,
+    /// Last position committed (or read from the group at assignment).
+    committed: Option<i64>,
+}
+
+impl PartitionOffsets {
+    /// Starts at `position`: the first offset that will be handed out.
+    pub fn new(position: i64, committed: Option<i64>) -> Self {
+        Self {
+            outstanding: VecDeque::new(),
+            next: position,
+            committed,
+        }
+    }
+
+    /// Records that `offset` was handed out. Offsets must increase; gaps (compaction, control
+    /// batches) are fine.
+    pub fn handed_out(&mut self, offset: i64) {
+        debug_assert!(offset >= self.next, "offsets handed out in order");
+        self.outstanding.push_back((offset, false));
+        self.next = offset + 1;
+    }
+
+    /// Marks `offset` complete. Unknown offsets (already drained, or from before a reset) are
+    /// ignored and reported as false.
+    pub fn complete(&mut self, offset: i64) -> bool {
+        let Ok(i) = self.outstanding.binary_search_by_key(&offset, |(o, _)| *o) else {
+            return false;
+        };
+        self.outstanding[i].1 = true;
+        while matches!(self.outstanding.front(), Some((_, true))) {
+            self.outstanding.pop_front();
+        }
+        true
+    }
+
+    /// The position that may be committed now.
+    pub fn committable(&self) -> i64 {
+        self.outstanding.front().map_or(self.next, |(o, _)| *o)
+    }
+
+    /// The committable position, if it moved past what was last committed.
+    pub fn to_commit(&self) -> Option<i64> {
+        let c = self.committable();
+        (self.committed != Some(c) && self.committed.is_none_or(|old| c > old)).then_some(c)
+    }
+
+    pub fn mark_committed(&mut self, position: i64) {
+        self.committed = Some(self.committed.map_or(position, |c| c.max(position)));
+    }
+
+    pub fn committed(&self) -> Option<i64> {
+        self.committed
+    }
+
+    /// Records handed out and not yet complete.
+    pub fn in_flight(&self) -> usize {
+        self.outstanding.iter().filter(|(_, done)| !done).count()
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.outstanding.is_empty()
+    }
+
+    /// The next offset to fetch.
+    pub fn next_fetch(&self) -> i64 {
+        self.next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_lowest_contiguous() {
+        let mut t = PartitionOffsets::new(10, None);
+        for o in [10, 11, 12, 15] {
+            t.handed_out(o);
+        }
+        assert_eq!(t.committable(), 10);
+        assert!(t.complete(11));
+        assert!(t.complete(15));
+        assert_eq!(t.committable(), 10, "10 still outstanding");
+        assert!(t.complete(10));
+        assert_eq!(t.committable(), 12);
+        assert!(t.complete(12));
+        assert_eq!(t.committable(), 16, "gap 13-14 skipped, next after 15");
+        assert!(t.is_drained());
+        assert!(!t.complete(99));
+    }
+
+    #[test]
+    fn to_commit_only_when_moved_forward() {
+        let mut t = PartitionOffsets::new(5, Some(5));
+        assert_eq!(t.to_commit(), None);
+        t.handed_out(5);
+        assert_eq!(t.to_commit(), None);
+        t.complete(5);
+        assert_eq!(t.to_commit(), Some(6));
+        t.mark_committed(6);
+        assert_eq!(t.to_commit(), None);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn fresh_partition_commits_its_start() {
+        let t = PartitionOffsets::new(0, None);
+        assert_eq!(t.to_commit(), Some(0));
+    }
+}

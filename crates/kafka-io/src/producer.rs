@@ -1,0 +1,398 @@
+//! The producer: one task per target partition that batches queued records (linger, size cap),
+//! sends one batch at a time with acks=all, and retries a failed batch with capped backoff before
+//! any later one, so records land in the order they were queued. Each record gets a
+//! [`Delivery`] that resolves to its offset once the broker has acknowledged it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use rskafka::{chrono::Utc, client::partition::Compression, record::Record as RsRecord};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::{
+    cluster::{Cluster, bounded},
+    error::{Error, Result},
+};
+
+/// A record to write.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutRecord {
+    pub key: Option<Bytes>,
+    pub value: Option<Bytes>,
+    /// Header names are unique per record (rskafka keeps headers in a map).
+    pub headers: Vec<(String, Bytes)>,
+}
+
+impl OutRecord {
+    fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Bytes::len)
+            + self.value.as_ref().map_or(0, Bytes::len)
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+            + 32
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CompressionCodec {
+    #[default]
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl std::str::FromStr for CompressionCodec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" | "" => Ok(Self::None),
+            "gzip" => Ok(Self::Gzip),
+            "snappy" => Ok(Self::Snappy),
+            "lz4" => Ok(Self::Lz4),
+            "zstd" => Ok(Self::Zstd),
+            o => Err(format!(
+                "unknown compression `{o}` (none, gzip, snappy, lz4, zstd)"
+            )),
+        }
+    }
+}
+
+impl From<CompressionCodec> for Compression {
+    fn from(c: CompressionCodec) -> Self {
+        match c {
+            CompressionCodec::None => Compression::NoCompression,
+            CompressionCodec::Gzip => Compression::Gzip,
+            CompressionCodec::Snappy => Compression::Snappy,
+            CompressionCodec::Lz4 => Compression::Lz4,
+            CompressionCodec::Zstd => Compression::Zstd,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProducerConfig {
+    pub linger: Duration,
+    pub max_batch_bytes: usize,
+    pub compression: CompressionCodec,
+    /// Records queued per partition before `send` waits (bounds memory).
+    pub queue_per_partition: usize,
+    /// Longest wait between retries of a failed batch.
+    pub max_backoff: Duration,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            linger: Duration::from_millis(2),
+            max_batch_bytes: 1024 * 1024,
+            compression: CompressionCodec::None,
+            queue_per_partition: 10_000,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Resolves to the record's offset once the broker acknowledged it (acks=all).
+pub struct Delivery(oneshot::Receiver<Result<i64, String>>);
+
+impl Delivery {
+    pub async fn wait(self) -> Result<i64> {
+        match self.0.await {
+            Ok(Ok(o)) => Ok(o),
+            Ok(Err(why)) => Err(Error::Io {
+                call: "Produce",
+                broker: String::new(),
+                why,
+            }),
+            Err(_) => Err(Error::Closed),
+        }
+    }
+}
+
+type Queued = (OutRecord, oneshot::Sender<Result<i64, String>>);
+
+pub struct Producer {
+    cluster: Arc<Cluster>,
+    config: ProducerConfig,
+    queues: Mutex<HashMap<(String, i32), mpsc::Sender<Queued>>>,
+    counts: Mutex<HashMap<String, i32>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Producer {
+    pub fn new(cluster: Arc<Cluster>, config: ProducerConfig) -> Self {
+        Self {
+            cluster,
+            config,
+            queues: Mutex::new(HashMap::new()),
+            counts: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The partition count of `topic` (cached after the first look-up).
+    pub async fn partition_count(&self, topic: &str) -> Result<i32> {
+        if let Some(n) = self.counts.lock().await.get(topic) {
+            return Ok(*n);
+        }
+        let n = *self
+            .cluster
+            .partition_counts(&[topic.to_owned()])
+            .await?
+            .get(topic)
+            .ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+        self.counts.lock().await.insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
+    /// Queues `record` for `topic`: to `partition` if given, else by murmur2 of the key (as
+    /// Java's default partitioner), else partition 0. Queue order is write order within a
+    /// partition. Waits only when that partition's queue is full.
+    pub async fn send(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        record: OutRecord,
+    ) -> Result<Delivery> {
+        let partition = match (partition, &record.key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => partition_for_key(k, self.partition_count(topic).await?),
+            (None, None) => 0,
+        };
+        let tx = self.queue(topic, partition).await;
+        let (done, rx) = oneshot::channel();
+        tx.send((record, done)).await.map_err(|_| Error::Closed)?;
+        Ok(Delivery(rx))
+    }
+
+    async fn queue(&self, topic: &str, partition: i32) -> mpsc::Sender<Queued> {
+        let mut queues = self.queues.lock().await;
+        if let Some(q) = queues.get(&(topic.to_owned(), partition)) {
+            return q.clone();
+        }
+        let (tx, rx) = mpsc::channel(self.config.queue_per_partition);
+        let task = tokio::spawn(partition_writer(
+            self.cluster.clone(),
+            self.config.clone(),
+            topic.to_owned(),
+            partition,
+            rx,
+        ));
+        self.tasks.lock().await.push(task);
+        queues.insert((topic.to_owned(), partition), tx.clone());
+        tx
+    }
+
+    /// Stops taking records and waits (up to `timeout`) for every queued one to be written.
+    pub async fn close(&self, timeout: Duration) -> Result<()> {
+        self.queues.lock().await.clear();
+        let tasks = std::mem::take(&mut *self.tasks.lock().await);
+        let all = futures_join(tasks);
+        tokio::time::timeout(timeout, all)
+            .await
+            .map_err(|_| Error::Timeout {
+                call: "Produce (flush on close)",
+                broker: String::new(),
+                after: timeout,
+            })
+    }
+}
+
+async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn partition_writer(
+    cluster: Arc<Cluster>,
+    cfg: ProducerConfig,
+    topic: String,
+    partition: i32,
+    mut rx: mpsc::Receiver<Queued>,
+) {
+    let mut client = None;
+    let mut backoff = Duration::from_millis(50);
+    let mut batch: Vec<Queued> = Vec::new();
+    loop {
+        if batch.is_empty() {
+            match rx.recv().await {
+                Some(q) => batch.push(q),
+                None => return,
+            }
+            // Linger for more, up to the batch size.
+            let deadline = tokio::time::Instant::now() + cfg.linger;
+            let mut bytes = batch[0].0.size();
+            while bytes < cfg.max_batch_bytes {
+                let next = match rx.try_recv() {
+                    Ok(q) => Some(q),
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        tokio::time::timeout_at(deadline, rx.recv())
+                            .await
+                            .unwrap_or_default()
+                    }
+                };
+                match next {
+                    Some(q) => {
+                        bytes += q.0.size();
+                        batch.push(q);
+                    }
+                    None => break,
+                }
+            }
+        }
+        let pc = match &client {
+            Some(c) => Arc::clone(c),
+            None => match cluster.partition(&topic, partition).await {
+                Ok(c) => {
+                    client = Some(c.clone());
+                    c
+                }
+                Err(e) => {
+                    tracing::warn!(%topic, partition, error = %e, "producer: partition leader unknown, retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(cfg.max_backoff);
+                    continue;
+                }
+            },
+        };
+        let now = Utc::now();
+        let records: Vec<RsRecord> = batch
+            .iter()
+            .map(|(r, _)| RsRecord {
+                key: r.key.as_ref().map(|k| k.to_vec()),
+                value: r.value.as_ref().map(|v| v.to_vec()),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_vec()))
+                    .collect::<BTreeMap<_, _>>(),
+                timestamp: now,
+            })
+            .collect();
+        match bounded(
+            "Produce",
+            &topic,
+            cluster.request_timeout,
+            pc.produce(records, cfg.compression.into()),
+        )
+        .await
+        {
+            Ok(offsets) => {
+                backoff = Duration::from_millis(50);
+                for ((_, done), o) in batch.drain(..).zip(offsets) {
+                    let _ = done.send(Ok(o));
+                }
+            }
+            Err(e) if is_fatal_produce(&e) => {
+                tracing::error!(%topic, partition, error = %e, "producer: batch rejected");
+                let why = e.to_string();
+                for (_, done) in batch.drain(..) {
+                    let _ = done.send(Err(why.clone()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%topic, partition, error = %e, retry_in = ?backoff, "producer: batch failed, retrying");
+                client = None;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(cfg.max_backoff);
+            }
+        }
+    }
+}
+
+fn is_fatal_produce(e: &Error) -> bool {
+    use rskafka::client::error::{Error as RsError, ProtocolError as P};
+    matches!(
+        e,
+        Error::Client(RsError::ServerError {
+            protocol_error: P::MessageTooLarge
+                | P::RecordListTooLarge
+                | P::InvalidRecord
+                | P::CorruptMessage
+                | P::TopicAuthorizationFailed
+                | P::InvalidTopicException,
+            ..
+        })
+    )
+}
+
+/// Java's `Utils.murmur2` (seed 0x9747b28c), as used by the default partitioner.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let chunks = data.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    match rest.len() {
+        3 => {
+            h ^= u32::from(rest[2]) << 16;
+            h ^= u32::from(rest[1]) << 8;
+            h ^= u32::from(rest[0]);
+            h = h.wrapping_mul(M);
+        }
+        2 => {
+            h ^= u32::from(rest[1]) << 8;
+            h ^= u32::from(rest[0]);
+            h = h.wrapping_mul(M);
+        }
+        1 => {
+            h ^= u32::from(rest[0]);
+            h = h.wrapping_mul(M);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition Java's default partitioner picks for a keyed record.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_java() {
+        // Values from Kafka's UtilsTest.testMurmur2.
+        let cases: [(&[u8], i32); 6] = [
+            (b"21", -973932308),
+            (b"foobar", -790332482),
+            (b"a-little-bit-long-string", -985981536),
+            (b"a-little-bit-longer-string", -1486304829),
+            (
+                b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            (b"abc", 479470107),
+        ];
+        for (input, want) in cases {
+            assert_eq!(murmur2(input), want, "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Connection settings: bootstrap servers, security protocol, TLS material and SASL credentials,
+//! read from the same `KAFKA_*` names Seldon's orchestrator uses.
+
+use std::{fmt, path::PathBuf, str::FromStr};
+
+use crate::{error::ConfigError, secret::Secret};
+
+/// One `host:port` of the bootstrap list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for BrokerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses `host:port[,host:port...]`; an optional `scheme://` prefix per entry is ignored.
+pub fn parse_bootstrap(list: &str) -> Result<Vec<BrokerAddr>, ConfigError> {
+    let bad = |why: String| ConfigError::Invalid {
+        setting: "KAFKA_BROKER",
+        why,
+    };
+    let mut out = Vec::new();
+    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let entry = raw.rsplit_once("://").map_or(raw, |(_, rest)| rest);
+        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or_else(|| bad(format!("`{raw}` is not [ipv6]:port")))?;
+            (h, p)
+        } else {
+            entry
+                .rsplit_once(':')
+                .ok_or_else(|| bad(format!("`{raw}` has no port (expected host:port)")))?
+        };
+        if host.is_empty() {
+            return Err(bad(format!("`{raw}` has no host")));
+        }
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| bad(format!("`{raw}`: port `{port}` is not a number 1-65535")))?;
+        out.push(BrokerAddr {
+            host: host.to_owned(),
+            port,
+        });
+    }
+    if out.is_empty() {
+        return Err(bad("empty broker list".into()));
+    }
+    Ok(out)
+}
+
+/// Kafka's `security.protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+impl FromStr for SecurityProtocol {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_uppercase().replace('-', "_").as_str() {
+            "PLAINTEXT" | "" => Ok(Self::Plaintext),
+            "SSL" | "TLS" => Ok(Self::Ssl),
+            "SASL_PLAINTEXT" => Ok(Self::SaslPlaintext),
+            "SASL_SSL" => Ok(Self::SaslSsl),
+            other => Err(ConfigError::Invalid {
+                setting: "KAFKA_SECURITY_PROTOCOL",
+                why: format!(
+                    "`{other}` is not one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL (any case)"
+                ),
+            }),
+        }
+    }
+}
+
+/// Where a PEM value comes from: the value itself, or a file holding it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PemSource {
+    Inline(Secret),
+    File(PathBuf),
+}
+
+/// TLS material. Without a CA, the Mozilla roots (webpki-roots) are trusted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub ca: Option<PemSource>,
+    pub client_cert: Option<PemSource>,
+    pub client_key: Option<PemSource>,
+    pub key_password: Option<Secret>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+impl FromStr for SaslMechanism {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_uppercase().replace('_', "-").as_str() {
+            "PLAIN" => Ok(Self::Plain),
+            "SCRAM-SHA-256" => Ok(Self::ScramSha256),
+            "SCRAM-SHA-512" => Ok(Self::ScramSha512),
+            other => Err(ConfigError::Invalid {
+                setting: "KAFKA_SASL_MECHANISM",
+                why: format!("`{other}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaslSettings {
+    pub mechanism: SaslMechanism,
+    pub username: String,
+    pub password: Secret,
+}
+
+/// Everything needed to open a connection to the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    pub bootstrap: Vec<BrokerAddr>,
+    pub security: SecurityProtocol,
+    pub tls: TlsSettings,
+    pub sasl: Option<SaslSettings>,
+    pub client_id: String,
+}
+
+impl ConnectionSettings {
+    /// Plaintext settings for a bootstrap list.
+    pub fn plaintext(bootstrap: &str) -> Result<Self, ConfigError> {
+        Ok(Self {
+            bootstrap: parse_bootstrap(bootstrap)?,
+            security: SecurityProtocol::Plaintext,
+            tls: TlsSettings::default(),
+            sasl: None,
+            client_id: "kafka-infer".into(),
+        })
+    }
+
+    /// Reads Seldon's names through `get` (e.g. `|k| std::env::var(k).ok()`): KAFKA_BROKER,
+    /// KAFKA_SECURITY_PROTOCOL, KAFKA_SSL_CA_CERT[_FILE], KAFKA_SSL_CLIENT_CERT[_FILE],
+    /// KAFKA_SSL_CLIENT_KEY[_FILE], KAFKA_SSL_CLIENT_KEY_PASS, KAFKA_SASL_MECHANISM,
+    /// KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD. Empty values count as unset.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let brokers = get("KAFKA_BROKER").ok_or(ConfigError::Missing("KAFKA_BROKER"))?;
+        let security: SecurityProtocol = get("KAFKA_SECURITY_PROTOCOL")
+            .as_deref()
+            .unwrap_or("PLAINTEXT")
+            .parse()?;
+        let pem = |inline: &'static str, file: &'static str| -> Result<_, ConfigError> {
+            match (get(inline), get(file)) {
+                (Some(_), Some(_)) => Err(ConfigError::Invalid {
+                    setting: inline,
+                    why: format!("set either {inline} or {file}, not both"),
+                }),
+                (Some(v), None) => Ok(Some(PemSource::Inline(Secret::new(v)))),
+                (None, Some(f)) => Ok(Some(PemSource::File(PathBuf::from(f)))),
+                (None, None) => Ok(None),
+            }
+        };
+        let tls = TlsSettings {
+            ca: pem("KAFKA_SSL_CA_CERT", "KAFKA_SSL_CA_CERT_FILE")?,
+            client_cert: pem("KAFKA_SSL_CLIENT_CERT", "KAFKA_SSL_CLIENT_CERT_FILE")?,
+            client_key: pem("KAFKA_SSL_CLIENT_KEY", "KAFKA_SSL_CLIENT_KEY_FILE")?,
+            key_password: get("KAFKA_SSL_CLIENT_KEY_PASS").map(Secret::new),
+        };
+        let sasl = if security.uses_sasl() {
+            let mechanism = get("KAFKA_SASL_MECHANISM")
+                .as_deref()
+                .unwrap_or("PLAIN")
+                .parse()?;
+            Some(SaslSettings {
+                mechanism,
+                username: get("KAFKA_SASL_USERNAME")
+                    .ok_or(ConfigError::Missing("KAFKA_SASL_USERNAME"))?,
+                password: Secret::new(
+                    get("KAFKA_SASL_PASSWORD")
+                        .ok_or(ConfigError::Missing("KAFKA_SASL_PASSWORD"))?,
+                ),
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            bootstrap: parse_bootstrap(&brokers)?,
+            security,
+            tls,
+            sasl,
+            client_id: "kafka-infer".into(),
+        })
+    }
+
+    pub fn bootstrap_strings(&self) -> Vec<String> {
+        self.bootstrap.iter().map(ToString::to_string).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn bootstrap_list_parses_hosts_ports_and_ipv6() {
+        let b = parse_bootstrap("a:9092, b.example:19092,[::1]:9093,SSL://c:1").unwrap();
+        let s: Vec<String> = b.iter().map(ToString::to_string).collect();
+        assert_eq!(s, ["a:9092", "b.example:19092", "[::1]:9093", "c:1"]);
+        assert!(parse_bootstrap("nohost").is_err());
+        assert!(parse_bootstrap("h:99999").is_err());
+        assert!(parse_bootstrap(" , ").is_err());
+    }
+
+    #[test]
+    fn security_protocol_any_case() {
+        for (s, p) in [
+            ("plaintext", SecurityProtocol::Plaintext),
+            ("ssl", SecurityProtocol::Ssl),
+            ("Sasl_Ssl", SecurityProtocol::SaslSsl),
+            ("SASL_PLAINTEXT", SecurityProtocol::SaslPlaintext),
+        ] {
+            assert_eq!(s.parse::<SecurityProtocol>().unwrap(), p);
+        }
+        let e = "tls13".parse::<SecurityProtocol>().unwrap_err().to_string();
+        assert!(e.contains("KAFKA_SECURITY_PROTOCOL"), "{e}");
+    }
+
+    #[test]
+    fn env_names_as_seldon() {
+        let s = ConnectionSettings::from_lookup(lookup(&[
+            ("KAFKA_BROKER", "k:9093"),
+            ("KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+            ("KAFKA_SSL_CA_CERT_FILE", "/ca.pem"),
+            ("KAFKA_SSL_CLIENT_KEY", "-----BEGIN PRIVATE KEY-----"),
+            ("KAFKA_SASL_MECHANISM", "scram-sha-512"),
+            ("KAFKA_SASL_USERNAME", "alice"),
+            ("KAFKA_SASL_PASSWORD", "hunter2"),
+        ]))
+        .unwrap();
+        assert_eq!(s.security, SecurityProtocol::SaslSsl);
+        assert_eq!(s.tls.ca, Some(PemSource::File("/ca.pem".into())));
+        let sasl = s.sasl.clone().unwrap();
+        assert_eq!(sasl.mechanism, SaslMechanism::ScramSha512);
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("BEGIN"), "{dbg}");
+    }
+
+    #[test]
+    fn missing_and_conflicting_settings_are_named() {
+        let e = ConnectionSettings::from_lookup(lookup(&[])).unwrap_err();
+        assert!(e.to_string().contains("KAFKA_BROKER"));
+        let e = ConnectionSettings::from_lookup(lookup(&[
+            ("KAFKA_BROKER", "k:1"),
+            ("KAFKA_SSL_CA_CERT", "x"),
+            ("KAFKA_SSL_CA_CERT_FILE", "y"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("KAFKA_SSL_CA_CERT_FILE"), "{e}");
+        let e = ConnectionSettings::from_lookup(lookup(&[
+            ("KAFKA_BROKER", "k:1"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+            ("KAFKA_SASL_USERNAME", "u"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("KAFKA_SASL_PASSWORD"), "{e}");
+    }
+}

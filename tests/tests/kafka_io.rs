@@ -1,0 +1,475 @@
+//! kafka-io against a real broker (tansu) and a real reference client (librdkafka via
+//! confluent-kafka): group membership, commits, lag, records, TLS, reconnects.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Result;
+use bytes::Bytes;
+use kafka_infer_tests::{Broker, Proc, py, unique};
+use kafka_io::{
+    Cluster, CompressionCodec, Consumer, ConsumerConfig, GroupConfig, OutRecord, Producer,
+    ProducerConfig,
+};
+use serde_json::Value;
+use tokio::time::{Instant, timeout};
+
+const SESSION: Duration = Duration::from_secs(4);
+
+fn init_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,kafka_io=info".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+fn consumer_config(group: &str, topic: &str) -> ConsumerConfig {
+    let mut g = GroupConfig::new(group, vec![topic.to_owned()]);
+    g.session_timeout = SESSION;
+    g.heartbeat_interval = Duration::from_millis(500);
+    g.rebalance_timeout = SESSION;
+    let mut c = ConsumerConfig::new(g);
+    c.fetch_max_wait = Duration::from_millis(20);
+    c.commit_interval = Duration::from_millis(200);
+    c.drain_timeout = Duration::from_secs(2);
+    c
+}
+
+async fn produce_n(
+    cluster: &Arc<Cluster>,
+    topic: &str,
+    n: usize,
+    codec: CompressionCodec,
+) -> Result<()> {
+    let p = Producer::new(
+        cluster.clone(),
+        ProducerConfig {
+            compression: codec,
+            ..Default::default()
+        },
+    );
+    let mut deliveries = Vec::new();
+    for i in 0..n {
+        let r = OutRecord {
+            key: Some(Bytes::from(format!("key-{i}"))),
+            value: Some(Bytes::from(format!("value-{i}"))),
+            headers: vec![(
+                "proto-name".into(),
+                Bytes::from_static(b"inference.ModelInferRequest"),
+            )],
+        };
+        deliveries.push(p.send(topic, None, r).await?);
+    }
+    for d in deliveries {
+        d.wait().await?;
+    }
+    p.close(Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+/// Receives until `n` records arrived (or the time is up), completing each one.
+async fn consume_n(c: &mut Consumer, n: usize, within: Duration) -> Vec<(i32, i64, Bytes)> {
+    let acker = c.acker();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + within;
+    while got.len() < n {
+        let Ok(Some(batch)) = tokio::time::timeout_at(deadline, c.recv()).await else {
+            break;
+        };
+        for r in &batch.records {
+            got.push((
+                batch.partition,
+                r.offset,
+                r.value.clone().unwrap_or_default(),
+            ));
+            acker.complete(&batch.token(r.offset));
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_then_consume_in_a_group_and_commit() -> Result<()> {
+    init_log();
+    let broker = Broker::start()?;
+    let topic = unique("roundtrip");
+    broker.create_topic(&topic, 4)?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    produce_n(&cluster, &topic, 200, CompressionCodec::None).await?;
+
+    let group = unique("g");
+    let mut c = Consumer::start(cluster.clone(), consumer_config(&group, &topic), None);
+    let got = consume_n(&mut c, 200, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 200, "all records consumed");
+    let values: BTreeSet<_> = got.iter().map(|(_, _, v)| v.clone()).collect();
+    assert_eq!(values.len(), 200, "no duplicates");
+    // Keyed records land where Java's partitioner puts them.
+    for (p, _, v) in &got {
+        let i: usize = std::str::from_utf8(v)?
+            .trim_start_matches("value-")
+            .parse()?;
+        let want = kafka_io::producer::partition_for_key(format!("key-{i}").as_bytes(), 4);
+        assert_eq!(*p, want, "record {i}");
+    }
+    // Commits reach the end: lag 0 on every partition.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let lag = c.lag();
+        if lag.len() == 4
+            && lag
+                .iter()
+                .all(|l| l.lag == 0 && l.committed == Some(l.high_watermark))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag never reached 0: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.close().await;
+
+    // librdkafka's admin client reads the same committed offsets.
+    let admin: Value =
+        serde_json::from_str(&py("admin.py", &[&broker.bootstrap(), &group, &topic])?)?;
+    let committed: i64 = admin["committed"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(committed, 200, "{admin}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncompleted_records_are_not_committed() -> Result<()> {
+    init_log();
+    let broker = Broker::start()?;
+    let topic = unique("partial");
+    broker.create_topic(&topic, 1)?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    produce_n(&cluster, &topic, 10, CompressionCodec::None).await?;
+    let group = unique("g");
+    let mut c = Consumer::start(cluster.clone(), consumer_config(&group, &topic), None);
+    let acker = c.acker();
+    let mut tokens = Vec::new();
+    while tokens.len() < 10 {
+        let b = timeout(Duration::from_secs(10), c.recv())
+            .await?
+            .expect("batch");
+        tokens.extend(b.records.iter().map(|r| b.token(r.offset)));
+    }
+    // Complete all but offset 3: the commit must stop at 3.
+    for t in tokens.iter().filter(|t| t.offset != 3) {
+        acker.complete(t);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let lag = c.lag();
+    assert_eq!(lag[0].committed, Some(3), "{lag:?}");
+    assert_eq!(lag[0].lag, 7);
+    acker.complete(&tokens[3]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(c.lag()[0].committed, Some(10));
+    c.close().await;
+    Ok(())
+}
+
+/// Waits for the (kafka-io) members' assignments to cover `n` partitions with no overlap,
+/// also counting `others` (librdkafka's current view).
+async fn wait_disjoint_cover(
+    members: &[&Consumer],
+    others: &dyn Fn() -> BTreeSet<i32>,
+    n: usize,
+    within: Duration,
+) -> Vec<BTreeSet<i32>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut views: Vec<BTreeSet<i32>> = members
+            .iter()
+            .map(|c| c.assignment().borrow().iter().map(|(_, p)| *p).collect())
+            .collect();
+        views.push(others());
+        let total: usize = views.iter().map(BTreeSet::len).sum();
+        let union: BTreeSet<i32> = views.iter().flatten().copied().collect();
+        if total == n && union.len() == n {
+            return views;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no disjoint cover of {n} partitions within {within:?}: {views:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Follows the librdkafka member's JSON lines: its latest assignment.
+fn follow_member(proc_stdout: std::process::ChildStdout) -> Arc<std::sync::Mutex<BTreeSet<i32>>> {
+    use std::io::BufRead;
+    let owned = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let o = owned.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(proc_stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let set = v["partitions"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_i64)
+                            .map(|p| p as i32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                *o.lock().unwrap() = set;
+            }
+        }
+    });
+    owned
+}
+
+fn spawn_librdkafka_member(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    seconds: u32,
+) -> Result<(Proc, Arc<std::sync::Mutex<BTreeSet<i32>>>)> {
+    let mut cmd = std::process::Command::new(kafka_infer_tests::python());
+    cmd.arg(kafka_infer_tests::repo_root().join("tests/py/group_member.py"))
+        .args([
+            bootstrap,
+            group,
+            topic,
+            &SESSION.as_millis().to_string(),
+            &seconds.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.stdin(std::process::Stdio::null()).spawn()?;
+    let out = child.stdout.take().expect("piped");
+    let owned = follow_member(out);
+    Ok((Proc::from_child("librdkafka member", child), owned))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_and_librdkafka_share_partitions_and_take_over() -> Result<()> {
+    init_log();
+    let broker = Broker::start()?;
+    let topic = unique("split");
+    broker.create_topic(&topic, 6)?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    let group = unique("g");
+    let a = Consumer::start(cluster.clone(), consumer_config(&group, &topic), None);
+    let mut b = Consumer::start(cluster.clone(), consumer_config(&group, &topic), None);
+    let (rd, rd_owned) = spawn_librdkafka_member(&broker.bootstrap(), &group, &topic, 120)?;
+    let rd_view = {
+        let o = rd_owned.clone();
+        move || o.lock().unwrap().clone()
+    };
+    let views = wait_disjoint_cover(&[&a, &b], &rd_view, 6, Duration::from_secs(40)).await;
+    assert!(
+        views.iter().all(|v| v.len() == 2),
+        "3 members x 2 partitions: {views:?}"
+    );
+
+    // A kafka-io member leaves: the other two take its partitions within 2x session timeout.
+    b.close().await;
+    let start = Instant::now();
+    let views = wait_disjoint_cover(&[&a], &rd_view, 6, SESSION * 2 + Duration::from_secs(2)).await;
+    eprintln!("after leave: {views:?} in {:?}", start.elapsed());
+    assert!(views.iter().all(|v| v.len() == 3), "{views:?}");
+
+    // The librdkafka member is killed: ours takes everything within 2x session timeout.
+    rd.signal("KILL")?;
+    let start = Instant::now();
+    let nobody = BTreeSet::new;
+    wait_disjoint_cover(&[&a], &nobody, 6, SESSION * 2 + Duration::from_secs(2)).await;
+    eprintln!("after kill: all 6 in {:?}", start.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_kafka_io_member_partitions_move() -> Result<()> {
+    init_log();
+    let broker = Broker::start()?;
+    let topic = unique("kill");
+    broker.create_topic(&topic, 6)?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    let group = unique("g");
+    let a = Consumer::start(cluster.clone(), consumer_config(&group, &topic), None);
+    let b = Consumer::start(cluster.clone(), consumer_config(&group, &topic), None);
+    let nobody = BTreeSet::new;
+    wait_disjoint_cover(&[&a, &b], &nobody, 6, Duration::from_secs(30)).await;
+    // Dropping without close = the member vanishes without LeaveGroup (as on SIGKILL).
+    drop(b);
+    let start = Instant::now();
+    wait_disjoint_cover(&[&a], &nobody, 6, SESSION * 2 + Duration::from_secs(2)).await;
+    eprintln!("silent member replaced in {:?}", start.elapsed());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_matches_keda_view_from_librdkafka_admin() -> Result<()> {
+    init_log();
+    let broker = Broker::start()?;
+    let topic = unique("lag");
+    broker.create_topic(&topic, 3)?;
+    // One record per produce request (the broker's ListOffsets is wrong after multi-record batches).
+    py(
+        "produce.py",
+        &[&broker.bootstrap(), &topic, "none", "30", "1"],
+    )?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    let group = unique("g");
+    let mut c = Consumer::start(cluster.clone(), consumer_config(&group, &topic), None);
+    // Complete only some records so lag is neither 0 nor everything.
+    let acker = c.acker();
+    let mut seen = 0;
+    let mut completed = 0;
+    while seen < 30 {
+        let b = timeout(Duration::from_secs(10), c.recv())
+            .await?
+            .expect("batch");
+        for r in &b.records {
+            seen += 1;
+            if r.offset < 4 {
+                acker.complete(&b.token(r.offset));
+                completed += 1;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let ours: i64 = c.lag().iter().map(|l| l.lag).sum();
+    let admin: Value =
+        serde_json::from_str(&py("admin.py", &[&broker.bootstrap(), &group, &topic])?)?;
+    assert_eq!(
+        admin["lag"].as_i64(),
+        Some(ours),
+        "ours {ours}, KEDA-style {admin}"
+    );
+    assert_eq!(ours, 30 - completed, "{admin}");
+    drop(c);
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_from_librdkafka_arrive_intact_with_every_codec() -> Result<()> {
+    init_log();
+    let broker = Broker::start()?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    for codec in ["none", "gzip", "snappy", "lz4", "zstd"] {
+        let topic = unique(&format!("in-{codec}"));
+        broker.create_topic(&topic, 2)?;
+        let sent: Value = serde_json::from_str(&py(
+            "produce.py",
+            &[&broker.bootstrap(), &topic, codec, "50"],
+        )?)?;
+        let mut c = Consumer::start(cluster.clone(), consumer_config(&unique("g"), &topic), None);
+        let acker = c.acker();
+        let mut got = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while got.len() < 50 && Instant::now() < deadline {
+            let Ok(Some(b)) = tokio::time::timeout_at(deadline, c.recv()).await else {
+                break;
+            };
+            for r in &b.records {
+                let key = hex(r.key.as_deref().unwrap_or_default());
+                let headers: BTreeMap<String, String> =
+                    r.headers.iter().map(|(k, v)| (k.clone(), hex(v))).collect();
+                got.insert(key, (hex(r.value.as_deref().unwrap_or_default()), headers));
+                acker.complete(&b.token(r.offset));
+            }
+        }
+        for s in sent.as_array().unwrap() {
+            let (v, h) = got
+                .get(s["key"].as_str().unwrap())
+                .unwrap_or_else(|| panic!("{codec}: {s} missing"));
+            assert_eq!(v, s["value"].as_str().unwrap(), "{codec} value");
+            let want: BTreeMap<String, String> = serde_json::from_value(s["headers"].clone())?;
+            assert_eq!(h, &want, "{codec} headers");
+        }
+        c.close().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_from_kafka_io_arrive_intact_in_librdkafka_with_every_codec() -> Result<()> {
+    init_log();
+    let broker = Broker::start()?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    for codec in [
+        CompressionCodec::None,
+        CompressionCodec::Gzip,
+        CompressionCodec::Snappy,
+        CompressionCodec::Lz4,
+        CompressionCodec::Zstd,
+    ] {
+        let topic = unique("out");
+        broker.create_topic(&topic, 4)?;
+        produce_n(&cluster, &topic, 40, codec).await?;
+        let got: Value = serde_json::from_str(&py(
+            "consume.py",
+            &[&broker.bootstrap(), &topic, "40", "15"],
+        )?)?;
+        let got = got.as_array().unwrap();
+        assert_eq!(got.len(), 40, "{codec:?}");
+        for m in got {
+            let key = String::from_utf8(hex_decode(m["key"].as_str().unwrap()))?;
+            let i: usize = key.trim_start_matches("key-").parse()?;
+            assert_eq!(
+                hex_decode(m["value"].as_str().unwrap()),
+                format!("value-{i}").as_bytes()
+            );
+            assert_eq!(
+                m["headers"]["proto-name"].as_str().unwrap(),
+                hex(b"inference.ModelInferRequest")
+            );
+            // Same partition as librdkafka's murmur2 partitioner would pick.
+            assert_eq!(
+                m["partition"].as_i64().unwrap() as i32,
+                kafka_io::producer::partition_for_key(key.as_bytes(), 4)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_consume_reconnects() -> Result<()> {
+    init_log();
+    let mut broker = Broker::start()?;
+    let topic = unique("restart");
+    broker.create_topic(&topic, 2)?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    produce_n(&cluster, &topic, 20, CompressionCodec::None).await?;
+    let mut c = Consumer::start(cluster.clone(), consumer_config(&unique("g"), &topic), None);
+    assert_eq!(
+        consume_n(&mut c, 20, Duration::from_secs(15)).await.len(),
+        20
+    );
+
+    broker.restart()?; // same port; memory storage, so the topic starts empty again
+    broker.create_topic(&topic, 2)?;
+    let cluster2 = Cluster::connect(broker.settings()).await?;
+    produce_n(&cluster2, &topic, 10, CompressionCodec::None).await?;
+    let got = consume_n(&mut c, 10, Duration::from_secs(40)).await;
+    let values: BTreeSet<_> = got.iter().map(|(_, _, v)| v.clone()).collect();
+    assert_eq!(values.len(), 10, "records after the restart: {got:?}");
+    assert!(c.is_connected());
+    c.close().await;
+    Ok(())
+}

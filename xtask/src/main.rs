@@ -1,0 +1,191 @@
+//! `cargo xtask ...`: the project's chores, in Rust, so they run the same everywhere.
+//!
+//! - `setup`: installs what tests and demos need (Python venv with pinned tools, stunnel).
+//! - `broker start|stop|status`: a local test broker on 127.0.0.1:9092 and a mutual-TLS front
+//!   for a second one on 127.0.0.1:9093 (certificates in .cache/tls).
+//! - `test`: setup, then the whole test suite (the command CI runs).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use kafka_infer_tests as fx;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["setup"] => setup(),
+        ["broker", "start"] => broker_start(),
+        ["broker", "stop"] => broker_stop(),
+        ["broker", "status"] => broker_status(),
+        ["test", rest @ ..] => test(rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 setup                 install test tools (.cache/venv, stunnel)\n\
+                 broker start|stop|status\n\
+                 \u{20}                     test broker on 127.0.0.1:9092, mutual-TLS front on 127.0.0.1:9093\n\
+                 test [ARGS]           setup, then cargo test --workspace [ARGS]"
+            );
+            std::process::exit(2)
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    fx::repo_root()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+/// Python venv with tests/requirements.txt (re-installed when the file changes), and stunnel.
+fn setup() -> Result<()> {
+    let venv = fx::venv();
+    let req = root().join("tests/requirements.txt");
+    let wanted = std::fs::read_to_string(&req)?;
+    let stamp = venv.join(".requirements");
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
+        if !venv.join("bin/python").exists() {
+            eprintln!("setup: creating {}", venv.display());
+            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        }
+        eprintln!("setup: installing {}", req.display());
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&req))?;
+        std::fs::write(&stamp, wanted)?;
+    }
+    if fx::stunnel().is_err() {
+        eprintln!("setup: installing Debian's stunnel4");
+        let quiet = |c: &mut Command| -> Result<()> {
+            run(c
+                .stdout(Stdio::null())
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        };
+        quiet(Command::new("apt-get").args(["update", "-qq"]))?;
+        quiet(Command::new("apt-get").args(["install", "-y", "-qq", "stunnel4"]))
+            .context("could not install stunnel4 (needs root and Debian's package archive)")?;
+    }
+    fx::tansu();
+    Ok(())
+}
+
+fn state_dir() -> PathBuf {
+    root().join(".cache/broker")
+}
+
+const PLAIN: u16 = 9092;
+const TLS: u16 = 9093;
+const TLS_BACKEND: u16 = 19093;
+
+fn pid_alive(pid: &str) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn spawn_detached(name: &str, cmd: &mut Command) -> Result<u32> {
+    let log = std::fs::File::create(state_dir().join(format!("{name}.log")))?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let pid = child.id();
+    std::fs::write(state_dir().join(format!("{name}.pid")), pid.to_string())?;
+    Ok(pid)
+}
+
+fn tansu_cmd(port: u16, advertised: u16) -> Command {
+    let mut c = Command::new(fx::tansu());
+    c.env("RUST_LOG", "warn").args([
+        "broker",
+        "--silent",
+        "--listener-url",
+        &format!("tcp://127.0.0.1:{port}"),
+        "--advertised-listener-url",
+        &format!("tcp://127.0.0.1:{advertised}"),
+        "--storage-engine",
+        "memory://tansu/",
+    ]);
+    c
+}
+
+fn broker_start() -> Result<()> {
+    setup()?;
+    std::fs::create_dir_all(state_dir())?;
+    if broker_running() {
+        println!("broker already running");
+        return broker_status();
+    }
+    spawn_detached("tansu", &mut tansu_cmd(PLAIN, PLAIN))?;
+    spawn_detached("tansu-tls", &mut tansu_cmd(TLS_BACKEND, TLS))?;
+    let material = fx::tls::Material::generate_in(&root().join(".cache/tls"))?;
+    let conf = fx::write_stunnel_conf(&material, TLS, TLS_BACKEND, true)?;
+    spawn_detached("stunnel", Command::new(fx::stunnel()?).arg(conf))?;
+    for port in [PLAIN, TLS_BACKEND, TLS] {
+        fx::wait_port(port, Duration::from_secs(10))?;
+    }
+    broker_status()
+}
+
+fn pids() -> Vec<(String, String)> {
+    ["tansu", "tansu-tls", "stunnel"]
+        .iter()
+        .filter_map(|n| {
+            std::fs::read_to_string(state_dir().join(format!("{n}.pid")))
+                .ok()
+                .map(|p| (n.to_string(), p.trim().to_owned()))
+        })
+        .collect()
+}
+
+fn broker_running() -> bool {
+    pids().iter().any(|(_, p)| pid_alive(p))
+}
+
+fn broker_stop() -> Result<()> {
+    for (name, pid) in pids() {
+        if pid_alive(&pid) {
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            println!("stopped {name} (pid {pid})");
+        }
+        let _ = std::fs::remove_file(state_dir().join(format!("{name}.pid")));
+    }
+    Ok(())
+}
+
+fn broker_status() -> Result<()> {
+    let ps = pids();
+    if ps.is_empty() {
+        println!("broker: not started (cargo xtask broker start)");
+        return Ok(());
+    }
+    for (name, pid) in &ps {
+        let state = if pid_alive(pid) { "running" } else { "dead" };
+        println!("{name:10} pid {pid:8} {state}");
+    }
+    let tls = root().join(".cache/tls");
+    println!(
+        "plaintext: 127.0.0.1:{PLAIN}\nmutual TLS: 127.0.0.1:{TLS}  CA {0}/ca.pem  client {0}/client.pem {0}/client.key",
+        tls.display()
+    );
+    Ok(())
+}
+
+fn test(rest: &[&str]) -> Result<()> {
+    setup()?;
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(rest))
+}
