@@ -473,3 +473,65 @@ async fn broker_restart_mid_consume_reconnects() -> Result<()> {
     c.close().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_runs_the_revoke_hook_and_commits_work_finished_during_the_drain() -> Result<()> {
+    init_log();
+    let broker = Broker::start()?;
+    let topic = unique("revoke");
+    broker.create_topic(&topic, 2)?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    produce_n(&cluster, &topic, 20, CompressionCodec::None).await?;
+    let group = unique("g");
+    let revoked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let hook: kafka_io::consumer::RevokeHook = {
+        let revoked = revoked.clone();
+        Arc::new(move |tps| {
+            revoked.lock().unwrap().extend(tps);
+            Box::pin(async {})
+        })
+    };
+    let mut cfg = consumer_config(&group, &topic);
+    cfg.drain_timeout = Duration::from_secs(3);
+    cfg.commit_interval = Duration::from_secs(60); // only the revoke commits
+    let mut a = Consumer::start(cluster.clone(), cfg, Some(hook));
+    // Hold every record uncompleted.
+    let mut tokens = Vec::new();
+    while tokens.len() < 20 {
+        let b = timeout(Duration::from_secs(10), a.recv())
+            .await?
+            .expect("batch");
+        tokens.extend(b.records.iter().map(|r| b.token(r.offset)));
+    }
+    // Finish them while the drain waits, after the rebalance has begun.
+    let acker = a.acker();
+    let finisher = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for t in &tokens {
+            acker.complete(t);
+        }
+    });
+    let b = Consumer::start(cluster.clone(), consumer_config(&group, &topic), None);
+    let nobody = BTreeSet::new;
+    wait_disjoint_cover(&[&a, &b], &nobody, 2, Duration::from_secs(30)).await;
+    finisher.await?;
+    assert_eq!(
+        revoked.lock().unwrap().len(),
+        2,
+        "hook saw both partitions go"
+    );
+    let admin: Value =
+        serde_json::from_str(&py("admin.py", &[&broker.bootstrap(), &group, &topic])?)?;
+    let committed: i64 = admin["committed"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        committed, 20,
+        "work finished during the drain was committed: {admin}"
+    );
+    drop(a);
+    Ok(())
+}
