@@ -1,0 +1,45 @@
+//! Typed errors of payload handling. Every one is final for its record (retrying the same bytes
+//! gives the same answer) and says what is wrong in words a user can act on.
+
+use crate::protocol::Protocol;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error(
+        "unknown proto-name `{0}`: no such message in the descriptor pool (add yours with --descriptor-set)"
+    )]
+    UnknownMessage(String),
+    #[error("value is not a valid `{message}` protobuf: {why}")]
+    BadProtobuf { message: String, why: String },
+    #[error("value is not valid JSON: {0}")]
+    MalformedJson(String),
+    #[error("value is not a {protocol} request: {why}")]
+    WrongProtocol { protocol: Protocol, why: String },
+    #[error("cannot transcode: {0}")]
+    Transcode(String),
+    #[error("empty record value")]
+    Empty,
+}
+
+impl CodecError {
+    /// A short stable name for the `kafka-infer-error-kind` header and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnknownMessage(_) => "unknown-proto-name",
+            Self::BadProtobuf { .. } => "bad-protobuf",
+            Self::MalformedJson(_) => "malformed-json",
+            Self::WrongProtocol { .. } => "wrong-protocol",
+            Self::Transcode(_) => "transcode",
+            Self::Empty => "empty",
+        }
+    }
+}
+
+impl From<crate::pool::PoolError> for CodecError {
+    fn from(e: crate::pool::PoolError) -> Self {
+        match e {
+            crate::pool::PoolError::UnknownMessage(n) => Self::UnknownMessage(n),
+            other => Self::Transcode(other.to_string()),
+        }
+    }
+}
