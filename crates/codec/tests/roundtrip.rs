@@ -91,10 +91,10 @@ fn random_message(g: &mut Gen, desc: &MessageDescriptor, depth: u32) -> DynamicM
         if g.below(3) == 0 {
             continue;
         }
-        if let Some(o) = f.containing_oneof() {
-            if !oneofs_done.insert(o.full_name().to_owned()) {
-                continue;
-            }
+        if let Some(o) = f.containing_oneof()
+            && !oneofs_done.insert(o.full_name().to_owned())
+        {
+            continue;
         }
         if f.is_map() {
             let Kind::Message(entry) = f.kind() else {
