@@ -1,0 +1,537 @@
+//! Configuration of `kafka-infer run`. Highest precedence first: command-line flags, the
+//! process environment, a SeldonDeployment YAML (`-f`): its metadata, spec.protocol,
+//! spec.transport, spec.serverType, and one predictor's svcOrchSpec.env and graph.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, ValueEnum};
+use codec::{NodeType, Protocol, Transport};
+use kafka_io::{ConnectionSettings, OffsetReset};
+use serde_norway::Value as Yaml;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `kafka-infer run` flags. Each names its environment variable.
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunArgs {
+    /// A SeldonDeployment YAML (spec.serverType: kafka) to take settings from.
+    #[arg(short = 'f', long = "deployment", env = "KAFKA_INFER_DEPLOYMENT")]
+    pub deployment: Option<PathBuf>,
+    /// Which predictor of the deployment (default: the first).
+    #[arg(long, env = "KAFKA_INFER_PREDICTOR")]
+    pub predictor: Option<String>,
+    /// Bootstrap brokers, host:port[,host:port].
+    #[arg(long, env = "KAFKA_BROKER")]
+    pub broker: Option<String>,
+    #[arg(long, env = "KAFKA_INPUT_TOPIC")]
+    pub input_topic: Option<String>,
+    #[arg(long, env = "KAFKA_OUTPUT_TOPIC")]
+    pub output_topic: Option<String>,
+    /// Topic for records that failed (default: a protocol-shaped error on the output topic).
+    #[arg(long, env = "KAFKA_ERROR_TOPIC")]
+    pub error_topic: Option<String>,
+    /// Consumer group (default <predictor>.<deployment>.<namespace>).
+    #[arg(long, env = "KAFKA_GROUP_ID")]
+    pub group_id: Option<String>,
+    /// PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (TLS material and SASL credentials come from
+    /// the KAFKA_SSL_* and KAFKA_SASL_* variables).
+    #[arg(long, env = "KAFKA_SECURITY_PROTOCOL")]
+    pub security_protocol: Option<String>,
+    /// seldon, tensorflow, kfserving (= v2).
+    #[arg(long, env = "KAFKA_INFER_PROTOCOL")]
+    pub protocol: Option<String>,
+    /// rest or grpc.
+    #[arg(long, env = "KAFKA_INFER_TRANSPORT")]
+    pub transport: Option<String>,
+    /// The model's base URL (a one-model graph without a YAML), e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "KAFKA_INFER_MODEL")]
+    pub model: Option<String>,
+    /// The model's name (TF and v2 paths), with --model. Default: model.
+    #[arg(long, env = "KAFKA_INFER_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// TensorFlow: input name for unnamed `instances`/`inputs` sent to a gRPC model.
+    #[arg(long, env = "KAFKA_INFER_TF_INPUT_NAME")]
+    pub tf_input_name: Option<String>,
+    /// Requests in flight per partition (results still leave in input order). Default 16.
+    #[arg(long, env = "KAFKA_INFER_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// Where /metrics, /live and /ready listen. Default 0.0.0.0:8000.
+    #[arg(long, env = "KAFKA_INFER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Consumer group session timeout, e.g. 10s or 6000ms. Default 10s.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT")]
+    pub session_timeout: Option<String>,
+    /// earliest or latest, for partitions the group never committed. Default earliest.
+    #[arg(long, env = "KAFKA_AUTO_OFFSET_RESET")]
+    pub auto_offset_reset: Option<String>,
+    /// Per-call model timeout. Default 30s.
+    #[arg(long, env = "KAFKA_INFER_MODEL_TIMEOUT")]
+    pub model_timeout: Option<String>,
+    /// How long SIGTERM waits for in-flight records before committing what is done. Default 20s.
+    #[arg(long, env = "KAFKA_INFER_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Longest wait between retries of a model call. Default 5s.
+    #[arg(long, env = "KAFKA_INFER_RETRY_MAX_BACKOFF")]
+    pub retry_max_backoff: Option<String>,
+    /// Fetch max wait at the broker (latency follows it on some brokers). Default 20ms.
+    #[arg(long, env = "KAFKA_FETCH_MAX_WAIT")]
+    pub fetch_max_wait: Option<String>,
+    /// Output compression: none, gzip, snappy, lz4, zstd. Default none.
+    #[arg(long, env = "KAFKA_COMPRESSION")]
+    pub compression: Option<String>,
+    /// Extra compiled descriptor set(s) (FileDescriptorSet) for proto-names of your own.
+    #[arg(
+        long = "descriptor-set",
+        env = "KAFKA_INFER_DESCRIPTOR_SETS",
+        value_delimiter = ','
+    )]
+    pub descriptor_sets: Vec<PathBuf>,
+    /// text or json.
+    #[arg(long, value_enum, env = "KAFKA_INFER_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// One node of the inference graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub name: String,
+    pub node_type: NodeType,
+    /// Base URL, e.g. http://127.0.0.1:9000.
+    pub url: String,
+    pub transport: Transport,
+    pub children: Vec<Node>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub connection: ConnectionSettings,
+    pub input_topic: String,
+    pub output_topic: String,
+    pub error_topic: Option<String>,
+    pub group_id: String,
+    pub protocol: Protocol,
+    pub graph: Node,
+    pub tf_input_name: Option<String>,
+    pub max_in_flight: usize,
+    pub metrics_addr: SocketAddr,
+    pub session_timeout: Duration,
+    pub auto_offset_reset: OffsetReset,
+    pub model_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub retry_max_backoff: Duration,
+    pub fetch_max_wait: Duration,
+    pub compression: kafka_io::CompressionCodec,
+    pub descriptor_sets: Vec<PathBuf>,
+    pub log_format: LogFormat,
+}
+
+/// Parses `10s`, `6000ms`, `2m`, or a bare number of milliseconds (as Kafka's *.ms settings).
+pub fn parse_duration(s: &str, setting: &str) -> Result<Duration> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "ms"), |i| (&s[..i], s[i..].trim()));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("{setting}: `{s}` is not a duration (e.g. 10s, 500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => bail!("{setting}: unknown unit in `{s}` (ms, s, m)"),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The parts of a SeldonDeployment we use.
+#[derive(Debug, Default)]
+struct Deployment {
+    name: Option<String>,
+    namespace: Option<String>,
+    protocol: Option<String>,
+    transport: Option<String>,
+    predictor: Option<String>,
+    env: HashMap<String, String>,
+    graph: Option<Node>,
+}
+
+fn ystr(v: &Yaml, key: &str) -> Option<String> {
+    match v.get(key)? {
+        Yaml::String(s) => Some(s.clone()),
+        Yaml::Number(n) => Some(n.to_string()),
+        Yaml::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn parse_node(v: &Yaml, transport: Option<&str>) -> Result<Node> {
+    let name = ystr(v, "name").context("a graph node has no name")?;
+    let node_type: NodeType = ystr(v, "type")
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e: String| anyhow!("graph node {name}: {e}"))?;
+    let ep = v.get("endpoint");
+    let port = ep
+        .and_then(|e| ystr(e, "service_port"))
+        .with_context(|| format!("graph node {name}: endpoint.service_port is missing"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| anyhow!("graph node {name}: service_port `{port}` is not a port"))?;
+    let host = ep
+        .and_then(|e| ystr(e, "service_host"))
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let transport: Transport = match (transport, ep.and_then(|e| ystr(e, "type"))) {
+        (Some(t), _) => t.parse().map_err(|e: String| anyhow!(e))?,
+        (None, Some(t)) => t.parse().map_err(|e: String| anyhow!(e))?,
+        (None, None) => Transport::Rest,
+    };
+    let children = v
+        .get("children")
+        .and_then(Yaml::as_sequence)
+        .map(|c| {
+            c.iter()
+                .map(|n| parse_node(n, transport_name(transport)))
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    Ok(Node {
+        name,
+        node_type,
+        url: format!("http://{host}:{port}"),
+        transport,
+        children,
+    })
+}
+
+fn transport_name(t: Transport) -> Option<&'static str> {
+    Some(match t {
+        Transport::Rest => "rest",
+        Transport::Grpc => "grpc",
+    })
+}
+
+fn parse_deployment(text: &str, want: Option<&str>) -> Result<Deployment> {
+    let doc: Yaml = serde_norway::from_str(text).context("not valid YAML")?;
+    let kind = ystr(&doc, "kind").unwrap_or_default();
+    if kind != "SeldonDeployment" {
+        bail!("kind is `{kind}`, expected SeldonDeployment");
+    }
+    let meta = doc.get("metadata");
+    let spec = doc.get("spec").context("no spec")?;
+    let server_type = ystr(spec, "serverType").unwrap_or_else(|| "rest".into());
+    if !server_type.eq_ignore_ascii_case("kafka") {
+        bail!(
+            "spec.serverType is `{server_type}`: kafka-infer serves `serverType: kafka` deployments"
+        );
+    }
+    let transport = ystr(spec, "transport");
+    let predictors = spec
+        .get("predictors")
+        .and_then(Yaml::as_sequence)
+        .context("spec.predictors is missing")?;
+    let p = match want {
+        Some(w) => predictors
+            .iter()
+            .find(|p| ystr(p, "name").as_deref() == Some(w))
+            .with_context(|| format!("no predictor named `{w}`"))?,
+        None => predictors.first().context("spec.predictors is empty")?,
+    };
+    let mut env = HashMap::new();
+    for e in p
+        .get("svcOrchSpec")
+        .and_then(|s| s.get("env"))
+        .and_then(Yaml::as_sequence)
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(k), Some(v)) = (ystr(e, "name"), ystr(e, "value")) {
+            env.insert(k, v);
+        }
+    }
+    let graph = p
+        .get("graph")
+        .map(|g| parse_node(g, transport.as_deref()))
+        .transpose()?;
+    Ok(Deployment {
+        name: meta.and_then(|m| ystr(m, "name")),
+        namespace: meta.and_then(|m| ystr(m, "namespace")),
+        protocol: ystr(spec, "protocol"),
+        transport,
+        predictor: ystr(p, "name"),
+        env,
+        graph,
+    })
+}
+
+impl Config {
+    /// Resolves flags > `env` (the process environment) > the deployment file.
+    pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let dep = match &args.deployment {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                parse_deployment(&text, args.predictor.as_deref())
+                    .with_context(|| format!("{}", p.display()))?
+            }
+            None => Deployment::default(),
+        };
+        // KAFKA_* lookups: flag, then process env, then the deployment's svcOrchSpec.env.
+        let flag_env: HashMap<&str, Option<&String>> = HashMap::from([
+            ("KAFKA_BROKER", args.broker.as_ref()),
+            ("KAFKA_SECURITY_PROTOCOL", args.security_protocol.as_ref()),
+        ]);
+        let lookup = |k: &str| -> Option<String> {
+            flag_env
+                .get(k)
+                .and_then(|v| v.cloned())
+                .or_else(|| env(k))
+                .or_else(|| dep.env.get(k).cloned())
+                .filter(|v| !v.trim().is_empty())
+        };
+        let connection = ConnectionSettings::from_lookup(lookup)?;
+        let pick = |flag: &Option<String>, name: &str| flag.clone().or_else(|| lookup(name));
+        let input_topic =
+            pick(&args.input_topic, "KAFKA_INPUT_TOPIC").context("KAFKA_INPUT_TOPIC is not set")?;
+        let output_topic = pick(&args.output_topic, "KAFKA_OUTPUT_TOPIC")
+            .context("KAFKA_OUTPUT_TOPIC is not set")?;
+        let error_topic = pick(&args.error_topic, "KAFKA_ERROR_TOPIC");
+        let protocol: Protocol = args
+            .protocol
+            .clone()
+            .or(dep.protocol.clone())
+            .unwrap_or_else(|| "seldon".into())
+            .parse()
+            .map_err(|e: String| anyhow!(e))?;
+        let transport: Transport = args
+            .transport
+            .clone()
+            .or(dep.transport.clone())
+            .unwrap_or_else(|| "rest".into())
+            .parse()
+            .map_err(|e: String| anyhow!(e))?;
+        let graph = match (&args.model, dep.graph) {
+            (Some(url), _) => Node {
+                name: args.model_name.clone().unwrap_or_else(|| "model".into()),
+                node_type: NodeType::Model,
+                url: url.trim_end_matches('/').to_owned(),
+                transport,
+                children: Vec::new(),
+            },
+            (None, Some(mut g)) => {
+                if args.transport.is_some() {
+                    set_transport(&mut g, transport);
+                }
+                g
+            }
+            (None, None) => bail!("no model: give --model URL or a SeldonDeployment with -f"),
+        };
+        check_graph(&graph, protocol)?;
+        let namespace = dep
+            .namespace
+            .clone()
+            .or_else(|| env("POD_NAMESPACE"))
+            .unwrap_or_else(|| "default".into());
+        let group_id = pick(&args.group_id, "KAFKA_GROUP_ID").unwrap_or_else(|| {
+            format!(
+                "{}.{}.{namespace}",
+                dep.predictor.clone().unwrap_or_else(|| "model".into()),
+                dep.name.clone().unwrap_or_else(|| graph.name.clone()),
+            )
+        });
+        let dur = |flag: &Option<String>, name: &str, default: &str| -> Result<Duration> {
+            parse_duration(&pick(flag, name).unwrap_or_else(|| default.into()), name)
+        };
+        Ok(Self {
+            connection,
+            input_topic,
+            output_topic,
+            error_topic,
+            group_id,
+            protocol,
+            graph,
+            tf_input_name: args.tf_input_name.clone(),
+            max_in_flight: args.max_in_flight.unwrap_or(16).max(1),
+            metrics_addr: args
+                .metrics_addr
+                .unwrap_or_else(|| "0.0.0.0:8000".parse().expect("addr")),
+            session_timeout: dur(&args.session_timeout, "KAFKA_SESSION_TIMEOUT", "10s")?,
+            auto_offset_reset: pick(&args.auto_offset_reset, "KAFKA_AUTO_OFFSET_RESET")
+                .unwrap_or_else(|| "earliest".into())
+                .parse()
+                .map_err(|e: String| anyhow!("KAFKA_AUTO_OFFSET_RESET: {e}"))?,
+            model_timeout: dur(&args.model_timeout, "KAFKA_INFER_MODEL_TIMEOUT", "30s")?,
+            drain_timeout: dur(&args.drain_timeout, "KAFKA_INFER_DRAIN_TIMEOUT", "20s")?,
+            retry_max_backoff: dur(
+                &args.retry_max_backoff,
+                "KAFKA_INFER_RETRY_MAX_BACKOFF",
+                "5s",
+            )?,
+            fetch_max_wait: dur(&args.fetch_max_wait, "KAFKA_FETCH_MAX_WAIT", "20ms")?,
+            compression: pick(&args.compression, "KAFKA_COMPRESSION")
+                .unwrap_or_else(|| "none".into())
+                .parse()
+                .map_err(|e: String| anyhow!("KAFKA_COMPRESSION: {e}"))?,
+            descriptor_sets: args.descriptor_sets.clone(),
+            log_format: args.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+fn set_transport(n: &mut Node, t: Transport) {
+    n.transport = t;
+    for c in &mut n.children {
+        set_transport(c, t);
+    }
+}
+
+fn check_graph(n: &Node, protocol: Protocol) -> Result<()> {
+    if protocol != Protocol::Seldon && (n.node_type != NodeType::Model || !n.children.is_empty()) {
+        bail!(
+            "graph node {}: the {protocol} protocol supports a single MODEL node (graphs of \
+             transformers, routers and combiners need the seldon protocol)",
+            n.name
+        );
+    }
+    match n.node_type {
+        NodeType::Router | NodeType::Combiner if n.children.is_empty() => {
+            bail!("graph node {}: a {:?} needs children", n.name, n.node_type)
+        }
+        NodeType::Transformer | NodeType::Model | NodeType::OutputTransformer
+            if n.children.len() > 1 =>
+        {
+            bail!(
+                "graph node {}: a {:?} takes at most one child",
+                n.name,
+                n.node_type
+            )
+        }
+        _ => {}
+    }
+    for c in &n.children {
+        check_graph(c, protocol)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CIFAR: &str = r#"
+apiVersion: machinelearning.seldon.io/v1
+kind: SeldonDeployment
+metadata: {name: tfserving-cifar10, namespace: kafka}
+spec:
+  protocol: tensorflow
+  transport: rest
+  serverType: kafka
+  predictors:
+  - name: model
+    svcOrchSpec:
+      env:
+      - {name: KAFKA_BROKER, value: "broker:9092"}
+      - {name: KAFKA_INPUT_TOPIC, value: cifar10-rest-input}
+      - {name: KAFKA_OUTPUT_TOPIC, value: cifar10-rest-output}
+    graph: {name: resnet32, type: MODEL, endpoint: {service_port: 8501}, children: []}
+    replicas: 1
+"#;
+
+    fn args_with(path: &std::path::Path) -> RunArgs {
+        RunArgs {
+            deployment: Some(path.to_owned()),
+            ..Default::default()
+        }
+    }
+
+    fn tmp(text: &str) -> tempfile_like::Tmp {
+        tempfile_like::Tmp::new(text)
+    }
+
+    mod tempfile_like {
+        pub struct Tmp(pub std::path::PathBuf);
+        impl Tmp {
+            pub fn new(text: &str) -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "kafka-infer-cfg-{}-{}.yaml",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&p, text).unwrap();
+                Self(p)
+            }
+        }
+        impl Drop for Tmp {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn cifar10_deployment_as_seldon_reads_it() {
+        let f = tmp(CIFAR);
+        let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
+        assert_eq!(c.group_id, "model.tfserving-cifar10.kafka");
+        assert_eq!(c.protocol, Protocol::Tensorflow);
+        assert_eq!(c.input_topic, "cifar10-rest-input");
+        assert_eq!(c.graph.url, "http://127.0.0.1:8501");
+        assert_eq!(c.graph.name, "resnet32");
+        assert_eq!(c.connection.bootstrap_strings(), ["broker:9092"]);
+    }
+
+    #[test]
+    fn flags_beat_env_beat_yaml() {
+        let f = tmp(CIFAR);
+        let env = |k: &str| (k == "KAFKA_INPUT_TOPIC").then(|| "from-env".to_string());
+        let c = Config::resolve(&args_with(&f.0), &env).unwrap();
+        assert_eq!(c.input_topic, "from-env");
+        let mut a = args_with(&f.0);
+        a.input_topic = Some("from-flag".into());
+        a.broker = Some("127.0.0.1:1".into());
+        let c = Config::resolve(&a, &env).unwrap();
+        assert_eq!(c.input_topic, "from-flag");
+        assert_eq!(c.connection.bootstrap_strings(), ["127.0.0.1:1"]);
+        assert_eq!(c.output_topic, "cifar10-rest-output");
+    }
+
+    #[test]
+    fn clear_errors() {
+        let f = tmp(&CIFAR.replace("serverType: kafka", "serverType: rest"));
+        let e = format!(
+            "{:#}",
+            Config::resolve(&args_with(&f.0), &|_| None).unwrap_err()
+        );
+        assert!(e.contains("serverType"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::resolve(&RunArgs::default(), &|_| None).unwrap_err()
+        );
+        assert!(e.contains("KAFKA_BROKER"), "{e}");
+        let mut a = RunArgs {
+            broker: Some("b:1".into()),
+            input_topic: Some("i".into()),
+            output_topic: Some("o".into()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", Config::resolve(&a, &|_| None).unwrap_err());
+        assert!(e.contains("--model"), "{e}");
+        a.model = Some("http://127.0.0.1:1".into());
+        a.session_timeout = Some("ten".into());
+        let e = format!("{:#}", Config::resolve(&a, &|_| None).unwrap_err());
+        assert!(e.contains("KAFKA_SESSION_TIMEOUT"), "{e}");
+        a.session_timeout = Some("6000".into());
+        assert_eq!(
+            Config::resolve(&a, &|_| None).unwrap().session_timeout,
+            Duration::from_secs(6)
+        );
+    }
+}

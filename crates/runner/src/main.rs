@@ -1,0 +1,80 @@
+//! kafka-infer: serve a Kafka stream with any model server.
+//!
+//! The runner glues kafka-io (Kafka) and codec (payloads) together: configuration, the
+//! inference graph and its model clients, the pipeline, metrics and health.
+
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+mod config;
+mod graph;
+mod metrics;
+mod model;
+mod pipeline;
+
+#[derive(Parser)]
+#[command(
+    name = "kafka-infer",
+    version,
+    about = "Serve a Kafka stream with any model server: consume requests, call the model, produce answers, commit only what is written."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the bridge (configured like a SeldonDeployment with serverType: kafka).
+    Run(config::RunArgs),
+}
+
+fn init_logging(format: config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rskafka=warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match format {
+        config::LogFormat::Json => b.json().init(),
+        config::LogFormat::Text => b.init(),
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let Cmd::Run(args) = cli.cmd;
+    let cfg = match config::Config::resolve(&args, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kafka-infer: configuration error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+            let _ = stop_tx.send(true);
+        });
+        match pipeline::run(cfg, stop).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("kafka-infer: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}
