@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod models;
 pub mod tls;
 
 /// The repository root.
@@ -37,6 +38,13 @@ fn need(path: PathBuf, what: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The venv with Seldon's Python wrapper (override with KAFKA_INFER_VENV_SELDON).
+pub fn venv_seldon() -> PathBuf {
+    std::env::var_os("KAFKA_INFER_VENV_SELDON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/venv-seldon"))
 }
 
 pub fn python() -> PathBuf {
@@ -72,8 +80,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd` in a process group of its own, so stopping it reaches its children too.
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
         let child = cmd
+            .process_group(0)
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {name}"))?;
@@ -95,7 +106,7 @@ impl Proc {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// Sends a signal to this process only (e.g. "TERM", "KILL", "STOP", "CONT").
+    /// Sends a signal to this process (e.g. "TERM", "KILL", "STOP", "CONT").
     pub fn signal(&self, sig: &str) -> Result<()> {
         let st = Command::new("kill")
             .args([&format!("-{sig}"), &self.pid().to_string()])
@@ -126,19 +137,30 @@ impl Proc {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
-    /// Stops the process: SIGTERM, then SIGKILL after a grace period.
+    /// Stops the process and its group: SIGTERM, then SIGKILL after a grace period.
+    /// (Processes made with [`Proc::spawn`] lead a group whose id is their PID.)
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let group = format!("-{}", c.id());
+            let _ = Command::new("kill")
+                .args(["-TERM", "--", &group])
+                .stderr(Stdio::null())
+                .status();
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
+                .stderr(Stdio::null())
                 .status();
-            let deadline = Instant::now() + Duration::from_secs(3);
+            let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
-                    return;
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &group])
+                .stderr(Stdio::null())
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -364,4 +386,38 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A tiny HTTP/1.0 GET against 127.0.0.1 (no client library needed): (status, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status")?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `f` every 100 ms until it returns Some, for at most `within`.
+pub fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(t) = f() {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -48,23 +48,13 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Python venv with tests/requirements.txt (re-installed when the file changes), and stunnel.
+/// Python venvs (re-installed when their requirements change), and stunnel.
 fn setup() -> Result<()> {
-    let venv = fx::venv();
-    let req = root().join("tests/requirements.txt");
-    let wanted = std::fs::read_to_string(&req)?;
-    let stamp = venv.join(".requirements");
-    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        if !venv.join("bin/python").exists() {
-            eprintln!("setup: creating {}", venv.display());
-            run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-        }
-        eprintln!("setup: installing {}", req.display());
-        run(Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-            .arg(&req))?;
-        std::fs::write(&stamp, wanted)?;
-    }
+    venv(&fx::venv(), &root().join("tests/requirements.txt"))?;
+    venv(
+        &fx::venv_seldon(),
+        &root().join("tests/requirements-seldon.txt"),
+    )?;
     if fx::stunnel().is_err() {
         eprintln!("setup: installing Debian's stunnel4");
         let quiet = |c: &mut Command| -> Result<()> {
@@ -77,6 +67,24 @@ fn setup() -> Result<()> {
             .context("could not install stunnel4 (needs root and Debian's package archive)")?;
     }
     fx::tansu();
+    Ok(())
+}
+
+fn venv(venv: &Path, req: &Path) -> Result<()> {
+    let wanted = std::fs::read_to_string(req)?;
+    let stamp = venv.join(".requirements");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(());
+    }
+    if !venv.join("bin/python").exists() {
+        eprintln!("setup: creating {}", venv.display());
+        run(Command::new("python3").arg("-m").arg("venv").arg(venv))?;
+    }
+    eprintln!("setup: installing {}", req.display());
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+        .arg(req))?;
+    std::fs::write(&stamp, wanted)?;
     Ok(())
 }
 

@@ -1,0 +1,169 @@
+//! Real model servers for the end-to-end tests, and kafka-infer itself as a process.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::Result;
+
+use crate::{Proc, free_port, http_get, repo_root, venv, venv_seldon, wait_for};
+
+/// A model server with its REST and gRPC ports.
+pub struct Server {
+    pub proc: Proc,
+    pub http_port: u16,
+    pub grpc_port: u16,
+}
+
+impl Server {
+    pub fn rest_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+}
+
+fn log_file(name: &str) -> Stdio {
+    let dir = repo_root().join("target/test-logs");
+    let _ = std::fs::create_dir_all(&dir);
+    std::fs::File::create(dir.join(format!("{name}-{}.log", std::process::id())))
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+/// MLServer (PyPI) serving tests/models/mlserver (model `doubler`), in-process inference.
+pub fn mlserver() -> Result<Server> {
+    let (http_port, grpc_port, metrics_port) = (free_port(), free_port(), free_port());
+    let proc = Proc::spawn(
+        "mlserver",
+        Command::new(venv().join("bin/mlserver"))
+            .args(["start", "."])
+            .current_dir(repo_root().join("tests/models/mlserver"))
+            .env("MLSERVER_HTTP_PORT", http_port.to_string())
+            .env("MLSERVER_GRPC_PORT", grpc_port.to_string())
+            .env("MLSERVER_METRICS_PORT", metrics_port.to_string())
+            .env("MLSERVER_HOST", "127.0.0.1")
+            .env("MLSERVER_PARALLEL_WORKERS", "0")
+            .stdout(log_file("mlserver"))
+            .stderr(log_file("mlserver-err")),
+    )?;
+    wait_for(Duration::from_secs(90), "MLServer ready", || {
+        matches!(
+            http_get(http_port, "/v2/models/doubler/ready"),
+            Ok((200, _))
+        )
+        .then_some(())
+    })?;
+    crate::wait_port(grpc_port, Duration::from_secs(30))?;
+    Ok(Server {
+        proc,
+        http_port,
+        grpc_port,
+    })
+}
+
+/// Seldon's Python wrapper serving class `class` of tests/models/seldon as `service_type`.
+pub fn seldon(class: &str, service_type: &str) -> Result<Server> {
+    let (http_port, grpc_port, metrics_port) = (free_port(), free_port(), free_port());
+    let proc = Proc::spawn(
+        "seldon-core-microservice",
+        Command::new(venv_seldon().join("bin/seldon-core-microservice"))
+            .args([
+                class,
+                "--service-type",
+                service_type,
+                "--http-port",
+                &http_port.to_string(),
+                "--grpc-port",
+                &grpc_port.to_string(),
+                "--metrics-port",
+                &metrics_port.to_string(),
+                "--workers",
+                "1",
+                "--log-level",
+                "WARNING",
+            ])
+            .current_dir(repo_root().join("tests/models/seldon"))
+            .stdout(log_file(&format!("seldon-{class}")))
+            .stderr(log_file(&format!("seldon-{class}-err"))),
+    )?;
+    wait_for(Duration::from_secs(60), "Seldon wrapper ready", || {
+        matches!(http_get(http_port, "/health/ping"), Ok((200, _))).then_some(())
+    })?;
+    crate::wait_port(grpc_port, Duration::from_secs(30))?;
+    Ok(Server {
+        proc,
+        http_port,
+        grpc_port,
+    })
+}
+
+/// The kafka-infer binary (built by `cargo xtask test`; override with KAFKA_INFER_BIN).
+pub fn kafka_infer_bin() -> PathBuf {
+    std::env::var_os("KAFKA_INFER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/kafka-infer"))
+}
+
+/// A running `kafka-infer run` with its metrics port.
+pub struct KafkaInfer {
+    pub proc: Proc,
+    pub metrics_port: u16,
+}
+
+impl KafkaInfer {
+    /// Starts `kafka-infer run ARGS` with `env` on top of a clean KAFKA_* environment.
+    pub fn start(args: &[&str], env: &[(&str, String)]) -> Result<Self> {
+        let metrics_port = free_port();
+        let bin = kafka_infer_bin();
+        assert!(
+            bin.exists(),
+            "{} missing: run `cargo xtask test` (builds it first)",
+            bin.display()
+        );
+        let mut cmd = Command::new(bin);
+        cmd.arg("run")
+            .args(args)
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .env(
+                "RUST_LOG",
+                std::env::var("KAFKA_INFER_LOG").unwrap_or_else(|_| "info,rskafka=warn".into()),
+            )
+            .stdout(log_file("kafka-infer"))
+            .stderr(log_file("kafka-infer-err"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("KAFKA_") && k != "KAFKA_INFER_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn("kafka-infer", &mut cmd)?;
+        Ok(Self { proc, metrics_port })
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// A metric's value (first sample whose line starts with `prefix`).
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    pub fn wait_ready(&self, within: Duration) -> Result<()> {
+        wait_for(within, "kafka-infer /ready", || {
+            matches!(http_get(self.metrics_port, "/ready"), Ok((200, _))).then_some(())
+        })
+    }
+}

@@ -1,0 +1,385 @@
+//! kafka-infer end to end: a real broker, real model servers (MLServer, Seldon's Python wrapper,
+//! our TF Serving stand-in), kafka-infer started from a SeldonDeployment YAML, records in and
+//! answers out read back with librdkafka.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::Result;
+use bytes::Bytes;
+use codec::Transcoder;
+use kafka_infer_tests::{
+    Broker,
+    models::{self, KafkaInfer},
+    py, unique,
+};
+use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
+use serde_json::{Value, json};
+
+/// A SeldonDeployment (serverType: kafka) with one MODEL node on 127.0.0.1:`port`.
+fn deployment(
+    name: &str,
+    protocol: &str,
+    transport: &str,
+    node: &str,
+    port: u16,
+    broker: &Broker,
+    input: &str,
+    output: &str,
+) -> String {
+    format!(
+        r#"apiVersion: machinelearning.seldon.io/v1
+kind: SeldonDeployment
+metadata: {{name: {name}, namespace: e2e}}
+spec:
+  protocol: {protocol}
+  transport: {transport}
+  serverType: kafka
+  predictors:
+  - name: default
+    svcOrchSpec:
+      env:
+      - {{name: KAFKA_BROKER, value: "{}"}}
+      - {{name: KAFKA_INPUT_TOPIC, value: {input}}}
+      - {{name: KAFKA_OUTPUT_TOPIC, value: {output}}}
+    graph: {{name: {node}, type: MODEL, endpoint: {{service_port: {port}}}, children: []}}
+"#,
+        broker.bootstrap()
+    )
+}
+
+struct Req {
+    key: String,
+    proto_name: Option<&'static str>,
+    value: Bytes,
+}
+
+/// An answer as librdkafka read it.
+#[derive(Debug)]
+struct Answer {
+    partition: i64,
+    offset: i64,
+    key: String,
+    headers: BTreeMap<String, String>,
+    value: Vec<u8>,
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn read_answers(broker: &Broker, topic: &str, n: usize) -> Result<Vec<Answer>> {
+    let got: Value = serde_json::from_str(&py(
+        "consume.py",
+        &[&broker.bootstrap(), topic, &n.to_string(), "60"],
+    )?)?;
+    Ok(got
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| Answer {
+            partition: m["partition"].as_i64().unwrap(),
+            offset: m["offset"].as_i64().unwrap(),
+            key: String::from_utf8(unhex(m["key"].as_str().unwrap())).unwrap(),
+            headers: m["headers"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        String::from_utf8_lossy(&unhex(v.as_str().unwrap())).into_owned(),
+                    )
+                })
+                .collect(),
+            value: unhex(m["value"].as_str().unwrap()),
+        })
+        .collect())
+}
+
+async fn produce(broker: &Broker, topic: &str, reqs: &[Req]) -> Result<()> {
+    let cluster = Cluster::connect(broker.settings()).await?;
+    let p = Producer::new(cluster, ProducerConfig::default());
+    let mut ds = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let mut headers = vec![("trace".to_string(), Bytes::from(format!("t{i}")))];
+        if let Some(n) = r.proto_name {
+            headers.push(("proto-name".into(), Bytes::from_static(n.as_bytes())));
+        }
+        let rec = OutRecord {
+            key: Some(Bytes::from(r.key.clone())),
+            value: Some(r.value.clone()),
+            headers,
+        };
+        ds.push(p.send(topic, None, rec).await?);
+    }
+    for d in ds {
+        d.wait().await?;
+    }
+    p.close(Duration::from_secs(5)).await?;
+    Ok(())
+}
+
+/// The answer as JSON: JSON as is, protobuf through the pool (named by its proto-name header).
+fn answer_json(a: &Answer) -> Value {
+    match a.headers.get("proto-name") {
+        Some(name) => Transcoder::default()
+            .to_proto_json(name, &a.value, false)
+            .unwrap_or_else(|e| panic!("{name}: {e}")),
+        None => serde_json::from_slice(&a.value)
+            .unwrap_or_else(|e| panic!("not JSON: {e}: {}", String::from_utf8_lossy(&a.value))),
+    }
+}
+
+/// Runs `reqs` through kafka-infer started from a deployment, returns answers by request index
+/// (taken from the `trace` header), after checking keys, headers and per-partition order.
+async fn through(
+    server_port: u16,
+    protocol: &str,
+    transport: &str,
+    node: &str,
+    reqs: Vec<Req>,
+) -> Result<Vec<(Answer, Value)>> {
+    let broker = Broker::start()?;
+    let (input, output) = (unique("in"), unique("out"));
+    broker.create_topic(&input, 3)?;
+    broker.create_topic(&output, 3)?;
+    let dir = tempfile::tempdir()?;
+    let yaml = dir.path().join("sdep.yaml");
+    std::fs::write(
+        &yaml,
+        deployment(
+            &unique("dep"),
+            protocol,
+            transport,
+            node,
+            server_port,
+            &broker,
+            &input,
+            &output,
+        ),
+    )?;
+    let ki = KafkaInfer::start(
+        &["-f", yaml.to_str().unwrap(), "--session-timeout", "4s"],
+        &[],
+    )?;
+    produce(&broker, &input, &reqs).await?;
+    let answers = read_answers(&broker, &output, reqs.len())?;
+    assert_eq!(answers.len(), reqs.len(), "every request answered once");
+    // Keys kept, headers copied, one answer per request.
+    let mut by_index: Vec<Option<(Answer, Value)>> = (0..reqs.len()).map(|_| None).collect();
+    for a in answers {
+        let i: usize = a.headers["trace"].trim_start_matches('t').parse()?;
+        assert_eq!(a.key, reqs[i].key, "key kept");
+        assert!(by_index[i].is_none(), "request {i} answered twice");
+        let v = answer_json(&a);
+        by_index[i] = Some((a, v));
+    }
+    let answered: Vec<(Answer, Value)> = by_index.into_iter().map(Option::unwrap).collect();
+    // Order: within an output partition, answers to one key come in request order.
+    let mut last: BTreeMap<(i64, String), (i64, usize)> = BTreeMap::new();
+    for (i, (a, _)) in answered.iter().enumerate() {
+        if let Some((off, j)) = last.get(&(a.partition, a.key.clone())) {
+            assert!(*off < a.offset && *j < i, "order broken for key {}", a.key);
+        }
+        last.insert((a.partition, a.key.clone()), (a.offset, i));
+    }
+    let errors = ki
+        .metric("kafka_infer_records_total{result=\"error\"}")
+        .unwrap_or(0.0);
+    assert_eq!(errors, 0.0, "no error records");
+    drop(ki);
+    Ok(answered)
+}
+
+fn keys(i: usize) -> String {
+    format!("key-{}", i % 5)
+}
+
+fn v2_json(i: usize) -> Bytes {
+    Bytes::from(json!({"id": format!("r{i}"), "inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [i as f64, 0.5]}]}).to_string())
+}
+
+fn v2_requests(n: usize) -> Result<Vec<Req>> {
+    // Half JSON, half protobuf made by MLServer's own classes (a quarter with raw contents).
+    let pb: Vec<String> = serde_json::from_str(&py("make_proto.py", &["v2", &n.to_string()])?)?;
+    let raw: Vec<String> = serde_json::from_str(&py("make_proto.py", &["v2raw", &n.to_string()])?)?;
+    Ok((0..n)
+        .map(|i| match i % 4 {
+            0 | 1 => Req {
+                key: keys(i),
+                proto_name: None,
+                value: v2_json(i),
+            },
+            2 => Req {
+                key: keys(i),
+                proto_name: Some("inference.ModelInferRequest"),
+                value: Bytes::from(unhex(&pb[i])),
+            },
+            _ => Req {
+                key: keys(i),
+                proto_name: Some("inference.ModelInferRequest"),
+                value: Bytes::from(unhex(&raw[i])),
+            },
+        })
+        .collect())
+}
+
+fn check_v2(answers: &[(Answer, Value)]) {
+    for (i, (a, v)) in answers.iter().enumerate() {
+        let proto = i % 4 >= 2;
+        assert_eq!(
+            a.headers.get("proto-name").map(String::as_str),
+            proto.then_some("inference.ModelInferResponse"),
+            "answer {i} in the request's form"
+        );
+        let out = &v["outputs"][0];
+        let data: Vec<f64> =
+            if let Some(raw) = v.pointer("/raw_output_contents/0").and_then(Value::as_str) {
+                use base64::Engine;
+                let b = base64::engine::general_purpose::STANDARD
+                    .decode(raw)
+                    .unwrap();
+                b.chunks(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect()
+            } else {
+                let d = out
+                    .get("data")
+                    .or_else(|| out.pointer("/contents/fp32_contents"));
+                d.and_then(Value::as_array)
+                    .unwrap_or_else(|| panic!("answer {i}: {v}"))
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            };
+        assert_eq!(data, vec![2.0 * i as f64, 1.0], "answer {i}: {v}");
+        assert_eq!(v["id"], json!(format!("r{i}")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_over_rest_with_mlserver() -> Result<()> {
+    let m = models::mlserver()?;
+    let answers = through(
+        m.http_port,
+        "kfserving",
+        "rest",
+        "doubler",
+        v2_requests(40)?,
+    )
+    .await?;
+    check_v2(&answers);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_over_grpc_with_mlserver() -> Result<()> {
+    let m = models::mlserver()?;
+    let answers = through(
+        m.grpc_port,
+        "kfserving",
+        "grpc",
+        "doubler",
+        v2_requests(40)?,
+    )
+    .await?;
+    check_v2(&answers);
+    Ok(())
+}
+
+fn seldon_requests(n: usize) -> Result<Vec<Req>> {
+    let pb: Vec<String> =
+        serde_json::from_str(&py_seldon("make_proto.py", &["seldon", &n.to_string()])?)?;
+    Ok((0..n)
+        .map(|i| {
+            let json = match i % 5 {
+                0 => json!({"data": {"ndarray": [[i, 1]]}}),
+                1 => json!({"data": {"names": ["a", "b"], "tensor": {"shape": [1, 2], "values": [i, 1]}}}),
+                2 => json!({"strData": format!("s{i}")}),
+                3 => json!({"jsonData": {"i": i}}),
+                _ => return Req { key: keys(i), proto_name: Some("seldon.protos.SeldonMessage"), value: Bytes::from(unhex(&pb[i])) },
+            };
+            Req { key: keys(i), proto_name: None, value: Bytes::from(json.to_string()) }
+        })
+        .collect())
+}
+
+fn py_seldon(script: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(kafka_infer_tests::venv_seldon().join("bin/python"))
+        .arg(kafka_infer_tests::repo_root().join("tests/py").join(script))
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn check_seldon(answers: &[(Answer, Value)]) {
+    for (i, (a, v)) in answers.iter().enumerate() {
+        let num = |x: &Value| x.as_f64().unwrap();
+        match i % 5 {
+            0 | 4 => {
+                let row = v
+                    .pointer("/data/ndarray/0")
+                    .unwrap_or_else(|| panic!("answer {i}: {v}"));
+                assert_eq!(
+                    row.as_array().unwrap().iter().map(num).collect::<Vec<_>>(),
+                    [10.0 * i as f64, 10.0],
+                    "{v}"
+                );
+            }
+            1 => {
+                let vals = v
+                    .pointer("/data/tensor/values")
+                    .unwrap_or_else(|| panic!("answer {i}: {v}"));
+                assert_eq!(
+                    vals.as_array().unwrap().iter().map(num).collect::<Vec<_>>(),
+                    [10.0 * i as f64, 10.0]
+                );
+            }
+            2 => assert_eq!(v["strData"], json!(format!("seen:s{i}")), "{v}"),
+            _ => assert_eq!(v["jsonData"]["seen"]["i"].as_f64(), Some(i as f64), "{v}"),
+        }
+        assert_eq!(
+            a.headers.get("proto-name").is_some(),
+            i % 5 == 4,
+            "answer {i} in the request's form"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seldon_over_rest_with_the_python_wrapper() -> Result<()> {
+    let s = models::seldon("Scaler", "MODEL")?;
+    let answers = through(
+        s.http_port,
+        "seldon",
+        "rest",
+        "scaler",
+        seldon_requests(25)?,
+    )
+    .await?;
+    check_seldon(&answers);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seldon_over_grpc_with_the_python_wrapper() -> Result<()> {
+    let s = models::seldon("Scaler", "MODEL")?;
+    let answers = through(
+        s.grpc_port,
+        "seldon",
+        "grpc",
+        "scaler",
+        seldon_requests(25)?,
+    )
+    .await?;
+    check_seldon(&answers);
+    Ok(())
+}
