@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 
 /// A SeldonDeployment (serverType: kafka) with one MODEL node on 127.0.0.1:`port`.
 fn deployment(
-    name: &str,
     protocol: &str,
     transport: &str,
     node: &str,
@@ -29,7 +28,7 @@ fn deployment(
     format!(
         r#"apiVersion: machinelearning.seldon.io/v1
 kind: SeldonDeployment
-metadata: {{name: {name}, namespace: e2e}}
+metadata: {{name: {}, namespace: e2e}}
 spec:
   protocol: {protocol}
   transport: {transport}
@@ -43,6 +42,7 @@ spec:
       - {{name: KAFKA_OUTPUT_TOPIC, value: {output}}}
     graph: {{name: {node}, type: MODEL, endpoint: {{service_port: {port}}}, children: []}}
 "#,
+        unique("dep"),
         broker.bootstrap()
     )
 }
@@ -347,7 +347,7 @@ fn check_seldon(answers: &[(Answer, Value)]) {
             _ => assert_eq!(v["jsonData"]["seen"]["i"].as_f64(), Some(i as f64), "{v}"),
         }
         assert_eq!(
-            a.headers.get("proto-name").is_some(),
+            a.headers.contains_key("proto-name"),
             i % 5 == 4,
             "answer {i} in the request's form"
         );
