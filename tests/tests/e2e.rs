@@ -151,7 +151,6 @@ async fn through(
     std::fs::write(
         &yaml,
         deployment(
-            &unique("dep"),
             protocol,
             transport,
             node,
