@@ -101,6 +101,37 @@ pub fn seldon(class: &str, service_type: &str) -> Result<Server> {
     })
 }
 
+/// Our own model server (tests/src/bin/test-model.rs): the TF Serving stand-in and echo models.
+pub fn test_model(protocol: &str, name: &str, func: &str) -> Result<Server> {
+    let (http_port, grpc_port) = (free_port(), free_port());
+    let bin = repo_root().join("target/debug/test-model");
+    let bin = std::env::var_os("KAFKA_INFER_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or(bin);
+    let proc = Proc::spawn(
+        "test-model",
+        Command::new(bin).args([
+            "--protocol",
+            protocol,
+            "--name",
+            name,
+            "--fn",
+            func,
+            "--http-port",
+            &http_port.to_string(),
+            "--grpc-port",
+            &grpc_port.to_string(),
+        ]),
+    )?;
+    crate::wait_port(http_port, Duration::from_secs(10))?;
+    crate::wait_port(grpc_port, Duration::from_secs(10))?;
+    Ok(Server {
+        proc,
+        http_port,
+        grpc_port,
+    })
+}
+
 /// The kafka-infer binary (built by `cargo xtask test`; override with KAFKA_INFER_BIN).
 pub fn kafka_infer_bin() -> PathBuf {
     std::env::var_os("KAFKA_INFER_BIN")

@@ -136,6 +136,7 @@ fn answer_json(a: &Answer) -> Value {
 /// Runs `reqs` through kafka-infer started from a deployment, returns answers by request index
 /// (taken from the `trace` header), after checking keys, headers and per-partition order.
 async fn through(
+    extra_args: &[&str],
     server_port: u16,
     protocol: &str,
     transport: &str,
@@ -160,10 +161,9 @@ async fn through(
             &output,
         ),
     )?;
-    let ki = KafkaInfer::start(
-        &["-f", yaml.to_str().unwrap(), "--session-timeout", "4s"],
-        &[],
-    )?;
+    let mut args = vec!["-f", yaml.to_str().unwrap(), "--session-timeout", "4s"];
+    args.extend_from_slice(extra_args);
+    let ki = KafkaInfer::start(&args, &[])?;
     produce(&broker, &input, &reqs).await?;
     let answers = read_answers(&broker, &output, reqs.len())?;
     assert_eq!(answers.len(), reqs.len(), "every request answered once");
@@ -263,6 +263,7 @@ fn check_v2(answers: &[(Answer, Value)]) {
 async fn v2_over_rest_with_mlserver() -> Result<()> {
     let m = models::mlserver()?;
     let answers = through(
+        &[],
         m.http_port,
         "kfserving",
         "rest",
@@ -278,6 +279,7 @@ async fn v2_over_rest_with_mlserver() -> Result<()> {
 async fn v2_over_grpc_with_mlserver() -> Result<()> {
     let m = models::mlserver()?;
     let answers = through(
+        &[],
         m.grpc_port,
         "kfserving",
         "grpc",
@@ -357,6 +359,7 @@ fn check_seldon(answers: &[(Answer, Value)]) {
 async fn seldon_over_rest_with_the_python_wrapper() -> Result<()> {
     let s = models::seldon("Scaler", "MODEL")?;
     let answers = through(
+        &[],
         s.http_port,
         "seldon",
         "rest",
@@ -372,6 +375,7 @@ async fn seldon_over_rest_with_the_python_wrapper() -> Result<()> {
 async fn seldon_over_grpc_with_the_python_wrapper() -> Result<()> {
     let s = models::seldon("Scaler", "MODEL")?;
     let answers = through(
+        &[],
         s.grpc_port,
         "seldon",
         "grpc",
@@ -380,5 +384,117 @@ async fn seldon_over_grpc_with_the_python_wrapper() -> Result<()> {
     )
     .await?;
     check_seldon(&answers);
+    Ok(())
+}
+
+/// A cifar10 image (1x32x32x3 floats in [0, 1]) derived from `i`, and its mean.
+fn cifar_image(i: usize) -> (Vec<Vec<Vec<f32>>>, f64) {
+    let img: Vec<Vec<Vec<f32>>> = (0..32)
+        .map(|r| {
+            (0..32)
+                .map(|c| {
+                    (0..3)
+                        .map(|k| ((r * 96 + c * 3 + k + i * 7) % 256) as f32 / 256.0)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let sum: f64 = img.iter().flatten().flatten().map(|x| *x as f64).sum();
+    (img, sum / 3072.0)
+}
+
+fn tf_requests(n: usize) -> Vec<Req> {
+    use base64::Engine;
+    let t = Transcoder::default();
+    (0..n)
+        .map(|i| {
+            let (img, _) = cifar_image(i);
+            if i % 2 == 0 {
+                // REST form, as the Seldon cifar10 example sends it.
+                Req { key: keys(i), proto_name: None, value: Bytes::from(json!({"instances": [img]}).to_string()) }
+            } else {
+                // gRPC form: PredictRequest with a tensor_content tensor, as tf.make_tensor_proto writes it.
+                let raw: Vec<u8> = img.iter().flatten().flatten().flat_map(|f| f.to_le_bytes()).collect();
+                let req = json!({
+                    "model_spec": {"name": "resnet32", "signature_name": "serving_default"},
+                    "inputs": {"input_1": {"dtype": "DT_FLOAT",
+                        "tensor_shape": {"dim": [{"size": 1}, {"size": 32}, {"size": 32}, {"size": 3}]},
+                        "tensor_content": base64::engine::general_purpose::STANDARD.encode(raw)}}});
+                let value = t.from_proto_json("tensorflow.serving.PredictRequest", req).unwrap();
+                Req { key: keys(i), proto_name: Some("tensorflow.serving.PredictRequest"), value }
+            }
+        })
+        .collect()
+}
+
+fn check_tf(answers: &[(Answer, Value)]) {
+    for (i, (a, v)) in answers.iter().enumerate() {
+        let (_, mean) = cifar_image(i);
+        let scores: Vec<f64> = if i % 2 == 0 {
+            assert!(!a.headers.contains_key("proto-name"));
+            v.pointer("/predictions/0")
+                .and_then(Value::as_array)
+                .unwrap_or_else(|| panic!("answer {i}: {v}"))
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        } else {
+            assert_eq!(
+                a.headers.get("proto-name").map(String::as_str),
+                Some("tensorflow.serving.PredictResponse")
+            );
+            let t = v["outputs"]
+                .as_object()
+                .and_then(|o| o.values().next())
+                .unwrap_or_else(|| panic!("answer {i}: {v}"));
+            t["float_val"]
+                .as_array()
+                .unwrap_or_else(|| panic!("answer {i}: {v}"))
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        assert_eq!(scores.len(), 10, "answer {i}: {v}");
+        let want = (mean * 1e4).round() / 1e4;
+        for (k, s) in scores.iter().enumerate() {
+            assert!(
+                (s - (want + k as f64)).abs() < 1e-3,
+                "answer {i} score {k}: {s} vs {}",
+                want + k as f64
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensorflow_over_rest_with_the_tf_stand_in() -> Result<()> {
+    let m = models::test_model("tensorflow", "resnet32", "resnet")?;
+    let answers = through(
+        &[],
+        m.http_port,
+        "tensorflow",
+        "rest",
+        "resnet32",
+        tf_requests(10),
+    )
+    .await?;
+    check_tf(&answers);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tensorflow_over_grpc_with_the_tf_stand_in() -> Result<()> {
+    let m = models::test_model("tensorflow", "resnet32", "resnet")?;
+    let answers = through(
+        &["--tf-input-name", "input_1"],
+        m.grpc_port,
+        "tensorflow",
+        "grpc",
+        "resnet32",
+        tf_requests(10),
+    )
+    .await?;
+    check_tf(&answers);
     Ok(())
 }

@@ -192,6 +192,15 @@ fn broker_status() -> Result<()> {
 
 fn test(rest: &[&str]) -> Result<()> {
     setup()?;
+    // The end-to-end tests drive these binaries as processes.
+    run(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "-p",
+        "runner",
+        "-p",
+        "kafka-infer-tests",
+        "--bins",
+    ]))?;
     run(Command::new(env!("CARGO"))
         .current_dir(root())
         .args(["test", "--workspace", "--no-fail-fast"])
