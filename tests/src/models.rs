@@ -103,7 +103,17 @@ pub fn seldon(class: &str, service_type: &str) -> Result<Server> {
 
 /// Our own model server (tests/src/bin/test-model.rs): the TF Serving stand-in and echo models.
 pub fn test_model(protocol: &str, name: &str, func: &str) -> Result<Server> {
-    let (http_port, grpc_port) = (free_port(), free_port());
+    test_model_on(protocol, name, func, 0, (free_port(), free_port()))
+}
+
+/// [`test_model`] on given ports, answering after `delay_ms`.
+pub fn test_model_on(
+    protocol: &str,
+    name: &str,
+    func: &str,
+    delay_ms: u64,
+    (http_port, grpc_port): (u16, u16),
+) -> Result<Server> {
     let bin = repo_root().join("target/debug/test-model");
     let bin = std::env::var_os("KAFKA_INFER_TEST_MODEL")
         .map(PathBuf::from)
@@ -121,6 +131,8 @@ pub fn test_model(protocol: &str, name: &str, func: &str) -> Result<Server> {
             &http_port.to_string(),
             "--grpc-port",
             &grpc_port.to_string(),
+            "--delay-ms",
+            &delay_ms.to_string(),
         ]),
     )?;
     crate::wait_port(http_port, Duration::from_secs(10))?;

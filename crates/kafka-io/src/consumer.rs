@@ -189,6 +189,24 @@ impl Acker {
     }
 }
 
+impl Acker {
+    /// Gives the record up (no result will be written): commits stop before it, so the
+    /// partition's next owner redoes it, and drains do not wait for it.
+    pub fn abandon(&self, token: &Token) {
+        let mut parts = self.0.lock();
+        let key = (token.topic.to_string(), token.partition);
+        if let Some(s) = parts.get_mut(&key)
+            && s.epoch == token.epoch
+        {
+            s.offsets.abandon(token.offset);
+            if s.offsets.is_drained() {
+                drop(parts);
+                self.0.drained.notify_waiters();
+            }
+        }
+    }
+}
+
 /// Called on revoke with the partitions about to go, before the drain: flush what you hold.
 pub type RevokeHook =
     Arc<dyn Fn(Vec<Tp>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;

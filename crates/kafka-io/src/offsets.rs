@@ -5,10 +5,19 @@
 
 use std::collections::VecDeque;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Handed out, being worked on.
+    Pending,
+    Done,
+    /// Given up (e.g. on shutdown): blocks commits past it, but nobody waits for it.
+    Abandoned,
+}
+
 #[derive(Debug, Default)]
 pub struct PartitionOffsets {
-    /// Handed-out offsets in order, with whether each is complete.
-    outstanding: VecDeque<(i64, bool)>,
+    /// Handed-out offsets in order, with their state.
+    outstanding: VecDeque<(i64, State)>,
     /// Offset after the last handed-out record (the next one to fetch).
     next: i64,
     /// Last position committed (or read from the group at assignment).
@@ -29,7 +38,7 @@ impl PartitionOffsets {
     /// batches) are fine.
     pub fn handed_out(&mut self, offset: i64) {
         debug_assert!(offset >= self.next, "offsets handed out in order");
-        self.outstanding.push_back((offset, false));
+        self.outstanding.push_back((offset, State::Pending));
         self.next = offset + 1;
     }
 
@@ -39,11 +48,23 @@ impl PartitionOffsets {
         let Ok(i) = self.outstanding.binary_search_by_key(&offset, |(o, _)| *o) else {
             return false;
         };
-        self.outstanding[i].1 = true;
-        while matches!(self.outstanding.front(), Some((_, true))) {
+        self.outstanding[i].1 = State::Done;
+        while matches!(self.outstanding.front(), Some((_, State::Done))) {
             self.outstanding.pop_front();
         }
         true
+    }
+
+    /// Gives `offset` up: it will not complete, so commits stop before it (the next owner
+    /// redoes it) and a drain does not wait for it.
+    pub fn abandon(&mut self, offset: i64) -> bool {
+        match self.outstanding.binary_search_by_key(&offset, |(o, _)| *o) {
+            Ok(i) if self.outstanding[i].1 == State::Pending => {
+                self.outstanding[i].1 = State::Abandoned;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The position that may be committed now.
@@ -65,13 +86,17 @@ impl PartitionOffsets {
         self.committed
     }
 
-    /// Records handed out and not yet complete.
+    /// Records handed out and still being worked on.
     pub fn in_flight(&self) -> usize {
-        self.outstanding.iter().filter(|(_, done)| !done).count()
+        self.outstanding
+            .iter()
+            .filter(|(_, s)| *s == State::Pending)
+            .count()
     }
 
+    /// Nothing is being worked on (abandoned records do not count).
     pub fn is_drained(&self) -> bool {
-        self.outstanding.is_empty()
+        self.in_flight() == 0
     }
 
     /// The next offset to fetch.
@@ -113,6 +138,22 @@ mod tests {
         t.mark_committed(6);
         assert_eq!(t.to_commit(), None);
         assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn abandoned_records_block_commits_but_not_drains() {
+        let mut t = PartitionOffsets::new(0, None);
+        for o in 0..4 {
+            t.handed_out(o);
+        }
+        t.complete(0);
+        assert!(t.abandon(1));
+        t.complete(2);
+        assert_eq!(t.in_flight(), 1);
+        t.complete(3);
+        assert!(t.is_drained());
+        assert_eq!(t.committable(), 1, "commit stops at the abandoned record");
+        assert!(!t.abandon(3), "a done record cannot be abandoned");
     }
 
     #[test]

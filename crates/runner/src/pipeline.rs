@@ -46,6 +46,7 @@ struct Ctx {
     max_in_flight: usize,
     metrics: Arc<Metrics>,
     acker: Acker,
+    stop: watch::Receiver<bool>,
 }
 
 /// Runs until SIGTERM/SIGINT (or `stop` turns true), then drains, commits, leaves, returns.
@@ -98,6 +99,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         max_in_flight: cfg.max_in_flight,
         metrics: metrics.clone(),
         acker: consumer.acker(),
+        stop: stop.clone(),
     });
 
     tracing::info!(group = %cfg.group_id, input = %cfg.input_topic, output = %cfg.output_topic,
@@ -120,13 +122,24 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
                     workers.insert(key.clone(), (batch.epoch, tx));
                 }
                 let tx = workers[&key].1.clone();
-                for r in batch.records.iter() {
+                let mut records = batch.records.iter();
+                for r in records.by_ref() {
                     let token = batch.token(r.offset);
                     // Waits when the worker is full: the consumer's buffer fills and fetching pauses.
                     tokio::select! {
-                        sent = tx.send((r.clone(), token)) => if sent.is_err() { break },
-                        _ = stop.changed() => break,
+                        sent = tx.send((r.clone(), token.clone())) => if sent.is_err() {
+                            ctx.acker.abandon(&token);
+                            break;
+                        },
+                        _ = stop.changed() => {
+                            ctx.acker.abandon(&token);
+                            break;
+                        }
                     }
+                }
+                // Stopping: the rest of the batch is left for the next owner.
+                for r in records {
+                    ctx.acker.abandon(&batch.token(r.offset));
                 }
             }
             _ = tick.tick() => {
@@ -235,9 +248,10 @@ async fn partition_worker(
             biased;
             Some((rec, token, outcome)) = running.next(), if !running.is_empty() => {
                 ctx.metrics.in_flight.dec();
-                // None: abandoned on shutdown, left uncompleted on purpose.
-                if let Some(d) = write_result(&ctx, input_partition, &rec, outcome).await {
-                    deliveries.push(Box::pin(async move { (token, d.wait().await) }));
+                match write_result(&ctx, input_partition, &rec, outcome).await {
+                    Some(d) => deliveries.push(Box::pin(async move { (token, d.wait().await) })),
+                    // Interrupted by shutdown: left uncommitted for the next owner.
+                    None => ctx.acker.abandon(&token),
                 }
             }
             Some((token, r)) = deliveries.next(), if !deliveries.is_empty() => {
@@ -249,6 +263,8 @@ async fn partition_worker(
             }
             next = rx.recv(), if open && running.len() < ctx.max_in_flight => {
                 match next {
+                    // Stopping: finish what runs, start nothing new.
+                    Some((_, token)) if *ctx.stop.borrow() => ctx.acker.abandon(&token),
                     Some((rec, token)) => {
                         ctx.metrics.in_flight.inc();
                         let c = ctx.clone();

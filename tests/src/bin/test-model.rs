@@ -1,7 +1,8 @@
 //! test-model: a project-owned model server for tests and benchmarks, where no real one can be
 //! installed (TensorFlow Serving) or where the model must not be the bottleneck (echo).
 //!
-//! test-model --protocol tensorflow|v2|seldon --http-port P --grpc-port Q [--name M] [--fn echo|resnet]
+//! test-model --protocol tensorflow|v2|seldon --http-port P --grpc-port Q [--name M]
+//!            [--fn echo|resnet] [--delay-ms N]
 //!
 //! - tensorflow: REST `/v1/models/<M>[/versions/<v>]:predict` and gRPC
 //!   `tensorflow.serving.PredictionService/Predict`. `--fn resnet` (a cifar10 stand-in) answers
@@ -26,6 +27,8 @@ struct Model {
     protocol: Protocol,
     name: String,
     resnet: bool,
+    /// Answer after this long (to keep requests in flight).
+    delay: std::time::Duration,
     transcoder: Arc<Transcoder>,
 }
 
@@ -57,6 +60,11 @@ async fn main() -> anyhow::Result<()> {
         protocol,
         name: arg(&args, "--name").unwrap_or_else(|| "model".into()),
         resnet: arg(&args, "--fn").as_deref() == Some("resnet"),
+        delay: std::time::Duration::from_millis(
+            arg(&args, "--delay-ms")
+                .unwrap_or_else(|| "0".into())
+                .parse()?,
+        ),
         transcoder: Arc::new(Transcoder::default()),
     };
     let http: u16 = arg(&args, "--http-port")
@@ -85,6 +93,9 @@ async fn serve(addr: SocketAddr, model: Model, grpc: bool) -> anyhow::Result<()>
             let svc = hyper::service::service_fn(move |req| {
                 let m = m.clone();
                 async move {
+                    if !m.delay.is_zero() {
+                        tokio::time::sleep(m.delay).await;
+                    }
                     Ok::<_, Infallible>(if grpc {
                         m.grpc(req).await
                     } else {
