@@ -17,15 +17,14 @@ use kafka_infer_tests::{
 use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
 use serde_json::{Value, json};
 
+/// A record to produce: key, headers, value.
+type Rec = (String, Vec<(String, Bytes)>, Bytes);
+
 fn request(i: usize) -> Bytes {
     Bytes::from(json!({"id": format!("r{i}"), "inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [i]}]}).to_string())
 }
 
-async fn produce(
-    broker: &Broker,
-    topic: &str,
-    records: Vec<(String, Vec<(String, Bytes)>, Bytes)>,
-) -> Result<()> {
+async fn produce(broker: &Broker, topic: &str, records: Vec<Rec>) -> Result<()> {
     let cluster = Cluster::connect(broker.settings()).await?;
     let p = Producer::new(cluster, ProducerConfig::default());
     let mut ds = Vec::new();
@@ -50,7 +49,7 @@ async fn produce(
     Ok(())
 }
 
-fn requests(range: std::ops::Range<usize>) -> Vec<(String, Vec<(String, Bytes)>, Bytes)> {
+fn requests(range: std::ops::Range<usize>) -> Vec<Rec> {
     range
         .map(|i| (format!("k{}", i % 50), vec![], request(i)))
         .collect()
@@ -282,7 +281,7 @@ async fn model_down_for_10s_loses_nothing_and_answers_nothing_twice() -> Result<
     Ok(())
 }
 
-fn poison_stream() -> Vec<(String, Vec<(String, Bytes)>, Bytes)> {
+fn poison_stream() -> Vec<Rec> {
     let pn = |n: &str| vec![("proto-name".to_string(), Bytes::from(n.to_owned()))];
     vec![
         ("p".into(), vec![], request(0)),
