@@ -4,6 +4,8 @@
 //! - `broker start|stop|status`: a local test broker on 127.0.0.1:9092 and a mutual-TLS front
 //!   for a second one on 127.0.0.1:9093 (certificates in .cache/tls).
 //! - `test`: setup, then the whole test suite (the command CI runs).
+//! - `demo`: a local broker, a sample cifar10-style model, kafka-infer started from
+//!   deploy/seldondeployment-cifar10.yaml; produces a few requests and prints the answers.
 
 use std::{
     path::{Path, PathBuf},
@@ -23,13 +25,15 @@ fn main() -> Result<()> {
         ["broker", "stop"] => broker_stop(),
         ["broker", "status"] => broker_status(),
         ["test", rest @ ..] => test(rest),
+        ["demo"] => demo(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  setup                 install test tools (.cache/venv, stunnel)\n\
                  broker start|stop|status\n\
                  \u{20}                     test broker on 127.0.0.1:9092, mutual-TLS front on 127.0.0.1:9093\n\
-                 test [ARGS]           setup, then cargo test --workspace [ARGS]"
+                 test [ARGS]           setup, then cargo test --workspace [ARGS]\n\
+                 demo                  the main job end to end: broker, sample model, kafka-infer"
             );
             std::process::exit(2)
         }
@@ -205,4 +209,118 @@ fn test(rest: &[&str]) -> Result<()> {
         .current_dir(root())
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(rest))
+}
+
+/// The main job end to end on 127.0.0.1: broker, sample model, kafka-infer, requests, answers.
+fn demo() -> Result<()> {
+    setup()?;
+    run(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "runner",
+        "-p",
+        "kafka-infer-tests",
+        "--bins",
+    ]))?;
+    let broker = fx::Broker::start()?;
+    let (input, output) = ("cifar10-rest-input", "cifar10-rest-output");
+    broker.create_topic(input, 2)?;
+    broker.create_topic(output, 2)?;
+    println!("demo: broker (tansu) on {}", broker.bootstrap());
+    // The sample model answers like the cifar10 resnet32 would (10 scores per image).
+    let model = fx::models::test_model("tensorflow", "resnet32", "resnet")?;
+    println!(
+        "demo: sample model `resnet32` (TF Serving REST) on {}",
+        model.rest_url()
+    );
+    // The sample SeldonDeployment, with the broker and model ports of this machine.
+    let sdep = std::fs::read_to_string(root().join("deploy/seldondeployment-cifar10.yaml"))?
+        .replace("kafka-bootstrap.kafka:9092", &broker.bootstrap())
+        .replace(
+            "service_port: 8501",
+            &format!("service_port: {}", model.http_port),
+        );
+    let dir = root().join(".cache/demo");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("seldondeployment.yaml");
+    std::fs::write(&file, sdep)?;
+    let ki = fx::models::KafkaInfer::start(
+        &[
+            "-f",
+            file.to_str().unwrap_or_default(),
+            "--session-timeout",
+            "4s",
+        ],
+        &[],
+    )?;
+    println!(
+        "demo: kafka-infer run -f {} (metrics on 127.0.0.1:{})",
+        file.display(),
+        ki.metrics_port
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let cluster = kafka_io::Cluster::connect(broker.settings()).await?;
+        let producer =
+            kafka_io::Producer::new(cluster.clone(), kafka_io::ProducerConfig::default());
+        for i in 0..5u32 {
+            // One 32x32x3 image per request, as Seldon's cifar10 example sends them.
+            let img: Vec<Vec<Vec<f32>>> = (0..32)
+                .map(|r| {
+                    (0..32)
+                        .map(|c| {
+                            (0..3)
+                                .map(|k| {
+                                    ((r * 96 + c * 3 + k) % 256) as f32 / 255.0
+                                        * (0.5 + i as f32 / 8.0)
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+                .collect();
+            let body = serde_json::json!({ "instances": [img] }).to_string();
+            let rec = kafka_io::OutRecord {
+                key: Some(bytes::Bytes::from(format!("image-{i}"))),
+                value: Some(bytes::Bytes::from(body)),
+                headers: vec![],
+            };
+            producer.send(input, None, rec).await?.wait().await?;
+        }
+        println!("demo: produced 5 requests to {input}; answers from {output}:");
+        let mut group = kafka_io::GroupConfig::new("demo-reader", vec![output.to_owned()]);
+        group.session_timeout = Duration::from_secs(4);
+        let mut consumer =
+            kafka_io::Consumer::start(cluster, kafka_io::ConsumerConfig::new(group), None);
+        let mut seen = 0;
+        while seen < 5 {
+            let batch = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+                .await
+                .map_err(|_| anyhow::anyhow!("no answers within 60 s (see target/test-logs/)"))?
+                .context("consumer closed")?;
+            for r in &batch.records {
+                let key =
+                    String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
+                let value =
+                    String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned();
+                println!("  {key}: {value}");
+                consumer.acker().complete(&batch.token(r.offset));
+                seen += 1;
+            }
+        }
+        consumer.close().await;
+        anyhow::Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(1500)); // one metrics refresh
+    println!("demo: kafka-infer's /metrics (lag, records, in flight):");
+    for l in ki.metrics().lines().filter(|l| {
+        l.starts_with("kafka_infer_consumer_lag")
+            || l.starts_with("kafka_infer_records")
+            || l.starts_with("kafka_infer_in_flight")
+    }) {
+        println!("  {l}");
+    }
+    println!("demo: done; stopping kafka-infer, the model and the broker");
+    Ok(())
 }
