@@ -425,3 +425,25 @@ fn wrong_protocol_and_garbage_are_typed_errors() {
         "bad-protobuf"
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The fuzz target's body on random bytes and on mutated valid payloads (stable smoke test;
+    /// the coverage-guided run is `cargo fuzz run decode` in fuzz/).
+    #[test]
+    fn decode_path_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512), sel in any::<u8>()) {
+        let mut d = vec![sel];
+        d.extend(&data);
+        codec::fuzz_decode(&d);
+        // A valid JSON request with one byte changed.
+        let mut j = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}],"instances":[[1]]}"#.to_vec();
+        if !data.is_empty() {
+            let i = data[0] as usize % j.len();
+            j[i] = data[data.len() - 1];
+        }
+        let mut d = vec![sel];
+        d.extend(j);
+        codec::fuzz_decode(&d);
+    }
+}
