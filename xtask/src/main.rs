@@ -4,6 +4,8 @@
 //! - `broker start|stop|status`: a local test broker on 127.0.0.1:9092 and a mutual-TLS front
 //!   for a second one on 127.0.0.1:9093 (certificates in .cache/tls).
 //! - `test`: setup, then the whole test suite (the command CI runs).
+//! - `dist`: kafka-infer for x86_64-unknown-linux-musl, checked to be fully static, then run
+//!   (`--help` and a short end-to-end job) from a root directory holding nothing else.
 //! - `demo`: a local broker, a sample cifar10-style model, kafka-infer started from
 //!   deploy/seldondeployment-cifar10.yaml; produces a few requests and prints the answers.
 
@@ -26,6 +28,7 @@ fn main() -> Result<()> {
         ["broker", "status"] => broker_status(),
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo(),
+        ["dist"] => dist(),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -33,7 +36,8 @@ fn main() -> Result<()> {
                  broker start|stop|status\n\
                  \u{20}                     test broker on 127.0.0.1:9092, mutual-TLS front on 127.0.0.1:9093\n\
                  test [ARGS]           setup, then cargo test --workspace [ARGS]\n\
-                 demo                  the main job end to end: broker, sample model, kafka-infer"
+                 demo                  the main job end to end: broker, sample model, kafka-infer\n\
+                 dist                  static musl kafka-infer in target/dist, checked, run from an empty root"
             );
             std::process::exit(2)
         }
@@ -323,4 +327,174 @@ fn demo() -> Result<()> {
     }
     println!("demo: done; stopping kafka-infer, the model and the broker");
     Ok(())
+}
+
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Builds the static binary, checks it, and runs it from an empty root.
+fn dist() -> Result<()> {
+    setup()?;
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()?;
+    if !String::from_utf8_lossy(&installed.stdout).contains(MUSL) {
+        run(Command::new("rustup").args(["target", "add", MUSL]))?;
+    }
+    if !Path::new("/usr/bin/musl-gcc").exists() {
+        eprintln!(
+            "dist: installing Debian's musl-tools (musl-gcc, for the C parts of ring and zstd)"
+        );
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "musl-tools"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null()))
+        .context("musl-tools is needed (apt-get install musl-tools)")?;
+    }
+    run(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "--release",
+        "--locked",
+        "--target",
+        MUSL,
+        "-p",
+        "runner",
+    ]))?;
+    let built = root().join(format!("target/{MUSL}/release/kafka-infer"));
+    let out_dir = root().join("target/dist");
+    std::fs::create_dir_all(&out_dir)?;
+    let bin = out_dir.join("kafka-infer");
+    std::fs::copy(&built, &bin)?;
+
+    // Fully static: no program interpreter, no shared-library dependencies.
+    let headers = Command::new("readelf")
+        .args(["-l", "-d"])
+        .arg(&bin)
+        .output()?;
+    let text = String::from_utf8_lossy(&headers.stdout);
+    if text.contains("INTERP") || text.contains("(NEEDED)") {
+        bail!("{} is not fully static:\n{text}", bin.display());
+    }
+    let size = std::fs::metadata(&bin)?.len();
+    println!(
+        "dist: {} is static ({:.1} MB)",
+        bin.display(),
+        size as f64 / 1e6
+    );
+    chroot_check(&bin)?;
+    println!("dist: ok");
+    Ok(())
+}
+
+/// `--help` and a short end-to-end job, run by chroot from a directory holding only the binary
+/// and its configuration (the closest this machine gets to the distroless image).
+fn chroot_check(bin: &Path) -> Result<()> {
+    let jail = tempfile_dir()?;
+    std::fs::copy(bin, jail.join("kafka-infer"))?;
+    let chroot = |args: &[&str]| -> Command {
+        let mut c = if is_root() {
+            Command::new("/usr/sbin/chroot")
+        } else {
+            let mut c = Command::new("/usr/bin/unshare");
+            c.args(["-r", "chroot"]);
+            c
+        };
+        c.arg(&jail).arg("/kafka-infer").args(args);
+        c
+    };
+    let help = chroot(&["run", "--help"]).output()?;
+    if !help.status.success()
+        || !String::from_utf8_lossy(&help.stdout).contains("KAFKA_INPUT_TOPIC")
+    {
+        bail!(
+            "chrooted --help failed: {}",
+            String::from_utf8_lossy(&help.stderr)
+        );
+    }
+    println!("dist: --help runs from an empty root");
+
+    run(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "kafka-infer-tests",
+        "--bin",
+        "test-model",
+    ]))?;
+    let broker = fx::Broker::start()?;
+    broker.create_topic("dist-in", 2)?;
+    broker.create_topic("dist-out", 2)?;
+    let model = fx::models::test_model("v2", "echo", "echo")?;
+    std::fs::write(
+        jail.join("sdep.yaml"),
+        format!(
+            "apiVersion: machinelearning.seldon.io/v1\nkind: SeldonDeployment\nmetadata: {{name: dist}}\n\
+             spec:\n  protocol: v2\n  transport: rest\n  serverType: kafka\n  predictors:\n  - name: p\n\
+             \x20   svcOrchSpec:\n      env:\n      - {{name: KAFKA_BROKER, value: \"{}\"}}\n\
+             \x20     - {{name: KAFKA_INPUT_TOPIC, value: dist-in}}\n      - {{name: KAFKA_OUTPUT_TOPIC, value: dist-out}}\n\
+             \x20   graph: {{name: echo, type: MODEL, endpoint: {{service_port: {}}}}}\n",
+            broker.bootstrap(),
+            model.http_port
+        ),
+    )?;
+    let metrics = fx::free_port();
+    let mut ki = fx::Proc::spawn(
+        "kafka-infer (chroot)",
+        chroot(&[
+            "run",
+            "-f",
+            "/sdep.yaml",
+            "--session-timeout",
+            "4s",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .env_clear()
+        .stdout(Stdio::null()),
+    )?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let n = rt.block_on(async {
+        let cluster = kafka_io::Cluster::connect(broker.settings()).await?;
+        let p = kafka_io::Producer::new(cluster.clone(), kafka_io::ProducerConfig::default());
+        for i in 0..50 {
+            let body = format!(r#"{{"id":"{i}","inputs":[{{"name":"x","shape":[1],"datatype":"INT64","data":[{i}]}}]}}"#);
+            let rec = kafka_io::OutRecord { key: None, value: Some(bytes::Bytes::from(body)), headers: vec![] };
+            p.send("dist-in", None, rec).await?.wait().await?;
+        }
+        let mut g = kafka_io::GroupConfig::new("dist-check", vec!["dist-out".into()]);
+        g.session_timeout = Duration::from_secs(4);
+        let mut c = kafka_io::Consumer::start(cluster, kafka_io::ConsumerConfig::new(g), None);
+        let mut n = 0;
+        while n < 50 {
+            match tokio::time::timeout(Duration::from_secs(60), c.recv()).await {
+                Ok(Some(b)) => n += b.records.len(),
+                _ => break,
+            }
+        }
+        c.close().await;
+        anyhow::Ok(n)
+    })?;
+    ki.signal("TERM")?;
+    let code = ki.wait_exit(Duration::from_secs(30))?;
+    let _ = std::fs::remove_dir_all(&jail);
+    if n < 50 || code != Some(0) {
+        bail!("chrooted end-to-end job: {n}/50 answers, exit code {code:?}");
+    }
+    println!("dist: an end-to-end job from an empty root answered 50/50 and exited 0 on SIGTERM");
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("kafka-infer-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
 }

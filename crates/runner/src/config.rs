@@ -95,6 +95,9 @@ pub struct RunArgs {
     /// text or json.
     #[arg(long, value_enum, env = "KAFKA_INFER_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Print the resolved configuration as JSON (no secrets) and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// One node of the inference graph.
@@ -380,6 +383,40 @@ impl Config {
                 .map_err(|e: String| anyhow!("KAFKA_COMPRESSION: {e}"))?,
             descriptor_sets: args.descriptor_sets.clone(),
             log_format: args.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+impl Node {
+    fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "type": format!("{:?}", self.node_type),
+            "url": self.url,
+            "transport": self.transport.to_string(),
+            "children": self.children.iter().map(Node::summary).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Config {
+    /// What `--print-config` shows: everything but TLS material and passwords.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "brokers": self.connection.bootstrap_strings(),
+            "security_protocol": format!("{:?}", self.connection.security),
+            "sasl_mechanism": self.connection.sasl.as_ref().map(|s| s.mechanism.name()),
+            "input_topic": self.input_topic,
+            "output_topic": self.output_topic,
+            "error_topic": self.error_topic,
+            "group_id": self.group_id,
+            "protocol": self.protocol.to_string(),
+            "graph": self.graph.summary(),
+            "max_in_flight": self.max_in_flight,
+            "metrics_addr": self.metrics_addr.to_string(),
+            "session_timeout_ms": self.session_timeout.as_millis() as u64,
+            "auto_offset_reset": format!("{:?}", self.auto_offset_reset),
+            "drain_timeout_ms": self.drain_timeout.as_millis() as u64,
         })
     }
 }

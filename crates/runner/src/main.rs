@@ -51,6 +51,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if args.print_config {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&cfg.summary()).expect("JSON")
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
     init_logging(cfg.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
