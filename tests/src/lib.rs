@@ -77,6 +77,7 @@ pub fn free_port() -> u16 {
 pub struct Proc {
     pub name: String,
     child: Option<Child>,
+    borrowed_pid: u32,
 }
 
 impl Proc {
@@ -91,7 +92,17 @@ impl Proc {
         Ok(Self {
             name: name.to_owned(),
             child: Some(child),
+            borrowed_pid: 0,
         })
+    }
+
+    /// A handle naming a process another guard owns (for measuring it); stops nothing.
+    pub fn from_pid_owned_elsewhere(name: &str, pid: u32) -> Self {
+        Self {
+            name: format!("{name} (pid {pid})"),
+            child: None,
+            borrowed_pid: pid,
+        }
     }
 
     /// Takes charge of a child spawned elsewhere (e.g. with piped output).
@@ -99,11 +110,12 @@ impl Proc {
         Self {
             name: name.to_owned(),
             child: Some(child),
+            borrowed_pid: 0,
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.child.as_ref().map_or(self.borrowed_pid, Child::id)
     }
 
     /// Sends a signal to this process (e.g. "TERM", "KILL", "STOP", "CONT").

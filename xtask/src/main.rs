@@ -18,6 +18,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use kafka_infer_tests as fx;
 
+mod bench;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -29,6 +31,8 @@ fn main() -> Result<()> {
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo(),
         ["dist"] => dist(),
+        ["bench"] => bench::bench(false),
+        ["bench", "--short"] => bench::bench(true),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -37,6 +41,7 @@ fn main() -> Result<()> {
                  \u{20}                     test broker on 127.0.0.1:9092, mutual-TLS front on 127.0.0.1:9093\n\
                  test [ARGS]           setup, then cargo test --workspace [ARGS]\n\
                  demo                  the main job end to end: broker, sample model, kafka-infer\n\
+                 bench [--short]       kafka-infer against the alternatives (docs/benchmarks.md)\n\
                  dist                  static musl kafka-infer in target/dist, checked, run from an empty root"
             );
             std::process::exit(2)
