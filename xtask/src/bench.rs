@@ -128,14 +128,30 @@ impl Reader {
 
     /// Waits until `total` answers were seen; returns when the last arrived.
     async fn until(&mut self, total: u64, within: Duration) -> Result<Instant> {
+        let (last, seen) = self.until_or_stall(total, within, within).await?;
+        if seen < total {
+            bail!("{seen}/{total} answers within {within:?}");
+        }
+        Ok(last)
+    }
+
+    /// Like [`until`](Self::until), but gives up after `stall` without a new answer (a bridge
+    /// that drops records never reaches `total`); returns the last answer's time and the count.
+    async fn until_or_stall(
+        &mut self,
+        total: u64,
+        within: Duration,
+        stall: Duration,
+    ) -> Result<(Instant, u64)> {
         let deadline = tokio::time::Instant::now() + within;
         let acker = self.consumer.acker();
         let mut last = Instant::now();
         while self.seen < total {
-            let b = tokio::time::timeout_at(deadline, self.consumer.recv())
-                .await
-                .map_err(|_| anyhow::anyhow!("{}/{total} answers within {within:?}", self.seen))?
-                .context("reader closed")?;
+            let wait = deadline.min(tokio::time::Instant::from_std(last) + stall);
+            let Ok(b) = tokio::time::timeout_at(wait, self.consumer.recv()).await else {
+                break;
+            };
+            let b = b.context("reader closed")?;
             let now = now_ns();
             last = Instant::now();
             for r in &b.records {
@@ -150,7 +166,7 @@ impl Reader {
                 acker.complete(&b.token(r.offset));
             }
         }
-        Ok(last)
+        Ok((last, self.seen))
     }
 }
 
@@ -220,10 +236,14 @@ async fn measure(
     }
     let (cpu0, _) = usage(pid);
     reader.latencies.clear();
+    let before = reader.seen;
     let t0 = Instant::now();
     produce(env, &p, &input, warm..warm + n, None, extra).await?;
     let within = Duration::from_secs(if env.short { 120 } else { 600 });
-    let last = reader.until(reader.seen + n, within).await?;
+    let (last, seen) = reader
+        .until_or_stall(before + n, within, Duration::from_secs(10))
+        .await?;
+    let answered = seen - before;
     let secs = last.duration_since(t0).as_secs_f64();
     let (cpu1, hwm) = usage(pid);
     drop(proc);
@@ -231,14 +251,19 @@ async fn measure(
     let f = Figure {
         name: name.into(),
         records: n,
-        per_s: n as f64 / secs,
-        cpu_per_1000: (cpu1 - cpu0) / n as f64 * 1000.0,
+        per_s: answered as f64 / secs,
+        cpu_per_1000: (cpu1 - cpu0) / answered.max(1) as f64 * 1000.0,
         rss_mib: hwm as f64 / (1024.0 * 1024.0),
+        note: if answered < n {
+            format!("{answered}: {} lost", n - answered)
+        } else {
+            "all".into()
+        },
         ..Default::default()
     };
     eprintln!(
-        "bench: {name}: {:.0} records/s, {:.3} CPU s/1000, peak RSS {:.1} MiB",
-        f.per_s, f.cpu_per_1000, f.rss_mib
+        "bench: {name}: {:.0} records/s, {:.3} CPU s/1000, peak RSS {:.1} MiB, answered: {}",
+        f.per_s, f.cpu_per_1000, f.rss_mib, f.note
     );
     Ok(f)
 }
@@ -680,7 +705,7 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         PARTITIONS
     ));
-    out.push_str("| bridge | records | records/s | CPU s / 1000 records | peak RSS MiB |\n|---|---:|---:|---:|---:|\n");
+    out.push_str("| bridge | requests | answered | answers/s | CPU s / 1000 answers | peak RSS MiB |\n|---|---:|---|---:|---:|---:|\n");
     for k in [
         "ki_rest",
         "ki_grpc",
@@ -692,8 +717,8 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
     ] {
         let x = &f[k];
         out.push_str(&format!(
-            "| {} | {} | {:.0} | {:.3} | {:.1} |\n",
-            x.name, x.records, x.per_s, x.cpu_per_1000, x.rss_mib
+            "| {} | {} | {} | {:.0} | {:.3} | {:.1} |\n",
+            x.name, x.records, x.note, x.per_s, x.cpu_per_1000, x.rss_mib
         ));
     }
     out.push_str(
