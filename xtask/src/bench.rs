@@ -549,7 +549,7 @@ pub fn bench(short: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let (f, lat) = rt.block_on(async {
+    let figures = rt.block_on(async {
         let broker = fx::Broker::start()?;
         let cluster = Cluster::connect(broker.settings()).await?;
         let env = Env {
@@ -584,6 +584,43 @@ pub fn bench(short: bool) -> Result<()> {
             }
         };
         let mut f: BTreeMap<&str, Figure> = BTreeMap::new();
+        // BENCH_ONLY=ki_rest,a_copy runs just those (for profiling work); no report then.
+        if let Ok(only) = std::env::var("BENCH_ONLY") {
+            for k in only.split(',') {
+                let fig = match k {
+                    "ki_rest" => {
+                        measure(&env, "kafka-infer -> echo model, REST", n, &[], |i, o| {
+                            kafka_infer(&env, i, o, &echo.rest_url(), "rest", &[])
+                        })
+                        .await?
+                    }
+                    "ki_grpc" => {
+                        measure(&env, "kafka-infer -> echo model, gRPC", n, &[], |i, o| {
+                            kafka_infer(&env, i, o, &echo.grpc_url(), "grpc", &[])
+                        })
+                        .await?
+                    }
+                    "a_copy" => {
+                        measure(&env, "(a) Python copy", n, &[], |i, o| {
+                            python_bridge(&env, "copy.py", &[i, o, &fx::unique("copy")])
+                        })
+                        .await?
+                    }
+                    "latency" => {
+                        latency(
+                            &env,
+                            &echo.rest_url(),
+                            1000.0,
+                            if short { 3.0 } else { 20.0 },
+                        )
+                        .await?
+                    }
+                    other => bail!("BENCH_ONLY: unknown item {other}"),
+                };
+                println!("{fig:?}");
+            }
+            return Ok(None); // guards stop the broker and models on the way out
+        }
         let mh = vec![("mlserver-model".to_string(), Bytes::from_static(b"echo"))];
         f.insert(
             "ki_rest",
@@ -686,9 +723,12 @@ pub fn bench(short: bool) -> Result<()> {
             if short { 3.0 } else { 20.0 },
         )
         .await?;
-        Ok::<_, anyhow::Error>((f, lat))
+        Ok::<_, anyhow::Error>(Some((f, lat)))
     })?;
-    report(&f, &lat, short)
+    match figures {
+        Some((f, lat)) => report(&f, &lat, short),
+        None => Ok(()),
+    }
 }
 
 fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {

@@ -133,30 +133,41 @@ struct PartitionState {
     high_watermark: i64,
 }
 
+/// A partition as the consumer keys it (cheap to clone from a [`Token`]).
+type Key = (Arc<str>, i32);
+
+fn key(tp: &Tp) -> Key {
+    (Arc::from(tp.0.as_str()), tp.1)
+}
+
+fn tp(k: &Key) -> Tp {
+    (k.0.to_string(), k.1)
+}
+
 #[derive(Default)]
 struct Shared {
-    parts: std::sync::Mutex<HashMap<Tp, PartitionState>>,
+    parts: std::sync::Mutex<HashMap<Key, PartitionState>>,
     epoch: AtomicU64,
     drained: Notify,
     connected: AtomicBool,
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tp, PartitionState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, PartitionState>> {
         self.parts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn positions_to_commit(&self) -> Vec<(Tp, i64)> {
         self.lock()
             .iter()
-            .filter_map(|(tp, s)| s.offsets.to_commit().map(|o| (tp.clone(), o)))
+            .filter_map(|(k, s)| s.offsets.to_commit().map(|o| (tp(k), o)))
             .collect()
     }
 
     fn mark_committed(&self, done: &[(Tp, i64)]) {
         let mut parts = self.lock();
-        for (tp, o) in done {
-            if let Some(s) = parts.get_mut(tp) {
+        for (t, o) in done {
+            if let Some(s) = parts.get_mut(&key(t)) {
                 s.offsets.mark_committed(*o);
             }
         }
@@ -176,8 +187,7 @@ impl Acker {
     /// assignment are ignored: that work is redone by the partition's new owner.
     pub fn complete(&self, token: &Token) {
         let mut parts = self.0.lock();
-        let key = (token.topic.to_string(), token.partition);
-        if let Some(s) = parts.get_mut(&key)
+        if let Some(s) = parts.get_mut(&(token.topic.clone(), token.partition))
             && s.epoch == token.epoch
         {
             s.offsets.complete(token.offset);
@@ -194,8 +204,7 @@ impl Acker {
     /// partition's next owner redoes it, and drains do not wait for it.
     pub fn abandon(&self, token: &Token) {
         let mut parts = self.0.lock();
-        let key = (token.topic.to_string(), token.partition);
-        if let Some(s) = parts.get_mut(&key)
+        if let Some(s) = parts.get_mut(&(token.topic.clone(), token.partition))
             && s.epoch == token.epoch
         {
             s.offsets.abandon(token.offset);
@@ -258,8 +267,7 @@ impl Consumer {
         loop {
             let batch = self.rx.recv().await?;
             let mut parts = self.shared.lock();
-            let key = (batch.topic.to_string(), batch.partition);
-            let Some(s) = parts.get_mut(&key) else {
+            let Some(s) = parts.get_mut(&(batch.topic.clone(), batch.partition)) else {
                 continue;
             };
             if s.epoch != batch.epoch {
@@ -299,7 +307,7 @@ impl Consumer {
             .map(|((t, p), s)| {
                 let committed = s.offsets.committed();
                 PartitionLag {
-                    topic: t.clone(),
+                    topic: t.to_string(),
                     partition: *p,
                     high_watermark: s.high_watermark,
                     committed,
@@ -428,7 +436,7 @@ impl GroupTask {
                 None => self.reset_position(tp).await?,
             };
             states.insert(
-                tp.clone(),
+                key(tp),
                 PartitionState {
                     offsets: PartitionOffsets::new(start, c),
                     epoch,
@@ -438,7 +446,7 @@ impl GroupTask {
         }
         *self.shared.lock() = states;
         for tp in tps {
-            let start = self.shared.lock()[tp].offsets.next_fetch();
+            let start = self.shared.lock()[&key(tp)].offsets.next_fetch();
             self.fetchers.push(tokio::spawn(fetcher(
                 self.cluster.clone(),
                 self.config.clone(),
@@ -522,7 +530,7 @@ impl GroupTask {
         for f in self.fetchers.drain(..) {
             f.abort();
         }
-        let tps: Vec<Tp> = self.shared.lock().keys().cloned().collect();
+        let tps: Vec<Tp> = self.shared.lock().keys().map(tp).collect();
         if drain && !tps.is_empty() {
             if let Some(hook) = &self.on_revoke {
                 hook(tps.clone()).await;
@@ -611,7 +619,7 @@ async fn fetcher(
             Ok((records, hwm)) => {
                 backoff = Duration::from_millis(100);
                 shared.connected.store(true, Ordering::Relaxed);
-                if let Some(s) = shared.lock().get_mut(&(topic.clone(), partition))
+                if let Some(s) = shared.lock().get_mut(&(topic_arc.clone(), partition))
                     && s.epoch == epoch
                 {
                     s.high_watermark = hwm;

@@ -22,6 +22,8 @@ pub struct PartitionOffsets {
     next: i64,
     /// Last position committed (or read from the group at assignment).
     committed: Option<i64>,
+    /// How many of `outstanding` are Pending (kept so completions stay O(log n)).
+    pending: usize,
 }
 
 impl PartitionOffsets {
@@ -31,6 +33,7 @@ impl PartitionOffsets {
             outstanding: VecDeque::new(),
             next: position,
             committed,
+            pending: 0,
         }
     }
 
@@ -39,6 +42,7 @@ impl PartitionOffsets {
     pub fn handed_out(&mut self, offset: i64) {
         debug_assert!(offset >= self.next, "offsets handed out in order");
         self.outstanding.push_back((offset, State::Pending));
+        self.pending += 1;
         self.next = offset + 1;
     }
 
@@ -48,6 +52,11 @@ impl PartitionOffsets {
         let Ok(i) = self.outstanding.binary_search_by_key(&offset, |(o, _)| *o) else {
             return false;
         };
+        match self.outstanding[i].1 {
+            State::Done => return true,
+            State::Pending => self.pending -= 1,
+            State::Abandoned => {}
+        }
         self.outstanding[i].1 = State::Done;
         while matches!(self.outstanding.front(), Some((_, State::Done))) {
             self.outstanding.pop_front();
@@ -61,6 +70,7 @@ impl PartitionOffsets {
         match self.outstanding.binary_search_by_key(&offset, |(o, _)| *o) {
             Ok(i) if self.outstanding[i].1 == State::Pending => {
                 self.outstanding[i].1 = State::Abandoned;
+                self.pending -= 1;
                 true
             }
             _ => false,
@@ -88,10 +98,7 @@ impl PartitionOffsets {
 
     /// Records handed out and still being worked on.
     pub fn in_flight(&self) -> usize {
-        self.outstanding
-            .iter()
-            .filter(|(_, s)| *s == State::Pending)
-            .count()
+        self.pending
     }
 
     /// Nothing is being worked on (abandoned records do not count).
@@ -154,6 +161,34 @@ mod tests {
         assert!(t.is_drained());
         assert_eq!(t.committable(), 1, "commit stops at the abandoned record");
         assert!(!t.abandon(3), "a done record cannot be abandoned");
+        assert!(
+            t.complete(1),
+            "a late completion of an abandoned record still counts"
+        );
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn in_flight_counter_matches_a_recount() {
+        let mut t = PartitionOffsets::new(0, None);
+        let recount = |t: &PartitionOffsets| {
+            t.outstanding
+                .iter()
+                .filter(|(_, s)| *s == State::Pending)
+                .count()
+        };
+        for o in 0..50 {
+            t.handed_out(o * 2);
+        }
+        for o in (0..100).step_by(6) {
+            t.complete(o);
+            t.abandon(o + 2);
+            t.complete(o + 2);
+            t.abandon(o + 4);
+            assert_eq!(t.in_flight(), recount(&t));
+        }
+        assert!(!t.complete(1), "never handed out");
+        assert_eq!(t.in_flight(), recount(&t));
     }
 
     #[test]

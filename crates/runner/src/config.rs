@@ -95,6 +95,9 @@ pub struct RunArgs {
     /// text or json.
     #[arg(long, value_enum, env = "KAFKA_INFER_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Runtime worker threads (default: the CPUs available; 1 runs everything on one thread).
+    #[arg(long, env = "KAFKA_INFER_THREADS")]
+    pub threads: Option<usize>,
     /// Print the resolved configuration as JSON (no secrets) and exit.
     #[arg(long)]
     pub print_config: bool,

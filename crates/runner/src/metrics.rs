@@ -34,11 +34,12 @@ pub struct ResultLabels {
 pub struct Metrics {
     registry: Registry,
     pub lag: Family<LagLabels, Gauge>,
-    pub records: Family<ResultLabels, Counter>,
     pub model_duration: Histogram,
     pub in_flight: Gauge,
     pub ready: AtomicBool,
     pub ok_total: AtomicI64,
+    /// The three result series, made once (no allocation per record).
+    by_result: [(&'static str, Counter); 3],
 }
 
 impl Metrics {
@@ -70,10 +71,18 @@ impl Metrics {
             "Records being processed",
             in_flight.clone(),
         );
+        let by_result = ["ok", "error", "retry"].map(|r| {
+            let c = records
+                .get_or_create(&ResultLabels {
+                    result: r.to_owned(),
+                })
+                .clone();
+            (r, c)
+        });
         Self {
+            by_result,
             registry,
             lag,
-            records,
             model_duration,
             in_flight,
             ready: AtomicBool::new(false),
@@ -81,12 +90,11 @@ impl Metrics {
         }
     }
 
+    /// Counts one record (or retry) under `result`: ok, error or retry.
     pub fn record(&self, result: &str) {
-        self.records
-            .get_or_create(&ResultLabels {
-                result: result.to_owned(),
-            })
-            .inc();
+        if let Some((_, c)) = self.by_result.iter().find(|(r, _)| *r == result) {
+            c.inc();
+        }
     }
 
     /// Replaces the lag series with the current assignment's partitions.

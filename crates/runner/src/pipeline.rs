@@ -25,8 +25,8 @@ use crate::{
 pub const ERROR_HEADER: &str = "kafka-infer-error";
 pub const ERROR_KIND_HEADER: &str = "kafka-infer-error-kind";
 
-/// A partition worker: its assignment epoch and its queue.
-type Worker = (u64, mpsc::Sender<(InRecord, Token)>);
+/// A partition worker: its assignment epoch and its queue of batches.
+type Worker = (u64, mpsc::Sender<kafka_io::Batch>);
 
 /// What processing one record produced.
 enum Outcome {
@@ -117,29 +117,20 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
                 let key = (batch.topic.clone(), batch.partition);
                 let stale = workers.get(&key).is_none_or(|(epoch, _)| *epoch != batch.epoch);
                 if stale {
-                    let (tx, rx) = mpsc::channel(ctx.max_in_flight * 2);
+                    // Two batches of slack per partition: a full partition does not hold up the others long.
+                    let (tx, rx) = mpsc::channel(2);
                     tasks.push(tokio::spawn(partition_worker(ctx.clone(), batch.partition, rx)));
                     workers.insert(key.clone(), (batch.epoch, tx));
                 }
                 let tx = workers[&key].1.clone();
-                let mut records = batch.records.iter();
-                for r in records.by_ref() {
-                    let token = batch.token(r.offset);
-                    // Waits when the worker is full: the consumer's buffer fills and fetching pauses.
-                    tokio::select! {
-                        sent = tx.send((r.clone(), token.clone())) => if sent.is_err() {
-                            ctx.acker.abandon(&token);
-                            break;
-                        },
-                        _ = stop.changed() => {
-                            ctx.acker.abandon(&token);
-                            break;
-                        }
-                    }
-                }
-                // Stopping: the rest of the batch is left for the next owner.
-                for r in records {
-                    ctx.acker.abandon(&batch.token(r.offset));
+                // Waits while the worker holds two batches: the consumer's buffer fills and
+                // fetching pauses. The batch stays in hand, so stopping can give it up.
+                tokio::select! {
+                    permit = tx.reserve() => match permit {
+                        Ok(p) => p.send(batch),
+                        Err(_) => abandon_batch(&ctx.acker, batch),
+                    },
+                    _ = stop.changed() => abandon_batch(&ctx.acker, batch),
                 }
             }
             _ = tick.tick() => {
@@ -233,17 +224,48 @@ async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
     }
 }
 
+/// Gives up every record of a batch that will not be processed (stopping, worker gone).
+fn abandon_batch(acker: &Acker, b: kafka_io::Batch) {
+    for r in &b.records {
+        acker.abandon(&b.token(r.offset));
+    }
+}
+
 async fn partition_worker(
     ctx: Arc<Ctx>,
     input_partition: i32,
-    mut rx: mpsc::Receiver<(InRecord, Token)>,
+    mut rx: mpsc::Receiver<kafka_io::Batch>,
 ) {
     let mut running = FuturesOrdered::new();
     let mut deliveries: FuturesUnordered<
         futures::future::BoxFuture<'static, (Token, Result<i64, kafka_io::Error>)>,
     > = FuturesUnordered::new();
+    // Records received and not yet started, in offset order.
+    let mut queue: std::collections::VecDeque<(InRecord, Token)> =
+        std::collections::VecDeque::new();
     let mut open = true;
     loop {
+        // Start what fits; once stopping, start nothing new and leave the rest for the next owner.
+        let stopping = *ctx.stop.borrow();
+        while running.len() < ctx.max_in_flight
+            && let Some((rec, token)) = queue.pop_front()
+        {
+            if stopping {
+                ctx.acker.abandon(&token);
+                continue;
+            }
+            ctx.metrics.in_flight.inc();
+            let c = ctx.clone();
+            running.push_back(async move {
+                let outcome = process(c, &rec).await;
+                (rec, token, outcome)
+            });
+        }
+        if stopping {
+            for (_, token) in queue.drain(..) {
+                ctx.acker.abandon(&token);
+            }
+        }
         tokio::select! {
             biased;
             Some((rec, token, outcome)) = running.next(), if !running.is_empty() => {
@@ -261,17 +283,14 @@ async fn partition_worker(
                         "result could not be written; the record stays uncommitted"),
                 }
             }
-            next = rx.recv(), if open && running.len() < ctx.max_in_flight => {
+            next = rx.recv(), if open && queue.len() < ctx.max_in_flight => {
                 match next {
-                    // Stopping: finish what runs, start nothing new.
-                    Some((_, token)) if *ctx.stop.borrow() => ctx.acker.abandon(&token),
-                    Some((rec, token)) => {
-                        ctx.metrics.in_flight.inc();
-                        let c = ctx.clone();
-                        running.push_back(async move {
-                            let outcome = process(c, &rec).await;
-                            (rec, token, outcome)
-                        });
+                    Some(b) => {
+                        let (topic, partition, epoch) = (b.topic.clone(), b.partition, b.epoch);
+                        queue.extend(b.records.into_iter().map(|r| {
+                            let t = Token { topic: topic.clone(), partition, offset: r.offset, epoch };
+                            (r, t)
+                        }));
                     }
                     None => open = false,
                 }
