@@ -324,7 +324,11 @@ fn kafka_infer(
     extra: &[&str],
 ) -> Result<fx::Proc> {
     let metrics = fx::free_port();
-    let mut cmd = Command::new(env.release.join("kafka-infer"));
+    // BENCH_KAFKA_INFER_BIN measures another build (e.g. target/dist/kafka-infer, the static one).
+    let bin = std::env::var_os("BENCH_KAFKA_INFER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env.release.join("kafka-infer"));
+    let mut cmd = Command::new(bin);
     cmd.args([
         "run",
         "--protocol",

@@ -123,7 +123,8 @@ type Queued = (OutRecord, oneshot::Sender<Result<i64, String>>);
 pub struct Producer {
     cluster: Arc<Cluster>,
     config: ProducerConfig,
-    queues: Mutex<HashMap<(String, i32), mpsc::Sender<Queued>>>,
+    /// topic -> partition -> that partition's writer (looked up without allocating).
+    queues: Mutex<HashMap<String, HashMap<i32, mpsc::Sender<Queued>>>>,
     counts: Mutex<HashMap<String, i32>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -176,7 +177,7 @@ impl Producer {
 
     async fn queue(&self, topic: &str, partition: i32) -> mpsc::Sender<Queued> {
         let mut queues = self.queues.lock().await;
-        if let Some(q) = queues.get(&(topic.to_owned(), partition)) {
+        if let Some(q) = queues.get(topic).and_then(|t| t.get(&partition)) {
             return q.clone();
         }
         let (tx, rx) = mpsc::channel(self.config.queue_per_partition);
@@ -188,7 +189,10 @@ impl Producer {
             rx,
         ));
         self.tasks.lock().await.push(task);
-        queues.insert((topic.to_owned(), partition), tx.clone());
+        queues
+            .entry(topic.to_owned())
+            .or_default()
+            .insert(partition, tx.clone());
         tx
     }
 

@@ -2,7 +2,7 @@
 //! orchestrator semantics). Payloads travel as they came (JSON or protobuf) and are transcoded
 //! only where a node's transport needs the other form; the answer leaves in the input's form.
 
-use std::{sync::Arc, time::Duration};
+use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use codec::{
@@ -22,7 +22,10 @@ use crate::{
 #[derive(Clone, Debug)]
 pub enum Msg {
     Json(Bytes),
-    Proto { name: String, bytes: Bytes },
+    Proto {
+        name: Cow<'static, str>,
+        bytes: Bytes,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,30 +60,49 @@ struct NodeRt {
     cfg: Node,
     client: Client,
     children: Vec<NodeRt>,
+    /// Transcoding hints for this node, [columnar, row format] (made once, not per record).
+    hints: [Hints; 2],
+    /// The REST path of the protocol's default request (most records take it).
+    default_path: String,
 }
 
 pub struct Graph {
     root: NodeRt,
     protocol: Protocol,
     transcoder: Transcoder,
-    tf_input_name: Option<String>,
     retry_max_backoff: Duration,
     metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
-fn build(n: &Node, timeout: Duration) -> anyhow::Result<NodeRt> {
+fn build(n: &Node, cfg: &Config) -> anyhow::Result<NodeRt> {
+    let timeout = cfg.model_timeout;
     let client = match n.transport {
         Transport::Rest => Client::Rest(RestClient::new(&n.url, timeout, None)),
         Transport::Grpc => Client::Grpc(GrpcClient::new(&n.url, timeout, None)?),
     };
+    let hints = |row| Hints {
+        model_name: Some(n.name.clone()),
+        model_version: None,
+        tf_input_name: cfg.tf_input_name.clone(),
+        tf_row_format: row,
+    };
+    let p = cfg.protocol;
     Ok(NodeRt {
+        default_path: rest_path(
+            p,
+            n.node_type,
+            &n.name,
+            None,
+            default_request(p, n.node_type),
+        ),
+        hints: [hints(false), hints(true)],
         cfg: n.clone(),
         client,
         children: n
             .children
             .iter()
-            .map(|c| build(c, timeout))
+            .map(|c| build(c, cfg))
             .collect::<anyhow::Result<_>>()?,
     })
 }
@@ -93,10 +115,9 @@ impl Graph {
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            root: build(&cfg.graph, cfg.model_timeout)?,
+            root: build(&cfg.graph, cfg)?,
             protocol: cfg.protocol,
             transcoder,
-            tf_input_name: cfg.tf_input_name.clone(),
             retry_max_backoff: cfg.retry_max_backoff,
             metrics,
             stop,
@@ -110,21 +131,17 @@ impl Graph {
     /// Runs the graph; the answer has the input's form (JSON in, JSON out; protobuf in,
     /// protobuf out with its message name).
     pub async fn infer(&self, input: Msg) -> Result<Msg, CallError> {
-        let row_format = matches!(&input, Msg::Json(b) if memfind(b, b"\"instances\""));
-        let hints = Hints {
-            model_name: Some(self.root.cfg.name.clone()),
-            model_version: None,
-            tf_input_name: self.tf_input_name.clone(),
-            tf_row_format: row_format,
-        };
+        let row_format = self.protocol == Protocol::Tensorflow
+            && matches!(&input, Msg::Json(b) if memfind(b, b"\"instances\""));
+        let hints = &self.root.hints[usize::from(row_format)];
         let want_json = matches!(input, Msg::Json(_));
-        let (out, resp_name) = self.exec(&self.root, input, &hints).await?;
+        let (out, resp_name) = self.exec(&self.root, input, hints).await?;
         Ok(match (out, want_json) {
             (Msg::Json(b), true) => Msg::Json(b),
             (Msg::Proto { name, bytes }, true) => {
                 Msg::Json(
                     self.transcoder
-                        .proto_to_json(self.protocol, &name, &bytes, &hints)?,
+                        .proto_to_json(self.protocol, &name, &bytes, hints)?,
                 )
             }
             (p @ Msg::Proto { .. }, false) => p,
@@ -137,8 +154,8 @@ impl Graph {
                 Msg::Proto {
                     bytes: self
                         .transcoder
-                        .json_to_proto(self.protocol, name, &b, &hints)?,
-                    name: name.to_owned(),
+                        .json_to_proto(self.protocol, name, &b, hints)?,
+                    name: Cow::Borrowed(name),
                 }
             }
         })
@@ -234,28 +251,26 @@ impl Graph {
     ) -> Result<(Msg, Option<&'static str>), CallError> {
         let p = self.protocol;
         let t = node.cfg.node_type;
-        let node_hints;
-        let hints = if hints.model_name.as_deref() == Some(node.cfg.name.as_str()) {
-            hints
-        } else {
-            node_hints = Hints {
-                model_name: Some(node.cfg.name.clone()),
-                ..hints.clone()
-            };
-            &node_hints
-        };
+        let hints = &node.hints[usize::from(hints.tf_row_format)];
         match &node.client {
             Client::Rest(c) => {
                 let (json, req) = match msg {
-                    Msg::Json(b) => (b, default_request(p, t).to_owned()),
+                    Msg::Json(b) => (b, Cow::Borrowed(default_request(p, t))),
                     Msg::Proto { name, bytes } => (
                         self.transcoder.proto_to_json(p, &name, &bytes, hints)?,
                         name,
                     ),
                 };
-                let path = rest_path(p, t, &node.cfg.name, hints.model_version.as_deref(), &req);
+                let other_path;
+                let path = if req == default_request(p, t) {
+                    node.default_path.as_str()
+                } else {
+                    other_path =
+                        rest_path(p, t, &node.cfg.name, hints.model_version.as_deref(), &req);
+                    other_path.as_str()
+                };
                 let resp_name = grpc_method(p, t, &req).ok().map(|m| m.response);
-                let out = self.retrying(|| c.post_json(&path, json.clone())).await?;
+                let out = self.retrying(|| c.post_json(path, json.clone())).await?;
                 Ok((Msg::Json(out), resp_name))
             }
             Client::Grpc(c) => {
@@ -265,7 +280,7 @@ impl Graph {
                         let req = default_request(p, t);
                         (
                             self.transcoder.json_to_proto(p, req, &b, hints)?,
-                            req.to_owned(),
+                            Cow::Borrowed(req),
                         )
                     }
                 };
@@ -275,7 +290,7 @@ impl Graph {
                     .await?;
                 Ok((
                     Msg::Proto {
-                        name: method.response.to_owned(),
+                        name: Cow::Borrowed(method.response),
                         bytes: out,
                     },
                     Some(method.response),

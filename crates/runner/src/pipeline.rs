@@ -213,7 +213,7 @@ async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
     let msg = match payload {
         Payload::Json(b) => Msg::Json(b),
         Payload::Proto { message, bytes } => Msg::Proto {
-            name: message.full_name().to_owned(),
+            name: message.full_name().to_owned().into(),
             bytes,
         },
     };
@@ -337,7 +337,7 @@ async fn write_result(
                     b
                 }
                 Msg::Proto { name, bytes } => {
-                    headers.push(("proto-name".into(), Bytes::from(name)));
+                    headers.push(("proto-name".into(), Bytes::from(name.into_owned())));
                     bytes
                 }
             };
