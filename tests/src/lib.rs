@@ -433,3 +433,53 @@ pub fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A record read back from a topic with librdkafka (the reference client).
+#[derive(Debug)]
+pub struct Answer {
+    pub partition: i64,
+    pub offset: i64,
+    pub key: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub value: Vec<u8>,
+}
+
+/// Hex (as the Python helpers print bytes) to bytes.
+pub fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+/// Reads up to `n` records of every partition of `topic` from the beginning with librdkafka
+/// (tests/py/consume.py), waiting at most `timeout_s` seconds.
+pub fn read_topic(bootstrap: &str, topic: &str, n: usize, timeout_s: u32) -> Result<Vec<Answer>> {
+    let got: serde_json::Value = serde_json::from_str(&py(
+        "consume.py",
+        &[bootstrap, topic, &n.to_string(), &timeout_s.to_string()],
+    )?)?;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    Ok(got
+        .as_array()
+        .context("consume.py printed no list")?
+        .iter()
+        .map(|m| Answer {
+            partition: m["partition"].as_i64().unwrap_or(-1),
+            offset: m["offset"].as_i64().unwrap_or(-1),
+            key: String::from_utf8_lossy(&unhex(&s(&m["key"]))).into_owned(),
+            headers: m["headers"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        String::from_utf8_lossy(&unhex(&s(v))).into_owned(),
+                    )
+                })
+                .collect(),
+            value: unhex(&s(&m["value"])),
+        })
+        .collect())
+}

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Result;
 use bytes::Bytes;
 use kafka_infer_tests::{
-    Broker, free_port,
+    Answer, Broker, free_port,
     models::{self, KafkaInfer},
     py, unique, wait_for,
 };
@@ -53,51 +53,6 @@ fn requests(range: std::ops::Range<usize>) -> Vec<Rec> {
     range
         .map(|i| (format!("k{}", i % 50), vec![], request(i)))
         .collect()
-}
-
-struct Answer {
-    key: String,
-    headers: BTreeMap<String, String>,
-    value: Vec<u8>,
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn read(broker: &Broker, topic: &str, n: usize, timeout_s: u32) -> Result<Vec<Answer>> {
-    let got: Value = serde_json::from_str(&py(
-        "consume.py",
-        &[
-            &broker.bootstrap(),
-            topic,
-            &n.to_string(),
-            &timeout_s.to_string(),
-        ],
-    )?)?;
-    Ok(got
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| Answer {
-            key: String::from_utf8(unhex(m["key"].as_str().unwrap())).unwrap(),
-            headers: m["headers"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        String::from_utf8_lossy(&unhex(v.as_str().unwrap())).into_owned(),
-                    )
-                })
-                .collect(),
-            value: unhex(m["value"].as_str().unwrap()),
-        })
-        .collect())
 }
 
 fn id_of(a: &Answer) -> usize {
@@ -423,4 +378,8 @@ async fn sigterm_mid_stream_then_restart_answers_everything() -> Result<()> {
     let dups: usize = t.values().map(|n| n - 1).sum();
     assert!(dups <= 8, "duplicates {dups} > --max-in-flight");
     Ok(())
+}
+
+fn read(broker: &Broker, topic: &str, n: usize, timeout_s: u32) -> Result<Vec<Answer>> {
+    kafka_infer_tests::read_topic(&broker.bootstrap(), topic, n, timeout_s)
 }

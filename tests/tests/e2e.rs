@@ -8,9 +8,9 @@ use anyhow::Result;
 use bytes::Bytes;
 use codec::Transcoder;
 use kafka_infer_tests::{
-    Broker,
+    Answer, Broker,
     models::{self, KafkaInfer},
-    py, unique,
+    py, read_topic, unhex, unique,
 };
 use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
 use serde_json::{Value, json};
@@ -51,52 +51,6 @@ struct Req {
     key: String,
     proto_name: Option<&'static str>,
     value: Bytes,
-}
-
-/// An answer as librdkafka read it.
-#[derive(Debug)]
-struct Answer {
-    partition: i64,
-    offset: i64,
-    key: String,
-    headers: BTreeMap<String, String>,
-    value: Vec<u8>,
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
-}
-
-fn read_answers(broker: &Broker, topic: &str, n: usize) -> Result<Vec<Answer>> {
-    let got: Value = serde_json::from_str(&py(
-        "consume.py",
-        &[&broker.bootstrap(), topic, &n.to_string(), "60"],
-    )?)?;
-    Ok(got
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| Answer {
-            partition: m["partition"].as_i64().unwrap(),
-            offset: m["offset"].as_i64().unwrap(),
-            key: String::from_utf8(unhex(m["key"].as_str().unwrap())).unwrap(),
-            headers: m["headers"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        String::from_utf8_lossy(&unhex(v.as_str().unwrap())).into_owned(),
-                    )
-                })
-                .collect(),
-            value: unhex(m["value"].as_str().unwrap()),
-        })
-        .collect())
 }
 
 async fn produce(broker: &Broker, topic: &str, reqs: &[Req]) -> Result<()> {
@@ -165,7 +119,7 @@ async fn through(
     args.extend_from_slice(extra_args);
     let ki = KafkaInfer::start(&args, &[])?;
     produce(&broker, &input, &reqs).await?;
-    let answers = read_answers(&broker, &output, reqs.len())?;
+    let answers = read_topic(&broker.bootstrap(), &output, reqs.len(), 60)?;
     assert_eq!(answers.len(), reqs.len(), "every request answered once");
     // Keys kept, headers copied, one answer per request.
     let mut by_index: Vec<Option<(Answer, Value)>> = (0..reqs.len()).map(|_| None).collect();

@@ -421,10 +421,10 @@ async fn records_from_kafka_io_arrive_intact_in_librdkafka_with_every_codec() ->
         let got = got.as_array().unwrap();
         assert_eq!(got.len(), 40, "{codec:?}");
         for m in got {
-            let key = String::from_utf8(hex_decode(m["key"].as_str().unwrap()))?;
+            let key = String::from_utf8(kafka_infer_tests::unhex(m["key"].as_str().unwrap()))?;
             let i: usize = key.trim_start_matches("key-").parse()?;
             assert_eq!(
-                hex_decode(m["value"].as_str().unwrap()),
+                kafka_infer_tests::unhex(m["value"].as_str().unwrap()),
                 format!("value-{i}").as_bytes()
             );
             assert_eq!(
@@ -439,13 +439,6 @@ async fn records_from_kafka_io_arrive_intact_in_librdkafka_with_every_codec() ->
         }
     }
     Ok(())
-}
-
-fn hex_decode(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -296,6 +296,15 @@ async fn latency(env: &Env, model_url: &str, rate: f64, seconds: f64) -> Result<
     b?;
     let (cpu1, hwm) = usage(pid);
     let lat = std::mem::take(&mut reader.latencies);
+    // Latency over the run, by quarter (a growing trend points at the broker's storage).
+    let q: Vec<String> = lat
+        .chunks((lat.len() / 4).max(1))
+        .map(|c| format!("{:.1}", pct(c.to_vec(), 0.5)))
+        .collect();
+    eprintln!(
+        "bench: latency p50 by quarter of the run (ms): {}",
+        q.join(", ")
+    );
     reader.consumer.close().await;
     drop(ki);
     let f = Figure {
