@@ -23,8 +23,9 @@ pub use transcode::{Hints, Transcoder};
 /// It must return (with errors), never panic or hang.
 pub fn fuzz_decode(data: &[u8]) {
     use bytes::Bytes;
-    let pool = Pool::builtin();
-    let t = Transcoder::new(pool.clone());
+    static T: std::sync::OnceLock<Transcoder> = std::sync::OnceLock::new();
+    let t = T.get_or_init(Transcoder::default);
+    let pool = &t.pool;
     let (selector, body) = data.split_first().map_or((0, data), |(s, b)| (*s, b));
     let names = [
         "inference.ModelInferRequest",
@@ -45,7 +46,7 @@ pub fn fuzz_decode(data: &[u8]) {
             Bytes::from_static(b"application/x-protobuf"),
         )],
     };
-    let _ = detect(&pool, value, &headers);
+    let _ = detect(pool, value, &headers);
     let hints = Hints {
         model_name: Some("m".into()),
         tf_input_name: Some("x".into()),
