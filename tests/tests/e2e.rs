@@ -452,3 +452,36 @@ async fn tensorflow_over_grpc_with_the_tf_stand_in() -> Result<()> {
     check_tf(&answers);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_path_override_reaches_a_seldon_external_api() -> Result<()> {
+    let m = models::test_model("seldon", "graph", "echo")?;
+    let reqs: Vec<Req> = (0..5)
+        .map(|i| Req {
+            key: keys(i),
+            proto_name: None,
+            value: Bytes::from(json!({"data": {"ndarray": [[i]]}}).to_string()),
+        })
+        .collect();
+    let answers = through(
+        &["--model-path", "/api/v1.0/predictions"],
+        m.http_port,
+        "seldon",
+        "rest",
+        "graph",
+        reqs,
+    )
+    .await?;
+    for (i, (_, v)) in answers.iter().enumerate() {
+        assert_eq!(
+            v.pointer("/meta/tags/path"),
+            Some(&json!("/api/v1.0/predictions")),
+            "{v}"
+        );
+        assert_eq!(
+            v.pointer("/data/ndarray/0/0").and_then(Value::as_f64),
+            Some(i as f64)
+        );
+    }
+    Ok(())
+}

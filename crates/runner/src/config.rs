@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// The model's name (TF and v2 paths), with --model. Default: model.
     #[arg(long, env = "KAFKA_INFER_MODEL_NAME")]
     pub model_name: Option<String>,
+    /// REST path for the model node instead of the protocol's, e.g. /api/v1.0/predictions to
+    /// call a Seldon deployment's external API.
+    #[arg(long, env = "KAFKA_INFER_MODEL_PATH")]
+    pub model_path: Option<String>,
     /// TensorFlow: input name for unnamed `instances`/`inputs` sent to a gRPC model.
     #[arg(long, env = "KAFKA_INFER_TF_INPUT_NAME")]
     pub tf_input_name: Option<String>,
@@ -124,6 +128,8 @@ pub struct Config {
     pub protocol: Protocol,
     pub graph: Node,
     pub tf_input_name: Option<String>,
+    /// REST path overriding the protocol's for the root node.
+    pub model_path: Option<String>,
     pub max_in_flight: usize,
     pub metrics_addr: SocketAddr,
     pub session_timeout: Duration,
@@ -363,6 +369,7 @@ impl Config {
             protocol,
             graph,
             tf_input_name: args.tf_input_name.clone(),
+            model_path: args.model_path.clone(),
             max_in_flight: args.max_in_flight.unwrap_or(16).max(1),
             metrics_addr: args
                 .metrics_addr
@@ -415,6 +422,7 @@ impl Config {
             "group_id": self.group_id,
             "protocol": self.protocol.to_string(),
             "graph": self.graph.summary(),
+            "model_path": self.model_path,
             "max_in_flight": self.max_in_flight,
             "metrics_addr": self.metrics_addr.to_string(),
             "session_timeout_ms": self.session_timeout.as_millis() as u64,

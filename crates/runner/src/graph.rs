@@ -115,7 +115,13 @@ impl Graph {
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            root: build(&cfg.graph, cfg)?,
+            root: {
+                let mut root = build(&cfg.graph, cfg)?;
+                if let Some(path) = &cfg.model_path {
+                    root.default_path = path.clone();
+                }
+                root
+            },
             protocol: cfg.protocol,
             transcoder,
             retry_max_backoff: cfg.retry_max_backoff,

@@ -9,7 +9,8 @@
 //!   output `scores` [batch, 10] with scores[b][k] = mean(row b) + k; `--fn echo` returns the
 //!   inputs as outputs.
 //! - v2: REST `/v2/models/<M>/infer` and gRPC `ModelInfer`: inputs echoed as outputs.
-//! - seldon: REST component paths and every gRPC method: the message echoed.
+//! - seldon: REST (any path: the message echoed with the path in `meta.tags.path`) and every
+//!   gRPC method (the message echoed).
 //!
 //! Listens on 127.0.0.1 only.
 
@@ -125,7 +126,15 @@ impl Model {
             return full(StatusCode::BAD_REQUEST, "{\"error\":\"body\"}");
         };
         match self.protocol {
-            Protocol::Seldon => full(StatusCode::OK, body),
+            // The message echoed, with the path it came to in meta.tags.path.
+            Protocol::Seldon => match serde_json::from_slice::<Value>(&body) {
+                Ok(Value::Object(mut m)) => {
+                    let meta = m.entry("meta").or_insert_with(|| json!({}));
+                    meta["tags"]["path"] = json!(path);
+                    full(StatusCode::OK, Value::Object(m).to_string())
+                }
+                _ => full(StatusCode::BAD_REQUEST, json!({"status": {"code": 400, "info": "not a JSON object", "status": "FAILURE"}}).to_string()),
+            },
             Protocol::V2 => {
                 if path != format!("/v2/models/{}/infer", self.name)
                     && !path.starts_with(&format!("/v2/models/{}/versions/", self.name))
