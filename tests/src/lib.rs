@@ -145,6 +145,16 @@ impl Proc {
         }
     }
 
+    /// Whether the process is still alive (by /proc; does not reap it).
+    pub fn is_running_shared(&self) -> bool {
+        let pid = self.pid();
+        pid != 0
+            && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }

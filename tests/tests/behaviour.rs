@@ -383,3 +383,48 @@ async fn sigterm_mid_stream_then_restart_answers_everything() -> Result<()> {
 fn read(broker: &Broker, topic: &str, n: usize, timeout_s: u32) -> Result<Vec<Answer>> {
     kafka_infer_tests::read_topic(&broker.bootstrap(), topic, n, timeout_s)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_turns_readiness_off_and_the_bridge_goes_on_after() -> Result<()> {
+    let mut broker = Broker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    broker.create_topic(&input, 2)?;
+    broker.create_topic(&output, 2)?;
+    let model = models::test_model("v2", "m", "echo")?;
+    let url = model.rest_url();
+    let ki = KafkaInfer::start(
+        &v2_args(&url, &group),
+        &topics_env(&broker, &input, &output),
+    )?;
+    ki.wait_ready(Duration::from_secs(30))?;
+    let ready = || {
+        kafka_infer_tests::http_get(ki.metrics_port, "/ready")
+            .map(|(s, _)| s)
+            .unwrap_or(0)
+    };
+
+    broker.stop();
+    wait_for(
+        Duration::from_secs(30),
+        "/ready false while Kafka is down",
+        || (ready() == 503).then_some(()),
+    )?;
+    assert!(
+        ki.proc.is_running_shared(),
+        "the process stays up through the outage"
+    );
+
+    // Same port; memory storage, so the topics come back empty (kafka-infer's metadata
+    // requests may have the broker auto-create them first: an existing topic is fine).
+    broker.restart()?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    cluster.create_topic(&input, 2).await?;
+    cluster.create_topic(&output, 2).await?;
+    wait_for(Duration::from_secs(60), "/ready again", || {
+        (ready() == 200).then_some(())
+    })?;
+    produce(&broker, &input, requests(0..50)).await?;
+    let answers = read(&broker, &output, 50, 60)?;
+    assert_eq!(tally(&answers).len(), 50, "answers after the outage");
+    Ok(())
+}

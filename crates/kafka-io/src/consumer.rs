@@ -484,13 +484,15 @@ impl GroupTask {
         commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ok = Instant::now();
         loop {
+            // Ok(false): nothing was said to the broker (nothing to commit), so no news.
             let r = tokio::select! {
-                _ = heartbeat.tick() => self.member.heartbeat().await,
+                _ = heartbeat.tick() => self.member.heartbeat().await.map(|()| true),
                 _ = commit.tick() => self.commit().await,
                 _ = &mut *stop => return Exit::Stop,
             };
             match r {
-                Ok(()) => {
+                Ok(false) => {}
+                Ok(true) => {
                     last_ok = Instant::now();
                     self.shared.connected.store(true, Ordering::Relaxed);
                 }
@@ -514,15 +516,16 @@ impl GroupTask {
         }
     }
 
-    async fn commit(&mut self) -> Result<()> {
+    /// Commits what moved; Ok(false) when there was nothing to commit (no broker call).
+    async fn commit(&mut self) -> Result<bool> {
         let positions = self.shared.positions_to_commit();
         if positions.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         self.member.commit(&positions).await?;
         tracing::debug!(?positions, "committed");
         self.shared.mark_committed(&positions);
-        Ok(())
+        Ok(true)
     }
 
     /// Stops fetchers; with `drain`, waits for in-flight records and commits.
