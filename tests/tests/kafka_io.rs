@@ -456,8 +456,9 @@ async fn broker_restart_mid_consume_reconnects() -> Result<()> {
     );
 
     broker.restart()?; // same port; memory storage, so the topic starts empty again
-    broker.create_topic(&topic, 2)?;
+    // The consumer's metadata requests may have the broker auto-create it first: fine.
     let cluster2 = Cluster::connect(broker.settings()).await?;
+    cluster2.create_topic(&topic, 2).await?;
     produce_n(&cluster2, &topic, 10, CompressionCodec::None).await?;
     let got = consume_n(&mut c, 10, Duration::from_secs(40)).await;
     let values: BTreeSet<_> = got.iter().map(|(_, _, v)| v.clone()).collect();
