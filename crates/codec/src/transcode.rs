@@ -516,6 +516,28 @@ fn tf_tensor_to_json(t: &Value) -> Result<Value, CodecError> {
     nest(&shape, values)
 }
 
+/// Rows of objects (TF row format with named tensors) -> one tensor per name, stacked on the
+/// first dimension. Every row must carry every name of the first row.
+fn named_columns(rows: &[Value], ints_as_int64: bool) -> Result<Map<String, Value>, CodecError> {
+    let names: Vec<&String> = rows[0]
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    let mut out = Map::new();
+    for name in names {
+        let col: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                r.get(name)
+                    .cloned()
+                    .ok_or_else(|| wrong(Protocol::Tensorflow, format!("a row lacks `{name}`")))
+            })
+            .collect::<Result<_, _>>()?;
+        out.insert(name.clone(), tf_tensor(&Value::Array(col), ints_as_int64)?);
+    }
+    Ok(out)
+}
+
 fn tf_request_to_proto(v: Value, hints: &Hints) -> Result<Value, CodecError> {
     let p = Protocol::Tensorflow;
     let mut spec = Map::new();
@@ -539,23 +561,7 @@ fn tf_request_to_proto(v: Value, hints: &Hints) -> Result<Value, CodecError> {
         (Some(_), Some(_)) => return Err(wrong(p, "both `instances` and `inputs`: use one")),
         (Some(Value::Array(rows)), None) => {
             if rows.first().is_some_and(Value::is_object) {
-                let names: Vec<String> = rows[0]
-                    .as_object()
-                    .expect("object")
-                    .keys()
-                    .cloned()
-                    .collect();
-                for name in names {
-                    let col: Vec<Value> = rows
-                        .iter()
-                        .map(|r| {
-                            r.get(&name)
-                                .cloned()
-                                .ok_or_else(|| wrong(p, format!("an instance lacks `{name}`")))
-                        })
-                        .collect::<Result<_, _>>()?;
-                    inputs.insert(name, tf_tensor(&Value::Array(col), false)?);
-                }
+                inputs = named_columns(rows, false)?;
             } else {
                 inputs.insert(unnamed()?, tf_tensor(&Value::Array(rows.clone()), false)?);
             }
@@ -639,19 +645,7 @@ fn tf_response_to_proto(v: Value, _hints: &Hints) -> Result<Value, CodecError> {
     let mut outputs = Map::new();
     match (v.get("predictions"), v.get("outputs")) {
         (Some(Value::Array(rows)), _) if rows.first().is_some_and(Value::is_object) => {
-            let names: Vec<String> = rows[0]
-                .as_object()
-                .expect("object")
-                .keys()
-                .cloned()
-                .collect();
-            for name in names {
-                let col: Vec<Value> = rows
-                    .iter()
-                    .map(|r| r.get(&name).cloned().unwrap_or(Value::Null))
-                    .collect();
-                outputs.insert(name, tf_tensor(&Value::Array(col), true)?);
-            }
+            outputs = named_columns(rows, true)?;
         }
         (Some(pred), _) => {
             outputs.insert("predictions".into(), tf_tensor(pred, true)?);

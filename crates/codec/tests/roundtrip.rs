@@ -447,3 +447,50 @@ proptest! {
         codec::fuzz_decode(&d);
     }
 }
+
+#[test]
+fn tf_rows_of_named_tensors_stack_per_name() {
+    let t = Transcoder::default();
+    let h = Hints::default();
+    let req = br#"{"instances": [{"a": [1.0, 2.0], "b": "x"}, {"a": [3.0, 4.0], "b": "y"}]}"#;
+    let pb = t
+        .json_to_proto(
+            Protocol::Tensorflow,
+            "tensorflow.serving.PredictRequest",
+            req,
+            &h,
+        )
+        .unwrap();
+    let v = t
+        .to_proto_json("tensorflow.serving.PredictRequest", &pb, false)
+        .unwrap();
+    assert_eq!(v["inputs"]["a"]["float_val"], json!([1.0, 2.0, 3.0, 4.0]));
+    assert_eq!(
+        v["inputs"]["a"]["tensor_shape"]["dim"],
+        json!([{"size": 2}, {"size": 2}])
+    );
+    assert_eq!(v["inputs"]["b"]["dtype"], json!("DT_STRING"));
+    let e = t
+        .json_to_proto(
+            Protocol::Tensorflow,
+            "tensorflow.serving.PredictRequest",
+            br#"{"instances": [{"a": 1}, {"c": 2}]}"#,
+            &h,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("lacks `a`"), "{e}");
+    let resp = br#"{"predictions": [{"s": 1, "l": "cat"}, {"s": 2, "l": "dog"}]}"#;
+    let pb = t
+        .json_to_proto(
+            Protocol::Tensorflow,
+            "tensorflow.serving.PredictResponse",
+            resp,
+            &h,
+        )
+        .unwrap();
+    let v = t
+        .to_proto_json("tensorflow.serving.PredictResponse", &pb, false)
+        .unwrap();
+    assert_eq!(v["outputs"]["s"]["int64_val"], json!([1, 2]));
+    assert_eq!(v["outputs"]["l"]["dtype"], json!("DT_STRING"));
+}
