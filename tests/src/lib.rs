@@ -155,10 +155,6 @@ impl Proc {
             })
     }
 
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
     /// Stops the process and its group: SIGTERM, then SIGKILL after a grace period.
     /// (Processes made with [`Proc::spawn`] lead a group whose id is their PID.)
     pub fn stop(&mut self) {

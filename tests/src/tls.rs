@@ -95,10 +95,6 @@ impl Material {
         Ok(m)
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

@@ -48,10 +48,6 @@ impl Pool {
             .ok_or_else(|| PoolError::UnknownMessage(name.to_owned()))
     }
 
-    pub fn inner(&self) -> &DescriptorPool {
-        &self.pool
-    }
-
     /// Every message type in the pool (for tests and listings).
     pub fn all_messages(&self) -> impl Iterator<Item = MessageDescriptor> + '_ {
         self.pool.all_messages()

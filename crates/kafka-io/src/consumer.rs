@@ -323,12 +323,8 @@ impl Consumer {
     /// Keep calling [`recv`](Self::recv)-side work to completion while this runs, or it waits
     /// for the drain timeout.
     pub async fn close(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.begin_close();
+        self.closed().await;
     }
 
     /// Starts closing without waiting (see [`close`](Self::close)); await [`closed`](Self::closed).

@@ -99,15 +99,6 @@ impl Member {
         &self.member_id
     }
 
-    pub fn generation(&self) -> i32 {
-        self.generation
-    }
-
-    /// Drops the coordinator connection so the next call finds the coordinator again.
-    pub fn forget_coordinator(&mut self) {
-        self.coordinator = None;
-    }
-
     /// Forgets the member id (after UNKNOWN_MEMBER_ID): the next join starts fresh.
     pub fn reset_member(&mut self) {
         self.member_id.clear();

@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
 };
 
@@ -37,7 +37,6 @@ pub struct Metrics {
     pub model_duration: Histogram,
     pub in_flight: Gauge,
     pub ready: AtomicBool,
-    pub ok_total: AtomicI64,
     /// The three result series, made once (no allocation per record).
     by_result: [(&'static str, Counter); 3],
 }
@@ -86,7 +85,6 @@ impl Metrics {
             model_duration,
             in_flight,
             ready: AtomicBool::new(false),
-            ok_total: AtomicI64::new(0),
         }
     }
 
@@ -95,6 +93,11 @@ impl Metrics {
         if let Some((_, c)) = self.by_result.iter().find(|(r, _)| *r == result) {
             c.inc();
         }
+    }
+
+    /// Records answered so far (the `ok` series).
+    pub fn ok_total(&self) -> u64 {
+        self.by_result[0].1.get()
     }
 
     /// Replaces the lag series with the current assignment's partitions.

@@ -139,7 +139,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
                 metrics.ready.store(consumer.is_connected(), std::sync::atomic::Ordering::Relaxed);
                 tasks.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
                 if last_log.elapsed() >= Duration::from_secs(5) {
-                    let ok = metrics.ok_total.load(std::sync::atomic::Ordering::Relaxed);
+                    let ok = metrics.ok_total() as i64;
                     let rate = (ok - last_ok) as f64 / last_log.elapsed().as_secs_f64();
                     tracing::info!(records_per_s = format!("{rate:.1}"), total_lag = lag.iter().map(|l| l.lag).sum::<i64>(),
                         partitions = lag.len(), in_flight = consumer.in_flight(), "progress");
@@ -325,9 +325,6 @@ async fn write_result(
         Outcome::Abandoned => return None,
         Outcome::Answer(m) => {
             ctx.metrics.record("ok");
-            ctx.metrics
-                .ok_total
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let value = match m {
                 Msg::Json(b) => {
                     headers.push((
