@@ -19,6 +19,14 @@ pub enum CodecError {
     Transcode(String),
     #[error("empty record value")]
     Empty,
+    /// A tensor (or all tensors of one message) would take more memory once decoded than the
+    /// configured limit ([`crate::Limits`]); checked before anything is allocated.
+    #[error("tensor `{tensor}` is too large: {why}")]
+    TensorTooLarge { tensor: String, why: String },
+    /// A tensor's shape is not one: negative (unknown) dimensions, too many dimensions, or a
+    /// number of values that does not fill it.
+    #[error("tensor `{tensor}` has a bad shape: {why}")]
+    BadShape { tensor: String, why: String },
 }
 
 impl CodecError {
@@ -31,6 +39,8 @@ impl CodecError {
             Self::WrongProtocol { .. } => "wrong-protocol",
             Self::Transcode(_) => "transcode",
             Self::Empty => "empty",
+            Self::TensorTooLarge { .. } => "tensor-too-large",
+            Self::BadShape { .. } => "bad-shape",
         }
     }
 }

@@ -16,6 +16,7 @@ pub use error::CodecError;
 pub use payload::{Payload, detect};
 pub use pool::{Pool, PoolError};
 pub use protocol::{GrpcMethod, NodeType, Protocol, Transport, grpc_method, rest_path};
+pub use tensor::Limits;
 pub use transcode::{Hints, Transcoder};
 
 /// The whole decode path on arbitrary input, for the fuzzer (fuzz/) and its stable smoke test:

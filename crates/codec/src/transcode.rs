@@ -13,7 +13,10 @@ use crate::{
     payload::decode,
     pool::Pool,
     protocol::Protocol,
-    tensor::{decode_raw, f16_to_f32, flatten, nest, num_f64},
+    tensor::{
+        Budget, Limits, check_tensor, decode_raw, f16_to_f32, flatten, nest, num_f64, raw_count,
+        shape_of,
+    },
 };
 
 fn err(why: impl Into<String>) -> CodecError {
@@ -42,11 +45,22 @@ pub struct Hints {
 #[derive(Clone, Debug, Default)]
 pub struct Transcoder {
     pub pool: Pool,
+    /// Checked for every tensor before it is expanded (see [`Limits`]).
+    pub limits: Limits,
 }
 
 impl Transcoder {
+    /// A transcoder with the default [`Limits`].
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            limits: Limits::default(),
+        }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The protocol's REST JSON -> protobuf `message` (a request or a response message).
@@ -62,15 +76,23 @@ impl Transcoder {
         if !v.is_object() {
             return Err(wrong(protocol, "the body is not a JSON object"));
         }
+        let budget = &mut Budget::new(&self.limits);
         let proto_json = match (protocol, message) {
-            (Protocol::Seldon, _) => v,
-            (Protocol::V2, "inference.ModelInferRequest") => v2_rest_to_proto(v, true, hints)?,
-            (Protocol::V2, "inference.ModelInferResponse") => v2_rest_to_proto(v, false, hints)?,
+            (Protocol::Seldon, _) => {
+                seldon_check(message, &v, budget)?;
+                v
+            }
+            (Protocol::V2, "inference.ModelInferRequest") => {
+                v2_rest_to_proto(v, true, hints, budget)?
+            }
+            (Protocol::V2, "inference.ModelInferResponse") => {
+                v2_rest_to_proto(v, false, hints, budget)?
+            }
             (Protocol::Tensorflow, "tensorflow.serving.PredictRequest") => {
-                tf_request_to_proto(v, hints)?
+                tf_request_to_proto(v, hints, budget)?
             }
             (Protocol::Tensorflow, "tensorflow.serving.PredictResponse") => {
-                tf_response_to_proto(v, hints)?
+                tf_response_to_proto(v, budget)?
             }
             (p, m) => {
                 return Err(err(format!(
@@ -91,13 +113,19 @@ impl Transcoder {
     ) -> Result<Bytes, CodecError> {
         let camel = protocol == Protocol::Seldon;
         let v = self.to_proto_json(message, bytes, camel)?;
+        let budget = &mut Budget::new(&self.limits);
         let rest = match (protocol, message) {
-            (Protocol::Seldon, _) => v,
-            (Protocol::V2, "inference.ModelInferRequest") => v2_proto_to_rest(v, true)?,
-            (Protocol::V2, "inference.ModelInferResponse") => v2_proto_to_rest(v, false)?,
-            (Protocol::Tensorflow, "tensorflow.serving.PredictRequest") => tf_request_to_rest(v)?,
+            (Protocol::Seldon, _) => {
+                seldon_check(message, &v, budget)?;
+                v
+            }
+            (Protocol::V2, "inference.ModelInferRequest") => v2_proto_to_rest(v, true, budget)?,
+            (Protocol::V2, "inference.ModelInferResponse") => v2_proto_to_rest(v, false, budget)?,
+            (Protocol::Tensorflow, "tensorflow.serving.PredictRequest") => {
+                tf_request_to_rest(v, budget)?
+            }
             (Protocol::Tensorflow, "tensorflow.serving.PredictResponse") => {
-                tf_response_to_rest(v, hints)?
+                tf_response_to_rest(v, hints, budget)?
             }
             (p, m) => {
                 return Err(err(format!(
@@ -192,7 +220,12 @@ fn v2_params_to_rest(p: &Value) -> Value {
     Value::Object(out)
 }
 
-fn v2_rest_to_proto(mut v: Value, request: bool, hints: &Hints) -> Result<Value, CodecError> {
+fn v2_rest_to_proto(
+    mut v: Value,
+    request: bool,
+    hints: &Hints,
+    budget: &mut Budget,
+) -> Result<Value, CodecError> {
     let p = Protocol::V2;
     let key = if request { "inputs" } else { "outputs" };
     let obj = v.as_object_mut().expect("checked object");
@@ -240,8 +273,14 @@ fn v2_rest_to_proto(mut v: Value, request: bool, hints: &Hints) -> Result<Value,
         let data = t
             .get("data")
             .ok_or_else(|| wrong(p, format!("tensor `{name}` has no `data`")))?;
+        let shape = shape_of(name, shape)?;
         let (_, leaves) = flatten(data)?;
         let field = v2_contents_field(datatype)?;
+        let strings = leaves
+            .iter()
+            .map(|x| x.as_str().map_or(0, |s| s.len() as u64))
+            .sum();
+        check_tensor(name, &shape, leaves.len() as u64, false, strings, budget)?;
         let values: Vec<Value> = if datatype == "BYTES" {
             leaves
                 .into_iter()
@@ -276,7 +315,7 @@ fn v2_rest_to_proto(mut v: Value, request: bool, hints: &Hints) -> Result<Value,
     Ok(Value::Object(out))
 }
 
-fn v2_proto_to_rest(v: Value, request: bool) -> Result<Value, CodecError> {
+fn v2_proto_to_rest(v: Value, request: bool, budget: &mut Budget) -> Result<Value, CodecError> {
     let (key, raw_key) = if request {
         ("inputs", "raw_input_contents")
     } else {
@@ -322,7 +361,17 @@ fn v2_proto_to_rest(v: Value, request: bool) -> Result<Value, CodecError> {
             .get("datatype")
             .and_then(Value::as_str)
             .unwrap_or_default();
+        let name = t.get("name").and_then(Value::as_str).unwrap_or_default();
+        let shape = shape_of(
+            name,
+            t.get("shape")
+                .and_then(Value::as_array)
+                .map_or(&[][..], Vec::as_slice),
+        )?;
+        // Counted and checked against the shape and the limits before anything is decoded.
         let data: Vec<Value> = if let Some(r) = raw.get(i) {
+            let (n, strings) = raw_count(datatype, r)?;
+            check_tensor(name, &shape, n, false, strings, budget)?;
             decode_raw(datatype, r)?
         } else {
             let field = v2_contents_field(datatype)?;
@@ -330,10 +379,14 @@ fn v2_proto_to_rest(v: Value, request: bool) -> Result<Value, CodecError> {
                 .get("contents")
                 .and_then(|c| c.get(field))
                 .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+                .map_or(&[][..], Vec::as_slice);
+            let strings = vals
+                .iter()
+                .map(|x| x.as_str().map_or(0, |s| s.len() as u64))
+                .sum();
+            check_tensor(name, &shape, vals.len() as u64, false, strings, budget)?;
             if datatype == "BYTES" {
-                vals.into_iter()
+                vals.iter()
                     .map(|x| {
                         let b = B64
                             .decode(x.as_str().unwrap_or_default())
@@ -342,7 +395,7 @@ fn v2_proto_to_rest(v: Value, request: bool) -> Result<Value, CodecError> {
                     })
                     .collect::<Result<_, CodecError>>()?
             } else {
-                vals
+                vals.to_vec()
             }
         };
         let mut rt = json!({
@@ -379,8 +432,18 @@ fn v2_proto_to_rest(v: Value, request: bool) -> Result<Value, CodecError> {
 
 /// JSON values -> a TensorProto in proto3 JSON (proto field names). Numbers are DT_FLOAT
 /// unless `ints_as_int64` and all are integers.
-fn tf_tensor(v: &Value, ints_as_int64: bool) -> Result<Value, CodecError> {
+fn tf_tensor(
+    name: &str,
+    v: &Value,
+    ints_as_int64: bool,
+    budget: &mut Budget,
+) -> Result<Value, CodecError> {
     let (shape, leaves) = flatten(v)?;
+    let strings = leaves
+        .iter()
+        .map(|x| x.as_str().map_or(0, |s| s.len() as u64))
+        .sum();
+    check_tensor(name, &shape, leaves.len() as u64, false, strings, budget)?;
     let dims: Vec<Value> = shape.iter().map(|d| json!({ "size": d })).collect();
     let first = leaves.first().copied();
     let (dtype, field, vals): (&str, &str, Vec<Value>) = match first {
@@ -433,27 +496,51 @@ fn tf_tensor(v: &Value, ints_as_int64: bool) -> Result<Value, CodecError> {
     Ok(json!({ "dtype": dtype, "tensor_shape": { "dim": dims }, field: vals }))
 }
 
-/// A TensorProto in proto3 JSON (proto field names) -> nested JSON values.
-fn tf_tensor_to_json(t: &Value) -> Result<Value, CodecError> {
-    let dtype = t
-        .get("dtype")
-        .and_then(Value::as_str)
-        .unwrap_or("DT_INVALID");
-    let shape: Vec<i64> = t
-        .pointer("/tensor_shape/dim")
+/// `tensor_shape` -> `tensorShape`: proto3 JSON may use either name.
+fn lower_camel(snake: &str) -> String {
+    let mut out = String::with_capacity(snake.len());
+    let mut up = false;
+    for c in snake.chars() {
+        match c {
+            '_' => up = true,
+            c if up => {
+                out.push(c.to_ascii_uppercase());
+                up = false;
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A field of a message in proto3 JSON, by its proto name or its lowerCamel JSON name.
+fn field<'a>(v: &'a Value, snake: &str) -> Option<&'a Value> {
+    v.get(snake).or_else(|| v.get(lower_camel(snake)))
+}
+
+/// A TensorProto in proto3 JSON (proto or lowerCamel field names) -> its shape and row-major
+/// values (one value when it fills the whole shape, as TensorFlow reads it). The shape, the
+/// number of values and the size are checked (and charged to `budget`) before any value is
+/// decoded.
+fn tf_values(
+    name: &str,
+    t: &Value,
+    budget: &mut Budget,
+) -> Result<(Vec<i64>, Vec<Value>), CodecError> {
+    let f = |snake: &str| field(t, snake);
+    let dtype = f("dtype").and_then(Value::as_str).unwrap_or("DT_INVALID");
+    let dims = f("tensor_shape")
+        .and_then(|s| s.get("dim"))
         .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|d| d.get("size").and_then(Value::as_i64).unwrap_or(0))
-        .collect();
-    let arr = |f: &str| {
-        t.get(f)
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default()
-    };
-    let values: Vec<Value> = if let Some(content) = t.get("tensor_content").and_then(Value::as_str)
-    {
+        .map_or(&[][..], Vec::as_slice);
+    let shape = shape_of(
+        name,
+        &dims
+            .iter()
+            .map(|d| d.get("size").cloned().unwrap_or(json!(0)))
+            .collect::<Vec<_>>(),
+    )?;
+    if let Some(content) = f("tensor_content").and_then(Value::as_str) {
         let raw = B64.decode(content).map_err(|e| err(e.to_string()))?;
         let dt = match dtype {
             "DT_FLOAT" => "FP32",
@@ -471,54 +558,73 @@ fn tf_tensor_to_json(t: &Value) -> Result<Value, CodecError> {
             "DT_BFLOAT16" => "BF16",
             other => return Err(err(format!("tensor_content of {other} is not supported"))),
         };
-        decode_raw(dt, &raw)?
-    } else {
-        match dtype {
-            "DT_FLOAT" => arr("float_val"),
-            "DT_DOUBLE" => arr("double_val"),
-            "DT_INT32" | "DT_INT16" | "DT_INT8" | "DT_UINT8" | "DT_UINT16" => arr("int_val"),
-            "DT_INT64" => arr("int64_val"),
-            "DT_UINT32" => arr("uint32_val"),
-            "DT_UINT64" => arr("uint64_val"),
-            "DT_BOOL" => arr("bool_val"),
-            "DT_HALF" | "DT_BFLOAT16" => arr("half_val")
-                .into_iter()
-                .map(|x| {
-                    let bits = x.as_u64().unwrap_or(0) as u16;
-                    let f = if dtype == "DT_HALF" {
-                        f16_to_f32(bits)
-                    } else {
-                        f32::from_bits(u32::from(bits) << 16)
-                    };
-                    num_f64(f64::from(f))
-                })
-                .collect(),
-            "DT_STRING" => arr("string_val")
-                .into_iter()
-                .map(|x| {
-                    let b = B64
-                        .decode(x.as_str().unwrap_or_default())
-                        .map_err(|e| err(e.to_string()))?;
-                    Ok(match String::from_utf8(b) {
-                        Ok(s) => json!(s),
-                        Err(e) => json!({ "b64": B64.encode(e.as_bytes()) }),
-                    })
-                })
-                .collect::<Result<_, CodecError>>()?,
-            other => return Err(err(format!("tensors of {other} are not supported in JSON"))),
-        }
-    };
-    if values.is_empty() && shape.iter().product::<i64>() != 0 {
-        return Err(err(format!(
-            "{dtype} tensor of shape {shape:?} has no values"
-        )));
+        let (n, _) = raw_count(dt, &raw)?;
+        check_tensor(name, &shape, n, true, 0, budget)?;
+        return Ok((shape, decode_raw(dt, &raw)?));
     }
-    nest(&shape, values)
+    let field = match dtype {
+        "DT_FLOAT" => "float_val",
+        "DT_DOUBLE" => "double_val",
+        "DT_INT32" | "DT_INT16" | "DT_INT8" | "DT_UINT8" | "DT_UINT16" => "int_val",
+        "DT_INT64" => "int64_val",
+        "DT_UINT32" => "uint32_val",
+        "DT_UINT64" => "uint64_val",
+        "DT_BOOL" => "bool_val",
+        "DT_HALF" | "DT_BFLOAT16" => "half_val",
+        "DT_STRING" => "string_val",
+        other => return Err(err(format!("tensors of {other} are not supported in JSON"))),
+    };
+    let vals = f(field)
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    let strings = vals
+        .iter()
+        .map(|x| x.as_str().map_or(0, |s| s.len() as u64))
+        .sum();
+    check_tensor(name, &shape, vals.len() as u64, true, strings, budget)?;
+    let values = match dtype {
+        "DT_HALF" | "DT_BFLOAT16" => vals
+            .iter()
+            .map(|x| {
+                let bits = x.as_u64().unwrap_or(0) as u16;
+                let f = if dtype == "DT_HALF" {
+                    f16_to_f32(bits)
+                } else {
+                    f32::from_bits(u32::from(bits) << 16)
+                };
+                num_f64(f64::from(f))
+            })
+            .collect(),
+        "DT_STRING" => vals
+            .iter()
+            .map(|x| {
+                let b = B64
+                    .decode(x.as_str().unwrap_or_default())
+                    .map_err(|e| err(e.to_string()))?;
+                Ok(match String::from_utf8(b) {
+                    Ok(s) => json!(s),
+                    Err(e) => json!({ "b64": B64.encode(e.as_bytes()) }),
+                })
+            })
+            .collect::<Result<_, CodecError>>()?,
+        _ => vals.to_vec(),
+    };
+    Ok((shape, values))
+}
+
+/// A TensorProto in proto3 JSON -> nested JSON values.
+fn tf_tensor_to_json(name: &str, t: &Value, budget: &mut Budget) -> Result<Value, CodecError> {
+    let (shape, values) = tf_values(name, t, budget)?;
+    nest(name, &shape, values, &budget.limits())
 }
 
 /// Rows of objects (TF row format with named tensors) -> one tensor per name, stacked on the
 /// first dimension. Every row must carry every name of the first row.
-fn named_columns(rows: &[Value], ints_as_int64: bool) -> Result<Map<String, Value>, CodecError> {
+fn named_columns(
+    rows: &[Value],
+    ints_as_int64: bool,
+    budget: &mut Budget,
+) -> Result<Map<String, Value>, CodecError> {
     let names: Vec<&String> = rows[0]
         .as_object()
         .map(|o| o.keys().collect())
@@ -533,12 +639,15 @@ fn named_columns(rows: &[Value], ints_as_int64: bool) -> Result<Map<String, Valu
                     .ok_or_else(|| wrong(Protocol::Tensorflow, format!("a row lacks `{name}`")))
             })
             .collect::<Result<_, _>>()?;
-        out.insert(name.clone(), tf_tensor(&Value::Array(col), ints_as_int64)?);
+        out.insert(
+            name.clone(),
+            tf_tensor(name, &Value::Array(col), ints_as_int64, budget)?,
+        );
     }
     Ok(out)
 }
 
-fn tf_request_to_proto(v: Value, hints: &Hints) -> Result<Value, CodecError> {
+fn tf_request_to_proto(v: Value, hints: &Hints, budget: &mut Budget) -> Result<Value, CodecError> {
     let p = Protocol::Tensorflow;
     let mut spec = Map::new();
     if let Some(m) = &hints.model_name {
@@ -561,26 +670,30 @@ fn tf_request_to_proto(v: Value, hints: &Hints) -> Result<Value, CodecError> {
         (Some(_), Some(_)) => return Err(wrong(p, "both `instances` and `inputs`: use one")),
         (Some(Value::Array(rows)), None) => {
             if rows.first().is_some_and(Value::is_object) {
-                inputs = named_columns(rows, false)?;
+                inputs = named_columns(rows, false, budget)?;
             } else {
-                inputs.insert(unnamed()?, tf_tensor(&Value::Array(rows.clone()), false)?);
+                let name = unnamed()?;
+                let t = tf_tensor(&name, &Value::Array(rows.clone()), false, budget)?;
+                inputs.insert(name, t);
             }
         }
         (Some(_), None) => return Err(wrong(p, "`instances` must be a list")),
         (None, Some(Value::Object(named))) => {
             for (name, t) in named {
-                inputs.insert(name.clone(), tf_tensor(t, false)?);
+                inputs.insert(name.clone(), tf_tensor(name, t, false, budget)?);
             }
         }
         (None, Some(t)) => {
-            inputs.insert(unnamed()?, tf_tensor(t, false)?);
+            let name = unnamed()?;
+            let t = tf_tensor(&name, t, false, budget)?;
+            inputs.insert(name, t);
         }
         (None, None) => return Err(wrong(p, "neither `instances` nor `inputs`")),
     }
     Ok(json!({ "model_spec": spec, "inputs": inputs }))
 }
 
-fn tf_request_to_rest(v: Value) -> Result<Value, CodecError> {
+fn tf_request_to_rest(v: Value, budget: &mut Budget) -> Result<Value, CodecError> {
     let mut inputs = Map::new();
     for (name, t) in v
         .get("inputs")
@@ -588,7 +701,7 @@ fn tf_request_to_rest(v: Value) -> Result<Value, CodecError> {
         .into_iter()
         .flatten()
     {
-        inputs.insert(name.clone(), tf_tensor_to_json(t)?);
+        inputs.insert(name.clone(), tf_tensor_to_json(name, t, budget)?);
     }
     let mut out = json!({ "inputs": inputs });
     if let Some(s) = v
@@ -600,7 +713,7 @@ fn tf_request_to_rest(v: Value) -> Result<Value, CodecError> {
     Ok(out)
 }
 
-fn tf_response_to_rest(v: Value, hints: &Hints) -> Result<Value, CodecError> {
+fn tf_response_to_rest(v: Value, hints: &Hints, budget: &mut Budget) -> Result<Value, CodecError> {
     let mut outputs = Map::new();
     for (name, t) in v
         .get("outputs")
@@ -608,7 +721,7 @@ fn tf_response_to_rest(v: Value, hints: &Hints) -> Result<Value, CodecError> {
         .into_iter()
         .flatten()
     {
-        outputs.insert(name.clone(), tf_tensor_to_json(t)?);
+        outputs.insert(name.clone(), tf_tensor_to_json(name, t, budget)?);
     }
     if !hints.tf_row_format {
         return Ok(if outputs.len() == 1 {
@@ -640,23 +753,26 @@ fn tf_response_to_rest(v: Value, hints: &Hints) -> Result<Value, CodecError> {
     Ok(json!({ "predictions": preds }))
 }
 
-fn tf_response_to_proto(v: Value, _hints: &Hints) -> Result<Value, CodecError> {
+fn tf_response_to_proto(v: Value, budget: &mut Budget) -> Result<Value, CodecError> {
     let p = Protocol::Tensorflow;
     let mut outputs = Map::new();
     match (v.get("predictions"), v.get("outputs")) {
         (Some(Value::Array(rows)), _) if rows.first().is_some_and(Value::is_object) => {
-            outputs = named_columns(rows, true)?;
+            outputs = named_columns(rows, true, budget)?;
         }
         (Some(pred), _) => {
-            outputs.insert("predictions".into(), tf_tensor(pred, true)?);
+            outputs.insert(
+                "predictions".into(),
+                tf_tensor("predictions", pred, true, budget)?,
+            );
         }
         (None, Some(Value::Object(named))) => {
             for (name, t) in named {
-                outputs.insert(name.clone(), tf_tensor(t, true)?);
+                outputs.insert(name.clone(), tf_tensor(name, t, true, budget)?);
             }
         }
         (None, Some(t)) => {
-            outputs.insert("outputs".into(), tf_tensor(t, true)?);
+            outputs.insert("outputs".into(), tf_tensor("outputs", t, true, budget)?);
         }
         (None, None) => {
             return Err(wrong(
@@ -666,4 +782,74 @@ fn tf_response_to_proto(v: Value, _hints: &Hints) -> Result<Value, CodecError> {
         }
     }
     Ok(json!({ "outputs": outputs }))
+}
+
+// ---------------------------------------------------------------- Seldon
+
+/// Seldon messages keep their proto3 JSON form, so nothing is expanded; still, a `data.tensor`
+/// must fill its shape (the wrapper reshapes it with numpy), a `data.tftensor` its own, and
+/// every tensor counts against the limits.
+fn seldon_check(message: &str, v: &Value, budget: &mut Budget) -> Result<(), CodecError> {
+    match message {
+        "seldon.protos.SeldonMessage" => seldon_message_check(v, budget),
+        "seldon.protos.SeldonMessageList" => {
+            for m in field(v, "seldon_messages")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                seldon_message_check(m, budget)?;
+            }
+            Ok(())
+        }
+        "seldon.protos.Feedback" => {
+            for part in ["request", "response", "truth"] {
+                if let Some(m) = v.get(part) {
+                    seldon_message_check(m, budget)?;
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn seldon_message_check(m: &Value, budget: &mut Budget) -> Result<(), CodecError> {
+    let Some(data) = m.get("data") else {
+        return Ok(());
+    };
+    if let Some(t) = data.get("tensor") {
+        let dims = t
+            .get("shape")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        let shape = shape_of("data.tensor", dims)?;
+        let n = t
+            .get("values")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        check_tensor("data.tensor", &shape, n as u64, false, 0, budget)?;
+    }
+    if let Some(nd) = data.get("ndarray") {
+        let (cells, strings) = json_size(nd);
+        budget.take("data.ndarray", cells, strings)?;
+    }
+    if let Some(t) = data.get("tftensor") {
+        tf_values("data.tftensor", t, budget)?;
+    }
+    Ok(())
+}
+
+/// Values (arrays and objects count as one each) and string bytes of a JSON tree.
+fn json_size(v: &Value) -> (u64, u64) {
+    match v {
+        Value::Array(a) => a.iter().map(json_size).fold((1, 0), |(c, s), (c2, s2)| {
+            (c.saturating_add(c2), s.saturating_add(s2))
+        }),
+        Value::Object(o) => o.values().map(json_size).fold((1, 0), |(c, s), (c2, s2)| {
+            (c.saturating_add(c2), s.saturating_add(s2))
+        }),
+        Value::String(s) => (1, s.len() as u64),
+        _ => (1, 0),
+    }
 }
