@@ -14,6 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod models;
+pub mod proxy;
 pub mod tls;
 
 /// The repository root.
