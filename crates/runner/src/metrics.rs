@@ -4,19 +4,24 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, PoisonError, RwLock,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        MetricType, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
@@ -31,9 +36,42 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+/// The lag series: one snapshot, replaced whole by [`Metrics::set_lag`] and read whole by a
+/// scrape, so a scrape sees one complete set, never a half-filled one.
+#[derive(Debug, Default)]
+struct LagSet(RwLock<Arc<Vec<(LagLabels, i64)>>>);
+
+const LAG_NAME: &str = "kafka_infer_consumer_lag";
+const LAG_HELP: &str =
+    "Records not yet committed per partition (high watermark - committed offset)";
+
+impl LagSet {
+    fn replace(&self, lags: Vec<(LagLabels, i64)>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(lags);
+    }
+
+    fn snapshot(&self) -> Arc<Vec<(LagLabels, i64)>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Collector for LagSet {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let lags = self.snapshot();
+        let mut series = encoder.encode_descriptor(LAG_NAME, LAG_HELP, None, MetricType::Gauge)?;
+        for (labels, lag) in lags.iter() {
+            ConstGauge::new(*lag).encode(series.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
-    pub lag: Family<LagLabels, Gauge>,
+    lag: Arc<LagSet>,
     pub model_duration: Histogram,
     pub in_flight: Gauge,
     pub ready: AtomicBool,
@@ -44,17 +82,13 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let lag = Family::<LagLabels, Gauge>::default();
+        let lag = Arc::new(LagSet::default());
         let records = Family::<ResultLabels, Counter>::default();
         let model_duration = Histogram::new([
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let in_flight = Gauge::default();
-        registry.register(
-            "kafka_infer_consumer_lag",
-            "Records not yet committed per partition (high watermark - committed offset)",
-            lag.clone(),
-        );
+        registry.register_collector(Box::new(lag.clone()));
         registry.register(
             "kafka_infer_records",
             "Input records by result: ok, error (answered with an error record), retry (model call retries)",
@@ -100,17 +134,20 @@ impl Metrics {
         self.by_result[0].1.get()
     }
 
-    /// Replaces the lag series with the current assignment's partitions.
+    /// Replaces the lag series with the current assignment's partitions, in one step: a scrape
+    /// sees either the previous set or this one.
     pub fn set_lag(&self, lags: &[kafka_io::PartitionLag]) {
-        self.lag.clear();
-        for l in lags {
-            self.lag
-                .get_or_create(&LagLabels {
-                    topic: l.topic.clone(),
-                    partition: l.partition.to_string(),
+        self.lag.replace(
+            lags.iter()
+                .map(|l| {
+                    let labels = LagLabels {
+                        topic: l.topic.clone(),
+                        partition: l.partition.to_string(),
+                    };
+                    (labels, l.lag)
                 })
-                .set(l.lag);
-        }
+                .collect(),
+        );
     }
 
     pub fn render(&self) -> String {
@@ -126,6 +163,29 @@ impl Default for Metrics {
     }
 }
 
+/// Bounds on the metrics server's clients.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// A request's header must arrive whole within this time, or the connection is closed.
+    header_read: Duration,
+    /// A connection is closed after this long (gracefully: a request in progress may finish
+    /// within `grace`), idle keep-alive connections included.
+    life: Duration,
+    grace: Duration,
+    /// Connections served at once; more are closed at once.
+    connections: usize,
+}
+
+const LIMITS: Limits = Limits {
+    header_read: Duration::from_secs(5),
+    life: Duration::from_secs(60),
+    grace: Duration::from_secs(5),
+    connections: 64,
+};
+
+/// Waits after a failed accept (e.g. out of file descriptors), doubling up to the cap.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
 /// Serves /metrics, /live and /ready until the task is dropped.
 pub async fn serve(
     addr: SocketAddr,
@@ -135,43 +195,243 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: {e}"))?;
     tracing::info!(%addr, "metrics and health listening");
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
+    Ok(tokio::spawn(accept_loop(listener, metrics, LIMITS)))
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, limits: Limits) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let mut backoff = ACCEPT_BACKOFF.0;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = ACCEPT_BACKOFF.0;
+                stream
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "metrics server: accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                 continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("metrics server: too many connections; closing a new one");
+            continue;
+        };
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, m, limits).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, m: Arc<Metrics>, limits: Limits) {
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let m = m.clone();
+        async move {
+            let (status, ctype, body) = match req.uri().path() {
+                "/metrics" => (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    m.render(),
+                ),
+                "/live" => (StatusCode::OK, "text/plain", "live\n".into()),
+                "/ready" if m.ready.load(Ordering::Relaxed) => {
+                    (StatusCode::OK, "text/plain", "ready\n".into())
+                }
+                "/ready" => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".into(),
+                ),
+                _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
             };
-            let m = metrics.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let m = m.clone();
-                    async move {
-                        let (status, ctype, body) = match req.uri().path() {
-                            "/metrics" => (
-                                StatusCode::OK,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                m.render(),
-                            ),
-                            "/live" => (StatusCode::OK, "text/plain", "live\n".into()),
-                            "/ready" if m.ready.load(Ordering::Relaxed) => {
-                                (StatusCode::OK, "text/plain", "ready\n".into())
-                            }
-                            "/ready" => (
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "text/plain",
-                                "not ready\n".into(),
-                            ),
-                            _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-                        };
-                        Response::builder()
-                            .status(status)
-                            .header("content-type", ctype)
-                            .body(Full::new(Bytes::from(body)))
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            Response::builder()
+                .status(status)
+                .header("content-type", ctype)
+                .body(Full::new(Bytes::from(body)))
         }
-    }))
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = tokio::time::sleep(limits.life) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.grace, conn).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn lags(lag: i64, partitions: i32) -> Vec<kafka_io::PartitionLag> {
+        (0..partitions)
+            .map(|partition| kafka_io::PartitionLag {
+                topic: "in".into(),
+                partition,
+                high_watermark: lag,
+                committed: Some(0),
+                lag,
+            })
+            .collect()
+    }
+
+    /// The values of the lag series in a scrape.
+    fn lag_values(text: &str) -> Vec<i64> {
+        text.lines()
+            .filter(|l| l.starts_with("kafka_infer_consumer_lag{"))
+            .map(|l| {
+                l.rsplit(' ')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("a value")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lag_series_are_the_last_set_given() {
+        let m = Metrics::new();
+        m.set_lag(&lags(5, 2));
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE kafka_infer_consumer_lag gauge"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"kafka_infer_consumer_lag{topic="in",partition="1"} 5"#),
+            "{text}"
+        );
+        // A revoked partition's series goes.
+        m.set_lag(&lags(7, 1));
+        let text = m.render();
+        assert_eq!(lag_values(&text), [7], "{text}");
+        assert!(!text.contains(r#"partition="1""#), "{text}");
+    }
+
+    #[test]
+    fn a_scrape_sees_a_whole_lag_set_never_a_partial_one() {
+        const PARTITIONS: i32 = 16;
+        let m = Arc::new(Metrics::new());
+        m.set_lag(&lags(0, PARTITIONS));
+        let writer = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                for generation in 1..=3000 {
+                    m.set_lag(&lags(generation, PARTITIONS));
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut scrapes = 0;
+        while !writer.is_finished() && Instant::now() < deadline && scrapes < 200_000 {
+            let values = lag_values(&m.render());
+            assert_eq!(
+                values.len(),
+                PARTITIONS as usize,
+                "scrape {scrapes} saw a partial set: {values:?}"
+            );
+            assert!(
+                values.iter().all(|v| *v == values[0]),
+                "scrape {scrapes} mixed two sets: {values:?}"
+            );
+            scrapes += 1;
+        }
+        writer.join().expect("writer thread");
+        assert!(scrapes > 0);
+    }
+
+    async fn start(limits: Limits) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(accept_loop(l, Arc::new(Metrics::new()), limits));
+        (addr, task)
+    }
+
+    /// Reads until the server closes the connection (EOF or reset) or `within` passes:
+    /// what was read, and when the connection closed (None: still open).
+    async fn read_until_closed(
+        s: &mut tokio::net::TcpStream,
+        within: Duration,
+    ) -> (String, Option<Duration>) {
+        let t = Instant::now();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = within.saturating_sub(t.elapsed());
+            match tokio::time::timeout(left, s.read(&mut buf)).await {
+                Err(_) => return (String::from_utf8_lossy(&out).into(), None),
+                Ok(Ok(0) | Err(_)) => {
+                    return (String::from_utf8_lossy(&out).into(), Some(t.elapsed()));
+                }
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    const TEST_LIMITS: Limits = Limits {
+        header_read: Duration::from_millis(400),
+        life: Duration::from_secs(30),
+        grace: Duration::from_secs(1),
+        connections: 8,
+    };
+
+    #[tokio::test]
+    async fn a_partial_header_is_cut_off_at_the_header_timeout() {
+        let (addr, server) = start(TEST_LIMITS).await;
+        let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+        ok.write_all(b"GET /live HTTP/1.0\r\n\r\n").await.unwrap();
+        let (text, closed) = read_until_closed(&mut ok, Duration::from_secs(5)).await;
+        assert!(
+            text.starts_with("HTTP/1.0 200") && text.ends_with("live\n"),
+            "{text}"
+        );
+        assert!(closed.is_some());
+
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t = Instant::now();
+        slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n")
+            .await
+            .unwrap();
+        let (text, closed) = read_until_closed(&mut slow, Duration::from_secs(5)).await;
+        let closed = closed.expect("a client sending half a header is disconnected");
+        assert!(
+            closed >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(3),
+            "closed after {closed:?}"
+        );
+        assert!(!text.contains("200"), "{text}");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_at_the_end_of_its_life() {
+        let limits = Limits {
+            header_read: Duration::from_secs(5),
+            life: Duration::from_millis(600),
+            ..TEST_LIMITS
+        };
+        let (addr, server) = start(limits).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /ready HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let (text, closed) = read_until_closed(&mut s, Duration::from_secs(4)).await;
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        let closed = closed.expect("the connection is closed at the end of its life");
+        assert!(
+            closed >= Duration::from_millis(500),
+            "closed after {closed:?}"
+        );
+        server.abort();
+    }
 }
