@@ -143,22 +143,101 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-/// Parses `10s`, `6000ms`, `2m`, or a bare number of milliseconds (as Kafka's *.ms settings).
+/// The range of each duration setting, by environment variable.
+const DURATION_RANGES: &[(&str, Duration, Duration)] = &[
+    // Brokers refuse what is outside their group.{min,max}.session.timeout.ms (6 s and 30 min
+    // by default); test brokers run with a few seconds.
+    (
+        "KAFKA_SESSION_TIMEOUT",
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+    ),
+    (
+        "KAFKA_INFER_MODEL_TIMEOUT",
+        Duration::from_millis(1),
+        Duration::from_secs(3600),
+    ),
+    // Zero: stop at once, commit what is done.
+    (
+        "KAFKA_INFER_DRAIN_TIMEOUT",
+        Duration::ZERO,
+        Duration::from_secs(3600),
+    ),
+    // Below 10 ms retries would spin.
+    (
+        "KAFKA_INFER_RETRY_MAX_BACKOFF",
+        Duration::from_millis(10),
+        Duration::from_secs(3600),
+    ),
+    // Zero would poll an idle partition in a tight loop.
+    (
+        "KAFKA_FETCH_MAX_WAIT",
+        Duration::from_millis(1),
+        Duration::from_secs(60),
+    ),
+    (
+        "KAFKA_COMMIT_INTERVAL",
+        Duration::from_millis(1),
+        Duration::from_secs(3600),
+    ),
+];
+
+/// The range of a duration setting not in [`DURATION_RANGES`].
+const DURATION_RANGE: (Duration, Duration) =
+    (Duration::from_millis(1), Duration::from_secs(86_400));
+
+/// The flag of an environment variable: KAFKA_INFER_MODEL_TIMEOUT -> --model-timeout.
+fn flag_of(env: &str) -> String {
+    let name = env
+        .strip_prefix("KAFKA_INFER_")
+        .or_else(|| env.strip_prefix("KAFKA_"))
+        .unwrap_or(env);
+    format!("--{}", name.to_ascii_lowercase().replace('_', "-"))
+}
+
+/// Parses a duration: `10s`, `500ms`, `2m`, `1m30s`, `1.5s` (humantime's units), or a bare
+/// number of milliseconds (as Kafka's *.ms settings), and checks it against the setting's
+/// range. `setting` is the environment variable (or the flag); errors name both.
 pub fn parse_duration(s: &str, setting: &str) -> Result<Duration> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "ms"), |i| (&s[..i], s[i..].trim()));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| anyhow!("{setting}: `{s}` is not a duration (e.g. 10s, 500ms)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => bail!("{setting}: unknown unit in `{s}` (ms, s, m)"),
+    let (label, min, max) = DURATION_RANGES
+        .iter()
+        .find(|(env, ..)| setting == *env || setting == flag_of(env))
+        .map_or_else(
+            || {
+                let label = if setting.starts_with("KAFKA_") {
+                    format!("{} ({setting})", flag_of(setting))
+                } else {
+                    setting.to_owned()
+                };
+                (label, DURATION_RANGE.0, DURATION_RANGE.1)
+            },
+            |(env, min, max)| (format!("{} ({env})", flag_of(env)), *min, *max),
+        );
+    let fmt = humantime::format_duration;
+    let out_of_range = || {
+        anyhow!(
+            "{label}: `{s}` is out of range ({} to {})",
+            fmt(min),
+            fmt(max)
+        )
     };
-    Ok(Duration::from_secs_f64(secs))
+    let text = s.trim();
+    let d = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        Duration::from_millis(text.parse().map_err(|_| out_of_range())?)
+    } else {
+        match humantime::parse_duration(text) {
+            Ok(d) => d,
+            Err(humantime::DurationError::NumberOverflow) => return Err(out_of_range()),
+            Err(e) => bail!(
+                "{label}: `{s}` is not a duration ({e}); e.g. 10s, 500ms, 2m, 1m30s, or a \
+                 number of milliseconds"
+            ),
+        }
+    };
+    if d < min || d > max {
+        return Err(out_of_range());
+    }
+    Ok(d)
 }
 
 /// The parts of a SeldonDeployment we use.
@@ -581,5 +660,140 @@ spec:
             Config::resolve(&a, &|_| None).unwrap().session_timeout,
             Duration::from_secs(6)
         );
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::*;
+
+    fn ok(s: &str, setting: &str) -> Duration {
+        parse_duration(s, setting).unwrap_or_else(|e| panic!("{s}: {e:#}"))
+    }
+
+    fn err(s: &str, setting: &str) -> String {
+        format!("{:#}", parse_duration(s, setting).unwrap_err())
+    }
+
+    #[test]
+    fn units_and_bare_milliseconds() {
+        let ms = Duration::from_millis;
+        let s = "KAFKA_INFER_MODEL_TIMEOUT";
+        assert_eq!(ok("10s", s), ms(10_000));
+        assert_eq!(ok("500ms", s), ms(500));
+        assert_eq!(ok("2m", s), ms(120_000));
+        assert_eq!(ok("1m30s", s), ms(90_000));
+        assert_eq!(ok("1.5s", s), ms(1_500));
+        assert_eq!(ok("6000", s), ms(6_000), "a bare number is milliseconds");
+        assert_eq!(ok(" 250 ", s), ms(250));
+        assert_eq!(ok("1h", s), ms(3_600_000));
+    }
+
+    #[test]
+    fn huge_values_are_range_errors_not_panics() {
+        for s in [
+            "99999999999999999999999s",
+            "99999999999999999999",
+            "18446744073709551615",
+            "1000000000000h",
+            "100000d",
+            "2h",
+        ] {
+            let e = err(s, "KAFKA_SESSION_TIMEOUT");
+            assert!(
+                e.starts_with("--session-timeout (KAFKA_SESSION_TIMEOUT): ")
+                    && e.contains("out of range (1s to 1h)"),
+                "{s}: {e}"
+            );
+        }
+        // Settings without a range of their own: at most a day.
+        assert!(err("25h", "--some-wait").contains("out of range (1ms to 1day)"));
+        assert_eq!(ok("24h", "--some-wait"), Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn zero_only_where_it_means_something() {
+        for env in [
+            "KAFKA_SESSION_TIMEOUT",
+            "KAFKA_INFER_MODEL_TIMEOUT",
+            "KAFKA_INFER_RETRY_MAX_BACKOFF",
+            "KAFKA_FETCH_MAX_WAIT",
+            "KAFKA_COMMIT_INTERVAL",
+        ] {
+            for zero in ["0", "0ms", "0s"] {
+                let e = err(zero, env);
+                assert!(e.contains(env) && e.contains("out of range"), "{e}");
+            }
+        }
+        // Drain timeout zero: stop at once.
+        assert_eq!(ok("0", "KAFKA_INFER_DRAIN_TIMEOUT"), Duration::ZERO);
+        // Retries below 10 ms would spin.
+        assert!(err("5ms", "KAFKA_INFER_RETRY_MAX_BACKOFF").contains("10ms to 1h"));
+    }
+
+    #[test]
+    fn errors_name_the_flag_and_the_variable() {
+        let e = err("ten", "KAFKA_FETCH_MAX_WAIT");
+        assert!(
+            e.starts_with("--fetch-max-wait (KAFKA_FETCH_MAX_WAIT): `ten` is not a duration"),
+            "{e}"
+        );
+        for bad in ["", "10x", "1.5", "-5s", "5 s s"] {
+            let e = err(bad, "KAFKA_INFER_DRAIN_TIMEOUT");
+            assert!(
+                e.starts_with("--drain-timeout (KAFKA_INFER_DRAIN_TIMEOUT): "),
+                "{e}"
+            );
+        }
+        // Looked up by flag too.
+        assert!(err("2h", "--session-timeout").contains("(1s to 1h)"));
+    }
+
+    #[test]
+    fn resolve_checks_every_duration_setting() {
+        let base = RunArgs {
+            broker: Some("b:1".into()),
+            input_topic: Some("i".into()),
+            output_topic: Some("o".into()),
+            model: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&base, &|_| None).expect("defaults are in range");
+        assert_eq!(c.fetch_max_wait, Duration::from_millis(20));
+        let mut a = base.clone();
+        a.session_timeout = Some("100000000000000000000s".into());
+        let e = format!("{:#}", Config::resolve(&a, &|_| None).unwrap_err());
+        assert!(e.contains("--session-timeout"), "{e}");
+        let env = |k: &str| (k == "KAFKA_FETCH_MAX_WAIT").then(|| "0".to_string());
+        let e = format!("{:#}", Config::resolve(&base, &env).unwrap_err());
+        assert!(e.contains("--fetch-max-wait (KAFKA_FETCH_MAX_WAIT)"), "{e}");
+        let mut a = base.clone();
+        a.model_timeout = Some("90s".into());
+        a.drain_timeout = Some("0".into());
+        let c = Config::resolve(&a, &|_| None).unwrap();
+        assert_eq!(c.model_timeout, Duration::from_secs(90));
+        assert_eq!(c.drain_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn max_tensor_bytes_default_and_flag() {
+        let mut a = RunArgs {
+            broker: Some("b:1".into()),
+            input_topic: Some("i".into()),
+            output_topic: Some("o".into()),
+            model: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&a, &|_| None).unwrap();
+        assert_eq!(c.max_tensor_bytes, 64 << 20);
+        assert_eq!(c.summary()["max_tensor_bytes"], 64 << 20);
+        a.max_tensor_bytes = Some(1000);
+        assert_eq!(
+            Config::resolve(&a, &|_| None).unwrap().max_tensor_bytes,
+            1000
+        );
+        a.max_tensor_bytes = Some(0);
+        let e = format!("{:#}", Config::resolve(&a, &|_| None).unwrap_err());
+        assert!(e.contains("--max-tensor-bytes"), "{e}");
     }
 }
