@@ -131,6 +131,44 @@ impl Cluster {
         Ok(c)
     }
 
+    /// Drops the cached client of a partition (after a failed call: the next one reconnects
+    /// instead of reusing a connection that may be half-open).
+    pub async fn forget_partition(&self, topic: &str, partition: i32) {
+        self.partitions
+            .lock()
+            .await
+            .remove(&(topic.to_owned(), partition));
+    }
+
+    /// The topic's `max.message.bytes` (DescribeConfigs); None when the broker does not say.
+    pub async fn topic_max_message_bytes(&self, topic: &str) -> Result<Option<usize>> {
+        use kafka_protocol::messages::{
+            DescribeConfigsRequest, describe_configs_request::DescribeConfigsResource,
+        };
+        use kafka_protocol::protocol::StrBytes;
+        let mut conn = self.connector.connect_any().await?;
+        let Ok(v) = conn.version::<DescribeConfigsRequest>("DescribeConfigs", 4) else {
+            return Ok(None);
+        };
+        let req = DescribeConfigsRequest::default().with_resources(vec![
+            DescribeConfigsResource::default()
+                .with_resource_type(2) // topic
+                .with_resource_name(StrBytes::from_string(topic.to_owned()))
+                .with_configuration_keys(Some(vec![StrBytes::from_static_str(
+                    "max.message.bytes",
+                )])),
+        ]);
+        let resp = conn.send(req, v, "DescribeConfigs").await?;
+        Ok(resp
+            .results
+            .iter()
+            .filter(|r| r.error_code == 0)
+            .flat_map(|r| r.configs.iter())
+            .filter(|c| c.name.as_str() == "max.message.bytes")
+            .find_map(|c| c.value.as_ref()?.as_str().trim().parse::<usize>().ok())
+            .filter(|n| *n > 0))
+    }
+
     /// Creates a topic; an existing topic is fine.
     pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
         let ctl = self.client.controller_client()?;

@@ -1,9 +1,15 @@
-//! The group consumer: a member of a consumer group that runs one fetcher per assigned
-//! partition, hands batches out through a bounded buffer, tracks completions, and commits only
-//! completed positions: periodically, on revoke (after a bounded drain), and on close.
+//! The group consumer: a member of a consumer group, run as a reconciler. The membership part
+//! (classic JoinGroup/SyncGroup here; a KIP-848 part would yield assignments the same way)
+//! yields target assignments; the reconciler diffs each against what it owns, drains and
+//! commits the partitions that leave, and starts a fetcher and a [`PartitionStream`] for each
+//! partition that arrives. Partitions that stay keep running through a rebalance when the group
+//! uses the cooperative protocol.
 //!
-//! One task owns the membership (join, heartbeats, commits); fetcher tasks own nothing but their
-//! position; the caller receives batches and completes records through [`Acker`].
+//! One task owns the membership: joins, heartbeats (on their own short timeouts, also while
+//! partitions drain), commits (soon after records complete), and the session: a member that
+//! has not had a heartbeat answered within the session timeout considers its partitions lost,
+//! stops their streams and commits nothing. Fetcher tasks own nothing but their position. The
+//! caller completes records through [`Acker`]; commits never pass an incomplete record.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -23,6 +29,7 @@ use tokio::{
 
 use crate::{
     assignor::Tp,
+    backoff::Backoff,
     cluster::{Cluster, bounded},
     error::{Error, Result},
     group::{GroupConfig, Member},
@@ -57,7 +64,11 @@ pub struct ConsumerConfig {
     pub fetch_max_bytes: i32,
     /// Batches buffered between the fetchers and the caller: a slow caller pauses fetching.
     pub buffer_batches: usize,
+    /// Shortest spacing of commits: a completion is committed at most this long after it
+    /// happened (a crash redoes what completed within it, plus what was in flight).
     pub commit_interval: Duration,
+    /// How often the input topics' partition counts are checked (new partitions: rejoin).
+    pub metadata_refresh: Duration,
     /// Longest wait for in-flight records to complete on revoke and on close.
     pub drain_timeout: Duration,
 }
@@ -70,7 +81,8 @@ impl ConsumerConfig {
             fetch_max_wait: Duration::from_millis(50),
             fetch_max_bytes: 1024 * 1024,
             buffer_batches: 8,
-            commit_interval: Duration::from_secs(1),
+            commit_interval: Duration::from_millis(20),
+            metadata_refresh: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -149,7 +161,14 @@ struct Shared {
     parts: std::sync::Mutex<HashMap<Key, PartitionState>>,
     epoch: AtomicU64,
     drained: Notify,
-    connected: AtomicBool,
+    /// Told on every completion: the group task commits soon after.
+    completed: Notify,
+    /// The coordinator answers within the session timeout.
+    group_ok: AtomicBool,
+    /// The last fetch succeeded.
+    fetch_ok: AtomicBool,
+    /// Why the member stopped for good (e.g. FENCED_INSTANCE_ID).
+    fatal: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -157,9 +176,10 @@ impl Shared {
         self.parts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn positions_to_commit(&self) -> Vec<(Tp, i64)> {
+    fn positions_to_commit(&self, only: Option<&[Key]>) -> Vec<(Tp, i64)> {
         self.lock()
             .iter()
+            .filter(|(k, _)| only.is_none_or(|o| o.contains(k)))
             .filter_map(|(k, s)| s.offsets.to_commit().map(|o| (tp(k), o)))
             .collect()
     }
@@ -173,8 +193,12 @@ impl Shared {
         }
     }
 
-    fn in_flight(&self) -> usize {
-        self.lock().values().map(|s| s.offsets.in_flight()).sum()
+    fn in_flight(&self, only: Option<&[Key]>) -> usize {
+        self.lock()
+            .iter()
+            .filter(|(k, _)| only.is_none_or(|o| o.contains(k)))
+            .map(|(_, s)| s.offsets.in_flight())
+            .sum()
     }
 }
 
@@ -191,15 +215,15 @@ impl Acker {
             && s.epoch == token.epoch
         {
             s.offsets.complete(token.offset);
-            if s.offsets.is_drained() {
-                drop(parts);
+            let drained = s.offsets.is_drained();
+            drop(parts);
+            self.0.completed.notify_one();
+            if drained {
                 self.0.drained.notify_waiters();
             }
         }
     }
-}
 
-impl Acker {
     /// Gives the record up (no result will be written): commits stop before it, so the
     /// partition's next owner redoes it, and drains do not wait for it.
     pub fn abandon(&self, token: &Token) {
@@ -220,8 +244,73 @@ impl Acker {
 pub type RevokeHook =
     Arc<dyn Fn(Vec<Tp>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-pub struct Consumer {
+/// Where a partition stream stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StreamState {
+    /// Owned: batches flow.
+    Active,
+    /// Leaving (rebalance or close): start nothing new, finish what is in flight; the consumer
+    /// waits (drain timeout), commits, then revokes.
+    Draining,
+    /// Gone (or lost): stop at once; results of unfinished records are not committed here.
+    Revoked,
+}
+
+/// The records of one assigned partition, for as long as this member owns it. A worker per
+/// stream: a slow partition never holds up another.
+pub struct PartitionStream {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub epoch: u64,
     rx: mpsc::Receiver<Batch>,
+    state: watch::Receiver<StreamState>,
+    shared: Arc<Shared>,
+}
+
+impl PartitionStream {
+    /// The next batch, in offset order; None once the stream is draining or revoked.
+    pub async fn recv(&mut self) -> Option<Batch> {
+        loop {
+            if *self.state.borrow() != StreamState::Active {
+                return None;
+            }
+            tokio::select! {
+                b = self.rx.recv() => {
+                    let batch = b?;
+                    let mut parts = self.shared.lock();
+                    let s = parts.get_mut(&(batch.topic.clone(), batch.partition))?;
+                    if s.epoch != batch.epoch {
+                        return None;
+                    }
+                    for r in &batch.records {
+                        s.offsets.handed_out(r.offset);
+                    }
+                    return Some(batch);
+                }
+                r = self.state.changed() => if r.is_err() { return None },
+            }
+        }
+    }
+
+    /// A watch of the stream's state, for workers to select on.
+    pub fn state(&self) -> watch::Receiver<StreamState> {
+        self.state.clone()
+    }
+
+    pub fn token(&self, offset: i64) -> Token {
+        Token {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset,
+            epoch: self.epoch,
+        }
+    }
+}
+
+pub struct Consumer {
+    streams: mpsc::UnboundedReceiver<PartitionStream>,
+    /// recv()'s merge of every stream (made on first use).
+    merged: Option<(mpsc::Sender<Batch>, mpsc::Receiver<Batch>)>,
     shared: Arc<Shared>,
     assignment: watch::Receiver<BTreeSet<Tp>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -229,14 +318,15 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Starts membership; batches flow once the first assignment arrives.
+    /// Starts membership; streams (and batches) flow once the first assignment arrives.
     pub fn start(
         cluster: Arc<Cluster>,
         config: ConsumerConfig,
         on_revoke: Option<RevokeHook>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(config.buffer_batches.max(1));
+        let (streams_tx, streams) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
+        shared.fetch_ok.store(true, Ordering::Relaxed);
         let (assign_tx, assignment) = watch::channel(BTreeSet::new());
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(
@@ -245,15 +335,18 @@ impl Consumer {
                 cluster,
                 config,
                 shared: shared.clone(),
-                tx,
+                streams_tx,
                 assign_tx,
-                fetchers: Vec::new(),
+                owned: HashMap::new(),
                 on_revoke,
+                last_ok: Instant::now(),
+                known_counts: None,
             }
             .run(stop_rx),
         );
         Self {
-            rx,
+            streams,
+            merged: None,
             shared,
             assignment,
             stop: Some(stop),
@@ -261,22 +354,34 @@ impl Consumer {
         }
     }
 
-    /// The next batch of any assigned partition; None once closed. Batches of partitions
-    /// revoked since they were fetched are skipped.
+    /// The next newly assigned partition; None once the consumer is closed (or stopped for
+    /// good: see [`fatal_error`](Self::fatal_error)).
+    pub async fn next_stream(&mut self) -> Option<PartitionStream> {
+        self.streams.recv().await
+    }
+
+    /// The next batch of any assigned partition, all streams merged (for simple callers; a
+    /// runner wants [`next_stream`](Self::next_stream) so no partition waits on another).
+    /// None once closed.
     pub async fn recv(&mut self) -> Option<Batch> {
+        let (tx, _) = self.merged.get_or_insert_with(|| mpsc::channel(8));
+        let tx = tx.clone();
         loop {
-            let batch = self.rx.recv().await?;
-            let mut parts = self.shared.lock();
-            let Some(s) = parts.get_mut(&(batch.topic.clone(), batch.partition)) else {
-                continue;
-            };
-            if s.epoch != batch.epoch {
-                continue;
+            let rx = &mut self.merged.as_mut().expect("made above").1;
+            tokio::select! {
+                s = self.streams.recv() => {
+                    let mut s = s?;
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        while let Some(b) = s.recv().await {
+                            if tx.send(b).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+                b = rx.recv() => return b,
             }
-            for r in &batch.records {
-                s.offsets.handed_out(r.offset);
-            }
-            return Some(batch);
         }
     }
 
@@ -289,13 +394,23 @@ impl Consumer {
         self.assignment.clone()
     }
 
-    /// True while the coordinator and the fetchers reach the cluster.
+    /// True while the member is in the group (a heartbeat answered within the session timeout)
+    /// and the fetchers reach the cluster.
     pub fn is_connected(&self) -> bool {
-        self.shared.connected.load(Ordering::Relaxed)
+        self.shared.group_ok.load(Ordering::Relaxed) && self.shared.fetch_ok.load(Ordering::Relaxed)
+    }
+
+    /// Why the member stopped for good, if it did (the caller should exit non-zero).
+    pub fn fatal_error(&self) -> Option<String> {
+        self.shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn in_flight(&self) -> usize {
-        self.shared.in_flight()
+        self.shared.in_flight(None)
     }
 
     /// Lag of each assigned partition: high watermark minus committed position.
@@ -319,9 +434,9 @@ impl Consumer {
         v
     }
 
-    /// Stops fetching, waits for in-flight records (drain timeout), commits, leaves the group.
-    /// Keep calling [`recv`](Self::recv)-side work to completion while this runs, or it waits
-    /// for the drain timeout.
+    /// Stops fetching, waits for in-flight records (drain timeout, heartbeating meanwhile),
+    /// commits, leaves the group. Keep completing records while this runs, or it waits for
+    /// the drain timeout.
     pub async fn close(&mut self) {
         self.begin_close();
         self.closed().await;
@@ -349,111 +464,244 @@ impl Drop for Consumer {
     }
 }
 
+/// A partition this member owns.
+struct Owned {
+    fetcher: JoinHandle<()>,
+    state: watch::Sender<StreamState>,
+}
+
 struct GroupTask {
     cluster: Arc<Cluster>,
     member: Member,
     config: ConsumerConfig,
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Batch>,
+    streams_tx: mpsc::UnboundedSender<PartitionStream>,
     assign_tx: watch::Sender<BTreeSet<Tp>>,
-    fetchers: Vec<JoinHandle<()>>,
+    owned: HashMap<Key, Owned>,
     on_revoke: Option<RevokeHook>,
+    /// The last answer from the coordinator (heartbeat, commit, join).
+    last_ok: Instant,
+    /// The input topics' partition counts when we last joined.
+    known_counts: Option<std::collections::BTreeMap<String, i32>>,
 }
 
+/// Why the member loop ended.
 enum Exit {
-    /// Rebalance announced: drain, commit, rejoin.
+    /// Rebalance announced: rejoin (eager: after draining and committing everything).
     Rebalance,
-    /// Our generation is gone: rejoin without committing.
-    Fenced,
+    /// Our generation is gone, or no heartbeat was answered within the session timeout: the
+    /// partitions are lost: stop their streams, commit nothing, rejoin.
+    Lost,
+    /// A group error no retry can fix.
+    Fatal(String),
     Stop,
 }
 
+/// Group errors that end the member: retrying cannot help.
+fn fatal_group_error(e: &Error) -> Option<String> {
+    use kafka_protocol::error::ResponseError as R;
+    let why = match e.broker_error()? {
+        R::FencedInstanceId => {
+            "another member uses the same group.instance.id (FENCED_INSTANCE_ID)"
+        }
+        R::GroupAuthorizationFailed => "not authorized to join the group",
+        R::InvalidSessionTimeout => {
+            "the broker refuses the session timeout (group.min/max.session.timeout.ms)"
+        }
+        R::InconsistentGroupProtocol => {
+            "the group's members share no assignment strategy with this member"
+        }
+        R::GroupMaxSizeReached => "the group is full (group.max.size)",
+        R::TopicAuthorizationFailed => "not authorized to read the input topic",
+        _ => return None,
+    };
+    Some(format!("{why}: {e}"))
+}
+
 impl GroupTask {
+    fn heartbeat_timeout(&self) -> Duration {
+        // Several tries fit in a session, as librdkafka's heartbeat timeouts do.
+        (self.config.group.session_timeout / 3)
+            .max(Duration::from_millis(200))
+            .min(Duration::from_secs(10))
+    }
+
     async fn run(mut self, mut stop: tokio::sync::oneshot::Receiver<()>) {
         let group = self.config.group.group_id.clone();
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
             let cluster = self.cluster.clone();
             let join = self
                 .member
                 .join(async move |topics: &[String]| cluster.partition_counts(topics).await);
+            let join_bound = self.config.group.rebalance_timeout + Duration::from_secs(10);
             let assignment = tokio::select! {
-                r = join => r,
+                r = tokio::time::timeout(join_bound, join) => r.unwrap_or(Err(Error::Timeout {
+                    call: "JoinGroup/SyncGroup",
+                    broker: String::new(),
+                    after: join_bound,
+                })),
                 _ = &mut stop => { self.shutdown(false).await; return; }
             };
             let assignment = match assignment {
                 Ok(a) => a,
                 Err(e) => {
-                    self.shared.connected.store(false, Ordering::Relaxed);
-                    tracing::warn!(%group, error = %e, retry_in = ?backoff, "join failed");
+                    if let Some(why) = fatal_group_error(&e) {
+                        return self.fail(why).await;
+                    }
+                    self.shared.group_ok.store(false, Ordering::Relaxed);
+                    // Whatever we owned is not ours any more once the session has run out.
+                    if !self.owned.is_empty()
+                        && self.last_ok.elapsed() > self.config.group.session_timeout
+                    {
+                        self.revoke_all(false).await;
+                    }
+                    let wait = backoff.next_wait();
+                    tracing::warn!(%group, error = %e, retry_in = ?wait, "join failed");
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = &mut stop => { self.shutdown(false).await; return; }
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
-            backoff = Duration::from_millis(200);
             tracing::info!(%group, generation = assignment.generation, member = self.member.member_id(),
-                partitions = ?assignment.partitions, "joined group");
-            if let Err(e) = self.assign(&assignment.partitions).await {
-                tracing::warn!(%group, error = %e, "could not start the assignment; rejoining");
-                self.revoke(false).await;
+                protocol = ?self.member.protocol(), partitions = ?assignment.partitions, "joined group");
+            // Reconcile: what left is drained and committed; what arrived starts.
+            let target: HashMap<Key, ()> =
+                assignment.partitions.iter().map(|t| (key(t), ())).collect();
+            let gone: Vec<Key> = self
+                .owned
+                .keys()
+                .filter(|k| !target.contains_key(*k))
+                .cloned()
+                .collect();
+            let cooperative = self.member.is_cooperative();
+            if !gone.is_empty() {
+                tracing::info!(%group, partitions = ?gone, "revoking partitions that moved");
+                if !self.revoke(&gone, true).await {
+                    continue;
+                }
+            }
+            let new: BTreeSet<Tp> = assignment
+                .partitions
+                .iter()
+                .filter(|t| !self.owned.contains_key(&key(t)))
+                .cloned()
+                .collect();
+            if let Err(e) = self.start(&new).await {
+                let wait = backoff.next_wait();
+                tracing::warn!(%group, error = %e, retry_in = ?wait, "could not start the assignment; rejoining");
+                // Nothing of the new partitions was handed out: drop them without a commit.
+                let started: Vec<Key> = new
+                    .iter()
+                    .map(key)
+                    .filter(|k| self.owned.contains_key(k))
+                    .collect();
+                self.revoke(&started, false).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut stop => { self.shutdown(true).await; return; }
+                }
                 continue;
             }
-            self.shared.connected.store(true, Ordering::Relaxed);
+            backoff.reset();
+            self.last_ok = Instant::now();
+            self.known_counts = self
+                .cluster
+                .partition_counts(&self.config.group.topics)
+                .await
+                .ok();
+            self.publish_assignment();
+            self.shared.group_ok.store(true, Ordering::Relaxed);
+            if cooperative && !gone.is_empty() {
+                // KIP-429: after revoking, rejoin so the partitions can move to their new owner.
+                continue;
+            }
             match self.member_loop(&mut stop).await {
                 Exit::Stop => {
                     self.shutdown(true).await;
                     return;
                 }
                 Exit::Rebalance => {
-                    tracing::info!(%group, "rebalance: draining and committing before rejoin");
-                    self.revoke(true).await;
+                    if cooperative {
+                        tracing::info!(%group, "rebalance: rejoining, partitions keep running");
+                    } else {
+                        tracing::info!(%group, "rebalance: draining and committing before rejoin");
+                        self.revoke_all(true).await;
+                    }
                 }
-                Exit::Fenced => {
-                    tracing::warn!(%group, "generation fenced: rejoining without commit");
-                    self.revoke(false).await;
+                Exit::Lost => {
+                    tracing::warn!(%group, "membership lost: stopping partitions without commit, rejoining");
+                    self.shared.group_ok.store(false, Ordering::Relaxed);
+                    self.revoke_all(false).await;
                 }
+                Exit::Fatal(why) => return self.fail(why).await,
             }
         }
     }
 
-    /// Reads committed positions, resolves the rest by the reset policy, starts fetchers.
-    async fn assign(&mut self, tps: &BTreeSet<Tp>) -> Result<()> {
+    /// Stops for good: partitions stop without commit, the caller learns why.
+    async fn fail(&mut self, why: String) {
+        tracing::error!(group = %self.config.group.group_id, "{why}");
+        *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.shared.group_ok.store(false, Ordering::Relaxed);
+        self.revoke_all(false).await;
+    }
+
+    fn publish_assignment(&self) {
+        self.assign_tx
+            .send_replace(self.owned.keys().map(tp).collect());
+    }
+
+    /// Reads committed positions of `tps`, resolves the rest by the reset policy, starts a
+    /// fetcher and hands out a stream for each.
+    async fn start(&mut self, tps: &BTreeSet<Tp>) -> Result<()> {
+        if tps.is_empty() {
+            return Ok(());
+        }
         let committed = self.member.committed(tps).await?;
-        let epoch = self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut states = HashMap::new();
+        let mut starts = Vec::new();
         for tp in tps {
             let c = committed.get(tp).copied().flatten();
             let start = match c {
                 Some(o) => o,
                 None => self.reset_position(tp).await?,
             };
-            states.insert(
-                key(tp),
+            starts.push((tp.clone(), start, c));
+        }
+        for (tp, start, c) in starts {
+            let epoch = self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            let k = key(&tp);
+            self.shared.lock().insert(
+                k.clone(),
                 PartitionState {
                     offsets: PartitionOffsets::new(start, c),
                     epoch,
                     high_watermark: start,
                 },
             );
-        }
-        *self.shared.lock() = states;
-        for tp in tps {
-            let start = self.shared.lock()[&key(tp)].offsets.next_fetch();
-            self.fetchers.push(tokio::spawn(fetcher(
+            let (tx, rx) = mpsc::channel(self.config.buffer_batches.max(1));
+            let (state, state_rx) = watch::channel(StreamState::Active);
+            let fetcher = tokio::spawn(fetcher(
                 self.cluster.clone(),
                 self.config.clone(),
                 self.shared.clone(),
-                self.tx.clone(),
+                tx,
                 tp.clone(),
                 start,
                 epoch,
-            )));
+            ));
+            self.owned.insert(k.clone(), Owned { fetcher, state });
+            let _ = self.streams_tx.send(PartitionStream {
+                topic: k.0.clone(),
+                partition: k.1,
+                epoch,
+                rx,
+                state: state_rx,
+                shared: self.shared.clone(),
+            });
         }
-        self.assign_tx.send_replace(tps.clone());
         Ok(())
     }
 
@@ -472,103 +720,207 @@ impl GroupTask {
         .await
     }
 
+    /// One heartbeat, bounded by the heartbeat timeout (reconnecting included).
+    async fn heartbeat(&mut self) -> Result<()> {
+        let after = self.heartbeat_timeout();
+        match tokio::time::timeout(after, self.member.heartbeat(after)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.member.drop_coordinator();
+                Err(Error::Timeout {
+                    call: "Heartbeat",
+                    broker: String::new(),
+                    after,
+                })
+            }
+        }
+    }
+
     async fn member_loop(&mut self, stop: &mut tokio::sync::oneshot::Receiver<()>) -> Exit {
         let cfg = self.config.clone();
         let mut heartbeat = tokio::time::interval(cfg.group.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut commit = tokio::time::interval(cfg.commit_interval);
-        commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_ok = Instant::now();
+        // A slow sweep in case a completion's notice was missed.
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_commit = tokio::time::Instant::now();
+        let mut commit_at: Option<tokio::time::Instant> = None;
+        let mut metadata = tokio::time::interval(cfg.metadata_refresh);
+        metadata.tick().await;
         loop {
-            // Ok(false): nothing was said to the broker (nothing to commit), so no news.
+            let at = commit_at.unwrap_or_else(tokio::time::Instant::now);
             let r = tokio::select! {
-                _ = heartbeat.tick() => self.member.heartbeat().await.map(|()| true),
-                _ = commit.tick() => self.commit().await,
+                _ = heartbeat.tick() => self.heartbeat().await,
+                _ = self.shared.completed.notified(), if commit_at.is_none() => {
+                    commit_at = Some(at.max(last_commit + cfg.commit_interval));
+                    continue;
+                }
+                _ = tokio::time::sleep_until(at), if commit_at.is_some() => {
+                    commit_at = None;
+                    last_commit = tokio::time::Instant::now();
+                    self.commit(None).await
+                }
+                _ = sweep.tick() => self.commit(None).await,
+                _ = metadata.tick() => {
+                    if self.partitions_changed().await {
+                        tracing::info!(group = %cfg.group.group_id, "input partitions changed: rejoining");
+                        return Exit::Rebalance;
+                    }
+                    continue;
+                }
                 _ = &mut *stop => return Exit::Stop,
             };
             match r {
-                Ok(false) => {}
-                Ok(true) => {
-                    last_ok = Instant::now();
-                    self.shared.connected.store(true, Ordering::Relaxed);
+                Ok(()) => {
+                    self.last_ok = Instant::now();
+                    self.shared.group_ok.store(true, Ordering::Relaxed);
                 }
                 Err(e) => {
                     use kafka_protocol::error::ResponseError as R;
+                    if let Some(why) = fatal_group_error(&e) {
+                        return Exit::Fatal(why);
+                    }
                     match e.broker_error() {
                         Some(R::RebalanceInProgress) => return Exit::Rebalance,
-                        Some(R::IllegalGeneration | R::UnknownMemberId | R::FencedInstanceId) => {
-                            return Exit::Fenced;
-                        }
+                        Some(R::IllegalGeneration | R::UnknownMemberId) => return Exit::Lost,
                         _ => {}
                     }
-                    self.shared.connected.store(false, Ordering::Relaxed);
+                    self.shared.group_ok.store(false, Ordering::Relaxed);
                     tracing::warn!(group = %cfg.group.group_id, error = %e, "coordinator call failed");
-                    if last_ok.elapsed() > cfg.group.session_timeout {
-                        // The coordinator has dropped us by now.
-                        return Exit::Fenced;
+                    if self.last_ok.elapsed() > cfg.group.session_timeout {
+                        // The coordinator has given our partitions away by now.
+                        return Exit::Lost;
                     }
                 }
             }
         }
     }
 
-    /// Commits what moved; Ok(false) when there was nothing to commit (no broker call).
-    async fn commit(&mut self) -> Result<bool> {
-        let positions = self.shared.positions_to_commit();
+    /// True when a subscribed topic's partition count differs from what the group assigned
+    /// (checked by the leader's next assignment after a rejoin).
+    async fn partitions_changed(&mut self) -> bool {
+        let Ok(counts) = self
+            .cluster
+            .partition_counts(&self.config.group.topics)
+            .await
+        else {
+            return false;
+        };
+        self.known_counts.as_ref().is_some_and(|k| *k != counts)
+    }
+
+    /// Commits what moved (of `only`, or of every owned partition). Ok when nothing to commit.
+    async fn commit(&mut self, only: Option<&[Key]>) -> Result<()> {
+        let positions = self.shared.positions_to_commit(only);
         if positions.is_empty() {
-            return Ok(false);
+            return Ok(());
         }
         self.member.commit(&positions).await?;
         tracing::debug!(?positions, "committed");
         self.shared.mark_committed(&positions);
-        Ok(true)
+        Ok(())
     }
 
-    /// Stops fetchers; with `drain`, waits for in-flight records and commits.
-    async fn revoke(&mut self, drain: bool) {
-        for f in self.fetchers.drain(..) {
-            f.abort();
+    async fn revoke_all(&mut self, drain: bool) {
+        let all: Vec<Key> = self.owned.keys().cloned().collect();
+        self.revoke(&all, drain).await;
+    }
+
+    /// Stops `keys`: with `drain`, their streams first finish in-flight records (drain timeout,
+    /// heartbeats going on) and what completed is committed; then the streams are revoked.
+    /// False when the membership was lost meanwhile (then everything was revoked).
+    async fn revoke(&mut self, keys: &[Key], drain: bool) -> bool {
+        if keys.is_empty() {
+            return true;
         }
-        let tps: Vec<Tp> = self.shared.lock().keys().map(tp).collect();
-        if drain && !tps.is_empty() {
-            if let Some(hook) = &self.on_revoke {
-                hook(tps.clone()).await;
+        let mut still_member = true;
+        for k in keys {
+            if let Some(o) = self.owned.get(k) {
+                o.fetcher.abort();
+                o.state.send_replace(StreamState::Draining);
             }
-            self.drain().await;
-            if let Err(e) = self.commit().await {
+        }
+        if drain {
+            if let Some(hook) = &self.on_revoke {
+                hook(keys.iter().map(tp).collect()).await;
+            }
+            still_member = self.drain(keys).await;
+            if still_member && let Err(e) = self.commit(Some(keys)).await {
                 tracing::warn!(error = %e, "commit on revoke failed; the next owner may redo some records");
             }
         }
-        self.shared.lock().clear();
-        self.assign_tx.send_replace(BTreeSet::new());
+        for k in keys {
+            if let Some(o) = self.owned.remove(k) {
+                o.state.send_replace(StreamState::Revoked);
+            }
+            self.shared.lock().remove(k);
+        }
+        self.publish_assignment();
+        if !still_member {
+            self.shared.group_ok.store(false, Ordering::Relaxed);
+            let rest: Vec<Key> = self.owned.keys().cloned().collect();
+            for k in rest {
+                if let Some(o) = self.owned.remove(&k) {
+                    o.fetcher.abort();
+                    o.state.send_replace(StreamState::Revoked);
+                }
+                self.shared.lock().remove(&k);
+            }
+            self.publish_assignment();
+        }
+        still_member
     }
 
-    async fn drain(&self) {
+    /// Waits until `keys` have nothing in flight (or the drain timeout), heartbeating so the
+    /// member stays in the group. False when the membership was lost meanwhile.
+    async fn drain(&mut self, keys: &[Key]) -> bool {
         let deadline = tokio::time::Instant::now() + self.config.drain_timeout;
+        let mut heartbeat = tokio::time::interval(self.config.group.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
         loop {
-            let waiting = self.shared.drained.notified();
-            let left = self.shared.in_flight();
+            let shared = self.shared.clone();
+            let waiting = shared.drained.notified();
+            let left = self.shared.in_flight(Some(keys));
             if left == 0 {
-                return;
+                return true;
             }
-            if tokio::time::timeout_at(deadline, waiting).await.is_err() {
-                tracing::warn!(
-                    in_flight = left,
-                    "drain timeout: committing what is complete"
-                );
-                return;
+            tokio::select! {
+                _ = waiting => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(in_flight = left, "drain timeout: committing what is complete");
+                    return true;
+                }
+                _ = heartbeat.tick() => {
+                    use kafka_protocol::error::ResponseError as R;
+                    match self.heartbeat().await {
+                        // During a rebalance the coordinator still counts these heartbeats.
+                        Ok(()) => self.last_ok = Instant::now(),
+                        Err(e) if e.broker_error() == Some(R::RebalanceInProgress) => self.last_ok = Instant::now(),
+                        Err(e) if matches!(e.broker_error(), Some(R::IllegalGeneration | R::UnknownMemberId | R::FencedInstanceId)) => {
+                            tracing::warn!(error = %e, "membership lost while draining: nothing committed");
+                            return false;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "heartbeat failed while draining");
+                            if self.last_ok.elapsed() > self.config.group.session_timeout {
+                                return false;
+                            }
+                        }
+                    }
+                }
             }
         }
     }
 
     async fn shutdown(&mut self, joined: bool) {
         if joined {
-            self.revoke(true).await;
+            self.revoke_all(true).await;
             if let Err(e) = self.member.leave().await {
                 tracing::warn!(error = %e, "leave group failed");
             }
         } else {
-            self.revoke(false).await;
+            self.revoke_all(false).await;
         }
     }
 }
@@ -583,7 +935,7 @@ async fn fetcher(
     epoch: u64,
 ) {
     let topic_arc: Arc<str> = Arc::from(topic.as_str());
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut client = None;
     let timeout = cluster.request_timeout + cfg.fetch_max_wait;
     loop {
@@ -595,10 +947,10 @@ async fn fetcher(
                     c
                 }
                 Err(e) => {
-                    shared.connected.store(false, Ordering::Relaxed);
-                    tracing::warn!(%topic, partition, error = %e, retry_in = ?backoff, "fetcher: no leader");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    shared.fetch_ok.store(false, Ordering::Relaxed);
+                    let wait = backoff.next_wait();
+                    tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "fetcher: no leader");
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             },
@@ -616,8 +968,8 @@ async fn fetcher(
         .await;
         match r {
             Ok((records, hwm)) => {
-                backoff = Duration::from_millis(100);
-                shared.connected.store(true, Ordering::Relaxed);
+                backoff.reset();
+                shared.fetch_ok.store(true, Ordering::Relaxed);
                 if let Some(s) = shared.lock().get_mut(&(topic_arc.clone(), partition))
                     && s.epoch == epoch
                 {
@@ -674,16 +1026,18 @@ async fn fetcher(
                     }
                     Err(e) => {
                         tracing::warn!(%topic, partition, error = %e, "offset reset failed");
-                        tokio::time::sleep(backoff).await;
+                        tokio::time::sleep(backoff.next_wait()).await;
                     }
                 }
             }
             Err(e) => {
-                shared.connected.store(false, Ordering::Relaxed);
-                tracing::warn!(%topic, partition, error = %e, retry_in = ?backoff, "fetch failed");
+                shared.fetch_ok.store(false, Ordering::Relaxed);
+                let wait = backoff.next_wait();
+                tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "fetch failed");
+                // A new client, a new connection: a half-open one is never reused.
                 client = None;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                cluster.forget_partition(&topic, partition).await;
+                tokio::time::sleep(wait).await;
             }
         }
     }

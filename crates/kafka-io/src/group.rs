@@ -99,6 +99,23 @@ impl Member {
         &self.member_id
     }
 
+    /// The assignment protocol the coordinator chose at the last join.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
+    }
+
+    /// True when the group runs the cooperative protocol (KIP-429): partitions that do not
+    /// move keep running through a rebalance.
+    pub fn is_cooperative(&self) -> bool {
+        self.protocol.as_deref() == Some("cooperative-sticky")
+    }
+
+    /// Forgets the coordinator connection (after a timeout): the next call finds it again on
+    /// a new connection.
+    pub fn drop_coordinator(&mut self) {
+        self.coordinator = None;
+    }
+
     /// Forgets the member id (after UNKNOWN_MEMBER_ID): the next join starts fresh.
     pub fn reset_member(&mut self) {
         self.member_id.clear();
@@ -224,11 +241,11 @@ impl Member {
                     self.member_id = r.member_id.to_string();
                     continue;
                 }
-                Some(ResponseError::UnknownMemberId) => {
-                    self.reset_member();
-                    return Err(broker_error("JoinGroup", r.error_code, None));
+                Some(_) => {
+                    // Clears the member (UNKNOWN_MEMBER_ID) or the coordinator (NOT_COORDINATOR,
+                    // COORDINATOR_NOT_AVAILABLE) as the code says.
+                    self.check("JoinGroup", r.error_code)?;
                 }
-                Some(_) => return Err(broker_error("JoinGroup", r.error_code, None)),
             }
         }
         let resp = resp.ok_or_else(|| Error::Protocol {
@@ -296,13 +313,7 @@ impl Member {
                 c.send_with_timeout(req, v, "SyncGroup", join_timeout).await
             })
             .await?;
-        if sync.error_code != 0 {
-            if ResponseError::try_from_code(sync.error_code) == Some(ResponseError::UnknownMemberId)
-            {
-                self.reset_member();
-            }
-            return Err(broker_error("SyncGroup", sync.error_code, None));
-        }
+        self.check("SyncGroup", sync.error_code)?;
         let partitions =
             assignor::decode_assignment(sync.assignment).map_err(|why| Error::Protocol {
                 call: "SyncGroup",
@@ -317,7 +328,7 @@ impl Member {
 
     /// One heartbeat. REBALANCE_IN_PROGRESS, ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID and
     /// FENCED_INSTANCE_ID come back as `Error::Broker`: the caller revokes and rejoins.
-    pub async fn heartbeat(&mut self) -> Result<()> {
+    pub async fn heartbeat(&mut self, timeout: Duration) -> Result<()> {
         let (group, member, generation, instance) = (
             self.config.group_id.clone(),
             self.member_id.clone(),
@@ -334,7 +345,7 @@ impl Member {
                 if v >= 3 {
                     req = req.with_group_instance_id(instance.as_deref().map(s));
                 }
-                c.send(req, v, "Heartbeat").await
+                c.send_with_timeout(req, v, "Heartbeat", timeout).await
             })
             .await?;
         self.check("Heartbeat", resp.error_code)

@@ -8,6 +8,7 @@
 //! own connection ([`conn`]) with kafka-protocol's message types.
 
 pub mod assignor;
+pub mod backoff;
 pub mod cluster;
 pub mod conn;
 pub mod consumer;
@@ -22,11 +23,12 @@ pub mod tls;
 
 pub use cluster::Cluster;
 pub use consumer::{
-    Acker, Batch, Consumer, ConsumerConfig, InRecord, OffsetReset, PartitionLag, Token,
+    Acker, Batch, Consumer, ConsumerConfig, InRecord, OffsetReset, PartitionLag, PartitionStream,
+    StreamState, Token,
 };
 pub use error::{ConfigError, Error, Result, TlsError};
 pub use group::GroupConfig;
-pub use producer::{CompressionCodec, Delivery, OutRecord, Producer, ProducerConfig};
+pub use producer::{CompressionCodec, Delivery, OutRecord, ProduceError, Producer, ProducerConfig};
 pub use secret::Secret;
 pub use settings::{
     ConnectionSettings, PemSource, SaslMechanism, SaslSettings, SecurityProtocol, TlsSettings,

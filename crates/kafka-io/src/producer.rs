@@ -1,7 +1,12 @@
 //! The producer: one task per target partition that batches queued records (linger, size cap),
 //! sends one batch at a time with acks=all, and retries a failed batch with capped backoff before
 //! any later one, so records land in the order they were queued. Each record gets a
-//! [`Delivery`] that resolves to its offset once the broker has acknowledged it.
+//! [`Delivery`] that resolves to its offset once the broker has acknowledged it, or to a
+//! [`ProduceError`] that says why it never will be (too large, rejected, topic missing).
+//!
+//! Sizes: a batch never exceeds the topic's limit (the broker's `max.message.bytes` where it
+//! reports it, capped by `max_request_size` as Java's `max.request.size`); a single record above
+//! that limit is refused before it is sent ([`Producer::check_size`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -27,16 +32,56 @@ pub struct OutRecord {
     pub headers: Vec<(String, Bytes)>,
 }
 
+/// Bytes of a record batch header (magic v2), before its records.
+const BATCH_OVERHEAD: usize = 61;
+
 impl OutRecord {
-    fn size(&self) -> usize {
+    /// An upper bound of the record's encoded size inside a batch (varints at their widest).
+    pub fn size(&self) -> usize {
         self.key.as_ref().map_or(0, Bytes::len)
             + self.value.as_ref().map_or(0, Bytes::len)
             + self
                 .headers
                 .iter()
-                .map(|(k, v)| k.len() + v.len())
+                .map(|(k, v)| k.len() + v.len() + 10)
                 .sum::<usize>()
-            + 32
+            + 36
+    }
+
+    /// The size of a batch holding only this record.
+    pub fn batch_size(&self) -> usize {
+        self.size() + BATCH_OVERHEAD
+    }
+}
+
+/// Why a record will not be written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProduceError {
+    /// The record alone is above the topic's limit: retrying cannot help.
+    #[error("record of {size} bytes is larger than the {max} bytes topic {topic} accepts")]
+    TooLarge {
+        topic: String,
+        size: usize,
+        max: usize,
+    },
+    #[error("topic {0} does not exist")]
+    UnknownTopic(String),
+    /// The broker refused the batch for good (authorization, invalid record, ...).
+    #[error("the broker rejected the record for topic {topic}: {why}")]
+    Rejected { topic: String, why: String },
+    #[error("the producer is closed")]
+    Closed,
+}
+
+impl ProduceError {
+    /// A short stable name for headers and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too-large",
+            Self::UnknownTopic(_) => "unknown-topic",
+            Self::Rejected { .. } => "rejected",
+            Self::Closed => "closed",
+        }
     }
 }
 
@@ -81,7 +126,9 @@ impl From<CompressionCodec> for Compression {
 #[derive(Clone, Debug)]
 pub struct ProducerConfig {
     pub linger: Duration,
-    pub max_batch_bytes: usize,
+    /// Largest produce batch (and so largest record) sent, as Java's `max.request.size`; the
+    /// topic's `max.message.bytes` lowers it where the broker reports it.
+    pub max_request_size: usize,
     pub compression: CompressionCodec,
     /// Records queued per partition before `send` waits (bounds memory).
     pub queue_per_partition: usize,
@@ -93,7 +140,7 @@ impl Default for ProducerConfig {
     fn default() -> Self {
         Self {
             linger: Duration::from_millis(2),
-            max_batch_bytes: 1024 * 1024,
+            max_request_size: 1024 * 1024,
             compression: CompressionCodec::None,
             queue_per_partition: 10_000,
             max_backoff: Duration::from_secs(5),
@@ -102,23 +149,24 @@ impl Default for ProducerConfig {
 }
 
 /// Resolves to the record's offset once the broker acknowledged it (acks=all).
-pub struct Delivery(oneshot::Receiver<Result<i64, String>>);
+pub struct Delivery(oneshot::Receiver<Result<i64, ProduceError>>);
 
 impl Delivery {
-    pub async fn wait(self) -> Result<i64> {
+    pub async fn wait(self) -> Result<i64, ProduceError> {
         match self.0.await {
-            Ok(Ok(o)) => Ok(o),
-            Ok(Err(why)) => Err(Error::Io {
-                call: "Produce",
-                broker: String::new(),
-                why,
-            }),
-            Err(_) => Err(Error::Closed),
+            Ok(r) => r,
+            Err(_) => Err(ProduceError::Closed),
         }
+    }
+
+    fn failed(e: ProduceError) -> Self {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Err(e));
+        Self(rx)
     }
 }
 
-type Queued = (OutRecord, oneshot::Sender<Result<i64, String>>);
+type Queued = (OutRecord, oneshot::Sender<Result<i64, ProduceError>>);
 
 pub struct Producer {
     cluster: Arc<Cluster>,
@@ -126,6 +174,8 @@ pub struct Producer {
     /// topic -> partition -> that partition's writer (looked up without allocating).
     queues: Mutex<HashMap<String, HashMap<i32, mpsc::Sender<Queued>>>>,
     counts: Mutex<HashMap<String, i32>>,
+    /// topic -> largest batch it accepts.
+    limits: Mutex<HashMap<String, usize>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -136,8 +186,41 @@ impl Producer {
             config,
             queues: Mutex::new(HashMap::new()),
             counts: Mutex::new(HashMap::new()),
+            limits: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The largest batch `topic` accepts: `max_request_size`, lowered by the topic's
+    /// `max.message.bytes` when the broker reports it (asked once per topic).
+    pub async fn max_batch_bytes(&self, topic: &str) -> usize {
+        if let Some(n) = self.limits.lock().await.get(topic) {
+            return *n;
+        }
+        let n = match self.cluster.topic_max_message_bytes(topic).await {
+            Ok(Some(m)) => m.min(self.config.max_request_size),
+            Ok(None) => self.config.max_request_size,
+            Err(e) => {
+                tracing::debug!(%topic, error = %e, "max.message.bytes unknown; using max_request_size");
+                self.config.max_request_size
+            }
+        };
+        self.limits.lock().await.insert(topic.to_owned(), n);
+        n
+    }
+
+    /// Refuses a record that cannot fit in a batch for `topic` (before it is queued).
+    pub async fn check_size(&self, topic: &str, record: &OutRecord) -> Result<(), ProduceError> {
+        let max = self.max_batch_bytes(topic).await;
+        let size = record.batch_size();
+        if size > max {
+            return Err(ProduceError::TooLarge {
+                topic: topic.to_owned(),
+                size,
+                max,
+            });
+        }
+        Ok(())
     }
 
     /// The partition count of `topic` (cached after the first look-up).
@@ -169,6 +252,9 @@ impl Producer {
             (None, Some(k)) => partition_for_key(k, self.partition_count(topic).await?),
             (None, None) => 0,
         };
+        if let Err(e) = self.check_size(topic, &record).await {
+            return Ok(Delivery::failed(e));
+        }
         let tx = self.queue(topic, partition).await;
         let (done, rx) = oneshot::channel();
         tx.send((record, done)).await.map_err(|_| Error::Closed)?;
@@ -181,11 +267,13 @@ impl Producer {
             return q.clone();
         }
         let (tx, rx) = mpsc::channel(self.config.queue_per_partition);
+        let max_batch = self.max_batch_bytes(topic).await;
         let task = tokio::spawn(partition_writer(
             self.cluster.clone(),
             self.config.clone(),
             topic.to_owned(),
             partition,
+            max_batch,
             rx,
         ));
         self.tasks.lock().await.push(task);
@@ -222,21 +310,30 @@ async fn partition_writer(
     cfg: ProducerConfig,
     topic: String,
     partition: i32,
+    max_batch: usize,
     mut rx: mpsc::Receiver<Queued>,
 ) {
     let mut client = None;
     let mut backoff = Duration::from_millis(50);
     let mut batch: Vec<Queued> = Vec::new();
+    // A record taken from the queue that did not fit in the last batch: it starts the next one.
+    let mut carry: Option<Queued> = None;
+    // Since when the partition's leader cannot be found (a deleted topic ends the wait).
+    let mut leaderless_since: Option<tokio::time::Instant> = None;
     loop {
         if batch.is_empty() {
-            match rx.recv().await {
-                Some(q) => batch.push(q),
-                None => return,
-            }
-            // Linger for more, up to the batch size.
+            let first = match carry.take() {
+                Some(q) => q,
+                None => match rx.recv().await {
+                    Some(q) => q,
+                    None => return,
+                },
+            };
+            // Linger for more, up to the batch size (never past it).
             let deadline = tokio::time::Instant::now() + cfg.linger;
-            let mut bytes = batch[0].0.size();
-            while bytes < cfg.max_batch_bytes {
+            let mut bytes = BATCH_OVERHEAD + first.0.size();
+            batch.push(first);
+            loop {
                 let next = match rx.try_recv() {
                     Ok(q) => Some(q),
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
@@ -246,23 +343,35 @@ async fn partition_writer(
                             .unwrap_or_default()
                     }
                 };
-                match next {
-                    Some(q) => {
-                        bytes += q.0.size();
-                        batch.push(q);
-                    }
-                    None => break,
+                let Some(q) = next else { break };
+                let size = q.0.size();
+                if bytes + size > max_batch {
+                    carry = Some(q);
+                    break;
                 }
+                bytes += size;
+                batch.push(q);
             }
         }
         let pc = match &client {
             Some(c) => Arc::clone(c),
             None => match cluster.partition(&topic, partition).await {
                 Ok(c) => {
+                    leaderless_since = None;
                     client = Some(c.clone());
                     c
                 }
                 Err(e) => {
+                    let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
+                    if matches!(e, Error::UnknownTopic(_))
+                        || (is_unknown_topic(&e) && since.elapsed() >= cluster.request_timeout)
+                    {
+                        tracing::error!(%topic, partition, error = %e, "producer: topic does not exist");
+                        for (_, done) in batch.drain(..) {
+                            let _ = done.send(Err(ProduceError::UnknownTopic(topic.clone())));
+                        }
+                        continue;
+                    }
                     tracing::warn!(%topic, partition, error = %e, "producer: partition leader unknown, retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(cfg.max_backoff);
@@ -300,18 +409,54 @@ async fn partition_writer(
             }
             Err(e) if is_fatal_produce(&e) => {
                 tracing::error!(%topic, partition, error = %e, "producer: batch rejected");
-                let why = e.to_string();
-                for (_, done) in batch.drain(..) {
-                    let _ = done.send(Err(why.clone()));
+                let too_large = is_too_large(&e);
+                for (r, done) in batch.drain(..) {
+                    let err = if too_large {
+                        ProduceError::TooLarge {
+                            topic: topic.clone(),
+                            size: r.batch_size(),
+                            max: max_batch,
+                        }
+                    } else {
+                        ProduceError::Rejected {
+                            topic: topic.clone(),
+                            why: e.to_string(),
+                        }
+                    };
+                    let _ = done.send(Err(err));
                 }
             }
             Err(e) => {
                 tracing::warn!(%topic, partition, error = %e, retry_in = ?backoff, "producer: batch failed, retrying");
                 client = None;
+                cluster.forget_partition(&topic, partition).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(cfg.max_backoff);
             }
         }
+    }
+}
+
+fn is_too_large(e: &Error) -> bool {
+    use rskafka::client::error::{Error as RsError, ProtocolError as P};
+    matches!(
+        e,
+        Error::Client(RsError::ServerError {
+            protocol_error: P::MessageTooLarge | P::RecordListTooLarge,
+            ..
+        })
+    )
+}
+
+fn is_unknown_topic(e: &Error) -> bool {
+    use rskafka::client::error::{Error as RsError, ProtocolError as P};
+    match e {
+        Error::Client(RsError::ServerError {
+            protocol_error: P::UnknownTopicOrPartition,
+            ..
+        }) => true,
+        Error::Client(e) => e.to_string().contains("UnknownTopicOrPartition"),
+        _ => false,
     }
 }
 

@@ -86,6 +86,20 @@ pub struct RunArgs {
     /// Fetch max wait at the broker (latency follows it on some brokers). Default 20ms.
     #[arg(long, env = "KAFKA_FETCH_MAX_WAIT")]
     pub fetch_max_wait: Option<String>,
+    /// Largest produce request, and so largest answer, in bytes (Kafka's max.request.size);
+    /// lowered to the output topic's max.message.bytes where the broker reports it. An answer
+    /// above it gets an error record (kind answer-too-large). Default 1048576.
+    #[arg(long, env = "KAFKA_MAX_REQUEST_SIZE")]
+    pub max_request_size: Option<usize>,
+    /// Attempts of a record whose model call times out or loses its connection while other
+    /// records get answers (a poison payload) before it gets an error record. A model that
+    /// fails every record (refused, 503) is waited for instead. Default 3.
+    #[arg(long, env = "KAFKA_INFER_MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+    /// How soon finished records are committed (the longest a commit waits after one
+    /// completes). Shorter means fewer records redone after a crash. Default 20ms.
+    #[arg(long, env = "KAFKA_COMMIT_INTERVAL")]
+    pub commit_interval: Option<String>,
     /// Output compression: none, gzip, snappy, lz4, zstd. Default none.
     #[arg(long, env = "KAFKA_COMPRESSION")]
     pub compression: Option<String>,
@@ -102,6 +116,11 @@ pub struct RunArgs {
     /// Runtime worker threads (default: the CPUs available; 1 runs everything on one thread).
     #[arg(long, env = "KAFKA_INFER_THREADS")]
     pub threads: Option<usize>,
+    /// Largest tensor a record may expand to when transcoded, in bytes of memory (each value
+    /// counts 32 bytes, strings add their length); also the limit for all tensors of one
+    /// record. Larger ones get an error record (kind tensor-too-large). Default 67108864 (64 MiB).
+    #[arg(long, env = "KAFKA_INFER_MAX_TENSOR_BYTES")]
+    pub max_tensor_bytes: Option<u64>,
     /// Print the resolved configuration as JSON (no secrets) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -139,8 +158,13 @@ pub struct Config {
     pub retry_max_backoff: Duration,
     pub fetch_max_wait: Duration,
     pub compression: kafka_io::CompressionCodec,
+    pub max_request_size: usize,
+    pub max_attempts: u32,
+    pub commit_interval: Duration,
     pub descriptor_sets: Vec<PathBuf>,
     pub log_format: LogFormat,
+    /// Per-tensor (and per-record) limit on what transcoding expands (codec::Limits).
+    pub max_tensor_bytes: u64,
 }
 
 /// The range of each duration setting, by environment variable.
@@ -470,8 +494,26 @@ impl Config {
                 .unwrap_or_else(|| "none".into())
                 .parse()
                 .map_err(|e: String| anyhow!("KAFKA_COMPRESSION: {e}"))?,
+            max_request_size: match args.max_request_size {
+                Some(n) if !(1024..=1 << 30).contains(&n) => {
+                    bail!("--max-request-size: {n} is outside 1024..=1073741824 bytes")
+                }
+                Some(n) => n,
+                None => 1024 * 1024,
+            },
+            max_attempts: match args.max_attempts {
+                Some(0) => bail!("--max-attempts: must be at least 1"),
+                Some(n) => n,
+                None => 3,
+            },
+            commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "20ms")?,
             descriptor_sets: args.descriptor_sets.clone(),
             log_format: args.log_format.unwrap_or_default(),
+            max_tensor_bytes: match args.max_tensor_bytes {
+                Some(0) => bail!("--max-tensor-bytes: must be at least 1"),
+                Some(n) => n,
+                None => codec::Limits::DEFAULT_MAX_TENSOR_BYTES,
+            },
         })
     }
 }
@@ -503,10 +545,14 @@ impl Config {
             "graph": self.graph.summary(),
             "model_path": self.model_path,
             "max_in_flight": self.max_in_flight,
+            "max_tensor_bytes": self.max_tensor_bytes,
             "metrics_addr": self.metrics_addr.to_string(),
             "session_timeout_ms": self.session_timeout.as_millis() as u64,
             "auto_offset_reset": format!("{:?}", self.auto_offset_reset),
             "drain_timeout_ms": self.drain_timeout.as_millis() as u64,
+            "max_request_size": self.max_request_size,
+            "max_attempts": self.max_attempts,
+            "commit_interval_ms": self.commit_interval.as_millis() as u64,
         })
     }
 }

@@ -38,6 +38,8 @@ pub enum CallError {
     BadRoute { node: String, branch: i64 },
     #[error("stopped while retrying: {0}")]
     Stopped(ModelError),
+    #[error("gave up after {attempts} attempts while the model answered other records: {last}")]
+    GaveUp { attempts: u32, last: ModelError },
 }
 
 impl CallError {
@@ -47,6 +49,7 @@ impl CallError {
             Self::Model(e) => e.kind(),
             Self::BadRoute { .. } => "bad-route",
             Self::Stopped(_) => "stopped",
+            Self::GaveUp { last, .. } => last.kind(),
         }
     }
 }
@@ -71,6 +74,9 @@ pub struct Graph {
     protocol: Protocol,
     transcoder: Transcoder,
     retry_max_backoff: Duration,
+    max_attempts: u32,
+    /// Successful model calls so far: evidence that the model is up while a record keeps failing.
+    successes: std::sync::atomic::AtomicU64,
     metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -125,6 +131,8 @@ impl Graph {
             protocol: cfg.protocol,
             transcoder,
             retry_max_backoff: cfg.retry_max_backoff,
+            max_attempts: cfg.max_attempts,
+            successes: std::sync::atomic::AtomicU64::new(0),
             metrics,
             stop,
         })
@@ -306,14 +314,20 @@ impl Graph {
     }
 
     /// Retries retryable failures with capped exponential backoff until success, a final
-    /// error, or shutdown.
+    /// error, or shutdown. Poison isolation: failures that may be this request's fault (see
+    /// [`ModelError::may_be_the_request`]) count as attempts; after `max_attempts` of them, if
+    /// the model answered other calls meanwhile, the record gets a final error. Otherwise the
+    /// model is down for everyone and the call keeps waiting.
     async fn retrying<F, Fut>(&self, mut f: F) -> Result<Bytes, CallError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Bytes, ModelError>>,
     {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut backoff = Duration::from_millis(50);
         let mut stop = self.stop.clone();
+        let mut attempts = 0u32;
+        let mut successes_at_first_failure = None;
         loop {
             let start = std::time::Instant::now();
             let r = f().await;
@@ -321,8 +335,19 @@ impl Graph {
                 .model_duration
                 .observe(start.elapsed().as_secs_f64());
             match r {
-                Ok(b) => return Ok(b),
+                Ok(b) => {
+                    self.successes.fetch_add(1, Relaxed);
+                    return Ok(b);
+                }
                 Err(e) if e.is_retryable() => {
+                    if e.may_be_the_request() {
+                        attempts += 1;
+                        let first =
+                            *successes_at_first_failure.get_or_insert(self.successes.load(Relaxed));
+                        if attempts >= self.max_attempts && self.successes.load(Relaxed) > first {
+                            return Err(CallError::GaveUp { attempts, last: e });
+                        }
+                    }
                     self.metrics.record("retry");
                     tracing::warn!(error = %e, retry_in = ?backoff, "model call failed, retrying");
                     if *stop.borrow() {

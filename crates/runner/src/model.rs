@@ -47,6 +47,27 @@ impl ModelError {
         }
     }
 
+    /// A retryable failure that may be this request's fault (a payload that hangs or crashes
+    /// the model): a timeout, a connection lost mid-call, a gateway error. Refused connections,
+    /// 429 and 503 say the model is down or busy for everyone.
+    pub fn may_be_the_request(&self) -> bool {
+        match self {
+            Self::Timeout { .. } => true,
+            Self::Unreachable { why, .. } => {
+                let w = why.to_ascii_lowercase();
+                !(w.contains("refused")
+                    || w.contains("connect error")
+                    || w.contains("tcp connect")
+                    || w.contains("dns")
+                    || w.contains("resolve"))
+            }
+            Self::Http { status, .. } => matches!(status, 502 | 504),
+            Self::Grpc {
+                code, retryable, ..
+            } => *retryable && !matches!(code.as_str(), "Unavailable" | "ResourceExhausted"),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Unreachable { .. } => "model-unreachable",

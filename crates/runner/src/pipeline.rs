@@ -5,16 +5,16 @@
 //! input order; once the broker acknowledges a result, the record is completed and the consumer
 //! may commit past it. Every record ends as exactly one output or error record.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use codec::{Payload, Pool, Protocol, Transcoder, detect};
 use futures::{StreamExt, stream::FuturesOrdered, stream::FuturesUnordered};
 use kafka_io::{
-    Acker, Cluster, Consumer, ConsumerConfig, Delivery, GroupConfig, InRecord, OutRecord, Producer,
-    ProducerConfig, Token,
+    Acker, Cluster, Consumer, ConsumerConfig, Delivery, GroupConfig, InRecord, OutRecord,
+    PartitionStream, ProduceError, Producer, ProducerConfig, StreamState, Token,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::{
     config::Config,
@@ -24,9 +24,6 @@ use crate::{
 
 pub const ERROR_HEADER: &str = "kafka-infer-error";
 pub const ERROR_KIND_HEADER: &str = "kafka-infer-error-kind";
-
-/// A partition worker: its assignment epoch and its queue of batches.
-type Worker = (u64, mpsc::Sender<kafka_io::Batch>);
 
 /// What processing one record produced.
 enum Outcome {
@@ -47,6 +44,10 @@ struct Ctx {
     metrics: Arc<Metrics>,
     acker: Acker,
     stop: watch::Receiver<bool>,
+    /// Stops the workers (on SIGTERM, or after a fatal error).
+    stop_tx: watch::Sender<bool>,
+    /// Set when a result can be written nowhere: the process stops and exits non-zero.
+    fatal: watch::Sender<Option<String>>,
 }
 
 /// Runs until SIGTERM/SIGINT (or `stop` turns true), then drains, commits, leaves, returns.
@@ -65,6 +66,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     let Some(cluster) = cluster else {
         return Ok(());
     };
+    check_topics(&cluster, &cfg).await?;
 
     let mut group = GroupConfig::new(cfg.group_id.clone(), vec![cfg.input_topic.clone()]);
     group.session_timeout = cfg.session_timeout;
@@ -74,14 +76,28 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     ccfg.auto_offset_reset = cfg.auto_offset_reset;
     ccfg.fetch_max_wait = cfg.fetch_max_wait;
     ccfg.drain_timeout = cfg.drain_timeout;
-    ccfg.commit_interval = Duration::from_millis(500);
+    ccfg.commit_interval = cfg.commit_interval;
     let mut consumer = Consumer::start(cluster.clone(), ccfg, None);
 
+    let (fatal_tx, mut fatal_rx) = watch::channel(None::<String>);
+    // The workers' stop: follows SIGTERM, and a fatal error sets it too.
+    let (stop_tx, internal_stop) = watch::channel(*stop.borrow());
+    {
+        let (mut ext, tx) = (stop.clone(), stop_tx.clone());
+        tokio::spawn(async move {
+            while ext.changed().await.is_ok() {
+                if *ext.borrow() {
+                    let _ = tx.send(true);
+                    return;
+                }
+            }
+        });
+    }
     let graph = Graph::new(
         &cfg,
-        Transcoder::new(pool.clone()),
+        Transcoder::new(pool.clone()).with_limits(codec::Limits::new(cfg.max_tensor_bytes)),
         metrics.clone(),
-        stop.clone(),
+        internal_stop.clone(),
     )?;
     let ctx = Arc::new(Ctx {
         graph,
@@ -91,6 +107,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
             cluster.clone(),
             ProducerConfig {
                 compression: cfg.compression,
+                max_request_size: cfg.max_request_size,
                 ..Default::default()
             },
         ),
@@ -99,45 +116,30 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         max_in_flight: cfg.max_in_flight,
         metrics: metrics.clone(),
         acker: consumer.acker(),
-        stop: stop.clone(),
+        stop: internal_stop,
+        stop_tx,
+        fatal: fatal_tx,
     });
 
     tracing::info!(group = %cfg.group_id, input = %cfg.input_topic, output = %cfg.output_topic,
         protocol = %cfg.protocol, model = %cfg.graph.url, "kafka-infer running");
 
-    let mut workers: HashMap<(Arc<str>, i32), Worker> = HashMap::new();
-    let mut tasks = Vec::new();
+    let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_log = std::time::Instant::now();
     let mut last_ok = 0i64;
     loop {
         tokio::select! {
-            batch = consumer.recv() => {
-                let Some(batch) = batch else { break };
-                let key = (batch.topic.clone(), batch.partition);
-                let stale = workers.get(&key).is_none_or(|(epoch, _)| *epoch != batch.epoch);
-                if stale {
-                    // Two batches of slack per partition: a full partition does not hold up the others long.
-                    let (tx, rx) = mpsc::channel(2);
-                    tasks.push(tokio::spawn(partition_worker(ctx.clone(), batch.partition, rx)));
-                    workers.insert(key.clone(), (batch.epoch, tx));
-                }
-                let tx = workers[&key].1.clone();
-                // Waits while the worker holds two batches: the consumer's buffer fills and
-                // fetching pauses. The batch stays in hand, so stopping can give it up.
-                tokio::select! {
-                    permit = tx.reserve() => match permit {
-                        Ok(p) => p.send(batch),
-                        Err(_) => abandon_batch(&ctx.acker, batch),
-                    },
-                    _ = stop.changed() => abandon_batch(&ctx.acker, batch),
-                }
+            stream = consumer.next_stream() => {
+                // One worker per assigned partition, for as long as it is ours.
+                let Some(stream) = stream else { break };
+                tasks.push(tokio::spawn(partition_worker(ctx.clone(), stream)));
             }
             _ = tick.tick() => {
                 let lag = consumer.lag();
                 metrics.set_lag(&lag);
                 metrics.ready.store(consumer.is_connected(), std::sync::atomic::Ordering::Relaxed);
-                tasks.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
+                tasks.retain(|t| !t.is_finished());
                 if last_log.elapsed() >= Duration::from_secs(5) {
                     let ok = metrics.ok_total() as i64;
                     let rate = (ok - last_ok) as f64 / last_log.elapsed().as_secs_f64();
@@ -148,17 +150,23 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
                 }
             }
             _ = stop.changed() => break,
+            _ = fatal_rx.changed() => break,
         }
         if *stop.borrow() {
             break;
         }
+    }
+    let group_fatal = consumer.fatal_error();
+    let fatal = fatal_rx.borrow().clone().or(group_fatal);
+    if fatal.is_some() {
+        // Workers start nothing new; what they hold is abandoned (redone after a restart).
+        let _ = ctx.stop_tx.send(true);
     }
 
     tracing::info!("stopping: no new records; finishing in-flight ones");
     metrics
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
-    workers.clear(); // workers finish what they hold, then end
     consumer.begin_close(); // drains (waits for completions), commits, leaves the group
     let drain = async {
         for t in tasks {
@@ -175,7 +183,38 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     if let Err(e) = ctx.producer.close(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "producer flush on close");
     }
+    if let Some(why) = fatal {
+        anyhow::bail!("stopped: {why}");
+    }
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// The output and error topics must exist: producing to a missing one would stall (or, on
+/// brokers that auto-create, write where nobody reads).
+async fn check_topics(cluster: &Cluster, cfg: &Config) -> anyhow::Result<()> {
+    let mut topics = vec![cfg.output_topic.clone()];
+    topics.extend(cfg.error_topic.clone());
+    let mut backoff = Duration::from_millis(200);
+    for attempt in 0.. {
+        match cluster.partition_counts(&topics).await {
+            Ok(_) => return Ok(()),
+            Err(kafka_io::Error::UnknownTopic(t)) => {
+                let which = if t == cfg.output_topic {
+                    "output topic (KAFKA_OUTPUT_TOPIC)"
+                } else {
+                    "error topic (KAFKA_ERROR_TOPIC)"
+                };
+                anyhow::bail!("the {which} `{t}` does not exist: create it, then start again")
+            }
+            Err(e) if attempt < 5 => {
+                tracing::warn!(error = %e, "cannot read topic metadata yet");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
@@ -224,36 +263,41 @@ async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
     }
 }
 
-/// Gives up every record of a batch that will not be processed (stopping, worker gone).
-fn abandon_batch(acker: &Acker, b: kafka_io::Batch) {
-    for r in &b.records {
-        acker.abandon(&b.token(r.offset));
-    }
-}
-
-async fn partition_worker(
-    ctx: Arc<Ctx>,
-    input_partition: i32,
-    mut rx: mpsc::Receiver<kafka_io::Batch>,
-) {
+/// The worker of one partition stream: up to `max_in_flight` records at once between the
+/// start of their model call and the broker's acknowledgement of their result (so a crash
+/// redoes at most that many of this partition, plus what completed within one commit
+/// interval); results are written in input order. On draining it starts nothing new and
+/// finishes what it holds; on revoke it stops at once.
+async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
+    let input_partition = stream.partition;
+    let mut state = stream.state();
     let mut running = FuturesOrdered::new();
-    let mut deliveries: FuturesUnordered<
-        futures::future::BoxFuture<'static, (Token, Result<i64, kafka_io::Error>)>,
-    > = FuturesUnordered::new();
+    let mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Delivered>> =
+        FuturesUnordered::new();
     // Records received and not yet started, in offset order.
     let mut queue: std::collections::VecDeque<(InRecord, Token)> =
         std::collections::VecDeque::new();
     let mut open = true;
     loop {
-        // Start what fits; once stopping, start nothing new and leave the rest for the next owner.
-        let stopping = *ctx.stop.borrow();
-        while running.len() < ctx.max_in_flight
+        let now = *state.borrow();
+        if now == StreamState::Revoked {
+            // Not ours any more: what is running is dropped; the new owner redoes it.
+            for _ in 0..running.len() {
+                ctx.metrics.in_flight.dec();
+            }
+            return;
+        }
+        // Start what fits; once stopping or draining, start nothing new and leave the rest.
+        let stopping = *ctx.stop.borrow() || now == StreamState::Draining;
+        if stopping {
+            open = false;
+            for (_, token) in queue.drain(..) {
+                ctx.acker.abandon(&token);
+            }
+        }
+        while running.len() + deliveries.len() < ctx.max_in_flight
             && let Some((rec, token)) = queue.pop_front()
         {
-            if stopping {
-                ctx.acker.abandon(&token);
-                continue;
-            }
             ctx.metrics.in_flight.inc();
             let c = ctx.clone();
             running.push_back(async move {
@@ -261,29 +305,37 @@ async fn partition_worker(
                 (rec, token, outcome)
             });
         }
-        if stopping {
-            for (_, token) in queue.drain(..) {
-                ctx.acker.abandon(&token);
-            }
-        }
         tokio::select! {
             biased;
+            // The consumer is gone (closed): nothing of this partition can be committed any more.
+            r = state.changed() => if r.is_err() { return; },
             Some((rec, token, outcome)) = running.next(), if !running.is_empty() => {
                 ctx.metrics.in_flight.dec();
                 match write_result(&ctx, input_partition, &rec, outcome).await {
-                    Some(d) => deliveries.push(Box::pin(async move { (token, d.wait().await) })),
-                    // Interrupted by shutdown: left uncommitted for the next owner.
+                    Some(w) => deliveries.push(delivered(w, rec, token)),
+                    // Interrupted by shutdown, or unwritable (fatal): left uncommitted.
                     None => ctx.acker.abandon(&token),
                 }
             }
-            Some((token, r)) = deliveries.next(), if !deliveries.is_empty() => {
-                match r {
-                    Ok(_) => ctx.acker.complete(&token),
-                    Err(e) => tracing::error!(partition = token.partition, offset = token.offset, error = %e,
-                        "result could not be written; the record stays uncommitted"),
+            Some(d) = deliveries.next(), if !deliveries.is_empty() => {
+                match d.result {
+                    Ok(_) => ctx.acker.complete(&d.token),
+                    // The broker refused the answer for good: an error record takes its place.
+                    Err(e) if d.answer && !matches!(e, ProduceError::Closed) => {
+                        let f = Failure::answer_unwritable(&e);
+                        match write_error(&ctx, input_partition, &d.rec, &f, Some(&d.topic)).await {
+                            Some(w) => deliveries.push(delivered(w, d.rec, d.token)),
+                            None => ctx.acker.abandon(&d.token),
+                        }
+                    }
+                    Err(ProduceError::Closed) => ctx.acker.abandon(&d.token),
+                    Err(e) => {
+                        fatal(&ctx, format!("input partition {input_partition} offset {}: its error record cannot be written: {e}", d.rec.offset));
+                        ctx.acker.abandon(&d.token);
+                    }
                 }
             }
-            next = rx.recv(), if open && queue.len() < ctx.max_in_flight => {
+            next = stream.recv(), if open && queue.len() < ctx.max_in_flight => {
                 match next {
                     Some(b) => {
                         let (topic, partition, epoch) = (b.topic.clone(), b.partition, b.epoch);
@@ -295,9 +347,36 @@ async fn partition_worker(
                     None => open = false,
                 }
             }
+            _ = ctx.stop_changed(), if open => {}
             else => break,
         }
     }
+}
+
+/// A written record's fate, with what is needed to write an error record in its place.
+struct Delivered {
+    token: Token,
+    rec: InRecord,
+    answer: bool,
+    topic: String,
+    result: Result<i64, ProduceError>,
+}
+
+fn delivered(
+    w: Written,
+    rec: InRecord,
+    token: Token,
+) -> futures::future::BoxFuture<'static, Delivered> {
+    Box::pin(async move {
+        let result = w.delivery.wait().await;
+        Delivered {
+            token,
+            rec,
+            answer: w.answer,
+            topic: w.topic,
+            result,
+        }
+    })
 }
 
 fn copy_headers(rec: &InRecord) -> Vec<(String, Bytes)> {
@@ -313,18 +392,64 @@ fn copy_headers(rec: &InRecord) -> Vec<(String, Bytes)> {
         .collect()
 }
 
-/// Queues the record's result (in order) and returns its delivery; None when abandoned.
+/// Why a record gets an error record instead of an answer.
+pub(crate) struct Failure {
+    kind: &'static str,
+    message: String,
+    /// An HTTP-like status for protocol-shaped error bodies.
+    status: u16,
+}
+
+impl From<&CallError> for Failure {
+    fn from(e: &CallError) -> Self {
+        Self {
+            kind: e.kind(),
+            message: e.to_string(),
+            status: match e {
+                CallError::Model(m) => m.status(),
+                _ => 400,
+            },
+        }
+    }
+}
+
+impl Failure {
+    fn answer_unwritable(e: &ProduceError) -> Self {
+        match e {
+            ProduceError::TooLarge { .. } => Self {
+                kind: "answer-too-large",
+                message: format!("the answer cannot be written: {e}"),
+                status: 413,
+            },
+            _ => Self {
+                kind: "answer-rejected",
+                message: format!("the answer cannot be written: {e}"),
+                status: 500,
+            },
+        }
+    }
+}
+
+/// A record written (or being written) for an input, and what it was.
+struct Written {
+    delivery: Delivery,
+    /// The output topic got the model's answer (not an error record).
+    answer: bool,
+    topic: String,
+}
+
+/// Queues the record's result (in order); None when abandoned (shutdown) or when the result
+/// cannot be written at all (then `ctx.fatal` has been told).
 async fn write_result(
     ctx: &Ctx,
     input_partition: i32,
     rec: &InRecord,
     outcome: Outcome,
-) -> Option<Delivery> {
-    let mut headers = copy_headers(rec);
-    let (topic, value) = match outcome {
+) -> Option<Written> {
+    let failure = match outcome {
         Outcome::Abandoned => return None,
         Outcome::Answer(m) => {
-            ctx.metrics.record("ok");
+            let mut headers = copy_headers(rec);
             let value = match m {
                 Msg::Json(b) => {
                     headers.push((
@@ -338,83 +463,196 @@ async fn write_result(
                     bytes
                 }
             };
-            (ctx.output_topic.as_str(), value)
-        }
-        Outcome::Failed(e) => {
-            ctx.metrics.record("error");
-            tracing::warn!(partition = input_partition, offset = rec.offset, kind = e.kind(), error = %e, "record failed");
-            headers.push((ERROR_HEADER.into(), Bytes::from(e.to_string())));
-            headers.push((
-                ERROR_KIND_HEADER.into(),
-                Bytes::from_static(e.kind().as_bytes()),
-            ));
-            match &ctx.error_topic {
-                // The error topic keeps the input as it was, for replay.
-                Some(t) => {
-                    for (k, v) in &rec.headers {
-                        if k.eq_ignore_ascii_case("proto-name")
-                            || k.eq_ignore_ascii_case("content-type")
-                        {
-                            headers.push((k.clone(), v.clone()));
-                        }
+            let out = OutRecord {
+                key: rec.key.clone(),
+                value: Some(value),
+                headers,
+            };
+            let topic = ctx.output_topic.as_str();
+            // Checked before queueing, so an answer too large for the topic gets its error
+            // record in its place in the partition's order.
+            match ctx.producer.check_size(topic, &out).await {
+                Ok(()) => match queue(ctx, topic, input_partition, out).await {
+                    Ok(delivery) => {
+                        ctx.metrics.record("ok");
+                        return Some(Written {
+                            delivery,
+                            answer: true,
+                            topic: topic.to_owned(),
+                        });
                     }
-                    (t.as_str(), rec.value.clone().unwrap_or_default())
-                }
-                None => {
-                    let (value, proto) = error_body(ctx, rec, &e);
-                    match proto {
-                        Some(name) => {
-                            headers.push(("proto-name".into(), Bytes::from_static(name.as_bytes())))
-                        }
-                        None => headers.push((
-                            "content-type".into(),
-                            Bytes::from_static(b"application/json"),
-                        )),
-                    }
-                    (ctx.output_topic.as_str(), value)
-                }
+                    Err(e) => Failure::answer_unwritable(&e),
+                },
+                Err(e) => Failure::answer_unwritable(&e),
             }
         }
+        Outcome::Failed(e) => Failure::from(&e),
     };
-    let partition = match &rec.key {
-        Some(_) => None,
-        None => match ctx.producer.partition_count(topic).await {
-            Ok(n) => Some(input_partition % n.max(1)),
-            Err(_) => Some(0),
-        },
+    write_error(ctx, input_partition, rec, &failure, None).await
+}
+
+/// Writes an error record for `rec`: to the error topic (input kept as it was, if it fits), or
+/// to the output topic as a protocol-shaped error answer. `not_to` is a topic that already
+/// refused this input's record. None (and `ctx.fatal` told) when no error record can be queued.
+async fn write_error(
+    ctx: &Ctx,
+    input_partition: i32,
+    rec: &InRecord,
+    f: &Failure,
+    not_to: Option<&str>,
+) -> Option<Written> {
+    ctx.metrics.record("error");
+    tracing::warn!(partition = input_partition, offset = rec.offset, kind = f.kind, error = %f.message, "record failed");
+    let error_headers = [
+        (ERROR_HEADER.to_owned(), Bytes::from(f.message.clone())),
+        (
+            ERROR_KIND_HEADER.to_owned(),
+            Bytes::from_static(f.kind.as_bytes()),
+        ),
+    ];
+    let topic = match (&ctx.error_topic, not_to) {
+        (Some(t), Some(n)) if t == n => None,
+        (Some(t), _) => Some(t.as_str()),
+        (None, Some(n)) if n == ctx.output_topic && f.kind != "answer-too-large" => None,
+        (None, _) => Some(ctx.output_topic.as_str()),
     };
-    let out = OutRecord {
-        key: rec.key.clone(),
-        value: Some(value),
-        headers,
+    let Some(topic) = topic else {
+        fatal(
+            ctx,
+            format!(
+                "input partition {input_partition} offset {}: {}; no other topic can take its error record (set KAFKA_ERROR_TOPIC)",
+                rec.offset, f.message
+            ),
+        );
+        return None;
     };
-    // Retry queueing: it fails only when the topic's metadata cannot be read.
+    let mut headers = copy_headers(rec);
+    headers.extend(error_headers.iter().cloned());
+    let mut out = if ctx.error_topic.as_deref() == Some(topic) {
+        // The error topic keeps the input as it was, for replay.
+        for (k, v) in &rec.headers {
+            if k.eq_ignore_ascii_case("proto-name") || k.eq_ignore_ascii_case("content-type") {
+                headers.push((k.clone(), v.clone()));
+            }
+        }
+        OutRecord {
+            key: rec.key.clone(),
+            value: Some(rec.value.clone().unwrap_or_default()),
+            headers,
+        }
+    } else {
+        let (value, proto) = error_body(ctx, rec, f);
+        match proto {
+            Some(name) => headers.push(("proto-name".into(), Bytes::from_static(name.as_bytes()))),
+            None => headers.push((
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            )),
+        }
+        OutRecord {
+            key: rec.key.clone(),
+            value: Some(value),
+            headers,
+        }
+    };
+    if ctx.producer.check_size(topic, &out).await.is_err() {
+        // Too large with the input (or its headers): keep only what says what happened.
+        let mut slim = error_headers.to_vec();
+        slim.push((
+            "kafka-infer-input-dropped".into(),
+            Bytes::from_static(b"too-large"),
+        ));
+        out = OutRecord {
+            key: rec.key.clone(),
+            value: None,
+            headers: slim,
+        };
+    }
+    match queue(ctx, topic, input_partition, out).await {
+        Ok(delivery) => Some(Written {
+            delivery,
+            answer: false,
+            topic: topic.to_owned(),
+        }),
+        Err(e) => {
+            fatal(
+                ctx,
+                format!(
+                    "input partition {input_partition} offset {}: {}; its error record cannot be written either: {e}",
+                    rec.offset, f.message
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Queues `out` on `topic`: by key, else on the input's partition number (modulo the topic's).
+async fn queue(
+    ctx: &Ctx,
+    topic: &str,
+    input_partition: i32,
+    out: OutRecord,
+) -> Result<Delivery, ProduceError> {
     let mut backoff = Duration::from_millis(100);
+    // Bounded: metadata that stays unreadable this long is an outage worth stopping for.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match ctx.producer.send(topic, partition, out.clone()).await {
-            Ok(d) => return Some(d),
-            Err(e) => {
+        let partition = match &out.key {
+            Some(_) => Ok(None),
+            None => ctx
+                .producer
+                .partition_count(topic)
+                .await
+                .map(|n| Some(input_partition % n.max(1))),
+        };
+        let r = match partition {
+            Ok(p) => ctx.producer.send(topic, p, out.clone()).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(d) => return Ok(d),
+            Err(kafka_io::Error::UnknownTopic(t)) => return Err(ProduceError::UnknownTopic(t)),
+            Err(kafka_io::Error::Closed) => return Err(ProduceError::Closed),
+            Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(%topic, error = %e, "cannot queue result, retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(ProduceError::Rejected {
+                    topic: topic.to_owned(),
+                    why: e.to_string(),
+                });
             }
         }
     }
 }
 
+impl Ctx {
+    /// Resolves when the workers' stop is set (it may be set already).
+    async fn stop_changed(&self) {
+        let mut s = self.stop.clone();
+        let _ = s.wait_for(|v| *v).await;
+    }
+}
+
+/// Stops the process with `why` (exit non-zero); nothing is committed past the record.
+fn fatal(ctx: &Ctx, why: String) {
+    tracing::error!("{why}");
+    let _ = ctx.fatal.send(Some(why));
+}
+
 /// A protocol-shaped error answer (for the output topic when there is no error topic).
-fn error_body(ctx: &Ctx, rec: &InRecord, e: &CallError) -> (Bytes, Option<&'static str>) {
-    let status = match e {
-        CallError::Model(m) => m.status(),
-        _ => 400,
-    };
+fn error_body(ctx: &Ctx, rec: &InRecord, e: &Failure) -> (Bytes, Option<&'static str>) {
+    let status = e.status;
     let was_proto = rec
         .headers
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("proto-name"));
     match ctx.protocol {
         Protocol::Seldon => {
-            let v = serde_json::json!({"status": {"code": status, "info": e.to_string(), "reason": e.kind(), "status": "FAILURE"}});
+            let v = serde_json::json!({"status": {"code": status, "info": e.message, "reason": e.kind, "status": "FAILURE"}});
             if was_proto
                 && let Ok(b) = ctx
                     .graph
@@ -426,7 +664,7 @@ fn error_body(ctx: &Ctx, rec: &InRecord, e: &CallError) -> (Bytes, Option<&'stat
             (Bytes::from(serde_json::to_vec(&v).expect("json")), None)
         }
         Protocol::Tensorflow | Protocol::V2 => {
-            let v = serde_json::json!({"error": e.to_string()});
+            let v = serde_json::json!({"error": e.message});
             (Bytes::from(serde_json::to_vec(&v).expect("json")), None)
         }
     }
