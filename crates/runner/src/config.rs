@@ -332,6 +332,12 @@ fn transport_name(t: Transport) -> Option<&'static str> {
     })
 }
 
+/// Reads a SeldonDeployment text as `-f` does, with the same checks; gives the chosen
+/// predictor's graph. Public for the fuzzer ([`crate::fuzz_deployment`]).
+pub fn parse_seldon_deployment(text: &str, predictor: Option<&str>) -> Result<Option<Node>> {
+    parse_deployment(text, predictor).map(|d| d.graph)
+}
+
 fn parse_deployment(text: &str, want: Option<&str>) -> Result<Deployment> {
     let doc: Yaml = serde_norway::from_str(text).context("not valid YAML")?;
     let kind = ystr(&doc, "kind").unwrap_or_default();

@@ -1,16 +1,10 @@
 //! kafka-infer: serve a Kafka stream with any model server.
 //!
-//! The runner glues kafka-io (Kafka) and codec (payloads) together: configuration, the
-//! inference graph and its model clients, the pipeline, metrics and health.
+//! The command line; the runner's modules live in its library (lib.rs).
 
 use clap::{Parser, Subcommand};
+use runner::{config, pipeline};
 use tokio::sync::watch;
-
-mod config;
-mod graph;
-mod metrics;
-mod model;
-mod pipeline;
 
 #[derive(Parser)]
 #[command(
