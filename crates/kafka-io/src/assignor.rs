@@ -1,4 +1,5 @@
-//! Partition assignors of the classic consumer protocol ("range", "roundrobin"), and the ConsumerProtocol subscription/assignment bytes every standard
+//! Partition assignors of the classic consumer protocol ("range", "roundrobin",
+//! "cooperative-sticky"), and the ConsumerProtocol subscription/assignment bytes every standard
 //! client puts inside JoinGroup/SyncGroup, so Java and librdkafka members can share a group with
 //! ours.
 //!
@@ -14,13 +15,15 @@
 //!   bytes after it. We write version 3 ([`Subscription::encode`]) and read every version the same
 //!   way; versions 0-3 must end exactly where their layout ends.
 //! - Java's cooperative-sticky also puts its generation, 4 bytes, in the user data (the only place
-//!   before version 2); we read it when the generation field is absent.
+//!   before version 2); we write it too and read it when the generation field is absent.
 //! - Assignments: all versions share one layout; Java writes version 3, librdkafka version 0. We
 //!   write version 0. Empty assignment bytes mean no partitions.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+pub mod sticky;
 
 /// A partition of a topic.
 pub type Tp = (String, i32);
@@ -43,6 +46,8 @@ pub const NEWEST_KNOWN_VERSION: i16 = 3;
 pub enum Assignor {
     Range,
     RoundRobin,
+    /// KIP-429 incremental rebalancing over a sticky, balanced assignment; see [`sticky`].
+    CooperativeSticky,
 }
 
 impl Assignor {
@@ -50,6 +55,7 @@ impl Assignor {
         match self {
             Assignor::Range => "range",
             Assignor::RoundRobin => "roundrobin",
+            Assignor::CooperativeSticky => "cooperative-sticky",
         }
     }
 
@@ -57,12 +63,21 @@ impl Assignor {
         match name {
             "range" => Some(Self::Range),
             "roundrobin" => Some(Self::RoundRobin),
+            "cooperative-sticky" => Some(Self::CooperativeSticky),
             _ => None,
         }
     }
 
+    /// True when members keep their partitions across a rebalance and revoke only those missing
+    /// from their new assignment (then rejoin at once); false for the eager protocol, where every
+    /// member revokes everything before it rejoins.
+    pub fn is_cooperative(self) -> bool {
+        matches!(self, Assignor::CooperativeSticky)
+    }
+
     /// Assigns every partition of `partitions` (topic -> count) to at most one member that
-    /// subscribes to its topic. `members`: member id -> subscribed topics.
+    /// subscribes to its topic. `members`: member id -> subscribed topics. Nobody owns anything
+    /// here, so cooperative-sticky gives its balanced target at once.
     pub fn assign(
         self,
         members: &BTreeMap<String, Vec<String>>,
@@ -112,21 +127,38 @@ impl Assignor {
                     }
                 }
             }
+            Assignor::CooperativeSticky => {
+                let subs = members
+                    .iter()
+                    .map(|(m, t)| (m.clone(), Subscription::new(t.clone())))
+                    .collect();
+                out = sticky::cooperative_sticky(&subs, partitions).assignment;
+            }
         }
         out
     }
 
-    /// The leader's call: assigns from each member's decoded subscription (topics only).
+    /// The leader's call: assigns from each member's decoded subscription. Range and roundrobin
+    /// look at the topics only. Cooperative-sticky also weighs the owned partitions and
+    /// generations, and returns this round's assignment: its balanced target minus the partitions
+    /// still owned by another member (see [`sticky::cooperative_sticky`] for both).
     pub fn assign_subscriptions(
         self,
         members: &BTreeMap<String, Subscription>,
         partitions: &BTreeMap<String, i32>,
     ) -> BTreeMap<String, Vec<Tp>> {
-        let topics = members
-            .iter()
-            .map(|(m, s)| (m.clone(), s.topics.clone()))
-            .collect();
-        self.assign(&topics, partitions)
+        match self {
+            Assignor::CooperativeSticky => {
+                sticky::cooperative_sticky(members, partitions).assignment
+            }
+            _ => {
+                let topics = members
+                    .iter()
+                    .map(|(m, s)| (m.clone(), s.topics.clone()))
+                    .collect();
+                self.assign(&topics, partitions)
+            }
+        }
     }
 }
 
@@ -182,7 +214,8 @@ impl Subscription {
     }
 
     /// The bytes for this member's JoinGroup protocol entry of `assignor`: version 3 with the
-    /// owned partitions and generation, no user data.
+    /// owned partitions and generation; for cooperative-sticky the user data also carries the
+    /// generation (4 bytes, big-endian) as Java's assignor writes it, for pre-3.4 Java leaders.
     /// Names longer than a Kafka string can hold (no topic is) are left out.
     pub fn encode(&self, assignor: Assignor) -> Bytes {
         let mut buf = BytesMut::new();
@@ -192,8 +225,12 @@ impl Subscription {
         for t in topics {
             put_str(&mut buf, t);
         }
-        let _ = assignor;
-        buf.put_i32(-1);
+        if assignor == Assignor::CooperativeSticky {
+            buf.put_i32(4);
+            buf.put_i32(self.generation);
+        } else {
+            buf.put_i32(-1);
+        }
         put_topic_partitions(&mut buf, &self.owned);
         buf.put_i32(self.generation);
         match self.rack.as_deref().filter(|r| fits(r)) {
@@ -664,18 +701,24 @@ pub(crate) mod tests {
     fn roundrobin_skips_members_not_subscribed() {
         let m = members(&[("a", &["t", "u"]), ("b", &["t"]), ("c", &["u"])]);
         let parts = BTreeMap::from([("t".to_string(), 4), ("u".to_string(), 3)]);
-        for a in [Assignor::Range, Assignor::RoundRobin] {
+        for a in [
+            Assignor::Range,
+            Assignor::RoundRobin,
+            Assignor::CooperativeSticky,
+        ] {
             let out = a.assign(&m, &parts);
             check_complete(&out, &parts);
             assert!(out["b"].iter().all(|(t, _)| t == "t"));
             assert!(out["c"].iter().all(|(t, _)| t == "u"));
         }
-        let out = Assignor::RoundRobin.assign(&m, &parts);
-        let sizes: Vec<usize> = out.values().map(Vec::len).collect();
-        assert!(
-            sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
-            "{out:?}"
-        );
+        for a in [Assignor::RoundRobin, Assignor::CooperativeSticky] {
+            let out = a.assign(&m, &parts);
+            let sizes: Vec<usize> = out.values().map(Vec::len).collect();
+            assert!(
+                sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+                "{a:?}: {out:?}"
+            );
+        }
     }
 
     #[test]
@@ -691,9 +734,32 @@ pub(crate) mod tests {
     fn negative_partition_counts_assign_nothing() {
         let m = members(&[("a", &["t"]), ("b", &["t"])]);
         let parts = BTreeMap::from([("t".to_string(), -5)]);
-        for a in [Assignor::Range, Assignor::RoundRobin] {
+        for a in [
+            Assignor::Range,
+            Assignor::RoundRobin,
+            Assignor::CooperativeSticky,
+        ] {
             assert!(a.assign(&m, &parts).values().all(Vec::is_empty), "{a:?}");
         }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for a in [
+            Assignor::Range,
+            Assignor::RoundRobin,
+            Assignor::CooperativeSticky,
+        ] {
+            assert_eq!(Assignor::from_name(a.name()), Some(a));
+        }
+        assert_eq!(
+            Assignor::CooperativeSticky.name(),
+            "cooperative-sticky",
+            "the name Java and librdkafka use"
+        );
+        assert!(Assignor::CooperativeSticky.is_cooperative());
+        assert!(!Assignor::Range.is_cooperative());
+        assert_eq!(Assignor::from_name("sticky"), None);
     }
 
     #[test]
@@ -726,7 +792,7 @@ pub(crate) mod tests {
         let ours = Subscription::new(vec!["in".into(), "b".into()])
             .with_owned(&[("in".into(), 4), ("in".into(), 1), ("b".into(), 0)])
             .with_generation(12);
-        for a in [Assignor::Range, Assignor::RoundRobin] {
+        for a in [Assignor::Range, Assignor::CooperativeSticky] {
             let bytes = ours.encode(a);
             assert_eq!(&bytes[..2], &SUBSCRIPTION_VERSION.to_be_bytes());
             assert_eq!(Subscription::decode(&bytes).unwrap(), ours);
@@ -742,7 +808,10 @@ pub(crate) mod tests {
                 .map(|t| (t.topic.0.to_string(), t.partitions.clone()))
                 .collect();
             assert_eq!(owned, [("b".into(), vec![0]), ("in".into(), vec![1, 4])]);
-            assert_eq!(theirs.user_data, None);
+            // Java's cooperative-sticky user data: the generation, 4 bytes.
+            let want = (a == Assignor::CooperativeSticky)
+                .then(|| Bytes::copy_from_slice(&12i32.to_be_bytes()));
+            assert_eq!(theirs.user_data, want);
         }
         assert_eq!(
             ours.owned_partitions().collect::<Vec<_>>(),
