@@ -448,6 +448,39 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// The `record` fuzz target's body on random messages of every type the pool knows, with
+    /// a few bytes changed, and on random bytes (stable smoke test; the coverage-guided run is
+    /// `cargo fuzz run record` in fuzz/).
+    #[test]
+    fn record_path_never_panics(
+        seed in 1u64..u64::MAX,
+        sel in any::<u8>(),
+        edits in proptest::collection::vec((any::<u16>(), any::<u8>()), 0..4),
+        noise in proptest::collection::vec(any::<u8>(), 0..64),
+    ) {
+        static MESSAGES: std::sync::OnceLock<Vec<MessageDescriptor>> = std::sync::OnceLock::new();
+        let messages = MESSAGES.get_or_init(|| Pool::builtin().all_messages().collect());
+        prop_assert!(messages.len() <= 256, "one byte picks the message");
+        let desc = &messages[sel as usize % messages.len()];
+        let mut bytes = random_message(&mut Gen(seed), desc, 3).encode_to_vec();
+        for (at, b) in &edits {
+            if !bytes.is_empty() {
+                let i = *at as usize % bytes.len();
+                bytes[i] = *b;
+            }
+        }
+        let mut d = vec![sel];
+        d.extend(&bytes);
+        codec::fuzz_record(&d);
+        let mut d = vec![sel];
+        d.extend(&noise);
+        codec::fuzz_record(&d);
+    }
+}
+
 #[test]
 fn tf_rows_of_named_tensors_stack_per_name() {
     let t = Transcoder::default();
