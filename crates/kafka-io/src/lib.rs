@@ -33,3 +33,20 @@ pub use secret::Secret;
 pub use settings::{
     ConnectionSettings, PemSource, SaslMechanism, SaslSettings, SecurityProtocol, TlsSettings,
 };
+
+/// The group metadata decoders on arbitrary bytes, for the fuzzer (fuzz/) and its stable smoke
+/// test: the subscription and assignment bytes that other group members (any client) send
+/// through the coordinator. They must return, never panic, hang or allocate what the bytes
+/// merely claim; what they accept must survive our own encoding unchanged.
+pub fn fuzz_group_metadata(data: &[u8]) {
+    let bytes = bytes::Bytes::copy_from_slice(data);
+    if let Ok(topics) = assignor::decode_subscription(bytes.clone()) {
+        let again = assignor::decode_subscription(assignor::encode_subscription(&topics));
+        assert_eq!(again.as_ref(), Ok(&topics), "subscription round trip");
+    }
+    if let Ok(tps) = assignor::decode_assignment(bytes) {
+        let list: Vec<assignor::Tp> = tps.iter().cloned().collect();
+        let again = assignor::decode_assignment(assignor::encode_assignment(&list));
+        assert_eq!(again.as_ref(), Ok(&tps), "assignment round trip");
+    }
+}
