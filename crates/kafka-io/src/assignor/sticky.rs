@@ -194,6 +194,8 @@ fn place(topics: &[Topic], n: usize, claims: &BTreeMap<Pid, Claim>) -> Vec<BTree
     }
 
     // Free partitions to the least loaded subscriber, topics with fewest subscribers first.
+    // `fresh`: the partitions a member holds but does not own (given first when it gives).
+    let mut fresh: Vec<BTreeSet<Pid>> = vec![BTreeSet::new(); n];
     let mut order: Vec<usize> = (0..topics.len()).collect();
     order.sort_by_key(|&ti| (topics[ti].subscribers.len(), ti));
     for ti in order {
@@ -208,6 +210,9 @@ fn place(topics: &[Topic], n: usize, claims: &BTreeMap<Pid, Claim>) -> Vec<BTree
                 .min_by_key(|&&m| (held[m].len(), m))
                 .expect("topics listed have subscribers");
             held[m].insert(pid);
+            if owner_of(&pid) != Some(m) {
+                fresh[m].insert(pid);
+            }
         }
     }
 
@@ -236,11 +241,13 @@ fn place(topics: &[Topic], n: usize, claims: &BTreeMap<Pid, Claim>) -> Vec<BTree
             }
             if let Some((_, b, ti)) = best {
                 // What `a` does not own goes first, then its highest partition ids.
-                let of_topic = || held[a].range((ti, i32::MIN)..=(ti, i32::MAX)).rev();
-                let pid = of_topic()
-                    .find(|pid| owner_of(pid) != Some(a))
-                    .or_else(|| of_topic().next())
-                    .copied()
+                let of_topic = |set: &BTreeSet<Pid>| {
+                    set.range((ti, i32::MIN)..=(ti, i32::MAX))
+                        .next_back()
+                        .copied()
+                };
+                let pid = of_topic(&fresh[a])
+                    .or_else(|| of_topic(&held[a]))
                     .expect("a holds a partition of the topic");
                 step = Some((a, b, pid));
                 break;
@@ -248,7 +255,11 @@ fn place(topics: &[Topic], n: usize, claims: &BTreeMap<Pid, Claim>) -> Vec<BTree
         }
         let Some((a, b, pid)) = step else { break };
         held[a].remove(&pid);
+        fresh[a].remove(&pid);
         held[b].insert(pid);
+        if owner_of(&pid) != Some(b) {
+            fresh[b].insert(pid);
+        }
     }
     held
 }
