@@ -1084,4 +1084,47 @@ pub(crate) mod tests {
             assert_eq!(a.assign_subscriptions(&subs, &parts), a.assign(&m, &parts));
         }
     }
+
+    #[test]
+    fn mutated_subscriptions_that_decode_survive_our_encoding() {
+        // Seeded byte flips, truncations and insertions of every reference version.
+        let mut state = 0x0ddc_0ffe_u64;
+        let mut rnd = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let mut decoded = 0;
+        for round in 0..4000 {
+            let (base, _) = reference_subscription((round % 5) as i16);
+            let mut b = base.to_vec();
+            for _ in 0..1 + rnd(3) {
+                match rnd(3) {
+                    0 if !b.is_empty() => {
+                        let i = rnd(b.len());
+                        b[i] = rnd(256) as u8;
+                    }
+                    1 => b.truncate(rnd(b.len() + 1)),
+                    _ => {
+                        let i = rnd(b.len() + 1);
+                        b.insert(i, rnd(256) as u8);
+                    }
+                }
+            }
+            let (r, largest) = probe::largest(|| Subscription::decode(&b));
+            assert!(largest < 64 * 1024, "{b:?}: {largest} bytes");
+            if let Ok(sub) = r {
+                decoded += 1;
+                for a in [Assignor::Range, Assignor::CooperativeSticky] {
+                    assert_eq!(
+                        Subscription::decode(&sub.encode(a)),
+                        Ok(sub.clone()),
+                        "{b:?}"
+                    );
+                }
+            }
+        }
+        assert!(decoded > 100, "only {decoded} mutants decoded");
+    }
 }
