@@ -144,6 +144,38 @@ pub fn test_model_on(
     })
 }
 
+/// [`test_model`] whose REST answer never comes for a body containing `hang_on`.
+pub fn test_model_hanging_on(protocol: &str, name: &str, hang_on: &str) -> Result<Server> {
+    let (http_port, grpc_port) = (free_port(), free_port());
+    let bin = std::env::var_os("KAFKA_INFER_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/debug/test-model"));
+    let proc = Proc::spawn(
+        "test-model",
+        Command::new(bin).args([
+            "--protocol",
+            protocol,
+            "--name",
+            name,
+            "--fn",
+            "echo",
+            "--http-port",
+            &http_port.to_string(),
+            "--grpc-port",
+            &grpc_port.to_string(),
+            "--hang-on",
+            hang_on,
+        ]),
+    )?;
+    crate::wait_port(http_port, Duration::from_secs(10))?;
+    crate::wait_port(grpc_port, Duration::from_secs(10))?;
+    Ok(Server {
+        proc,
+        http_port,
+        grpc_port,
+    })
+}
+
 /// The kafka-infer binary (built by `cargo xtask test`; override with KAFKA_INFER_BIN).
 pub fn kafka_infer_bin() -> PathBuf {
     std::env::var_os("KAFKA_INFER_BIN")

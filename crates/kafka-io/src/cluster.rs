@@ -147,16 +147,14 @@ impl Cluster {
         };
         use kafka_protocol::protocol::StrBytes;
         let mut conn = self.connector.connect_any().await?;
-        let Ok(v) = conn.version::<DescribeConfigsRequest>("DescribeConfigs", 4) else {
+        let Ok(v) = conn.version::<DescribeConfigsRequest>("DescribeConfigs", 1) else {
             return Ok(None);
         };
         let req = DescribeConfigsRequest::default().with_resources(vec![
             DescribeConfigsResource::default()
                 .with_resource_type(2) // topic
                 .with_resource_name(StrBytes::from_string(topic.to_owned()))
-                .with_configuration_keys(Some(vec![StrBytes::from_static_str(
-                    "max.message.bytes",
-                )])),
+                .with_configuration_keys(None),
         ]);
         let resp = conn.send(req, v, "DescribeConfigs").await?;
         Ok(resp

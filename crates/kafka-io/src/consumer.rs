@@ -81,7 +81,7 @@ impl ConsumerConfig {
             fetch_max_wait: Duration::from_millis(50),
             fetch_max_bytes: 1024 * 1024,
             buffer_batches: 8,
-            commit_interval: Duration::from_millis(20),
+            commit_interval: Duration::from_millis(5),
             metadata_refresh: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
         }
@@ -143,6 +143,8 @@ struct PartitionState {
     offsets: PartitionOffsets,
     epoch: u64,
     high_watermark: i64,
+    /// The committed position, for the stream's worker (it bounds uncommitted work by it).
+    committed_tx: watch::Sender<i64>,
 }
 
 /// A partition as the consumer keys it (cheap to clone from a [`Token`]).
@@ -189,6 +191,7 @@ impl Shared {
         for (t, o) in done {
             if let Some(s) = parts.get_mut(&key(t)) {
                 s.offsets.mark_committed(*o);
+                s.committed_tx.send_replace(*o);
             }
         }
     }
@@ -264,6 +267,7 @@ pub struct PartitionStream {
     pub epoch: u64,
     rx: mpsc::Receiver<Batch>,
     state: watch::Receiver<StreamState>,
+    committed: watch::Receiver<i64>,
     shared: Arc<Shared>,
 }
 
@@ -290,6 +294,13 @@ impl PartitionStream {
                 r = self.state.changed() => if r.is_err() { return None },
             }
         }
+    }
+
+    /// A watch of the partition's committed position (the next offset a restart reads): a
+    /// worker that counts its acknowledged, not yet committed records against it bounds what a
+    /// crash redoes.
+    pub fn committed(&self) -> watch::Receiver<i64> {
+        self.committed.clone()
     }
 
     /// A watch of the stream's state, for workers to select on.
@@ -673,12 +684,14 @@ impl GroupTask {
         for (tp, start, c) in starts {
             let epoch = self.shared.epoch.fetch_add(1, Ordering::SeqCst) + 1;
             let k = key(&tp);
+            let (committed_tx, committed) = watch::channel(c.unwrap_or(start));
             self.shared.lock().insert(
                 k.clone(),
                 PartitionState {
                     offsets: PartitionOffsets::new(start, c),
                     epoch,
                     high_watermark: start,
+                    committed_tx,
                 },
             );
             let (tx, rx) = mpsc::channel(self.config.buffer_batches.max(1));
@@ -699,6 +712,7 @@ impl GroupTask {
                 epoch,
                 rx,
                 state: state_rx,
+                committed,
                 shared: self.shared.clone(),
             });
         }
@@ -758,9 +772,9 @@ impl GroupTask {
                 _ = tokio::time::sleep_until(at), if commit_at.is_some() => {
                     commit_at = None;
                     last_commit = tokio::time::Instant::now();
-                    self.commit(None).await
+                    self.bounded_commit().await
                 }
-                _ = sweep.tick() => self.commit(None).await,
+                _ = sweep.tick() => self.bounded_commit().await,
                 _ = metadata.tick() => {
                     if self.partitions_changed().await {
                         tracing::info!(group = %cfg.group.group_id, "input partitions changed: rejoining");
@@ -807,6 +821,23 @@ impl GroupTask {
             return false;
         };
         self.known_counts.as_ref().is_some_and(|k| *k != counts)
+    }
+
+    /// [`commit`](Self::commit) of every owned partition within the heartbeat timeout: a
+    /// coordinator that does not answer must not hold up heartbeats and the session check.
+    async fn bounded_commit(&mut self) -> Result<()> {
+        let after = self.heartbeat_timeout();
+        match tokio::time::timeout(after, self.commit(None)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.member.drop_coordinator();
+                Err(Error::Timeout {
+                    call: "OffsetCommit",
+                    broker: String::new(),
+                    after,
+                })
+            }
+        }
     }
 
     /// Commits what moved (of `only`, or of every owned partition). Ok when nothing to commit.

@@ -316,7 +316,7 @@ impl Graph {
     /// Retries retryable failures with capped exponential backoff until success, a final
     /// error, or shutdown. Poison isolation: failures that may be this request's fault (see
     /// [`ModelError::may_be_the_request`]) count as attempts; after `max_attempts` of them, if
-    /// the model answered other calls meanwhile, the record gets a final error. Otherwise the
+    /// the model answered other calls since this one started, the record gets a final error. Otherwise the
     /// model is down for everyone and the call keeps waiting.
     async fn retrying<F, Fut>(&self, mut f: F) -> Result<Bytes, CallError>
     where
@@ -327,7 +327,8 @@ impl Graph {
         let mut backoff = Duration::from_millis(50);
         let mut stop = self.stop.clone();
         let mut attempts = 0u32;
-        let mut successes_at_first_failure = None;
+        // Calls the model answered since this one started: evidence that the model is up.
+        let successes_at_start = self.successes.load(Relaxed);
         loop {
             let start = std::time::Instant::now();
             let r = f().await;
@@ -342,9 +343,9 @@ impl Graph {
                 Err(e) if e.is_retryable() => {
                     if e.may_be_the_request() {
                         attempts += 1;
-                        let first =
-                            *successes_at_first_failure.get_or_insert(self.successes.load(Relaxed));
-                        if attempts >= self.max_attempts && self.successes.load(Relaxed) > first {
+                        if attempts >= self.max_attempts
+                            && self.successes.load(Relaxed) > successes_at_start
+                        {
                             return Err(CallError::GaveUp { attempts, last: e });
                         }
                     }

@@ -271,6 +271,10 @@ async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
 async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     let input_partition = stream.partition;
     let mut state = stream.state();
+    let mut committed = stream.committed();
+    // Offsets whose result is acknowledged and not yet committed: they count against the
+    // window, so a crash redoes at most `max_in_flight` records of this partition.
+    let mut acked: std::collections::VecDeque<i64> = std::collections::VecDeque::new();
     let mut running = FuturesOrdered::new();
     let mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Delivered>> =
         FuturesUnordered::new();
@@ -295,7 +299,13 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                 ctx.acker.abandon(&token);
             }
         }
-        while running.len() + deliveries.len() < ctx.max_in_flight
+        {
+            let c = *committed.borrow_and_update();
+            while acked.front().is_some_and(|o| *o < c) {
+                acked.pop_front();
+            }
+        }
+        while running.len() + deliveries.len() + acked.len() < ctx.max_in_flight
             && let Some((rec, token)) = queue.pop_front()
         {
             ctx.metrics.in_flight.inc();
@@ -309,6 +319,7 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             biased;
             // The consumer is gone (closed): nothing of this partition can be committed any more.
             r = state.changed() => if r.is_err() { return; },
+            r = committed.changed(), if !acked.is_empty() => if r.is_err() { return; },
             Some((rec, token, outcome)) = running.next(), if !running.is_empty() => {
                 ctx.metrics.in_flight.dec();
                 match write_result(&ctx, input_partition, &rec, outcome).await {
@@ -319,7 +330,10 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             }
             Some(d) = deliveries.next(), if !deliveries.is_empty() => {
                 match d.result {
-                    Ok(_) => ctx.acker.complete(&d.token),
+                    Ok(_) => {
+                        acked.push_back(d.token.offset);
+                        ctx.acker.complete(&d.token);
+                    }
                     // The broker refused the answer for good: an error record takes its place.
                     Err(e) if d.answer && !matches!(e, ProduceError::Closed) => {
                         let f = Failure::answer_unwritable(&e);

@@ -2,7 +2,10 @@
 //! installed (TensorFlow Serving) or where the model must not be the bottleneck (echo).
 //!
 //! test-model --protocol tensorflow|v2|seldon --http-port P --grpc-port Q [--name M]
-//!            [--fn echo|resnet] [--delay-ms N]
+//!            [--fn echo|resnet] [--delay-ms N] [--hang-on TEXT]
+//!
+//! `--hang-on TEXT`: a REST request whose body contains TEXT never gets an answer (a payload
+//! that hangs the model); every other request is answered as usual.
 //!
 //! - tensorflow: REST `/v1/models/<M>[/versions/<v>]:predict` and gRPC
 //!   `tensorflow.serving.PredictionService/Predict`. `--fn resnet` (a cifar10 stand-in) answers
@@ -30,6 +33,8 @@ struct Model {
     resnet: bool,
     /// Answer after this long (to keep requests in flight).
     delay: std::time::Duration,
+    /// A REST body containing this never gets an answer.
+    hang_on: Option<String>,
     transcoder: Arc<Transcoder>,
 }
 
@@ -66,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|| "0".into())
                 .parse()?,
         ),
+        hang_on: arg(&args, "--hang-on"),
         transcoder: Arc::new(Transcoder::default()),
     };
     let http: u16 = arg(&args, "--http-port")
@@ -125,6 +131,12 @@ impl Model {
         let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
             return full(StatusCode::BAD_REQUEST, "{\"error\":\"body\"}");
         };
+        if let Some(h) = &self.hang_on
+            && body.windows(h.len()).any(|w| w == h.as_bytes())
+        {
+            // Bounded: an hour is past every timeout a test sets.
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
         match self.protocol {
             // The message echoed, with the path it came to in meta.tags.path.
             Protocol::Seldon => match serde_json::from_slice::<Value>(&body) {
