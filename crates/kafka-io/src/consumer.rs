@@ -167,6 +167,9 @@ struct Shared {
     completed: Notify,
     /// The coordinator answers within the session timeout.
     group_ok: AtomicBool,
+    /// When the coordinator last answered (ms since `born`).
+    last_answer_ms: AtomicU64,
+    born: std::sync::OnceLock<Instant>,
     /// The last fetch succeeded.
     fetch_ok: AtomicBool,
     /// Why the member stopped for good (e.g. FENCED_INSTANCE_ID).
@@ -202,6 +205,38 @@ impl Shared {
             .filter(|(k, _)| only.is_none_or(|o| o.contains(k)))
             .map(|(_, s)| s.offsets.in_flight())
             .sum()
+    }
+}
+
+impl crate::session::Positions for Shared {
+    fn to_commit(&self) -> Vec<(Tp, i64)> {
+        self.positions_to_commit(None)
+    }
+    fn committed(&self, done: &[(Tp, i64)]) {
+        self.mark_committed(done)
+    }
+    fn completed(&self) -> impl Future<Output = ()> + Send {
+        self.completed.notified()
+    }
+    fn set_group_ok(&self, ok: bool) {
+        if ok {
+            self.last_answer_ms
+                .store(self.since_born().as_millis() as u64, Ordering::Relaxed);
+        }
+        self.group_ok.store(ok, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    fn since_born(&self) -> Duration {
+        self.born.get_or_init(Instant::now).elapsed()
+    }
+
+    /// How long since the coordinator last answered.
+    fn silent_for(&self) -> Duration {
+        self.since_born().saturating_sub(Duration::from_millis(
+            self.last_answer_ms.load(Ordering::Relaxed),
+        ))
     }
 }
 
@@ -320,6 +355,7 @@ impl PartitionStream {
 
 pub struct Consumer {
     streams: mpsc::UnboundedReceiver<PartitionStream>,
+    session_timeout: Duration,
     /// recv()'s merge of every stream (made on first use).
     merged: Option<(mpsc::Sender<Batch>, mpsc::Receiver<Batch>)>,
     shared: Arc<Shared>,
@@ -338,11 +374,20 @@ impl Consumer {
         let (streams_tx, streams) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
         shared.fetch_ok.store(true, Ordering::Relaxed);
+        shared.since_born();
+        let session_timeout = config.group.session_timeout;
         let (assign_tx, assignment) = watch::channel(BTreeSet::new());
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let session = crate::session::start(
+            cluster.connector.clone(),
+            config.group.clone(),
+            config.commit_interval,
+            shared.clone(),
+        );
         let task = tokio::spawn(
             GroupTask {
                 member: Member::new(cluster.connector.clone(), config.group.clone()),
+                session,
                 cluster,
                 config,
                 shared: shared.clone(),
@@ -357,6 +402,7 @@ impl Consumer {
         );
         Self {
             streams,
+            session_timeout,
             merged: None,
             shared,
             assignment,
@@ -405,10 +451,12 @@ impl Consumer {
         self.assignment.clone()
     }
 
-    /// True while the member is in the group (a heartbeat answered within the session timeout)
-    /// and the fetchers reach the cluster.
+    /// True while the member is in the group (the coordinator answered its last call, and
+    /// answered within the session timeout) and the fetchers reach the cluster.
     pub fn is_connected(&self) -> bool {
-        self.shared.group_ok.load(Ordering::Relaxed) && self.shared.fetch_ok.load(Ordering::Relaxed)
+        self.shared.group_ok.load(Ordering::Relaxed)
+            && self.shared.fetch_ok.load(Ordering::Relaxed)
+            && self.shared.silent_for() < self.session_timeout
     }
 
     /// Why the member stopped for good, if it did (the caller should exit non-zero).
@@ -483,7 +531,10 @@ struct Owned {
 
 struct GroupTask {
     cluster: Arc<Cluster>,
+    /// JoinGroup, SyncGroup, OffsetFetch, LeaveGroup (one connection).
     member: Member,
+    /// Heartbeats and commits (another connection, another task).
+    session: crate::session::Session,
     config: ConsumerConfig,
     shared: Arc<Shared>,
     streams_tx: mpsc::UnboundedSender<PartitionStream>,
@@ -502,49 +553,49 @@ enum Exit {
     Rebalance,
     /// Our generation is gone, or no heartbeat was answered within the session timeout: the
     /// partitions are lost: stop their streams, commit nothing, rejoin.
-    Lost,
+    Lost {
+        unknown_member: bool,
+    },
     /// A group error no retry can fix.
     Fatal(String),
     Stop,
 }
 
-/// Group errors that end the member: retrying cannot help.
-fn fatal_group_error(e: &Error) -> Option<String> {
-    use kafka_protocol::error::ResponseError as R;
-    let why = match e.broker_error()? {
-        R::FencedInstanceId => {
-            "another member uses the same group.instance.id (FENCED_INSTANCE_ID)"
-        }
-        R::GroupAuthorizationFailed => "not authorized to join the group",
-        R::InvalidSessionTimeout => {
-            "the broker refuses the session timeout (group.min/max.session.timeout.ms)"
-        }
-        R::InconsistentGroupProtocol => {
-            "the group's members share no assignment strategy with this member"
-        }
-        R::GroupMaxSizeReached => "the group is full (group.max.size)",
-        R::TopicAuthorizationFailed => "not authorized to read the input topic",
-        _ => return None,
-    };
-    Some(format!("{why}: {e}"))
-}
+use crate::session::{CommitRequest, Identity, SessionEvent, fatal_group_error};
 
 impl GroupTask {
-    fn heartbeat_timeout(&self) -> Duration {
-        // Several tries fit in a session, as librdkafka's heartbeat timeouts do.
-        (self.config.group.session_timeout / 3)
-            .max(Duration::from_millis(200))
-            .min(Duration::from_secs(10))
+    fn call_timeout(&self) -> Duration {
+        crate::session::call_timeout(self.config.group.session_timeout)
+    }
+
+    /// Tells the session task who we are now (generation -1: stop heartbeats and commits).
+    fn set_identity(&self, generation: i32) {
+        self.session.identity.send_replace(Identity {
+            member_id: self.member.member_id().to_owned(),
+            generation,
+        });
     }
 
     async fn run(mut self, mut stop: tokio::sync::oneshot::Receiver<()>) {
         let group = self.config.group.group_id.clone();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
         loop {
+            if self
+                .shared
+                .fatal
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+            {
+                self.revoke_all(false).await;
+                self.session.task.abort();
+                return;
+            }
             let cluster = self.cluster.clone();
-            let join = self
-                .member
-                .join(async move |topics: &[String]| cluster.partition_counts(topics).await);
+            let owned: BTreeSet<Tp> = self.owned.keys().map(tp).collect();
+            let join = self.member.join(&owned, async move |topics: &[String]| {
+                cluster.partition_counts(topics).await
+            });
             let join_bound = self.config.group.rebalance_timeout + Duration::from_secs(10);
             let assignment = tokio::select! {
                 r = tokio::time::timeout(join_bound, join) => r.unwrap_or(Err(Error::Timeout {
@@ -576,6 +627,8 @@ impl GroupTask {
                     continue;
                 }
             };
+            self.set_identity(assignment.generation);
+            crate::session::Positions::set_group_ok(&*self.shared, true);
             tracing::info!(%group, generation = assignment.generation, member = self.member.member_id(),
                 protocol = ?self.member.protocol(), partitions = ?assignment.partitions, "joined group");
             // Reconcile: what left is drained and committed; what arrived starts.
@@ -642,8 +695,12 @@ impl GroupTask {
                         self.revoke_all(true).await;
                     }
                 }
-                Exit::Lost => {
+                Exit::Lost { unknown_member } => {
                     tracing::warn!(%group, "membership lost: stopping partitions without commit, rejoining");
+                    if unknown_member {
+                        self.member.reset_member();
+                    }
+                    self.set_identity(-1);
                     self.shared.group_ok.store(false, Ordering::Relaxed);
                     self.revoke_all(false).await;
                 }
@@ -654,6 +711,7 @@ impl GroupTask {
 
     /// Stops for good: partitions stop without commit, the caller learns why.
     async fn fail(&mut self, why: String) {
+        self.set_identity(-1);
         tracing::error!(group = %self.config.group.group_id, "{why}");
         *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         self.shared.group_ok.store(false, Ordering::Relaxed);
@@ -734,78 +792,35 @@ impl GroupTask {
         .await
     }
 
-    /// One heartbeat, bounded by the heartbeat timeout (reconnecting included).
-    async fn heartbeat(&mut self) -> Result<()> {
-        let after = self.heartbeat_timeout();
-        match tokio::time::timeout(after, self.member.heartbeat(after)).await {
-            Ok(r) => r,
-            Err(_) => {
-                self.member.drop_coordinator();
-                Err(Error::Timeout {
-                    call: "Heartbeat",
-                    broker: String::new(),
-                    after,
-                })
+    /// The next session event about the current generation (older ones are stale).
+    async fn session_event(&mut self) -> Option<SessionEvent> {
+        loop {
+            let (generation, ev) = self.session.events.recv().await?;
+            if generation == self.member.generation() {
+                return Some(ev);
             }
         }
     }
 
     async fn member_loop(&mut self, stop: &mut tokio::sync::oneshot::Receiver<()>) -> Exit {
         let cfg = self.config.clone();
-        let mut heartbeat = tokio::time::interval(cfg.group.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A slow sweep in case a completion's notice was missed.
-        let mut sweep = tokio::time::interval(Duration::from_secs(1));
-        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_commit = tokio::time::Instant::now();
-        let mut commit_at: Option<tokio::time::Instant> = None;
         let mut metadata = tokio::time::interval(cfg.metadata_refresh);
         metadata.tick().await;
         loop {
-            let at = commit_at.unwrap_or_else(tokio::time::Instant::now);
-            let r = tokio::select! {
-                _ = heartbeat.tick() => self.heartbeat().await,
-                _ = self.shared.completed.notified(), if commit_at.is_none() => {
-                    commit_at = Some(at.max(last_commit + cfg.commit_interval));
-                    continue;
-                }
-                _ = tokio::time::sleep_until(at), if commit_at.is_some() => {
-                    commit_at = None;
-                    last_commit = tokio::time::Instant::now();
-                    self.bounded_commit().await
-                }
-                _ = sweep.tick() => self.bounded_commit().await,
+            tokio::select! {
+                ev = self.session_event() => match ev {
+                    Some(SessionEvent::Rebalance) => return Exit::Rebalance,
+                    Some(SessionEvent::Lost { unknown_member }) => return Exit::Lost { unknown_member },
+                    Some(SessionEvent::Fatal(why)) => return Exit::Fatal(why),
+                    None => return Exit::Fatal("the session task ended".into()),
+                },
                 _ = metadata.tick() => {
                     if self.partitions_changed().await {
                         tracing::info!(group = %cfg.group.group_id, "input partitions changed: rejoining");
                         return Exit::Rebalance;
                     }
-                    continue;
                 }
                 _ = &mut *stop => return Exit::Stop,
-            };
-            match r {
-                Ok(()) => {
-                    self.last_ok = Instant::now();
-                    self.shared.group_ok.store(true, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    use kafka_protocol::error::ResponseError as R;
-                    if let Some(why) = fatal_group_error(&e) {
-                        return Exit::Fatal(why);
-                    }
-                    match e.broker_error() {
-                        Some(R::RebalanceInProgress) => return Exit::Rebalance,
-                        Some(R::IllegalGeneration | R::UnknownMemberId) => return Exit::Lost,
-                        _ => {}
-                    }
-                    self.shared.group_ok.store(false, Ordering::Relaxed);
-                    tracing::warn!(group = %cfg.group.group_id, error = %e, "coordinator call failed");
-                    if self.last_ok.elapsed() > cfg.group.session_timeout {
-                        // The coordinator has given our partitions away by now.
-                        return Exit::Lost;
-                    }
-                }
             }
         }
     }
@@ -823,33 +838,27 @@ impl GroupTask {
         self.known_counts.as_ref().is_some_and(|k| *k != counts)
     }
 
-    /// [`commit`](Self::commit) of every owned partition within the heartbeat timeout: a
-    /// coordinator that does not answer must not hold up heartbeats and the session check.
-    async fn bounded_commit(&mut self) -> Result<()> {
-        let after = self.heartbeat_timeout();
-        match tokio::time::timeout(after, self.commit(None)).await {
-            Ok(r) => r,
-            Err(_) => {
-                self.member.drop_coordinator();
-                Err(Error::Timeout {
-                    call: "OffsetCommit",
-                    broker: String::new(),
-                    after,
-                })
-            }
-        }
-    }
-
-    /// Commits what moved (of `only`, or of every owned partition). Ok when nothing to commit.
-    async fn commit(&mut self, only: Option<&[Key]>) -> Result<()> {
-        let positions = self.shared.positions_to_commit(only);
+    /// Commits what moved of `keys`, through the session task (one commit at a time).
+    async fn commit(&mut self, keys: &[Key]) -> Result<()> {
+        let positions = self.shared.positions_to_commit(Some(keys));
         if positions.is_empty() {
             return Ok(());
         }
-        self.member.commit(&positions).await?;
-        tracing::debug!(?positions, "committed");
-        self.shared.mark_committed(&positions);
-        Ok(())
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let req = CommitRequest { positions, done };
+        let after = self.call_timeout() * 2;
+        if self.session.commits.send(req).await.is_err() {
+            return Err(Error::Closed);
+        }
+        match tokio::time::timeout(after, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout {
+                call: "OffsetCommit",
+                broker: String::new(),
+                after,
+            }),
+        }
     }
 
     async fn revoke_all(&mut self, drain: bool) {
@@ -876,7 +885,7 @@ impl GroupTask {
                 hook(keys.iter().map(tp).collect()).await;
             }
             still_member = self.drain(keys).await;
-            if still_member && let Err(e) = self.commit(Some(keys)).await {
+            if still_member && let Err(e) = self.commit(keys).await {
                 tracing::warn!(error = %e, "commit on revoke failed; the next owner may redo some records");
             }
         }
@@ -902,13 +911,11 @@ impl GroupTask {
         still_member
     }
 
-    /// Waits until `keys` have nothing in flight (or the drain timeout), heartbeating so the
-    /// member stays in the group. False when the membership was lost meanwhile.
+    /// Waits until `keys` have nothing in flight (or the drain timeout); the session task
+    /// heartbeats meanwhile, so the member stays in the group. False when the membership was
+    /// lost meanwhile.
     async fn drain(&mut self, keys: &[Key]) -> bool {
         let deadline = tokio::time::Instant::now() + self.config.drain_timeout;
-        let mut heartbeat = tokio::time::interval(self.config.group.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        heartbeat.tick().await;
         loop {
             let shared = self.shared.clone();
             let waiting = shared.drained.notified();
@@ -922,24 +929,23 @@ impl GroupTask {
                     tracing::warn!(in_flight = left, "drain timeout: committing what is complete");
                     return true;
                 }
-                _ = heartbeat.tick() => {
-                    use kafka_protocol::error::ResponseError as R;
-                    match self.heartbeat().await {
-                        // During a rebalance the coordinator still counts these heartbeats.
-                        Ok(()) => self.last_ok = Instant::now(),
-                        Err(e) if e.broker_error() == Some(R::RebalanceInProgress) => self.last_ok = Instant::now(),
-                        Err(e) if matches!(e.broker_error(), Some(R::IllegalGeneration | R::UnknownMemberId | R::FencedInstanceId)) => {
-                            tracing::warn!(error = %e, "membership lost while draining: nothing committed");
-                            return false;
+                ev = self.session_event() => match ev {
+                    Some(SessionEvent::Rebalance) => {}
+                    Some(SessionEvent::Lost { unknown_member }) => {
+                        tracing::warn!("membership lost while draining: nothing committed");
+                        if unknown_member {
+                            self.member.reset_member();
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "heartbeat failed while draining");
-                            if self.last_ok.elapsed() > self.config.group.session_timeout {
-                                return false;
-                            }
-                        }
+                        self.set_identity(-1);
+                        return false;
                     }
-                }
+                    Some(SessionEvent::Fatal(why)) => {
+                        tracing::error!("{why}");
+                        *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                        return false;
+                    }
+                    None => return false,
+                },
             }
         }
     }
@@ -947,12 +953,17 @@ impl GroupTask {
     async fn shutdown(&mut self, joined: bool) {
         if joined {
             self.revoke_all(true).await;
-            if let Err(e) = self.member.leave().await {
-                tracing::warn!(error = %e, "leave group failed");
+            self.set_identity(-1);
+            let after = self.call_timeout();
+            match tokio::time::timeout(after, self.member.leave()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "leave group failed"),
+                Err(_) => tracing::warn!("leave group timed out"),
             }
         } else {
             self.revoke_all(false).await;
         }
+        self.session.task.abort();
     }
 }
 

@@ -57,7 +57,13 @@ impl GroupConfig {
             heartbeat_interval: Duration::from_secs(3),
             rebalance_timeout: Duration::from_secs(30),
             instance_id: None,
-            assignors: vec![Assignor::Range, Assignor::RoundRobin],
+            // The coordinator picks the first that every member supports: cooperative-sticky
+            // with members that have it (librdkafka, Java), else range.
+            assignors: vec![
+                Assignor::CooperativeSticky,
+                Assignor::Range,
+                Assignor::RoundRobin,
+            ],
         }
     }
 }
@@ -76,6 +82,8 @@ pub struct Member {
     coordinator: Option<BrokerConn>,
     member_id: String,
     generation: i32,
+    /// The generation of our current assignment (sent as the owned partitions' generation).
+    assigned_generation: i32,
     protocol: Option<String>,
 }
 
@@ -91,6 +99,7 @@ impl Member {
             coordinator: None,
             member_id: String::new(),
             generation: -1,
+            assigned_generation: -1,
             protocol: None,
         }
     }
@@ -107,7 +116,10 @@ impl Member {
     /// True when the group runs the cooperative protocol (KIP-429): partitions that do not
     /// move keep running through a rebalance.
     pub fn is_cooperative(&self) -> bool {
-        self.protocol.as_deref() == Some("cooperative-sticky")
+        self.protocol
+            .as_deref()
+            .and_then(Assignor::from_name)
+            .is_some_and(Assignor::is_cooperative)
     }
 
     /// Forgets the coordinator connection (after a timeout): the next call finds it again on
@@ -116,10 +128,23 @@ impl Member {
         self.coordinator = None;
     }
 
+    /// The generation of the last join (-1: not joined).
+    pub fn generation(&self) -> i32 {
+        self.generation
+    }
+
+    /// Takes another member handle's identity (a second connection for the same member, e.g.
+    /// for heartbeats and commits while this one waits in JoinGroup).
+    pub fn adopt(&mut self, member_id: &str, generation: i32) {
+        self.member_id = member_id.to_owned();
+        self.generation = generation;
+    }
+
     /// Forgets the member id (after UNKNOWN_MEMBER_ID): the next join starts fresh.
     pub fn reset_member(&mut self) {
         self.member_id.clear();
         self.generation = -1;
+        self.assigned_generation = -1;
     }
 
     async fn coordinator(&mut self) -> Result<&mut BrokerConn> {
@@ -182,13 +207,17 @@ impl Member {
         r
     }
 
-    /// Joins the group (JoinGroup, then SyncGroup). `partition_counts` is asked for the
-    /// partition counts of the subscribed topics when this member leads.
+    /// Joins the group (JoinGroup, then SyncGroup), telling the group what this member owns
+    /// (`owned`, for the cooperative protocol). `partition_counts` is asked for the partition
+    /// counts of the subscribed topics when this member leads.
     pub async fn join(
         &mut self,
+        owned: &BTreeSet<Tp>,
         partition_counts: impl AsyncFnOnce(&[String]) -> Result<BTreeMap<String, i32>>,
     ) -> Result<Assignment> {
-        let metadata = assignor::encode_subscription(&self.config.topics);
+        let sub = assignor::Subscription::new(self.config.topics.clone())
+            .with_owned(owned)
+            .with_generation(self.assigned_generation);
         let protocols: Vec<JoinGroupRequestProtocol> = self
             .config
             .assignors
@@ -196,7 +225,7 @@ impl Member {
             .map(|a| {
                 JoinGroupRequestProtocol::default()
                     .with_name(StrBytes::from_static_str(a.name()))
-                    .with_metadata(metadata.clone())
+                    .with_metadata(sub.encode(*a))
             })
             .collect();
         let cfg = self.config.clone();
@@ -264,21 +293,32 @@ impl Member {
                 why: format!("coordinator chose assignor {name}, which we do not offer"),
             })?;
             let mut members = BTreeMap::new();
+            let mut unreadable = Vec::new();
             for m in &resp.members {
-                let topics = assignor::decode_subscription(m.metadata.clone()).map_err(|why| {
-                    Error::Protocol {
-                        call: "JoinGroup",
-                        why: format!("member {} sent a bad subscription: {why}", m.member_id),
+                match assignor::Subscription::decode(&m.metadata) {
+                    Ok(sub) => {
+                        members.insert(m.member_id.to_string(), sub);
                     }
-                })?;
-                members.insert(m.member_id.to_string(), topics);
+                    // One bad member must not stop the group: it gets nothing (as librdkafka).
+                    Err(why) => {
+                        tracing::warn!(group = %cfg.group_id, member = %m.member_id, %why,
+                            "unreadable subscription: the member gets no partitions");
+                        unreadable.push(m.member_id.to_string());
+                    }
+                }
             }
-            let all: BTreeSet<String> = members.values().flatten().cloned().collect();
+            // Only topics we know to ask for: a member cannot make us create topics.
+            let all: BTreeSet<String> = members
+                .values()
+                .flat_map(|s| s.topics.iter().cloned())
+                .filter(|t| cfg.topics.contains(t))
+                .collect();
             let counts = partition_counts(&all.into_iter().collect::<Vec<_>>()).await?;
-            let plan = assignor.assign(&members, &counts);
+            let plan = assignor.assign_subscriptions(&members, &counts);
             tracing::info!(group = %cfg.group_id, generation = self.generation, assignor = name,
                 members = members.len(), "leading the group: assigned partitions");
             plan.into_iter()
+                .chain(unreadable.into_iter().map(|m| (m, Vec::new())))
                 .map(|(m, tps)| {
                     SyncGroupRequestAssignment::default()
                         .with_member_id(s(&m))
@@ -319,6 +359,7 @@ impl Member {
                 call: "SyncGroup",
                 why: format!("bad assignment from the leader: {why}"),
             })?;
+        self.assigned_generation = self.generation;
         Ok(Assignment {
             generation: self.generation,
             partitions,

@@ -18,6 +18,7 @@ pub mod offsets;
 pub mod producer;
 pub mod sasl;
 pub mod secret;
+pub mod session;
 pub mod settings;
 pub mod tls;
 

@@ -125,7 +125,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         protocol = %cfg.protocol, model = %cfg.graph.url, "kafka-infer running");
 
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_log = std::time::Instant::now();
     let mut last_ok = 0i64;
     loop {
