@@ -1,7 +1,7 @@
 """Reads N records from every partition of TOPIC from the beginning with librdkafka (no group).
 
 usage: consume.py BOOTSTRAP TOPIC N TIMEOUT_S
-prints [{"partition","offset","key","value","headers"}] (hex strings)
+prints [{"partition","offset","ts","key","value","headers"}] (hex strings; ts: record timestamp, ms)
 """
 import json, sys, time
 from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
@@ -16,7 +16,7 @@ while len(out) < int(n) and time.time() < deadline:
     m = c.poll(0.2)
     if m is None or m.error():
         continue
-    out.append({"partition": m.partition(), "offset": m.offset(),
+    out.append({"partition": m.partition(), "offset": m.offset(), "ts": m.timestamp()[1],
                 "key": (m.key() or b"").hex(), "value": (m.value() or b"").hex(),
                 "headers": {k: (v or b"").hex() for k, v in (m.headers() or [])}})
 c.close()

@@ -1,11 +1,13 @@
 """A librdkafka group member: prints its assignment as JSON lines until killed or SECONDS pass.
 
-usage: group_member.py BOOTSTRAP GROUP TOPIC SESSION_MS SECONDS
+usage: group_member.py BOOTSTRAP GROUP TOPIC SESSION_MS SECONDS [STRATEGY]
+STRATEGY: partition.assignment.strategy (default range,roundrobin; e.g. cooperative-sticky)
 """
 import json, sys, time
 from confluent_kafka import Consumer
 
 bootstrap, group, topic, session_ms, seconds = sys.argv[1:6]
+strategy = sys.argv[6] if len(sys.argv) > 6 else "range,roundrobin"
 owned = set()
 
 def show():
@@ -24,7 +26,7 @@ c = Consumer({
     "group.id": group,
     "session.timeout.ms": int(session_ms),
     "heartbeat.interval.ms": max(100, int(session_ms) // 4),
-    "partition.assignment.strategy": "range,roundrobin",
+    "partition.assignment.strategy": strategy,
     "auto.offset.reset": "earliest",
     "enable.auto.commit": False,
     "client.id": "librdkafka-member",

@@ -446,6 +446,8 @@ pub fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T
 pub struct Answer {
     pub partition: i64,
     pub offset: i64,
+    /// The record's timestamp (ms since the epoch; for answers: when kafka-infer wrote it).
+    pub ts: i64,
     pub key: String,
     pub headers: std::collections::BTreeMap<String, String>,
     pub value: Vec<u8>,
@@ -474,6 +476,7 @@ pub fn read_topic(bootstrap: &str, topic: &str, n: usize, timeout_s: u32) -> Res
         .map(|m| Answer {
             partition: m["partition"].as_i64().unwrap_or(-1),
             offset: m["offset"].as_i64().unwrap_or(-1),
+            ts: m["ts"].as_i64().unwrap_or(-1),
             key: String::from_utf8_lossy(&unhex(&s(&m["key"]))).into_owned(),
             headers: m["headers"]
                 .as_object()

@@ -27,9 +27,12 @@ impl Server {
 }
 
 fn log_file(name: &str) -> Stdio {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = repo_root().join("target/test-logs");
     let _ = std::fs::create_dir_all(&dir);
-    std::fs::File::create(dir.join(format!("{name}-{}.log", std::process::id())))
+    // One file per process started (test process id, then a counter).
+    std::fs::File::create(dir.join(format!("{name}-{}-{n}.log", std::process::id())))
         .map(Stdio::from)
         .unwrap_or_else(|_| Stdio::null())
 }

@@ -162,10 +162,19 @@ async fn run<P: Positions>(
     let mut commit_at: Option<tokio::time::Instant> = None;
     // Reported once per generation: the membership task acts on the first.
     let mut reported = -2;
+    // A generation the coordinator said is gone: no more calls with it until the next join.
+    let mut fenced = -2;
     loop {
-        let generation = member.generation();
+        let generation = if member.generation() == fenced {
+            -1
+        } else {
+            member.generation()
+        };
         let at = commit_at.unwrap_or_else(tokio::time::Instant::now);
         let (call, r) = tokio::select! {
+            // First: a new identity must be in place before the next call (a commit with an
+            // old generation would fail).
+            biased;
             changed = identity.changed() => {
                 if changed.is_err() {
                     return; // the consumer is gone
@@ -202,6 +211,9 @@ async fn run<P: Positions>(
                 if let Err(e) = &r
                     && let Some(ev) = membership_news(e)
                 {
+                    if matches!(ev, SessionEvent::Lost { .. }) {
+                        fenced = generation;
+                    }
                     let _ = events.send((generation, ev));
                 }
                 if r.as_ref().is_ok_and(|sent| *sent) {
@@ -249,16 +261,18 @@ async fn run<P: Positions>(
                     }
                 };
                 if let Some(ev) = event {
+                    // (Readiness follows the membership task: a generation that ends while we
+                    // rejoin is normal; timeouts already turned it off.)
                     if matches!(ev, SessionEvent::Lost { .. } | SessionEvent::Fatal(_)) {
-                        positions.set_group_ok(false);
+                        fenced = generation;
                     }
-                    // Rebalance is told once per generation; losses and fatal errors each time.
+                    // Rebalance is told once per generation; a loss ends the generation's calls.
                     let once = matches!(ev, SessionEvent::Rebalance);
                     if !(once && reported == generation) {
                         if once {
                             reported = generation;
                         }
-                        tracing::info!(generation, event = ?ev, "session: membership news");
+                        tracing::debug!(generation, event = ?ev, "session: membership news");
                         if events.send((generation, ev)).is_err() {
                             return;
                         }
