@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod conn;
 pub mod consumer;
 pub mod error;
+pub mod fetch;
 pub mod group;
 pub mod offsets;
 pub mod producer;
