@@ -478,3 +478,57 @@ async fn sigkill_under_load_redoes_at_most_max_in_flight_records_per_partition()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reset_during_a_rejoin_the_group_finds_its_coordinator_again_and_loses_nothing()
+-> Result<()> {
+    let pb = ProxiedBroker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    pb.create_topic(&input, 4)?;
+    pb.create_topic(&output, 4)?;
+    let settings = pb.settings();
+    let (broker, proxy) = pb.into_parts();
+    let bootstrap = proxy.bootstrap();
+    let model = models::test_model("v2", "m", "echo")?;
+    let url = model.rest_url();
+    let owned = |ki: &KafkaInfer| {
+        ki.metrics()
+            .lines()
+            .filter(|l| l.starts_with("kafka_infer_consumer_lag{"))
+            .count()
+    };
+    let a = KafkaInfer::start(&args(&url, &group, &[]), &env(&bootstrap, &input, &output))?;
+    wait_for(Duration::from_secs(30), "A owns 4", || {
+        (owned(&a) == 4).then_some(())
+    })?;
+    let recs = |r: std::ops::Range<usize>| -> Vec<(String, Bytes)> {
+        r.map(|i| (format!("k{i}"), request(&format!("r{i}"), 1)))
+            .collect()
+    };
+    produce(settings.clone(), &input, recs(0..200)).await?;
+    // B joins: a rebalance starts; while it runs, every connection is reset (the coordinator's
+    // included), twice.
+    let b = KafkaInfer::start(&args(&url, &group, &[]), &env(&bootstrap, &input, &output))?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for _ in 0..2 {
+        proxy.set_mode(Mode::Reset);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.set_mode(Mode::Pass);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    wait_for(Duration::from_secs(40), "2 and 2", || {
+        (owned(&a) == 2 && owned(&b) == 2).then_some(())
+    })?;
+    produce(settings, &input, recs(200..400)).await?;
+    let answers = kafka_infer_tests::read_topic(&broker.bootstrap(), &output, 400, 60)?;
+    let t = tally(&answers);
+    let missing: Vec<usize> = (0..400)
+        .filter(|i| !t.contains_key(&format!("r{i}")))
+        .collect();
+    assert!(missing.is_empty(), "lost: {missing:?}");
+    wait_for(Duration::from_secs(20), "commits reach the end", || {
+        (committed_sum(&broker.bootstrap(), &group, &input) == 400).then_some(())
+    })?;
+    assert!(a.proc.is_running_shared() && b.proc.is_running_shared());
+    Ok(())
+}

@@ -28,6 +28,12 @@ fn init_log() {
 
 fn consumer_config(group: &str, topic: &str) -> ConsumerConfig {
     let mut g = GroupConfig::new(group, vec![topic.to_owned()]);
+    // The eager protocol, as the librdkafka members here (range,roundrobin) use: tansu does not
+    // let a member without cooperative-sticky into a group that already runs it (Kafka does).
+    g.assignors = vec![
+        kafka_io::assignor::Assignor::Range,
+        kafka_io::assignor::Assignor::RoundRobin,
+    ];
     g.session_timeout = SESSION;
     g.heartbeat_interval = Duration::from_millis(500);
     g.rebalance_timeout = SESSION;

@@ -182,6 +182,9 @@ async fn run<P: Positions>(
                 let id = identity.borrow_and_update().clone();
                 tracing::debug!(generation = id.generation, "session: identity");
                 member.adopt(&id.member_id, id.generation);
+                // A new join: its generation may repeat an old number (a restarted broker).
+                fenced = -2;
+                reported = -2;
                 last_ok = Instant::now();
                 positions.set_group_ok(id.generation >= 0);
                 continue;

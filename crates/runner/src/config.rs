@@ -102,6 +102,11 @@ pub struct RunArgs {
     /// sooner, at the cost of more commit requests. Default 5ms.
     #[arg(long, env = "KAFKA_COMMIT_INTERVAL")]
     pub commit_interval: Option<String>,
+    /// Partition assignment strategies offered to the group, in preference order (as librdkafka's
+    /// partition.assignment.strategy): cooperative-sticky, range, roundrobin. Default
+    /// cooperative-sticky,range,roundrobin: cooperative when every member offers it.
+    #[arg(long, env = "KAFKA_PARTITION_ASSIGNMENT_STRATEGY")]
+    pub assignment_strategy: Option<String>,
     /// Output compression: none, gzip, snappy, lz4, zstd. Default none.
     #[arg(long, env = "KAFKA_COMPRESSION")]
     pub compression: Option<String>,
@@ -162,6 +167,7 @@ pub struct Config {
     pub compression: kafka_io::CompressionCodec,
     pub max_request_size: usize,
     pub max_attempts: u32,
+    pub assignors: Vec<kafka_io::assignor::Assignor>,
     pub commit_interval: Duration,
     pub descriptor_sets: Vec<PathBuf>,
     pub log_format: LogFormat,
@@ -497,7 +503,7 @@ impl Config {
                 "KAFKA_INFER_RETRY_MAX_BACKOFF",
                 "5s",
             )?,
-            fetch_max_wait: dur(&args.fetch_max_wait, "KAFKA_FETCH_MAX_WAIT", "5ms")?,
+            fetch_max_wait: dur(&args.fetch_max_wait, "KAFKA_FETCH_MAX_WAIT", "20ms")?,
             compression: pick(&args.compression, "KAFKA_COMPRESSION")
                 .unwrap_or_else(|| "none".into())
                 .parse()
@@ -515,6 +521,29 @@ impl Config {
                 None => 3,
             },
             commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "5ms")?,
+            assignors: {
+                let v = pick(
+                    &args.assignment_strategy,
+                    "KAFKA_PARTITION_ASSIGNMENT_STRATEGY",
+                )
+                .unwrap_or_else(|| "cooperative-sticky,range,roundrobin".into());
+                let mut out = Vec::new();
+                for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                    let a = kafka_io::assignor::Assignor::from_name(name).ok_or_else(|| {
+                        anyhow!(
+                            "--assignment-strategy (KAFKA_PARTITION_ASSIGNMENT_STRATEGY): unknown \
+                             `{name}` (cooperative-sticky, range, roundrobin)"
+                        )
+                    })?;
+                    if !out.contains(&a) {
+                        out.push(a);
+                    }
+                }
+                if out.is_empty() {
+                    bail!("--assignment-strategy (KAFKA_PARTITION_ASSIGNMENT_STRATEGY): empty");
+                }
+                out
+            },
             descriptor_sets: args.descriptor_sets.clone(),
             log_format: args.log_format.unwrap_or_default(),
             max_tensor_bytes: match args.max_tensor_bytes {
@@ -561,6 +590,7 @@ impl Config {
             "max_request_size": self.max_request_size,
             "max_attempts": self.max_attempts,
             "commit_interval_ms": self.commit_interval.as_millis() as u64,
+            "assignment_strategy": self.assignors.iter().map(|a| a.name()).collect::<Vec<_>>(),
         })
     }
 }

@@ -72,6 +72,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     group.session_timeout = cfg.session_timeout;
     group.heartbeat_interval = (cfg.session_timeout / 4).max(Duration::from_millis(100));
     group.rebalance_timeout = cfg.drain_timeout + cfg.session_timeout;
+    group.assignors = cfg.assignors.clone();
     let mut ccfg = ConsumerConfig::new(group);
     ccfg.auto_offset_reset = cfg.auto_offset_reset;
     ccfg.fetch_max_wait = cfg.fetch_max_wait;
