@@ -315,3 +315,67 @@ async fn reconnects_after_resets_and_times_out_on_a_silent_network() -> Result<(
     }
     Ok(())
 }
+
+/// End to end with the binary: a transactional producer upstream (committed, aborted, committed,
+/// plain): kafka-infer answers exactly the committed and plain records (here with an error
+/// record each: the values are not JSON), never an aborted one, and commits past the markers to
+/// the end of the partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_infer_answers_committed_transactions_only_and_commits_past_the_markers() -> Result<()>
+{
+    use kafka_infer_tests::{models, wait_for};
+    let broker = Broker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    broker.create_topic(&input, 1)?;
+    broker.create_topic(&output, 1)?;
+    let bootstrap = broker.bootstrap();
+    py(
+        "txn_produce.py",
+        &[
+            &bootstrap,
+            &input,
+            "0",
+            "none",
+            "commit:a:5",
+            "abort:b:5",
+            "commit:c:5",
+            "plain:d:1",
+        ],
+    )?;
+    let model = models::test_model("v2", "m", "echo")?;
+    let url = model.rest_url();
+    let _ki = models::KafkaInfer::start(
+        &[
+            "--protocol",
+            "v2",
+            "--model",
+            &url,
+            "--model-name",
+            "m",
+            "--session-timeout",
+            "3s",
+            "--group-id",
+            &group,
+        ],
+        &[
+            ("KAFKA_BROKER", bootstrap.clone()),
+            ("KAFKA_INPUT_TOPIC", input.clone()),
+            ("KAFKA_OUTPUT_TOPIC", output.clone()),
+        ],
+    )?;
+    let got = kafka_infer_tests::read_topic(&bootstrap, &output, 11, 60)?;
+    let extra = kafka_infer_tests::read_topic(&bootstrap, &output, 12, 3)?;
+    let keys: Vec<&str> = extra.iter().map(|a| a.key.as_str()).collect();
+    ensure!(got.len() == 11 && keys == COMMITTED, "answered: {keys:?}");
+    // The partition ends with a commit marker: the group's position reaches its end (19).
+    wait_for(
+        Duration::from_secs(20),
+        "committed past the markers",
+        || {
+            let v: serde_json::Value =
+                serde_json::from_str(&py("admin.py", &[&bootstrap, &group, &input]).ok()?).ok()?;
+            (v["committed"]["0"].as_i64() == Some(19)).then_some(())
+        },
+    )?;
+    Ok(())
+}

@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use rskafka::client::{error::ProtocolError, partition::OffsetAt};
+use rskafka::client::partition::OffsetAt;
 use tokio::{
     sync::{Notify, mpsc, watch},
     task::JoinHandle,
@@ -107,6 +107,9 @@ pub struct Batch {
     pub epoch: u64,
     pub records: Vec<InRecord>,
     pub high_watermark: i64,
+    /// Where the next fetch starts: past the records, and past transaction markers and
+    /// aborted records after them (skipped offsets are committed past too).
+    pub next_offset: i64,
 }
 
 impl Batch {
@@ -323,6 +326,14 @@ impl PartitionStream {
                     }
                     for r in &batch.records {
                         s.offsets.handed_out(r.offset);
+                    }
+                    s.offsets.advance_to(batch.next_offset);
+                    if batch.records.is_empty() {
+                        // Only markers or aborted records: nothing to process, but commits
+                        // may move past them.
+                        drop(parts);
+                        self.shared.completed.notify_one();
+                        continue;
                     }
                     return Some(batch);
                 }
@@ -976,98 +987,81 @@ async fn fetcher(
     mut offset: i64,
     epoch: u64,
 ) {
+    use kafka_protocol::error::ResponseError;
     let topic_arc: Arc<str> = Arc::from(topic.as_str());
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mut client = None;
-    let timeout = cluster.request_timeout + cfg.fetch_max_wait;
+    // Our own read_committed Fetch: transaction markers advance the position, records of
+    // aborted transactions are skipped.
+    let mut f = crate::fetch::PartitionFetcher::new(
+        cluster.connector.clone(),
+        topic.clone(),
+        partition,
+        cluster.request_timeout,
+    );
     loop {
-        let pc = match &client {
-            Some(c) => Arc::clone(c),
-            None => match cluster.partition(&topic, partition).await {
-                Ok(c) => {
-                    client = Some(c.clone());
-                    c
-                }
-                Err(e) => {
-                    shared.fetch_ok.store(false, Ordering::Relaxed);
-                    let wait = backoff.next_wait();
-                    tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "fetcher: no leader");
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-            },
-        };
-        let r = bounded(
-            "Fetch",
-            &topic,
-            timeout,
-            pc.fetch_records(
-                offset,
-                1..cfg.fetch_max_bytes,
-                cfg.fetch_max_wait.as_millis() as i32,
-            ),
-        )
-        .await;
-        match r {
-            Ok((records, hwm)) => {
+        match f
+            .fetch(offset, cfg.fetch_max_wait, cfg.fetch_max_bytes)
+            .await
+        {
+            Ok(got) => {
                 backoff.reset();
                 shared.fetch_ok.store(true, Ordering::Relaxed);
+                let hwm = got.high_watermark;
                 if let Some(s) = shared.lock().get_mut(&(topic_arc.clone(), partition))
                     && s.epoch == epoch
                 {
                     s.high_watermark = hwm;
                 }
-                let records: Vec<InRecord> = records
+                if got.records.is_empty() && got.next_offset == offset {
+                    continue; // nothing new (the broker waited max_wait)
+                }
+                let records: Vec<InRecord> = got
+                    .records
                     .into_iter()
-                    .filter(|r| r.offset >= offset)
                     .map(|r| InRecord {
                         offset: r.offset,
-                        key: r.record.key.map(Bytes::from),
-                        value: r.record.value.map(Bytes::from),
-                        headers: r
-                            .record
-                            .headers
-                            .into_iter()
-                            .map(|(k, v)| (k, Bytes::from(v)))
-                            .collect(),
-                        timestamp_ms: r.record.timestamp.timestamp_millis(),
+                        key: r.key,
+                        value: r.value,
+                        headers: r.headers,
+                        timestamp_ms: r.timestamp_ms,
                     })
                     .collect();
-                let Some(last) = records.last() else { continue };
-                offset = last.offset + 1;
+                offset = got.next_offset;
                 let batch = Batch {
                     topic: topic_arc.clone(),
                     partition,
                     epoch,
                     records,
                     high_watermark: hwm,
+                    next_offset: offset,
                 };
                 if tx.send(batch).await.is_err() {
                     return;
                 }
             }
-            Err(Error::Client(rskafka::client::error::Error::ServerError {
-                protocol_error: ProtocolError::OffsetOutOfRange,
-                ..
-            })) => {
+            Err(e) if e.broker_error() == Some(ResponseError::OffsetOutOfRange) => {
                 let at = match cfg.auto_offset_reset {
                     OffsetReset::Earliest => OffsetAt::Earliest,
                     OffsetReset::Latest => OffsetAt::Latest,
                 };
-                match bounded(
-                    "ListOffsets",
-                    &topic,
-                    cluster.request_timeout,
-                    pc.get_offset(at),
-                )
-                .await
-                {
+                let reset = async {
+                    let pc = cluster.partition(&topic, partition).await?;
+                    bounded(
+                        "ListOffsets",
+                        &topic,
+                        cluster.request_timeout,
+                        pc.get_offset(at),
+                    )
+                    .await
+                };
+                match reset.await {
                     Ok(o) => {
                         tracing::warn!(%topic, partition, from = offset, to = o, "offset out of range: reset");
                         offset = o;
                     }
                     Err(e) => {
                         tracing::warn!(%topic, partition, error = %e, "offset reset failed");
+                        cluster.forget_partition(&topic, partition).await;
                         tokio::time::sleep(backoff.next_wait()).await;
                     }
                 }
@@ -1076,9 +1070,7 @@ async fn fetcher(
                 shared.fetch_ok.store(false, Ordering::Relaxed);
                 let wait = backoff.next_wait();
                 tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "fetch failed");
-                // A new client, a new connection: a half-open one is never reused.
-                client = None;
-                cluster.forget_partition(&topic, partition).await;
+                // The fetcher drops its connection on errors: the next call reconnects.
                 tokio::time::sleep(wait).await;
             }
         }

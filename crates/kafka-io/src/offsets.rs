@@ -46,6 +46,12 @@ impl PartitionOffsets {
         self.next = offset + 1;
     }
 
+    /// Moves the next position to `next` when offsets up to it were skipped (transaction
+    /// markers, aborted records): with nothing outstanding, commits may pass them.
+    pub fn advance_to(&mut self, next: i64) {
+        self.next = self.next.max(next);
+    }
+
     /// Marks `offset` complete. Unknown offsets (already drained, or from before a reset) are
     /// ignored and reported as false.
     pub fn complete(&mut self, offset: i64) -> bool {
@@ -189,6 +195,21 @@ mod tests {
         }
         assert!(!t.complete(1), "never handed out");
         assert_eq!(t.in_flight(), recount(&t));
+    }
+
+    #[test]
+    fn skipped_offsets_are_committed_past_only_once_nothing_before_them_is_outstanding() {
+        let mut t = PartitionOffsets::new(0, None);
+        t.handed_out(0);
+        t.handed_out(1);
+        t.advance_to(4); // offsets 2 and 3: a commit marker and an aborted record
+        assert_eq!(t.committable(), 0);
+        t.complete(1);
+        assert_eq!(t.committable(), 0, "0 is still outstanding");
+        t.complete(0);
+        assert_eq!(t.committable(), 4, "past the skipped offsets");
+        t.advance_to(2);
+        assert_eq!(t.next_fetch(), 4, "never backwards");
     }
 
     #[test]
