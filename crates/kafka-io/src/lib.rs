@@ -4,8 +4,10 @@
 //! (classic protocol), partition fetchers, the producer, offset tracking and commits, lag.
 //! Knows nothing of models, payloads or protocols above Kafka: records are bytes.
 //!
-//! Data path (produce, fetch, metadata) runs on rskafka; the group APIs rskafka lacks run on our
-//! own connection ([`conn`]) with kafka-protocol's message types.
+//! Produce, metadata and ListOffsets run on rskafka. The group APIs rskafka lacks, the session
+//! (heartbeats, commits) and the read_committed Fetch ([`fetch`]: rskafka drops transaction
+//! markers without advancing and keeps aborted records) run on our own connection ([`conn`])
+//! with kafka-protocol's message types.
 
 pub mod assignor;
 pub mod backoff;
