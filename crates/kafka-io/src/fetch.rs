@@ -374,3 +374,34 @@ fn missing(call: &'static str, error: ResponseError) -> Error {
         message: None,
     }
 }
+
+/// The body of the `fetch_records` fuzz target (fuzz/) and of its stable smoke test: record batch
+/// bytes as a broker's Fetch response carries them. The first 8 input bytes pick the fetch offset
+/// and one aborted transaction; decoding must return, never panic or allocate what the bytes
+/// merely claim; what it returns is in offset order, at or after the fetch offset, below
+/// `next_offset`. Returns how many records it gave (for the smoke test's seeds).
+pub fn fuzz_fetch_records(data: &[u8]) -> usize {
+    let (head, rest) = data.split_at(data.len().min(8));
+    let mut h = [0u8; 8];
+    h[..head.len()].copy_from_slice(head);
+    let offset = i64::from(i16::from_be_bytes([h[0], h[1]]));
+    let aborted = [records::AbortedTxn {
+        producer_id: i64::from(i16::from_be_bytes([h[2], h[3]])),
+        first_offset: i64::from(i16::from_be_bytes([h[4], h[5]])),
+    }];
+    let data = Bytes::copy_from_slice(rest);
+    if let Ok(d) = records::decode(&data, offset, &aborted, 1 << 20) {
+        let mut last = offset - 1;
+        for r in &d.records {
+            assert!(
+                r.offset > last,
+                "records in offset order, at or after the fetch offset"
+            );
+            last = r.offset;
+        }
+        assert!(d.next_offset > last, "next_offset past every record");
+        assert!(d.next_offset >= offset, "next_offset never backwards");
+        return d.records.len();
+    }
+    0
+}
