@@ -419,7 +419,7 @@ async fn sigterm_with_a_drain_longer_than_the_session_timeout_commits_what_it_fi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_under_load_redoes_at_most_max_in_flight_records_per_partition() -> Result<()> {
+async fn sigkill_under_load_redoes_at_most_max_uncommitted_records_per_partition() -> Result<()> {
     let broker = Broker::start()?;
     let (input, output, group) = (unique("in"), unique("out"), unique("g"));
     broker.create_topic(&input, 4)?;
@@ -428,7 +428,13 @@ async fn sigkill_under_load_redoes_at_most_max_in_flight_records_per_partition()
     let url = model.rest_url();
     let max_in_flight = 16usize;
     let mif = max_in_flight.to_string();
-    let extra = ["--max-in-flight", mif.as_str()];
+    // The tight bound: nothing more between a model call's start and its offset's commit.
+    let extra = [
+        "--max-in-flight",
+        mif.as_str(),
+        "--max-uncommitted",
+        mif.as_str(),
+    ];
     let n = 30000usize;
     let key = |i: usize| format!("k{}", i % 64);
     let recs: Vec<(String, Bytes)> = (0..n)
@@ -474,7 +480,7 @@ async fn sigkill_under_load_redoes_at_most_max_in_flight_records_per_partition()
         .collect();
     assert!(
         over.is_empty(),
-        "duplicates per partition above --max-in-flight ({max_in_flight}): {dup_per_partition:?}"
+        "duplicates per partition above --max-uncommitted ({max_in_flight}): {dup_per_partition:?}"
     );
     Ok(())
 }

@@ -359,6 +359,12 @@ fn kafka_infer(
     ])
     .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
     .args(extra)
+    // BENCH_KI_ARGS="--commit-interval 1ms ...": extra flags for kafka-infer (experiments).
+    .args(
+        std::env::var("BENCH_KI_ARGS")
+            .unwrap_or_default()
+            .split_whitespace(),
+    )
     .env_clear()
     .env("KAFKA_BROKER", env.broker.bootstrap())
     .env("KAFKA_INPUT_TOPIC", input)

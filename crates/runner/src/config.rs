@@ -86,6 +86,13 @@ pub struct RunArgs {
     /// Fetch max wait at the broker (latency follows it on some brokers). Default 20ms.
     #[arg(long, env = "KAFKA_FETCH_MAX_WAIT")]
     pub fetch_max_wait: Option<String>,
+    /// Records per partition between the start of their model call and the commit of their
+    /// offset: the most a crash (SIGKILL) redoes per partition. Set it to --max-in-flight for the
+    /// tightest bound; it costs throughput with fast models (answers wait for commits). Default:
+    /// no bound beyond --max-in-flight model calls plus what completes within one commit round
+    /// (--commit-interval plus the commit's round trip). At least --max-in-flight.
+    #[arg(long, env = "KAFKA_INFER_MAX_UNCOMMITTED")]
+    pub max_uncommitted: Option<usize>,
     /// Largest produce request, and so largest answer, in bytes (Kafka's max.request.size);
     /// lowered to the output topic's max.message.bytes where the broker reports it. An answer
     /// above it gets an error record (kind answer-too-large). Default 1048576.
@@ -157,6 +164,7 @@ pub struct Config {
     /// REST path overriding the protocol's for the root node.
     pub model_path: Option<String>,
     pub max_in_flight: usize,
+    pub max_uncommitted: usize,
     pub metrics_addr: SocketAddr,
     pub session_timeout: Duration,
     pub auto_offset_reset: OffsetReset,
@@ -488,6 +496,16 @@ impl Config {
             tf_input_name: args.tf_input_name.clone(),
             model_path: args.model_path.clone(),
             max_in_flight: args.max_in_flight.unwrap_or(16).max(1),
+            max_uncommitted: {
+                let mif = args.max_in_flight.unwrap_or(16).max(1);
+                match args.max_uncommitted {
+                    Some(n) if n < mif => bail!(
+                        "--max-uncommitted (KAFKA_INFER_MAX_UNCOMMITTED): {n} is below --max-in-flight ({mif})"
+                    ),
+                    Some(n) => n,
+                    None => usize::MAX,
+                }
+            },
             metrics_addr: args
                 .metrics_addr
                 .unwrap_or_else(|| "0.0.0.0:8000".parse().expect("addr")),
@@ -582,6 +600,7 @@ impl Config {
             "graph": self.graph.summary(),
             "model_path": self.model_path,
             "max_in_flight": self.max_in_flight,
+            "max_uncommitted": (self.max_uncommitted != usize::MAX).then_some(self.max_uncommitted),
             "max_tensor_bytes": self.max_tensor_bytes,
             "metrics_addr": self.metrics_addr.to_string(),
             "session_timeout_ms": self.session_timeout.as_millis() as u64,

@@ -41,6 +41,7 @@ struct Ctx {
     output_topic: String,
     error_topic: Option<String>,
     max_in_flight: usize,
+    max_uncommitted: usize,
     metrics: Arc<Metrics>,
     acker: Acker,
     stop: watch::Receiver<bool>,
@@ -115,6 +116,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         output_topic: cfg.output_topic.clone(),
         error_topic: cfg.error_topic.clone(),
         max_in_flight: cfg.max_in_flight,
+        max_uncommitted: cfg.max_uncommitted,
         metrics: metrics.clone(),
         acker: consumer.acker(),
         stop: internal_stop,
@@ -264,17 +266,17 @@ async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
     }
 }
 
-/// The worker of one partition stream: up to `max_in_flight` records at once between the
-/// start of their model call and the broker's acknowledgement of their result (so a crash
-/// redoes at most that many of this partition, plus what completed within one commit
-/// interval); results are written in input order. On draining it starts nothing new and
+/// The worker of one partition stream: up to `max_in_flight` model calls at once, and up to
+/// `max_uncommitted` records between the start of their model call and the commit of their
+/// offset (so a crash redoes at most that many of this partition); results are written in
+/// input order. On draining it starts nothing new and
 /// finishes what it holds; on revoke it stops at once.
 async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     let input_partition = stream.partition;
     let mut state = stream.state();
     let mut committed = stream.committed();
-    // Offsets whose result is acknowledged and not yet committed: they count against the
-    // window, so a crash redoes at most `max_in_flight` records of this partition.
+    // Offsets whose result is acknowledged and not yet committed: they count against
+    // `max_uncommitted`, so a crash redoes at most that many records of this partition.
     let mut acked: std::collections::VecDeque<i64> = std::collections::VecDeque::new();
     let mut running = FuturesOrdered::new();
     let mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Delivered>> =
@@ -306,7 +308,8 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                 acked.pop_front();
             }
         }
-        while running.len() + deliveries.len() + acked.len() < ctx.max_in_flight
+        while running.len() < ctx.max_in_flight
+            && running.len() + deliveries.len() + acked.len() < ctx.max_uncommitted
             && let Some((rec, token)) = queue.pop_front()
         {
             ctx.metrics.in_flight.inc();
