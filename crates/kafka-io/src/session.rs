@@ -5,8 +5,11 @@
 //! changes the membership (rebalance, generation gone, fatal) goes back to the membership task
 //! as a [`SessionEvent`] tagged with the generation it is about.
 //!
-//! All commits go through this task, one at a time, so two commits of one partition are never
-//! in flight at once (the broker could apply them out of order).
+//! All commits go through this task, one at a time on its connection, so two commits of one
+//! partition are not in flight at once (the broker could apply them out of order). After a
+//! commit times out its connection is dropped; a broker that already read it may still apply
+//! it after a later one, moving the committed position back (a restart then redoes records;
+//! nothing unanswered is ever committed past).
 
 use std::{
     sync::Arc,
@@ -206,25 +209,21 @@ async fn run<P: Positions>(
             }
             req = commits.recv() => {
                 let Some(req) = req else { return };
-                let r = if generation >= 0 {
-                    commit(&mut member, after, &*positions, Some(req.positions)).await
-                } else {
-                    Err(Error::Closed)
+                if generation < 0 {
+                    let _ = req.done.send(Err(Error::Closed));
+                    continue;
+                }
+                let r = commit(&mut member, after, &*positions, Some(req.positions)).await;
+                // The requester learns how it went; the session judges the answer as any other.
+                let reply = match &r {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(Error::Protocol {
+                        call: "OffsetCommit",
+                        why: e.to_string(),
+                    }),
                 };
-                if let Err(e) = &r
-                    && let Some(ev) = membership_news(e)
-                {
-                    if matches!(ev, SessionEvent::Lost { .. }) {
-                        fenced = generation;
-                    }
-                    let _ = events.send((generation, ev));
-                }
-                if r.as_ref().is_ok_and(|sent| *sent) {
-                    last_ok = Instant::now();
-                    positions.set_group_ok(true);
-                }
-                let _ = req.done.send(r.map(|_| ()));
-                continue;
+                let _ = req.done.send(reply);
+                ("OffsetCommit", r)
             }
         };
         match r {
@@ -283,23 +282,6 @@ async fn run<P: Positions>(
                 }
             }
         }
-    }
-}
-
-/// What a failed revoke commit says about the membership (a rebalance is not news there).
-fn membership_news(e: &Error) -> Option<SessionEvent> {
-    use kafka_protocol::error::ResponseError as R;
-    if let Some(why) = fatal_group_error(e) {
-        return Some(SessionEvent::Fatal(why));
-    }
-    match e.broker_error()? {
-        R::IllegalGeneration => Some(SessionEvent::Lost {
-            unknown_member: false,
-        }),
-        R::UnknownMemberId => Some(SessionEvent::Lost {
-            unknown_member: true,
-        }),
-        _ => None,
     }
 }
 
