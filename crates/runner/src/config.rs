@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// (--commit-interval plus the commit's round trip). At least --max-in-flight.
     #[arg(long, env = "KAFKA_INFER_MAX_UNCOMMITTED")]
     pub max_uncommitted: Option<usize>,
+    /// How often the input topic's partition count is checked (Kafka's metadata.max.age.ms);
+    /// new partitions make the member rejoin so they are consumed. Default 30s.
+    #[arg(long, env = "KAFKA_METADATA_MAX_AGE")]
+    pub metadata_max_age: Option<String>,
     /// Largest produce request, and so largest answer, in bytes (Kafka's max.request.size);
     /// lowered to the output topic's max.message.bytes where the broker reports it. An answer
     /// above it gets an error record (kind answer-too-large). Default 1048576.
@@ -177,6 +181,7 @@ pub struct Config {
     pub max_attempts: u32,
     pub assignors: Vec<kafka_io::assignor::Assignor>,
     pub commit_interval: Duration,
+    pub metadata_max_age: Duration,
     pub descriptor_sets: Vec<PathBuf>,
     pub log_format: LogFormat,
     /// Per-tensor (and per-record) limit on what transcoding expands (codec::Limits).
@@ -219,6 +224,12 @@ const DURATION_RANGES: &[(&str, Duration, Duration)] = &[
         "KAFKA_COMMIT_INTERVAL",
         Duration::from_millis(1),
         Duration::from_secs(3600),
+    ),
+    // Below 100 ms the metadata checks would load the broker for nothing.
+    (
+        "KAFKA_METADATA_MAX_AGE",
+        Duration::from_millis(100),
+        Duration::from_secs(86_400),
     ),
 ];
 
@@ -539,6 +550,7 @@ impl Config {
                 None => 3,
             },
             commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "5ms")?,
+            metadata_max_age: dur(&args.metadata_max_age, "KAFKA_METADATA_MAX_AGE", "30s")?,
             assignors: {
                 let v = pick(
                     &args.assignment_strategy,

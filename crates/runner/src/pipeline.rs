@@ -79,6 +79,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     ccfg.fetch_max_wait = cfg.fetch_max_wait;
     ccfg.drain_timeout = cfg.drain_timeout;
     ccfg.commit_interval = cfg.commit_interval;
+    ccfg.metadata_refresh = cfg.metadata_max_age;
     let mut consumer = Consumer::start(cluster.clone(), ccfg, None);
 
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<String>);
