@@ -1,0 +1,800 @@
+//! A fake one-broker cluster for a whole `kafka_io::Consumer`: an in-process TCP server on
+//! 127.0.0.1 that speaks enough of the Kafka protocol (kafka-protocol's request and response
+//! types) for rskafka (ApiVersions, Metadata v0-4, ListOffsets v0-3) and for our own
+//! connections (FindCoordinator, JoinGroup, SyncGroup, Heartbeat, OffsetCommit, OffsetFetch,
+//! LeaveGroup, Metadata up to v12, Fetch v4-12).
+//!
+//! The fake is the group coordinator of a group whose leader is another (fake) member: every
+//! JoinGroup answer names "fake-leader" as leader, so our member is a follower and the
+//! SyncGroup answer carries the assignment the test chose ([`FakeBroker::assign`]), encoded
+//! with `kafka_io::assignor::encode_assignment`. The protocol the coordinator selects
+//! ("cooperative-sticky", "range") is the test's too. A new member id goes through the
+//! MEMBER_ID_REQUIRED round (JoinGroup v4+), as Kafka does.
+//!
+//! Script: partition counts (changeable at runtime), the log end of each partition (Fetch
+//! answers records from the fetch offset to it as one record batch v2; at the end it waits
+//! `max_wait` (capped) and answers empty), committed offsets (OffsetFetch; OffsetCommit
+//! updates them), a heartbeat error until the next JoinGroup ([`FakeBroker::rebalance`] uses
+//! REBALANCE_IN_PROGRESS), a JoinGroup error. Heartbeats and commits with a generation other
+//! than the current one get ILLEGAL_GENERATION, as a real coordinator answers them.
+//! Every request is recorded ([`Seen`]). Dropping the fake closes every connection.
+
+#![allow(dead_code)] // each test binary uses a part
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::{
+    error::ResponseError,
+    messages::{
+        ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse,
+        FindCoordinatorRequest, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
+        JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
+        ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
+        OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
+        ResponseHeader, SyncGroupRequest, SyncGroupResponse, TopicName,
+        api_versions_response::ApiVersion,
+        fetch_response::{FetchableTopicResponse, PartitionData},
+        list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse},
+        metadata_response::{
+            MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+        },
+        offset_commit_response::{OffsetCommitResponsePartition, OffsetCommitResponseTopic},
+        offset_fetch_response::{
+            OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
+            OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+        },
+    },
+    protocol::{
+        Decodable, Encodable, HeaderVersion, Request, StrBytes, decode_request_header_from_buffer,
+    },
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::{JoinHandle, JoinSet},
+    time::Instant,
+};
+
+pub type Tp = (String, i32);
+
+/// The id of the other member, which leads the group.
+pub const LEADER: &str = "fake-leader";
+/// The member id the fake gives our member.
+pub const MEMBER: &str = "member-1";
+
+/// One request the fake read.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub api: ApiKey,
+    pub version: i16,
+    pub conn: usize,
+    /// When the whole request had been read.
+    pub at: Instant,
+    /// Heartbeat, OffsetCommit, SyncGroup: the generation sent; JoinGroup: the generation
+    /// answered (when the join succeeded).
+    pub generation: Option<i32>,
+    pub member_id: Option<String>,
+    /// OffsetCommit: (topic, partition, offset) in request order.
+    pub offsets: Vec<(String, i32, i64)>,
+    /// The error code answered (0: none).
+    pub code: i16,
+}
+
+impl Seen {
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+    pub fn commits(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        self.offsets
+            .iter()
+            .any(|(t, p, o)| t == topic && *p == partition && *o == offset)
+    }
+}
+
+/// The versions advertised per API: rskafka's ranges (Metadata 0-4, ListOffsets 0-3) and ours.
+const ADVERTISED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::ApiVersions, 0, 3),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ListOffsets, 1, 3),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::FindCoordinator, 0, 3),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::OffsetCommit, 2, 7),
+    (ApiKey::JoinGroup, 0, 7),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::LeaveGroup, 0, 4),
+    (ApiKey::OffsetFetch, 1, 8),
+];
+
+struct State {
+    topics: BTreeMap<String, i32>,
+    log_end: BTreeMap<Tp, i64>,
+    committed: BTreeMap<Tp, i64>,
+    protocol: String,
+    assignment: Vec<Tp>,
+    generation: i32,
+    heartbeat_error: Option<ResponseError>,
+    join_error: Option<ResponseError>,
+    seen: Vec<Seen>,
+    connections: usize,
+}
+
+#[derive(Clone)]
+struct Shared(Arc<Mutex<State>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct FakeBroker {
+    port: u16,
+    shared: Shared,
+    server: JoinHandle<()>,
+}
+
+impl Drop for FakeBroker {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl FakeBroker {
+    /// Listens on 127.0.0.1:0; `topics` with their partition counts; protocol "range"; an
+    /// empty assignment; empty logs; nothing committed.
+    pub async fn start(topics: &[(&str, i32)]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("local addr").port();
+        let shared = Shared(Arc::new(Mutex::new(State {
+            topics: topics.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
+            log_end: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            protocol: "range".into(),
+            assignment: Vec::new(),
+            generation: 0,
+            heartbeat_error: None,
+            join_error: None,
+            seen: Vec::new(),
+            connections: 0,
+        })));
+        let server = tokio::spawn(accept(listener, port, shared.clone()));
+        Self {
+            port,
+            shared,
+            server,
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `kafka_io::Cluster::connect` to this fake (plaintext).
+    pub async fn cluster(&self) -> Arc<kafka_io::Cluster> {
+        let settings =
+            kafka_io::ConnectionSettings::plaintext(&self.bootstrap()).expect("settings");
+        kafka_io::Cluster::connect(settings).await.expect("connect")
+    }
+
+    /// The protocol the coordinator selects at the next joins.
+    pub fn protocol(&self, name: &str) {
+        self.shared.lock().protocol = name.to_owned();
+    }
+
+    /// Our member's partitions at the next SyncGroups.
+    pub fn assign(&self, tps: &[Tp]) {
+        self.shared.lock().assignment = tps.to_vec();
+    }
+
+    /// A rebalance: heartbeats answer REBALANCE_IN_PROGRESS until the next JoinGroup, whose
+    /// SyncGroup gives `tps`.
+    pub fn rebalance(&self, tps: &[Tp]) {
+        let mut st = self.shared.lock();
+        st.assignment = tps.to_vec();
+        st.heartbeat_error = Some(ResponseError::RebalanceInProgress);
+    }
+
+    /// Heartbeats answer `e` until the next JoinGroup.
+    pub fn heartbeat_error(&self, e: ResponseError) {
+        self.shared.lock().heartbeat_error = Some(e);
+    }
+
+    /// Every JoinGroup answers `e` (None: normal answers).
+    pub fn join_error(&self, e: Option<ResponseError>) {
+        self.shared.lock().join_error = e;
+    }
+
+    pub fn set_partitions(&self, topic: &str, n: i32) {
+        self.shared.lock().topics.insert(topic.to_owned(), n);
+    }
+
+    /// The partition's log now ends at `end` (records below it can be fetched).
+    pub fn log_end(&self, topic: &str, partition: i32, end: i64) {
+        self.shared
+            .lock()
+            .log_end
+            .insert((topic.to_owned(), partition), end);
+    }
+
+    pub fn set_committed(&self, topic: &str, partition: i32, offset: i64) {
+        self.shared
+            .lock()
+            .committed
+            .insert((topic.to_owned(), partition), offset);
+    }
+
+    pub fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.shared
+            .lock()
+            .committed
+            .get(&(topic.to_owned(), partition))
+            .copied()
+    }
+
+    pub fn generation(&self) -> i32 {
+        self.shared.lock().generation
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.shared.lock().seen.clone()
+    }
+
+    pub fn of(&self, api: ApiKey) -> Vec<Seen> {
+        self.shared
+            .lock()
+            .seen
+            .iter()
+            .filter(|s| s.api == api)
+            .cloned()
+            .collect()
+    }
+
+    /// The JoinGroups that made a generation (not the MEMBER_ID_REQUIRED round, not errors).
+    pub fn joins(&self) -> Vec<Seen> {
+        self.of(ApiKey::JoinGroup)
+            .into_iter()
+            .filter(|s| s.ok())
+            .collect()
+    }
+
+    pub fn commits(&self) -> Vec<Seen> {
+        self.of(ApiKey::OffsetCommit)
+    }
+
+    /// Waits (polling, at most `within`) until `f` holds for the requests seen.
+    pub async fn wait_for(
+        &self,
+        within: Duration,
+        f: impl Fn(&[Seen]) -> bool,
+    ) -> Option<Vec<Seen>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let seen = self.requests();
+            if f(&seen) {
+                return Some(seen);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+async fn accept(listener: TcpListener, port: u16, shared: Shared) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            a = listener.accept() => {
+                let Ok((stream, _)) = a else { continue };
+                stream.set_nodelay(true).ok();
+                let id = {
+                    let mut st = shared.lock();
+                    st.connections += 1;
+                    st.connections - 1
+                };
+                conns.spawn(serve(stream, id, port, shared.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+fn s(v: &str) -> StrBytes {
+    StrBytes::from_string(v.to_owned())
+}
+
+fn code(e: Option<ResponseError>) -> i16 {
+    e.map_or(0, |e| e.code())
+}
+
+/// One connection: requests one at a time (rskafka may pipeline; answering in order is fine).
+async fn serve(mut stream: TcpStream, conn: usize, port: u16, shared: Shared) {
+    while let Ok(size) = stream.read_i32().await {
+        if !(4..=1 << 20).contains(&size) {
+            break;
+        }
+        let mut frame = vec![0u8; size as usize];
+        if stream.read_exact(&mut frame).await.is_err() {
+            break;
+        }
+        let at = Instant::now();
+        let mut buf = Bytes::from(frame);
+        let Ok(header) = decode_request_header_from_buffer(&mut buf) else {
+            break;
+        };
+        let Ok(api) = ApiKey::try_from(header.request_api_key) else {
+            break;
+        };
+        let version = header.request_api_version;
+        let corr = header.correlation_id;
+        let mut seen = Seen {
+            api,
+            version,
+            conn,
+            at,
+            generation: None,
+            member_id: None,
+            offsets: Vec::new(),
+            code: 0,
+        };
+        let body = match answer(api, version, corr, &mut buf, port, &shared, &mut seen) {
+            Ok(Answer::Now(b)) => b,
+            Ok(Answer::After(d, b)) => {
+                shared.lock().seen.push(seen);
+                tokio::time::sleep(d).await;
+                if stream.write_all(&b).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            Err(()) => break,
+        };
+        shared.lock().seen.push(seen);
+        if stream.write_all(&body).await.is_err() {
+            break;
+        }
+    }
+}
+
+enum Answer {
+    Now(Bytes),
+    /// Written after a wait (an empty Fetch waits its max_wait, capped).
+    After(Duration, Bytes),
+}
+
+fn answer(
+    api: ApiKey,
+    version: i16,
+    corr: i32,
+    buf: &mut Bytes,
+    port: u16,
+    shared: &Shared,
+    seen: &mut Seen,
+) -> Result<Answer, ()> {
+    let mut st = shared.lock();
+    let st = &mut *st;
+    let b = match api {
+        ApiKey::ApiVersions => {
+            ApiVersionsRequest::decode(buf, version).map_err(|_| ())?;
+            let keys = ADVERTISED
+                .iter()
+                .map(|(k, lo, hi)| {
+                    ApiVersion::default()
+                        .with_api_key(*k as i16)
+                        .with_min_version(*lo)
+                        .with_max_version(*hi)
+                })
+                .collect();
+            encode::<ApiVersionsRequest>(
+                corr,
+                version,
+                ApiVersionsResponse::default().with_api_keys(keys),
+            )
+        }
+        ApiKey::Metadata => {
+            let req = MetadataRequest::decode(buf, version).map_err(|_| ())?;
+            let names: Vec<String> = match &req.topics {
+                None => st.topics.keys().cloned().collect(),
+                Some(ts) if ts.is_empty() && version == 0 => st.topics.keys().cloned().collect(),
+                Some(ts) => ts
+                    .iter()
+                    .filter_map(|t| t.name.as_ref().map(|n| n.0.to_string()))
+                    .collect(),
+            };
+            let topics = names
+                .iter()
+                .map(|n| {
+                    let t = MetadataResponseTopic::default().with_name(Some(TopicName(s(n))));
+                    match st.topics.get(n) {
+                        None => t.with_error_code(ResponseError::UnknownTopicOrPartition.code()),
+                        Some(count) => t.with_partitions(
+                            (0..*count)
+                                .map(|p| {
+                                    MetadataResponsePartition::default()
+                                        .with_partition_index(p)
+                                        .with_leader_id(BrokerId(0))
+                                        .with_replica_nodes(vec![BrokerId(0)])
+                                        .with_isr_nodes(vec![BrokerId(0)])
+                                })
+                                .collect(),
+                        ),
+                    }
+                })
+                .collect();
+            let mut resp = MetadataResponse::default()
+                .with_brokers(vec![
+                    MetadataResponseBroker::default()
+                        .with_node_id(BrokerId(0))
+                        .with_host(s("127.0.0.1"))
+                        .with_port(i32::from(port)),
+                ])
+                .with_topics(topics);
+            if version >= 1 {
+                resp = resp.with_controller_id(BrokerId(0));
+            }
+            encode::<MetadataRequest>(corr, version, resp)
+        }
+        ApiKey::ListOffsets => {
+            let req = ListOffsetsRequest::decode(buf, version).map_err(|_| ())?;
+            let topics = req
+                .topics
+                .iter()
+                .map(|t| {
+                    ListOffsetsTopicResponse::default()
+                        .with_name(t.name.clone())
+                        .with_partitions(
+                            t.partitions
+                                .iter()
+                                .map(|p| {
+                                    let end = st
+                                        .log_end
+                                        .get(&(t.name.0.to_string(), p.partition_index))
+                                        .copied()
+                                        .unwrap_or(0);
+                                    ListOffsetsPartitionResponse::default()
+                                        .with_partition_index(p.partition_index)
+                                        .with_timestamp(-1)
+                                        .with_offset(if p.timestamp == -1 { end } else { 0 })
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            encode::<ListOffsetsRequest>(
+                corr,
+                version,
+                ListOffsetsResponse::default().with_topics(topics),
+            )
+        }
+        ApiKey::FindCoordinator => {
+            FindCoordinatorRequest::decode(buf, version).map_err(|_| ())?;
+            encode::<FindCoordinatorRequest>(
+                corr,
+                version,
+                FindCoordinatorResponse::default()
+                    .with_node_id(BrokerId(0))
+                    .with_host(s("127.0.0.1"))
+                    .with_port(i32::from(port)),
+            )
+        }
+        ApiKey::JoinGroup => {
+            let req = JoinGroupRequest::decode(buf, version).map_err(|_| ())?;
+            seen.member_id = Some(req.member_id.to_string());
+            let mut resp = JoinGroupResponse::default()
+                .with_leader(s(LEADER))
+                .with_protocol_name(Some(s(&st.protocol)));
+            if version >= 7 {
+                resp = resp.with_protocol_type(Some(s("consumer")));
+            }
+            if let Some(e) = st.join_error {
+                seen.code = e.code();
+                resp = resp.with_error_code(e.code()).with_generation_id(-1);
+            } else if req.member_id.is_empty() && version >= 4 {
+                seen.code = ResponseError::MemberIdRequired.code();
+                resp = resp
+                    .with_error_code(seen.code)
+                    .with_generation_id(-1)
+                    .with_member_id(s(MEMBER));
+            } else {
+                st.generation += 1;
+                st.heartbeat_error = None;
+                seen.generation = Some(st.generation);
+                resp = resp
+                    .with_generation_id(st.generation)
+                    .with_member_id(s(MEMBER));
+            }
+            encode::<JoinGroupRequest>(corr, version, resp)
+        }
+        ApiKey::SyncGroup => {
+            let req = SyncGroupRequest::decode(buf, version).map_err(|_| ())?;
+            seen.generation = Some(req.generation_id);
+            seen.member_id = Some(req.member_id.to_string());
+            let mut resp = SyncGroupResponse::default();
+            if req.generation_id != st.generation {
+                seen.code = ResponseError::IllegalGeneration.code();
+                resp = resp.with_error_code(seen.code);
+            } else {
+                resp = resp.with_assignment(kafka_io::assignor::encode_assignment(&st.assignment));
+            }
+            if version >= 5 {
+                resp = resp
+                    .with_protocol_type(Some(s("consumer")))
+                    .with_protocol_name(Some(s(&st.protocol)));
+            }
+            encode::<SyncGroupRequest>(corr, version, resp)
+        }
+        ApiKey::Heartbeat => {
+            let req = HeartbeatRequest::decode(buf, version).map_err(|_| ())?;
+            seen.generation = Some(req.generation_id);
+            seen.member_id = Some(req.member_id.to_string());
+            let e =
+                st.heartbeat_error.or((req.generation_id != st.generation)
+                    .then_some(ResponseError::IllegalGeneration));
+            seen.code = code(e);
+            encode::<HeartbeatRequest>(
+                corr,
+                version,
+                HeartbeatResponse::default().with_error_code(seen.code),
+            )
+        }
+        ApiKey::OffsetCommit => {
+            let req = OffsetCommitRequest::decode(buf, version).map_err(|_| ())?;
+            seen.generation = Some(req.generation_id_or_member_epoch);
+            seen.member_id = Some(req.member_id.to_string());
+            let e = (req.generation_id_or_member_epoch != st.generation)
+                .then_some(ResponseError::IllegalGeneration);
+            seen.code = code(e);
+            for t in &req.topics {
+                for p in &t.partitions {
+                    seen.offsets.push((
+                        t.name.0.to_string(),
+                        p.partition_index,
+                        p.committed_offset,
+                    ));
+                    if e.is_none() {
+                        st.committed.insert(
+                            (t.name.0.to_string(), p.partition_index),
+                            p.committed_offset,
+                        );
+                    }
+                }
+            }
+            let topics = req
+                .topics
+                .iter()
+                .map(|t| {
+                    OffsetCommitResponseTopic::default()
+                        .with_name(t.name.clone())
+                        .with_partitions(
+                            t.partitions
+                                .iter()
+                                .map(|p| {
+                                    OffsetCommitResponsePartition::default()
+                                        .with_partition_index(p.partition_index)
+                                        .with_error_code(seen.code)
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            encode::<OffsetCommitRequest>(
+                corr,
+                version,
+                OffsetCommitResponse::default().with_topics(topics),
+            )
+        }
+        ApiKey::OffsetFetch => {
+            let req = OffsetFetchRequest::decode(buf, version).map_err(|_| ())?;
+            let committed =
+                |t: &str, p: i32| st.committed.get(&(t.to_owned(), p)).copied().unwrap_or(-1);
+            let resp = if version >= 8 {
+                let groups = req
+                    .groups
+                    .iter()
+                    .map(|g| {
+                        OffsetFetchResponseGroup::default()
+                            .with_group_id(g.group_id.clone())
+                            .with_topics(
+                                g.topics
+                                    .iter()
+                                    .flatten()
+                                    .map(|t| {
+                                        OffsetFetchResponseTopics::default()
+                                            .with_name(t.name.clone())
+                                            .with_partitions(
+                                                t.partition_indexes
+                                                    .iter()
+                                                    .map(|p| {
+                                                        OffsetFetchResponsePartitions::default()
+                                                            .with_partition_index(*p)
+                                                            .with_committed_offset(committed(
+                                                                &t.name.0, *p,
+                                                            ))
+                                                    })
+                                                    .collect(),
+                                            )
+                                    })
+                                    .collect(),
+                            )
+                    })
+                    .collect();
+                OffsetFetchResponse::default().with_groups(groups)
+            } else {
+                let topics = req
+                    .topics
+                    .iter()
+                    .flatten()
+                    .map(|t| {
+                        OffsetFetchResponseTopic::default()
+                            .with_name(t.name.clone())
+                            .with_partitions(
+                                t.partition_indexes
+                                    .iter()
+                                    .map(|p| {
+                                        OffsetFetchResponsePartition::default()
+                                            .with_partition_index(*p)
+                                            .with_committed_offset(committed(&t.name.0, *p))
+                                    })
+                                    .collect(),
+                            )
+                    })
+                    .collect();
+                OffsetFetchResponse::default().with_topics(topics)
+            };
+            encode::<OffsetFetchRequest>(corr, version, resp)
+        }
+        ApiKey::LeaveGroup => {
+            let req = LeaveGroupRequest::decode(buf, version).map_err(|_| ())?;
+            seen.member_id = Some(
+                req.members
+                    .first()
+                    .map_or(req.member_id.to_string(), |m| m.member_id.to_string()),
+            );
+            encode::<LeaveGroupRequest>(corr, version, LeaveGroupResponse::default())
+        }
+        ApiKey::Fetch => {
+            let req = FetchRequest::decode(buf, version).map_err(|_| ())?;
+            let mut empty = true;
+            let responses = req
+                .topics
+                .iter()
+                .map(|t| {
+                    FetchableTopicResponse::default()
+                        .with_topic(t.topic.clone())
+                        .with_partitions(
+                            t.partitions
+                                .iter()
+                                .map(|p| {
+                                    let name = t.topic.0.to_string();
+                                    let d =
+                                        PartitionData::default().with_partition_index(p.partition);
+                                    let Some(count) = st.topics.get(&name) else {
+                                        return d.with_error_code(
+                                            ResponseError::UnknownTopicOrPartition.code(),
+                                        );
+                                    };
+                                    if p.partition >= *count {
+                                        return d.with_error_code(
+                                            ResponseError::UnknownTopicOrPartition.code(),
+                                        );
+                                    }
+                                    let end =
+                                        st.log_end.get(&(name, p.partition)).copied().unwrap_or(0);
+                                    if p.fetch_offset > end || p.fetch_offset < 0 {
+                                        return d.with_error_code(
+                                            ResponseError::OffsetOutOfRange.code(),
+                                        );
+                                    }
+                                    let records = if p.fetch_offset < end {
+                                        empty = false;
+                                        Bytes::from(batch(
+                                            p.fetch_offset,
+                                            (end - p.fetch_offset) as i32,
+                                        ))
+                                    } else {
+                                        Bytes::new()
+                                    };
+                                    d.with_high_watermark(end)
+                                        .with_last_stable_offset(end)
+                                        .with_log_start_offset(0)
+                                        .with_aborted_transactions(Some(Vec::new()))
+                                        .with_records(Some(records))
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            let b = encode::<FetchRequest>(
+                corr,
+                version,
+                FetchResponse::default().with_responses(responses),
+            );
+            if empty {
+                let wait = Duration::from_millis(req.max_wait_ms.clamp(0, 200) as u64);
+                return Ok(Answer::After(wait, b));
+            }
+            b
+        }
+        _ => return Err(()),
+    };
+    Ok(Answer::Now(b))
+}
+
+/// A whole response frame: size, header (the version `R`'s response needs), body.
+fn encode<R: Request>(correlation: i32, version: i16, resp: R::Response) -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&[0; 4]);
+    ResponseHeader::default()
+        .with_correlation_id(correlation)
+        .encode(
+            &mut buf,
+            <R::Response as HeaderVersion>::header_version(version),
+        )
+        .expect("response header");
+    resp.encode(&mut buf, version).expect("response body");
+    let len = (buf.len() - 4) as i32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+fn varint(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    loop {
+        let b = (z & 0x7f) as u8;
+        z >>= 7;
+        if z == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A record batch (magic 2, uncompressed, not transactional) of `n` records from `base`;
+/// record `o` has key `k<o>` and value `v<o>`.
+pub fn batch(base: i64, n: i32) -> Vec<u8> {
+    let mut recs = Vec::new();
+    for i in 0..n {
+        let mut r = vec![0u8]; // attributes
+        varint(&mut r, 0); // timestamp delta
+        varint(&mut r, i64::from(i)); // offset delta
+        let o = base + i64::from(i);
+        let (key, value) = (format!("k{o}").into_bytes(), format!("v{o}").into_bytes());
+        varint(&mut r, key.len() as i64);
+        r.extend(&key);
+        varint(&mut r, value.len() as i64);
+        r.extend(&value);
+        varint(&mut r, 0); // no headers
+        varint(&mut recs, r.len() as i64);
+        recs.extend(r);
+    }
+    let mut after_crc = Vec::new();
+    after_crc.extend(0i16.to_be_bytes()); // attributes
+    after_crc.extend((n - 1).to_be_bytes()); // last offset delta
+    after_crc.extend(1_700_000_000_000i64.to_be_bytes());
+    after_crc.extend(1_700_000_000_000i64.to_be_bytes());
+    after_crc.extend((-1i64).to_be_bytes()); // producer id
+    after_crc.extend((-1i16).to_be_bytes()); // producer epoch
+    after_crc.extend((-1i32).to_be_bytes()); // base sequence
+    after_crc.extend(n.to_be_bytes());
+    after_crc.extend(recs);
+    let mut b = base.to_be_bytes().to_vec();
+    b.extend(((4 + 1 + 4 + after_crc.len()) as i32).to_be_bytes());
+    b.extend(0i32.to_be_bytes()); // partition leader epoch
+    b.push(2); // magic
+    b.extend(crc32c::crc32c(&after_crc).to_be_bytes());
+    b.extend(after_crc);
+    b
+}
+
+/// The partitions as a set, for comparisons.
+pub fn set(tps: &[Tp]) -> BTreeSet<Tp> {
+    tps.iter().cloned().collect()
+}
