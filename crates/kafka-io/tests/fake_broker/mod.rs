@@ -120,6 +120,7 @@ struct State {
     generation: i32,
     heartbeat_error: Option<ResponseError>,
     join_error: Option<ResponseError>,
+    join_errors_once: std::collections::VecDeque<ResponseError>,
     seen: Vec<Seen>,
     connections: usize,
 }
@@ -160,6 +161,7 @@ impl FakeBroker {
             generation: 0,
             heartbeat_error: None,
             join_error: None,
+            join_errors_once: Default::default(),
             seen: Vec::new(),
             connections: 0,
         })));
@@ -208,6 +210,11 @@ impl FakeBroker {
     /// Every JoinGroup answers `e` (None: normal answers).
     pub fn join_error(&self, e: Option<ResponseError>) {
         self.shared.lock().join_error = e;
+    }
+
+    /// The next JoinGroups answer these errors, one each, in order.
+    pub fn fail_next_joins(&self, errors: &[ResponseError]) {
+        self.shared.lock().join_errors_once.extend(errors);
     }
 
     pub fn set_partitions(&self, topic: &str, n: i32) {
@@ -493,7 +500,7 @@ fn answer(
             if version >= 7 {
                 resp = resp.with_protocol_type(Some(s("consumer")));
             }
-            if let Some(e) = st.join_error {
+            if let Some(e) = st.join_error.or_else(|| st.join_errors_once.pop_front()) {
                 seen.code = e.code();
                 resp = resp.with_error_code(e.code()).with_generation_id(-1);
             } else if req.member_id.is_empty() && version >= 4 {
