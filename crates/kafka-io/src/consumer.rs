@@ -406,7 +406,6 @@ impl Consumer {
                 assign_tx,
                 owned: HashMap::new(),
                 on_revoke,
-                last_ok: Instant::now(),
                 known_counts: None,
             }
             .run(stop_rx),
@@ -552,8 +551,6 @@ struct GroupTask {
     assign_tx: watch::Sender<BTreeSet<Tp>>,
     owned: HashMap<Key, Owned>,
     on_revoke: Option<RevokeHook>,
-    /// The last answer from the coordinator (heartbeat, commit, join).
-    last_ok: Instant,
     /// The input topics' partition counts when we last joined.
     known_counts: Option<std::collections::BTreeMap<String, i32>>,
 }
@@ -625,7 +622,7 @@ impl GroupTask {
                     self.shared.group_ok.store(false, Ordering::Relaxed);
                     // Whatever we owned is not ours any more once the session has run out.
                     if !self.owned.is_empty()
-                        && self.last_ok.elapsed() > self.config.group.session_timeout
+                        && self.shared.silent_for() > self.config.group.session_timeout
                     {
                         self.revoke_all(false).await;
                     }
@@ -681,7 +678,6 @@ impl GroupTask {
                 continue;
             }
             backoff.reset();
-            self.last_ok = Instant::now();
             self.known_counts = self
                 .cluster
                 .partition_counts(&self.config.group.topics)
@@ -727,6 +723,7 @@ impl GroupTask {
         *self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
         self.shared.group_ok.store(false, Ordering::Relaxed);
         self.revoke_all(false).await;
+        self.session.task.abort();
     }
 
     fn publish_assignment(&self) {
