@@ -376,8 +376,8 @@ fn missing(call: &'static str, error: ResponseError) -> Error {
 }
 
 /// The body of the `fetch_records` fuzz target (fuzz/) and of its stable smoke test: record batch
-/// bytes as a broker's Fetch response carries them. The first 8 input bytes pick the fetch offset
-/// and one aborted transaction; decoding must return, never panic or allocate what the bytes
+/// bytes as a broker's Fetch response carries them. The first 8 input bytes pick the fetch offset,
+/// one aborted transaction and (bit 0 of byte 6) whether batch checksums are re-fixed first; decoding must return, never panic or allocate what the bytes
 /// merely claim; what it returns is in offset order, at or after the fetch offset, below
 /// `next_offset`. Returns how many records it gave (for the smoke test's seeds).
 pub fn fuzz_fetch_records(data: &[u8]) -> usize {
@@ -389,7 +389,27 @@ pub fn fuzz_fetch_records(data: &[u8]) -> usize {
         producer_id: i64::from(i16::from_be_bytes([h[2], h[3]])),
         first_offset: i64::from(i16::from_be_bytes([h[4], h[5]])),
     }];
-    let data = Bytes::copy_from_slice(rest);
+    let mut rest = rest.to_vec();
+    if h[6] & 1 == 1 {
+        // Re-fix every whole batch's CRC-32C, so mutations reach the batch and record parsing
+        // (most random bytes stop at the checksum otherwise).
+        let mut at = 0;
+        while at + 21 <= rest.len() {
+            let len =
+                i32::from_be_bytes([rest[at + 8], rest[at + 9], rest[at + 10], rest[at + 11]]);
+            let Ok(len) = usize::try_from(len) else { break };
+            let Some(end) = (at + 12)
+                .checked_add(len)
+                .filter(|e| len >= 9 && *e <= rest.len())
+            else {
+                break;
+            };
+            let crc = crc32c::crc32c(&rest[at + 21..end]);
+            rest[at + 17..at + 21].copy_from_slice(&crc.to_be_bytes());
+            at = end;
+        }
+    }
+    let data = Bytes::from(rest);
     if let Ok(d) = records::decode(&data, offset, &aborted, 1 << 20) {
         let mut last = offset - 1;
         for r in &d.records {

@@ -288,3 +288,12 @@ fn fetch_record_batch_decoding_never_panics() {
         start.elapsed()
     );
 }
+
+/// Found by `cargo fuzz run fetch_records`: a record whose offset delta points past its batch's
+/// last offset was handed out, and would have come again from the next fetch. Now the batch is
+/// corrupt (nothing returned from it).
+#[test]
+fn a_record_outside_its_batch_is_not_handed_out() {
+    let input = include_bytes!("data/fetch_record_outside_its_batch.bin");
+    assert_eq!(kafka_io::fetch::fuzz_fetch_records(input), 0);
+}

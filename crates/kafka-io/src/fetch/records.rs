@@ -504,6 +504,14 @@ fn decode_records(
             .base_offset
             .checked_add(i64::from(rec.offset_delta))
             .ok_or_else(|| format!("offset delta {} overflows", rec.offset_delta))?;
+        // A record outside its batch's range would be handed out again from the next fetch
+        // (which starts after the batch's last offset): the batch is corrupt.
+        if offset < b.base_offset || offset > b.last_offset {
+            return Err(format!(
+                "record offset {offset} outside its batch ({}..={})",
+                b.base_offset, b.last_offset
+            ));
+        }
         if offset <= last_kept {
             continue;
         }
