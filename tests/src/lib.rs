@@ -493,3 +493,31 @@ pub fn read_topic(bootstrap: &str, topic: &str, n: usize, timeout_s: u32) -> Res
         })
         .collect())
 }
+
+/// Reads `n` records of `topic` (waiting up to `timeout_s`), then whatever more arrives within
+/// a few seconds: tests that count duplicates must see past the first `n`.
+pub fn read_topic_settled(
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    timeout_s: u32,
+) -> Result<Vec<Answer>> {
+    read_topic(bootstrap, topic, n, timeout_s)?;
+    read_topic(bootstrap, topic, n + n / 10 + 100, 4)
+}
+
+/// The sum of a group's committed offsets on `topic` (never-committed partitions count 0),
+/// read the way KEDA does with librdkafka's admin client; -1 when it cannot be read.
+pub fn committed_sum(bootstrap: &str, group: &str, topic: &str) -> i64 {
+    py("admin.py", &[bootstrap, group, topic])
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| {
+            v["committed"]
+                .as_object()?
+                .values()
+                .map(|x| x.as_i64().map(|o| o.max(0)))
+                .sum::<Option<i64>>()
+        })
+        .unwrap_or(-1)
+}

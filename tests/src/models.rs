@@ -239,6 +239,22 @@ impl KafkaInfer {
             .and_then(|v| v.parse().ok())
     }
 
+    /// The partitions this replica reports lag for (= its assignment).
+    pub fn owned_partitions(&self) -> std::collections::BTreeSet<i32> {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with("kafka_infer_consumer_lag{"))
+            .filter_map(|l| {
+                l.split("partition=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
     pub fn wait_ready(&self, within: Duration) -> Result<()> {
         wait_for(within, "kafka-infer /ready", || {
             matches!(http_get(self.metrics_port, "/ready"), Ok((200, _))).then_some(())

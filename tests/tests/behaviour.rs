@@ -12,7 +12,7 @@ use bytes::Bytes;
 use kafka_infer_tests::{
     Answer, Broker, free_port,
     models::{self, KafkaInfer},
-    py, unique, wait_for,
+    unique, wait_for,
 };
 use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
 use serde_json::{Value, json};
@@ -76,18 +76,7 @@ fn tally(answers: &[Answer]) -> BTreeMap<usize, usize> {
 }
 
 fn committed_sum(broker: &Broker, group: &str, topic: &str) -> i64 {
-    py("admin.py", &[&broker.bootstrap(), group, topic])
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .map(|v| {
-            v["committed"]
-                .as_object()
-                .unwrap()
-                .values()
-                .map(|x| x.as_i64().unwrap().max(0))
-                .sum()
-        })
-        .unwrap_or(-1)
+    kafka_infer_tests::committed_sum(&broker.bootstrap(), group, topic)
 }
 
 fn v2_args<'a>(url: &'a str, group: &'a str) -> Vec<&'a str> {
@@ -115,10 +104,7 @@ fn topics_env(broker: &Broker, input: &str, output: &str) -> Vec<(&'static str, 
 
 /// Partitions a replica reports lag for (= its assignment).
 fn lag_partitions(ki: &KafkaInfer) -> usize {
-    ki.metrics()
-        .lines()
-        .filter(|l| l.starts_with("kafka_infer_consumer_lag{"))
-        .count()
+    ki.owned_partitions().len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,8 +412,7 @@ async fn broker_outage_turns_readiness_off_and_the_bridge_goes_on_after() -> Res
     produce(&broker, &input, requests(0..50)).await?;
     // Across a broker restart a produce retried after a lost acknowledgement may write an answer
     // twice (at-least-once; idempotent producing is a later issue): count distinct answers.
-    read(&broker, &output, 50, 60)?;
-    let answers = read(&broker, &output, 80, 3)?;
+    let answers = kafka_infer_tests::read_topic_settled(&broker.bootstrap(), &output, 50, 60)?;
     let errors: Vec<_> = answers
         .iter()
         .filter_map(|a| a.headers.get("kafka-infer-error"))

@@ -12,7 +12,7 @@ use std::{
 use anyhow::Result;
 use bytes::Bytes;
 use kafka_infer_tests::{
-    Answer, Broker,
+    Answer, Broker, committed_sum,
     models::{self, KafkaInfer, kafka_infer_bin},
     proxy::{Mode, ProxiedBroker, run_bounded},
     py, unique, wait_for,
@@ -63,21 +63,6 @@ fn tally(answers: &[Answer]) -> BTreeMap<String, usize> {
         }
     }
     t
-}
-
-fn committed_sum(bootstrap: &str, group: &str, topic: &str) -> i64 {
-    py("admin.py", &[bootstrap, group, topic])
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .map(|v| {
-            v["committed"]
-                .as_object()
-                .unwrap()
-                .values()
-                .map(|x| x.as_i64().unwrap().max(0))
-                .sum()
-        })
-        .unwrap_or(-1)
 }
 
 fn env(bootstrap: &str, input: &str, output: &str) -> Vec<(&'static str, String)> {
@@ -462,8 +447,7 @@ async fn sigkill_under_load_redoes_at_most_max_uncommitted_records_per_partition
         &args(&url, &group, &extra),
         &env(&broker.bootstrap(), &input, &output),
     )?;
-    kafka_infer_tests::read_topic(&broker.bootstrap(), &output, n, 90)?;
-    let answers = kafka_infer_tests::read_topic(&broker.bootstrap(), &output, n + 200, 4)?;
+    let answers = kafka_infer_tests::read_topic_settled(&broker.bootstrap(), &output, n, 90)?;
     let t = tally(&answers);
     assert_eq!(t.len(), n, "every request answered");
     let mut dup_per_partition: BTreeMap<i32, usize> = BTreeMap::new();
@@ -497,12 +481,7 @@ async fn connections_reset_during_a_rejoin_the_group_finds_its_coordinator_again
     let bootstrap = proxy.bootstrap();
     let model = models::test_model("v2", "m", "echo")?;
     let url = model.rest_url();
-    let owned = |ki: &KafkaInfer| {
-        ki.metrics()
-            .lines()
-            .filter(|l| l.starts_with("kafka_infer_consumer_lag{"))
-            .count()
-    };
+    let owned = |ki: &KafkaInfer| ki.owned_partitions().len();
     let a = KafkaInfer::start(&args(&url, &group, &[]), &env(&bootstrap, &input, &output))?;
     wait_for(Duration::from_secs(30), "A owns 4", || {
         (owned(&a) == 4).then_some(())

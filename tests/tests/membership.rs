@@ -51,16 +51,8 @@ fn env(broker: &Broker, input: &str, output: &str) -> Vec<(&'static str, String)
     ]
 }
 
-/// Partitions a replica reports lag for (= its assignment).
 fn owned(ki: &KafkaInfer) -> BTreeSet<i32> {
-    ki.metrics()
-        .lines()
-        .filter(|l| l.starts_with("kafka_infer_consumer_lag{"))
-        .filter_map(|l| {
-            let p = l.split("partition=\"").nth(1)?;
-            p.split('"').next()?.parse().ok()
-        })
-        .collect()
+    ki.owned_partitions()
 }
 
 fn request(i: usize) -> Bytes {
@@ -128,8 +120,7 @@ async fn scale_1_to_3_under_a_steady_stream_never_pauses_partitions_that_stay_pu
     producer.await??;
 
     // Everything, then whatever came after it (duplicates) within a few seconds more.
-    kafka_infer_tests::read_topic(&broker.bootstrap(), &output, n, 90)?;
-    let answers = kafka_infer_tests::read_topic(&broker.bootstrap(), &output, n + 100, 4)?;
+    let answers = kafka_infer_tests::read_topic_settled(&broker.bootstrap(), &output, n, 90)?;
     let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
     // Per output partition (= input partition: same key, same count): worst latency.
     let mut worst: BTreeMap<i64, i64> = BTreeMap::new();

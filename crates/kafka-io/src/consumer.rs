@@ -684,7 +684,6 @@ impl GroupTask {
                 .await
                 .ok();
             self.publish_assignment();
-            self.shared.group_ok.store(true, Ordering::Relaxed);
             if cooperative && !gone.is_empty() {
                 // KIP-429: after revoking, rejoin so the partitions can move to their new owner.
                 continue;

@@ -200,7 +200,8 @@ async fn check_topics(cluster: &Cluster, cfg: &Config) -> anyhow::Result<()> {
     let mut topics = vec![cfg.output_topic.clone()];
     topics.extend(cfg.error_topic.clone());
     let mut backoff = Duration::from_millis(200);
-    for attempt in 0.. {
+    let mut attempts = 0;
+    loop {
         match cluster.partition_counts(&topics).await {
             Ok(_) => return Ok(()),
             Err(kafka_io::Error::UnknownTopic(t)) => {
@@ -211,7 +212,8 @@ async fn check_topics(cluster: &Cluster, cfg: &Config) -> anyhow::Result<()> {
                 };
                 anyhow::bail!("the {which} `{t}` does not exist: create it, then start again")
             }
-            Err(e) if attempt < 5 => {
+            Err(e) if attempts < 5 => {
+                attempts += 1;
                 tracing::warn!(error = %e, "cannot read topic metadata yet");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
@@ -219,7 +221,6 @@ async fn check_topics(cluster: &Cluster, cfg: &Config) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
 }
 
 /// Connects, retrying while the cluster is unreachable; configuration errors end at once.
