@@ -70,6 +70,9 @@ pub enum Error {
     Closed,
     #[error("topic {0} does not exist")]
     UnknownTopic(String),
+    /// A record the producer refuses before sending (too large for its topic).
+    #[error(transparent)]
+    Produce(#[from] crate::producer::ProduceError),
 }
 
 impl Error {

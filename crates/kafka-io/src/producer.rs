@@ -6,7 +6,8 @@
 //!
 //! Sizes: a batch never exceeds the topic's limit (the broker's `max.message.bytes` where it
 //! reports it, capped by `max_request_size` as Java's `max.request.size`); a single record above
-//! that limit is refused before it is sent ([`Producer::check_size`]).
+//! that limit is refused by [`Producer::send`] before it is queued (`Error::Produce`), so the
+//! caller can put something else in its place, in order.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -158,12 +159,6 @@ impl Delivery {
             Err(_) => Err(ProduceError::Closed),
         }
     }
-
-    fn failed(e: ProduceError) -> Self {
-        let (tx, rx) = oneshot::channel();
-        let _ = tx.send(Err(e));
-        Self(rx)
-    }
 }
 
 type Queued = (OutRecord, oneshot::Sender<Result<i64, ProduceError>>);
@@ -252,9 +247,7 @@ impl Producer {
             (None, Some(k)) => partition_for_key(k, self.partition_count(topic).await?),
             (None, None) => 0,
         };
-        if let Err(e) = self.check_size(topic, &record).await {
-            return Ok(Delivery::failed(e));
-        }
+        self.check_size(topic, &record).await?;
         let tx = self.queue(topic, partition).await;
         let (done, rx) = oneshot::channel();
         tx.send((record, done)).await.map_err(|_| Error::Closed)?;

@@ -489,20 +489,17 @@ async fn write_result(
                 headers,
             };
             let topic = ctx.output_topic.as_str();
-            // Checked before queueing, so an answer too large for the topic gets its error
-            // record in its place in the partition's order.
-            match ctx.producer.check_size(topic, &out).await {
-                Ok(()) => match queue(ctx, topic, input_partition, out).await {
-                    Ok(delivery) => {
-                        ctx.metrics.record("ok");
-                        return Some(Written {
-                            delivery,
-                            answer: true,
-                            topic: topic.to_owned(),
-                        });
-                    }
-                    Err(e) => Failure::answer_unwritable(&e),
-                },
+            // `send` refuses an answer too large for the topic before queueing it, so its
+            // error record takes its place in the partition's order.
+            match queue(ctx, topic, input_partition, out).await {
+                Ok(delivery) => {
+                    ctx.metrics.record("ok");
+                    return Some(Written {
+                        delivery,
+                        answer: true,
+                        topic: topic.to_owned(),
+                    });
+                }
                 Err(e) => Failure::answer_unwritable(&e),
             }
         }
@@ -548,7 +545,7 @@ async fn write_error(
     };
     let mut headers = copy_headers(rec);
     headers.extend(error_headers.iter().cloned());
-    let mut out = if ctx.error_topic.as_deref() == Some(topic) {
+    let out = if ctx.error_topic.as_deref() == Some(topic) {
         // The error topic keeps the input as it was, for replay.
         for (k, v) in &rec.headers {
             if k.eq_ignore_ascii_case("proto-name") || k.eq_ignore_ascii_case("content-type") {
@@ -575,20 +572,22 @@ async fn write_error(
             headers,
         }
     };
-    if ctx.producer.check_size(topic, &out).await.is_err() {
+    let mut queued = queue(ctx, topic, input_partition, out).await;
+    if let Err(ProduceError::TooLarge { .. }) = queued {
         // Too large with the input (or its headers): keep only what says what happened.
         let mut slim = error_headers.to_vec();
         slim.push((
             "kafka-infer-input-dropped".into(),
             Bytes::from_static(b"too-large"),
         ));
-        out = OutRecord {
+        let slim = OutRecord {
             key: rec.key.clone(),
             value: None,
             headers: slim,
         };
+        queued = queue(ctx, topic, input_partition, slim).await;
     }
-    match queue(ctx, topic, input_partition, out).await {
+    match queued {
         Ok(delivery) => Some(Written {
             delivery,
             answer: false,
@@ -633,6 +632,7 @@ async fn queue(
         match r {
             Ok(d) => return Ok(d),
             Err(kafka_io::Error::UnknownTopic(t)) => return Err(ProduceError::UnknownTopic(t)),
+            Err(kafka_io::Error::Produce(e)) => return Err(e),
             Err(kafka_io::Error::Closed) => return Err(ProduceError::Closed),
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(%topic, error = %e, "cannot queue result, retrying");
