@@ -20,6 +20,7 @@ use rskafka::{chrono::Utc, client::partition::Compression, record::Record as RsR
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::{
+    backoff::Backoff,
     cluster::{Cluster, bounded},
     error::{Error, Result},
 };
@@ -307,7 +308,7 @@ async fn partition_writer(
     mut rx: mpsc::Receiver<Queued>,
 ) {
     let mut client = None;
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(Duration::from_millis(50), cfg.max_backoff);
     let mut batch: Vec<Queued> = Vec::new();
     // A record taken from the queue that did not fit in the last batch: it starts the next one.
     let mut carry: Option<Queued> = None;
@@ -366,8 +367,7 @@ async fn partition_writer(
                         continue;
                     }
                     tracing::warn!(%topic, partition, error = %e, "producer: partition leader unknown, retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(cfg.max_backoff);
+                    tokio::time::sleep(backoff.next_wait()).await;
                     continue;
                 }
             },
@@ -395,7 +395,7 @@ async fn partition_writer(
         .await
         {
             Ok(offsets) => {
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 for ((_, done), o) in batch.drain(..).zip(offsets) {
                     let _ = done.send(Ok(o));
                 }
@@ -420,11 +420,11 @@ async fn partition_writer(
                 }
             }
             Err(e) => {
-                tracing::warn!(%topic, partition, error = %e, retry_in = ?backoff, "producer: batch failed, retrying");
+                let wait = backoff.next_wait();
+                tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: batch failed, retrying");
                 client = None;
                 cluster.forget_partition(&topic, partition).await;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(cfg.max_backoff);
+                tokio::time::sleep(wait).await;
             }
         }
     }

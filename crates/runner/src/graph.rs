@@ -324,7 +324,8 @@ impl Graph {
         Fut: Future<Output = Result<Bytes, ModelError>>,
     {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff =
+            kafka_io::backoff::Backoff::new(Duration::from_millis(50), self.retry_max_backoff);
         let mut stop = self.stop.clone();
         let mut attempts = 0u32;
         // Calls the model answered since this one started: evidence that the model is up.
@@ -350,15 +351,15 @@ impl Graph {
                         }
                     }
                     self.metrics.record("retry");
-                    tracing::warn!(error = %e, retry_in = ?backoff, "model call failed, retrying");
+                    let wait = backoff.next_wait();
+                    tracing::warn!(error = %e, retry_in = ?wait, "model call failed, retrying");
                     if *stop.borrow() {
                         return Err(CallError::Stopped(e));
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => return Err(CallError::Stopped(e)),
                     }
-                    backoff = (backoff * 2).min(self.retry_max_backoff);
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -12,7 +12,7 @@ use codec::{Payload, Pool, Protocol, Transcoder, detect};
 use futures::{StreamExt, stream::FuturesOrdered, stream::FuturesUnordered};
 use kafka_io::{
     Acker, Cluster, Consumer, ConsumerConfig, Delivery, GroupConfig, InRecord, OutRecord,
-    PartitionStream, ProduceError, Producer, ProducerConfig, StreamState, Token,
+    PartitionStream, ProduceError, Producer, ProducerConfig, StreamState, Token, backoff::Backoff,
 };
 use tokio::sync::watch;
 
@@ -199,7 +199,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
 async fn check_topics(cluster: &Cluster, cfg: &Config) -> anyhow::Result<()> {
     let mut topics = vec![cfg.output_topic.clone()];
     topics.extend(cfg.error_topic.clone());
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut attempts = 0;
     loop {
         match cluster.partition_counts(&topics).await {
@@ -215,8 +215,7 @@ async fn check_topics(cluster: &Cluster, cfg: &Config) -> anyhow::Result<()> {
             Err(e) if attempts < 5 => {
                 attempts += 1;
                 tracing::warn!(error = %e, "cannot read topic metadata yet");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
+                tokio::time::sleep(backoff.next_wait()).await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -228,17 +227,17 @@ async fn connect(
     cfg: &Config,
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Arc<Cluster>>> {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
     loop {
         match Cluster::connect(cfg.connection.clone()).await {
             Ok(c) => return Ok(Some(c)),
             Err(e) if e.is_retryable() => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach Kafka yet");
+                let wait = backoff.next_wait();
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot reach Kafka yet");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return Ok(None),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e.into()),
         }
@@ -613,7 +612,7 @@ async fn queue(
     input_partition: i32,
     out: OutRecord,
 ) -> Result<Delivery, ProduceError> {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     // Bounded: metadata that stays unreadable this long is an outage worth stopping for.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -636,8 +635,7 @@ async fn queue(
             Err(kafka_io::Error::Closed) => return Err(ProduceError::Closed),
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(%topic, error = %e, "cannot queue result, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_wait()).await;
             }
             Err(e) => {
                 return Err(ProduceError::Rejected {
