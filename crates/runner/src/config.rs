@@ -89,8 +89,8 @@ pub struct RunArgs {
     /// Records per partition between the start of their model call and the commit of their
     /// offset: the most a crash (SIGKILL) redoes per partition. Set it to --max-in-flight for the
     /// tightest bound; it costs throughput with fast models (answers wait for commits). Default:
-    /// no bound beyond --max-in-flight model calls plus what completes within one commit round
-    /// (--commit-interval plus the commit's round trip). At least --max-in-flight.
+    /// unset (then the running calls plus the answers of one produce round trip and one commit
+    /// round, growing with the rate). At least --max-in-flight.
     #[arg(long, env = "KAFKA_INFER_MAX_UNCOMMITTED")]
     pub max_uncommitted: Option<usize>,
     /// How often the input topic's partition count is checked (Kafka's metadata.max.age.ms);
