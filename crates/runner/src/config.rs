@@ -139,20 +139,138 @@ pub struct RunArgs {
     /// record. Larger ones get an error record (kind tensor-too-large). Default 67108864 (64 MiB).
     #[arg(long, env = "KAFKA_INFER_MAX_TENSOR_BYTES")]
     pub max_tensor_bytes: Option<u64>,
+    /// Which input record headers are sent to the model as HTTP headers / gRPC metadata: `*`
+    /// (every header, as Seldon's executor does), `none`, or a comma-separated list of names
+    /// and prefixes (`tenant,x-*`). Headers describing the payload (proto-name, content-type),
+    /// HTTP connection headers, binary values and kafka-infer's own are never sent; the request
+    /// id and trace context always are. Default `*`.
+    #[arg(long, env = "KAFKA_INFER_FORWARD_HEADERS")]
+    pub forward_headers: Option<String>,
+    /// Model calls at once across all partitions (Seldon's KAFKA_WORKERS: the executor's
+    /// number of workers). Default: unlimited (each partition still runs at most
+    /// --max-in-flight).
+    #[arg(long, env = "KAFKA_INFER_MAX_CONCURRENCY")]
+    pub max_concurrency: Option<usize>,
     /// Print the resolved configuration as JSON (no secrets) and exit.
     #[arg(long)]
     pub print_config: bool,
 }
 
-/// One node of the inference graph.
+/// One node of the inference graph, with the SeldonDeployment fields Seldon's executor uses.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Node {
     pub name: String,
-    pub node_type: NodeType,
-    /// Base URL, e.g. http://127.0.0.1:9000.
+    /// None: `UNKNOWN_TYPE` (or no type); what the node does then comes from `methods` and
+    /// `implementation`.
+    pub node_type: Option<NodeType>,
+    /// Base URL, e.g. http://127.0.0.1:9000; empty for a node that calls nothing (a
+    /// RANDOM_ABTEST router).
     pub url: String,
     pub transport: Transport,
     pub children: Vec<Node>,
+    /// `methods` of an untyped node: the calls it makes.
+    pub methods: Vec<Method>,
+    /// `implementation`: RANDOM_ABTEST is run by kafka-infer itself; prepackaged servers
+    /// (SKLEARN_SERVER, ...) are MODEL nodes behind their endpoint.
+    pub implementation: Option<String>,
+    /// `parameters` (name, value): RANDOM_ABTEST reads `ratioA`.
+    pub parameters: Vec<(String, String)>,
+    /// `logger`: where request and response payloads are sent as CloudEvents.
+    pub logger: Option<NodeLogger>,
+}
+
+/// A graph node's `methods` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    TransformInput,
+    TransformOutput,
+    Route,
+    Aggregate,
+    SendFeedback,
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s.trim().to_ascii_uppercase().as_str() {
+            "TRANSFORM_INPUT" => Self::TransformInput,
+            "TRANSFORM_OUTPUT" => Self::TransformOutput,
+            "ROUTE" => Self::Route,
+            "AGGREGATE" => Self::Aggregate,
+            "SEND_FEEDBACK" => Self::SendFeedback,
+            o => {
+                return Err(format!(
+                    "unknown method `{o}` (TRANSFORM_INPUT, TRANSFORM_OUTPUT, ROUTE, AGGREGATE, \
+                     SEND_FEEDBACK)"
+                ));
+            }
+        })
+    }
+}
+
+/// A graph node's `logger`: which payloads go where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeLogger {
+    pub url: String,
+    pub log_request: bool,
+    pub log_response: bool,
+}
+
+impl Node {
+    /// A MODEL node at `url` with no children.
+    pub fn model(name: &str, url: &str, transport: Transport) -> Self {
+        Self {
+            name: name.to_owned(),
+            node_type: Some(NodeType::Model),
+            url: url.trim_end_matches('/').to_owned(),
+            transport,
+            children: Vec::new(),
+            methods: Vec::new(),
+            implementation: None,
+            parameters: Vec::new(),
+            logger: None,
+        }
+    }
+
+    fn has(&self, t: NodeType, m: Method) -> bool {
+        self.node_type == Some(t) || self.methods.contains(&m)
+    }
+
+    /// The call the node makes on the way in: transform-input (a TRANSFORMER, or the
+    /// TRANSFORM_INPUT method, which wins over MODEL as in Seldon's executor) or predict.
+    pub fn input_call(&self) -> Option<NodeType> {
+        if self.has(NodeType::Transformer, Method::TransformInput) {
+            Some(NodeType::Transformer)
+        } else if self.node_type == Some(NodeType::Model) {
+            Some(NodeType::Model)
+        } else {
+            None
+        }
+    }
+
+    pub fn calls_route(&self) -> bool {
+        self.has(NodeType::Router, Method::Route)
+    }
+
+    pub fn calls_aggregate(&self) -> bool {
+        self.has(NodeType::Combiner, Method::Aggregate)
+    }
+
+    pub fn calls_transform_output(&self) -> bool {
+        self.has(NodeType::OutputTransformer, Method::TransformOutput)
+    }
+
+    pub fn is_ab_test(&self) -> bool {
+        !self.calls_route() && self.implementation.as_deref() == Some("RANDOM_ABTEST")
+    }
+
+    /// Whether the node calls its endpoint at all.
+    pub fn makes_calls(&self) -> bool {
+        self.input_call().is_some()
+            || self.calls_route()
+            || self.calls_aggregate()
+            || self.calls_transform_output()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -186,6 +304,13 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Per-tensor (and per-record) limit on what transcoding expands (codec::Limits).
     pub max_tensor_bytes: u64,
+    pub forward_headers: crate::meta::HeaderPolicy,
+    /// Model calls at once across all partitions; None: unlimited.
+    pub max_concurrency: Option<usize>,
+    /// SELDON_ENABLE_ROUTING_INJECTION: each node's answer gets meta.routing (seldon protocol).
+    pub routing_injection: bool,
+    /// Notes on settings accepted but not acted on (logged at start).
+    pub warnings: Vec<String>,
 }
 
 /// The range of each duration setting, by environment variable.
@@ -314,24 +439,74 @@ fn ystr(v: &Yaml, key: &str) -> Option<String> {
 
 fn parse_node(v: &Yaml, transport: Option<&str>) -> Result<Node> {
     let name = ystr(v, "name").context("a graph node has no name")?;
-    let node_type: NodeType = ystr(v, "type")
-        .unwrap_or_default()
-        .parse()
-        .map_err(|e: String| anyhow!("graph node {name}: {e}"))?;
-    let ep = v.get("endpoint");
-    let port = ep
-        .and_then(|e| ystr(e, "service_port"))
-        .with_context(|| format!("graph node {name}: endpoint.service_port is missing"))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| anyhow!("graph node {name}: service_port `{port}` is not a port"))?;
-    let host = ep
-        .and_then(|e| ystr(e, "service_host"))
-        .unwrap_or_else(|| "127.0.0.1".into());
-    let transport: Transport = match (transport, ep.and_then(|e| ystr(e, "type"))) {
+    let node_type: Option<NodeType> = match ystr(v, "type") {
+        None => None,
+        Some(t) if t.eq_ignore_ascii_case("UNKNOWN_TYPE") => None,
+        Some(t) => Some(
+            t.parse()
+                .map_err(|e: String| anyhow!("graph node {name}: {e}"))?,
+        ),
+    };
+    let methods = v
+        .get("methods")
+        .and_then(Yaml::as_sequence)
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            Yaml::String(s) => s
+                .parse()
+                .map_err(|e: String| anyhow!("graph node {name}: {e}")),
+            _ => bail!("graph node {name}: methods are names, e.g. TRANSFORM_INPUT"),
+        })
+        .collect::<Result<Vec<Method>>>()?;
+    let implementation = ystr(v, "implementation")
+        .map(|i| i.trim().to_ascii_uppercase())
+        .filter(|i| !i.is_empty() && i != "UNKNOWN_IMPLEMENTATION");
+    let parameters = v
+        .get("parameters")
+        .and_then(Yaml::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((ystr(p, "name")?, ystr(p, "value").unwrap_or_default())))
+        .collect();
+    let logger = v.get("logger").map(|l| {
+        let mode = ystr(l, "mode").unwrap_or_else(|| "all".into());
+        let mode = mode.to_ascii_lowercase();
+        NodeLogger {
+            // Seldon's default: the cluster's Knative broker.
+            url: ystr(l, "url").unwrap_or_else(|| "http://default-broker".into()),
+            log_request: mode == "all" || mode == "request",
+            log_response: mode == "all" || mode == "response",
+        }
+    });
+    let transport: Transport = match (transport, v.get("endpoint").and_then(|e| ystr(e, "type"))) {
         (Some(t), _) => t.parse().map_err(|e: String| anyhow!(e))?,
         (None, Some(t)) => t.parse().map_err(|e: String| anyhow!(e))?,
         (None, None) => Transport::Rest,
+    };
+    let url = match v.get("endpoint") {
+        None => String::new(),
+        Some(ep) => {
+            // Seldon's executor calls httpPort over REST and grpcPort over gRPC; the operator
+            // fills them from service_port.
+            let specific = match transport {
+                Transport::Rest => "httpPort",
+                Transport::Grpc => "grpcPort",
+            };
+            let port = ystr(ep, specific)
+                .filter(|p| p != "0")
+                .or_else(|| ystr(ep, "service_port"));
+            match port {
+                None => String::new(),
+                Some(port) => {
+                    let port: u16 = port.parse().map_err(|_| {
+                        anyhow!("graph node {name}: endpoint port `{port}` is not a port")
+                    })?;
+                    let host = ystr(ep, "service_host").unwrap_or_else(|| "127.0.0.1".into());
+                    format!("http://{host}:{port}")
+                }
+            }
+        }
     };
     let children = v
         .get("children")
@@ -343,13 +518,36 @@ fn parse_node(v: &Yaml, transport: Option<&str>) -> Result<Node> {
         })
         .transpose()?
         .unwrap_or_default();
-    Ok(Node {
+    // The operator's defaults (`addDefaultsToGraph`): a node with no type, no methods and no
+    // implementation, or a prepackaged server, is a MODEL.
+    let node_type = match node_type {
+        None if methods.is_empty()
+            && implementation
+                .as_deref()
+                .is_none_or(|i| i.ends_with("_SERVER")) =>
+        {
+            Some(NodeType::Model)
+        }
+        t => t,
+    };
+    let node = Node {
         name,
         node_type,
-        url: format!("http://{host}:{port}"),
+        url,
         transport,
         children,
-    })
+        methods,
+        implementation,
+        parameters,
+        logger,
+    };
+    if node.makes_calls() && node.url.is_empty() {
+        bail!(
+            "graph node {}: endpoint.service_port is missing (the node calls its endpoint)",
+            node.name
+        );
+    }
+    Ok(node)
 }
 
 fn transport_name(t: Transport) -> Option<&'static str> {
@@ -362,10 +560,11 @@ fn transport_name(t: Transport) -> Option<&'static str> {
 /// Reads a SeldonDeployment text as `-f` does, with the same checks; gives the chosen
 /// predictor's graph. Public for the fuzzer ([`crate::fuzz_deployment`]).
 pub fn parse_seldon_deployment(text: &str, predictor: Option<&str>) -> Result<Option<Node>> {
-    parse_deployment(text, predictor).map(|d| d.graph)
+    parse_deployment(text, predictor, None).map(|d| d.graph)
 }
 
-fn parse_deployment(text: &str, want: Option<&str>) -> Result<Deployment> {
+/// `transport`: the --transport flag, above the deployment's spec.transport.
+fn parse_deployment(text: &str, want: Option<&str>, transport: Option<&str>) -> Result<Deployment> {
     let doc: Yaml = serde_norway::from_str(text).context("not valid YAML")?;
     let kind = ystr(&doc, "kind").unwrap_or_default();
     if kind != "SeldonDeployment" {
@@ -379,7 +578,7 @@ fn parse_deployment(text: &str, want: Option<&str>) -> Result<Deployment> {
             "spec.serverType is `{server_type}`: kafka-infer serves `serverType: kafka` deployments"
         );
     }
-    let transport = ystr(spec, "transport");
+    let spec_transport = ystr(spec, "transport");
     let predictors = spec
         .get("predictors")
         .and_then(Yaml::as_sequence)
@@ -405,13 +604,13 @@ fn parse_deployment(text: &str, want: Option<&str>) -> Result<Deployment> {
     }
     let graph = p
         .get("graph")
-        .map(|g| parse_node(g, transport.as_deref()))
+        .map(|g| parse_node(g, transport.or(spec_transport.as_deref())))
         .transpose()?;
     Ok(Deployment {
         name: meta.and_then(|m| ystr(m, "name")),
         namespace: meta.and_then(|m| ystr(m, "namespace")),
         protocol: ystr(spec, "protocol"),
-        transport,
+        transport: spec_transport,
         predictor: ystr(p, "name"),
         env,
         graph,
@@ -425,7 +624,7 @@ impl Config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading {}", p.display()))?;
-                parse_deployment(&text, args.predictor.as_deref())
+                parse_deployment(&text, args.predictor.as_deref(), args.transport.as_deref())
                     .with_context(|| format!("{}", p.display()))?
             }
             None => Deployment::default(),
@@ -465,19 +664,12 @@ impl Config {
             .parse()
             .map_err(|e: String| anyhow!(e))?;
         let graph = match (&args.model, dep.graph) {
-            (Some(url), _) => Node {
-                name: args.model_name.clone().unwrap_or_else(|| "model".into()),
-                node_type: NodeType::Model,
-                url: url.trim_end_matches('/').to_owned(),
+            (Some(url), _) => Node::model(
+                args.model_name.as_deref().unwrap_or("model"),
+                url,
                 transport,
-                children: Vec::new(),
-            },
-            (None, Some(mut g)) => {
-                if args.transport.is_some() {
-                    set_transport(&mut g, transport);
-                }
-                g
-            }
+            ),
+            (None, Some(g)) => g,
             (None, None) => bail!("no model: give --model URL or a SeldonDeployment with -f"),
         };
         check_graph(&graph, protocol)?;
@@ -493,6 +685,27 @@ impl Config {
                 dep.name.clone().unwrap_or_else(|| graph.name.clone()),
             )
         });
+        let mut warnings = Vec::new();
+        graph_warnings(&graph, &mut warnings);
+        if let Some(v) = lookup("KAFKA_AUTO_COMMIT") {
+            warnings.push(format!(
+                "KAFKA_AUTO_COMMIT={v} is ignored: kafka-infer commits an offset only after the \
+                 record's answer (or error record) is acknowledged by the broker"
+            ));
+        }
+        let max_concurrency = match args.max_concurrency {
+            Some(n) => Some(n),
+            None => lookup("KAFKA_WORKERS")
+                .map(|w| {
+                    w.trim()
+                        .parse::<usize>()
+                        .map_err(|_| anyhow!("KAFKA_WORKERS: `{w}` is not a number of workers"))
+                })
+                .transpose()?,
+        };
+        if max_concurrency == Some(0) {
+            bail!("--max-concurrency (KAFKA_WORKERS): must be at least 1");
+        }
         let dur = |flag: &Option<String>, name: &str, default: &str| -> Result<Duration> {
             parse_duration(&pick(flag, name).unwrap_or_else(|| default.into()), name)
         };
@@ -581,6 +794,13 @@ impl Config {
                 Some(n) => n,
                 None => codec::Limits::DEFAULT_MAX_TENSOR_BYTES,
             },
+            forward_headers: crate::meta::HeaderPolicy::parse(
+                &pick(&args.forward_headers, "KAFKA_INFER_FORWARD_HEADERS")
+                    .unwrap_or_else(|| "*".into()),
+            ),
+            max_concurrency,
+            routing_injection: lookup("SELDON_ENABLE_ROUTING_INJECTION").is_some(),
+            warnings,
         })
     }
 }
@@ -589,8 +809,10 @@ impl Node {
     fn summary(&self) -> serde_json::Value {
         serde_json::json!({
             "name": self.name,
-            "type": format!("{:?}", self.node_type),
-            "url": self.url,
+            "type": self.node_type.map(|t| format!("{t:?}")),
+            "methods": (!self.methods.is_empty()).then(|| self.methods.iter().map(|m| format!("{m:?}")).collect::<Vec<_>>()),
+            "implementation": self.implementation,
+            "url": (!self.url.is_empty()).then_some(&self.url),
             "transport": self.transport.to_string(),
             "children": self.children.iter().map(Node::summary).collect::<Vec<_>>(),
         })
@@ -622,44 +844,76 @@ impl Config {
             "max_attempts": self.max_attempts,
             "commit_interval_ms": self.commit_interval.as_millis() as u64,
             "assignment_strategy": self.assignors.iter().map(|a| a.name()).collect::<Vec<_>>(),
+            "forward_headers": match &self.forward_headers {
+                crate::meta::HeaderPolicy::All => serde_json::json!("*"),
+                crate::meta::HeaderPolicy::Only(l) => serde_json::json!(l),
+            },
+            "max_concurrency": self.max_concurrency,
         })
     }
 }
 
-fn set_transport(n: &mut Node, t: Transport) {
-    n.transport = t;
-    for c in &mut n.children {
-        set_transport(c, t);
-    }
-}
-
+/// What Seldon's executor would refuse or fail on at the first request, refused at start.
 fn check_graph(n: &Node, protocol: Protocol) -> Result<()> {
-    if protocol != Protocol::Seldon && (n.node_type != NodeType::Model || !n.children.is_empty()) {
+    if protocol != Protocol::Seldon && (n.calls_route() || n.calls_aggregate()) {
         bail!(
-            "graph node {}: the {protocol} protocol supports a single MODEL node (graphs of \
-             transformers, routers and combiners need the seldon protocol)",
+            "graph node {}: the {protocol} protocol has no route or aggregate call (routers and \
+             combiners need the seldon protocol; RANDOM_ABTEST works with every protocol)",
             n.name
         );
     }
-    match n.node_type {
-        NodeType::Router | NodeType::Combiner if n.children.is_empty() => {
-            bail!("graph node {}: a {:?} needs children", n.name, n.node_type)
-        }
-        NodeType::Transformer | NodeType::Model | NodeType::OutputTransformer
-            if n.children.len() > 1 =>
-        {
+    if (n.calls_route() || n.is_ab_test() || n.calls_aggregate()) && n.children.is_empty() {
+        bail!("graph node {}: a router or combiner needs children", n.name);
+    }
+    if n.is_ab_test() {
+        if n.children.len() != 2 {
             bail!(
-                "graph node {}: a {:?} takes at most one child",
+                "graph node {}: RANDOM_ABTEST needs exactly 2 children, it has {}",
                 n.name,
-                n.node_type
-            )
+                n.children.len()
+            );
         }
-        _ => {}
+        ab_ratio(n)?;
     }
     for c in &n.children {
         check_graph(c, protocol)?;
     }
     Ok(())
+}
+
+/// Graph settings Seldon's executor accepts and does nothing with.
+fn graph_warnings(n: &Node, out: &mut Vec<String>) {
+    if let Some(i) = &n.implementation
+        && i != "RANDOM_ABTEST"
+        && !i.ends_with("_SERVER")
+    {
+        out.push(format!(
+            "graph node {}: implementation {i} does nothing in Seldon's executor, nor here{}",
+            n.name,
+            if n.makes_calls() {
+                ""
+            } else {
+                " (the node passes its input on; its children all get it)"
+            }
+        ));
+    }
+    for c in &n.children {
+        graph_warnings(c, out);
+    }
+}
+
+/// RANDOM_ABTEST's ratioA parameter (the share of the first child), default 0.5.
+pub fn ab_ratio(n: &Node) -> Result<f64> {
+    match n.parameters.iter().find(|(k, _)| k == "ratioA") {
+        None => Ok(0.5),
+        Some((_, v)) => match v.trim().parse::<f64>() {
+            Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+            _ => bail!(
+                "graph node {}: ratioA `{v}` is not a number from 0 to 1",
+                n.name
+            ),
+        },
+    }
 }
 
 #[cfg(test)]

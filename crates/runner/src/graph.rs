@@ -6,17 +6,23 @@ use std::{borrow::Cow, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use codec::{
-    CodecError, Hints, NodeType, Protocol, Transcoder, Transport, grpc_method,
-    protocol::default_request, rest_path,
+    CodecError, Hints, NodeType, Protocol, Transcoder, Transport,
+    chain::{chain_json, chain_proto},
+    grpc_method,
+    protocol::{SELDON_MESSAGE, default_request},
+    rest_path,
 };
 use futures::future::BoxFuture;
 use serde_json::Value;
 
 use crate::{
     config::{Config, Node},
+    meta::RecordMeta,
     metrics::Metrics,
-    model::{GrpcClient, ModelError, RestClient},
+    model::{GrpcClient, ModelError, Reply, RestClient},
 };
+
+const SELDON_MESSAGE_LIST: &str = "seldon.protos.SeldonMessageList";
 
 /// A payload between nodes.
 #[derive(Clone, Debug)]
@@ -61,17 +67,21 @@ enum Client {
 
 struct NodeRt {
     cfg: Node,
-    client: Client,
+    /// None for a node that calls nothing (RANDOM_ABTEST, or no type and no methods).
+    client: Option<Client>,
     children: Vec<NodeRt>,
     /// Transcoding hints for this node, [columnar, row format] (made once, not per record).
     hints: [Hints; 2],
-    /// The REST path of the protocol's default request (most records take it).
-    default_path: String,
+    /// RANDOM_ABTEST: the share of the first child.
+    ab_ratio: Option<f64>,
+    /// The REST path of the predict call instead of the protocol's (`--model-path`, root only).
+    model_path: Option<String>,
 }
 
 pub struct Graph {
     root: NodeRt,
     protocol: Protocol,
+    routing_injection: bool,
     transcoder: Transcoder,
     retry_max_backoff: Duration,
     max_attempts: u32,
@@ -83,9 +93,10 @@ pub struct Graph {
 
 fn build(n: &Node, cfg: &Config) -> anyhow::Result<NodeRt> {
     let timeout = cfg.model_timeout;
-    let client = match n.transport {
-        Transport::Rest => Client::Rest(RestClient::new(&n.url, timeout, None)),
-        Transport::Grpc => Client::Grpc(GrpcClient::new(&n.url, timeout, None)?),
+    let client = match (n.makes_calls(), n.transport) {
+        (false, _) => None,
+        (true, Transport::Rest) => Some(Client::Rest(RestClient::new(&n.url, timeout, None))),
+        (true, Transport::Grpc) => Some(Client::Grpc(GrpcClient::new(&n.url, timeout, None)?)),
     };
     let hints = |row| Hints {
         model_name: Some(n.name.clone()),
@@ -93,16 +104,14 @@ fn build(n: &Node, cfg: &Config) -> anyhow::Result<NodeRt> {
         tf_input_name: cfg.tf_input_name.clone(),
         tf_row_format: row,
     };
-    let p = cfg.protocol;
     Ok(NodeRt {
-        default_path: rest_path(
-            p,
-            n.node_type,
-            &n.name,
-            None,
-            default_request(p, n.node_type),
-        ),
         hints: [hints(false), hints(true)],
+        ab_ratio: if n.is_ab_test() {
+            Some(crate::config::ab_ratio(n)?)
+        } else {
+            None
+        },
+        model_path: None,
         cfg: n.clone(),
         client,
         children: n
@@ -112,6 +121,10 @@ fn build(n: &Node, cfg: &Config) -> anyhow::Result<NodeRt> {
             .collect::<anyhow::Result<_>>()?,
     })
 }
+
+/// A payload with the protobuf name of its JSON form's message, when known (a REST answer
+/// returned to a record that came as protobuf is transcoded into it).
+type Answer = (Msg, Option<&'static str>);
 
 impl Graph {
     pub fn new(
@@ -123,12 +136,11 @@ impl Graph {
         Ok(Self {
             root: {
                 let mut root = build(&cfg.graph, cfg)?;
-                if let Some(path) = &cfg.model_path {
-                    root.default_path = path.clone();
-                }
+                root.model_path = cfg.model_path.clone();
                 root
             },
             protocol: cfg.protocol,
+            routing_injection: cfg.routing_injection,
             transcoder,
             retry_max_backoff: cfg.retry_max_backoff,
             max_attempts: cfg.max_attempts,
@@ -144,12 +156,14 @@ impl Graph {
 
     /// Runs the graph; the answer has the input's form (JSON in, JSON out; protobuf in,
     /// protobuf out with its message name).
-    pub async fn infer(&self, input: Msg) -> Result<Msg, CallError> {
+    pub async fn infer(&self, input: Msg, rm: &RecordMeta) -> Result<Msg, CallError> {
         let row_format = self.protocol == Protocol::Tensorflow
             && matches!(&input, Msg::Json(b) if memfind(b, b"\"instances\""));
         let hints = &self.root.hints[usize::from(row_format)];
         let want_json = matches!(input, Msg::Json(_));
-        let (out, resp_name) = self.exec(&self.root, input, hints).await?;
+        let (out, resp_name) = self
+            .predict(&self.root, (input, None), rm, row_format)
+            .await?;
         Ok(match (out, want_json) {
             (Msg::Json(b), true) => Msg::Json(b),
             (Msg::Proto { name, bytes }, true) => {
@@ -175,137 +189,316 @@ impl Graph {
         })
     }
 
-    fn exec<'a>(
+    /// One node as Seldon's executor runs it (`PredictorProcess.Predict`): its input call
+    /// (predict for a MODEL, transform-input for a TRANSFORMER or TRANSFORM_INPUT method), then
+    /// its children (routed, then aggregated), then its transform-output call.
+    fn predict<'a>(
         &'a self,
         node: &'a NodeRt,
-        msg: Msg,
-        hints: &'a Hints,
-    ) -> BoxFuture<'a, Result<(Msg, Option<&'static str>), CallError>> {
+        msg: Answer,
+        rm: &'a RecordMeta,
+        row: bool,
+    ) -> BoxFuture<'a, Result<Answer, CallError>> {
         Box::pin(async move {
-            match node.cfg.node_type {
-                NodeType::Model | NodeType::Transformer => {
-                    let (m, name) = self.call(node, msg, hints).await?;
-                    match node.children.first() {
-                        Some(c) => self.exec(c, m, hints).await,
-                        None => Ok((m, name)),
-                    }
+            let msg = match node.cfg.input_call() {
+                Some(kind) => {
+                    rm.routed(&node.cfg.name, -1);
+                    let m = self.chain(msg, node)?;
+                    self.call(node, kind, m, rm, row).await?
                 }
-                NodeType::OutputTransformer => {
-                    let m = match node.children.first() {
-                        Some(c) => self.exec(c, msg, hints).await?.0,
-                        None => msg,
-                    };
-                    self.call(node, m, hints).await
-                }
-                NodeType::Router => {
-                    let (r, _) = self.call(node, msg.clone(), hints).await?;
-                    let branch = self.route_of(&r)?;
-                    let child = usize::try_from(branch)
-                        .ok()
-                        .and_then(|i| node.children.get(i))
-                        .ok_or_else(|| CallError::BadRoute {
-                            node: node.cfg.name.clone(),
-                            branch,
-                        })?;
-                    self.exec(child, msg, hints).await
-                }
-                NodeType::Combiner => {
-                    let outs = futures::future::try_join_all(
-                        node.children
-                            .iter()
-                            .map(|c| self.exec(c, msg.clone(), hints)),
-                    )
-                    .await?;
-                    let mut list = Vec::new();
-                    for (m, _) in outs {
-                        list.push(self.as_json_value(m)?);
-                    }
-                    let body = serde_json::json!({ "seldonMessages": list });
-                    let body = Bytes::from(serde_json::to_vec(&body).expect("serializes"));
-                    self.call(node, Msg::Json(body), hints).await
+                None => msg,
+            };
+            let msg = self.children(node, msg, rm, row).await?;
+            let msg = if node.cfg.calls_transform_output() {
+                let m = self.chain(msg, node)?;
+                self.call(node, NodeType::OutputTransformer, m, rm, row)
+                    .await?
+            } else {
+                msg
+            };
+            if self.routing_injection {
+                self.inject_routing(msg, rm)
+            } else {
+                Ok(msg)
+            }
+        })
+    }
+
+    /// SELDON_ENABLE_ROUTING_INJECTION: the routes taken so far as the answer's meta.routing,
+    /// where the answer has a meta object (as Seldon's `InsertRouteToSeldonPredictPayload`).
+    fn inject_routing(&self, (msg, name): Answer, rm: &RecordMeta) -> Result<Answer, CallError> {
+        if self.protocol != Protocol::Seldon {
+            return Ok((msg, name));
+        }
+        let routing: serde_json::Map<String, Value> = rm
+            .routing()
+            .into_iter()
+            .map(|(k, v)| (k, Value::from(v)))
+            .collect();
+        let was_proto = match &msg {
+            Msg::Proto { name, .. } => Some(name.clone()),
+            Msg::Json(_) => None,
+        };
+        let json = self.as_json(msg.clone())?;
+        let Ok(mut v) = serde_json::from_slice::<Value>(&json) else {
+            return Ok((msg, name));
+        };
+        let Some(meta) = v.get_mut("meta").and_then(Value::as_object_mut) else {
+            return Ok((msg, name));
+        };
+        meta.insert("routing".into(), Value::Object(routing));
+        let out = match was_proto {
+            Some(n) => Msg::Proto {
+                bytes: self.transcoder.from_proto_json(&n, v)?,
+                name: n,
+            },
+            None => Msg::Json(Bytes::from(serde_json::to_vec(&v).expect("serializes"))),
+        };
+        Ok((out, name))
+    }
+
+    /// Seldon's `Chain` before a predict or transform call: the previous call's answer made
+    /// into a request (tensorflow and v2; seldon messages pass unchanged). The record itself
+    /// (no call yet) is passed as it is.
+    fn chain(&self, (msg, name): Answer, node: &NodeRt) -> Result<Msg, CallError> {
+        if name.is_none() || self.protocol == Protocol::Seldon {
+            return Ok(msg);
+        }
+        Ok(match msg {
+            Msg::Json(b) => Msg::Json(chain_json(self.protocol, &b)?.unwrap_or(b)),
+            Msg::Proto { name, bytes } => {
+                match chain_proto(self.protocol, &name, &bytes, &node.cfg.name)? {
+                    Some((req, b)) => Msg::Proto {
+                        name: Cow::Borrowed(req),
+                        bytes: b,
+                    },
+                    None => Msg::Proto { name, bytes },
                 }
             }
         })
     }
 
-    fn as_json_value(&self, m: Msg) -> Result<Value, CallError> {
-        let b = match m {
+    /// `predictChildren`: the route (-1 all children, -2 the message unchanged, else one
+    /// child), then the aggregate call or the first child's answer.
+    async fn children(
+        &self,
+        node: &NodeRt,
+        msg: Answer,
+        rm: &RecordMeta,
+        row: bool,
+    ) -> Result<Answer, CallError> {
+        if node.children.is_empty() {
+            return Ok(msg);
+        }
+        let route = if node.cfg.calls_route() {
+            let (r, _) = self
+                .call(node, NodeType::Router, msg.0.clone(), rm, row)
+                .await?;
+            self.route_of(node, &r)?
+        } else if let Some(ratio) = node.ab_ratio {
+            if fastrand::f64() < ratio { 0 } else { 1 }
+        } else {
+            -1
+        };
+        if node.cfg.calls_route() || node.ab_ratio.is_some() {
+            rm.routed(&node.cfg.name, route);
+        }
+        let answers = match route {
+            -1 => {
+                // All children at once; the first failure in child order is the answer.
+                let all = futures::future::join_all(
+                    node.children
+                        .iter()
+                        .map(|c| self.predict(c, msg.clone(), rm, row)),
+                )
+                .await;
+                all.into_iter().collect::<Result<Vec<_>, _>>()?
+            }
+            -2 => return Ok(msg),
+            i => {
+                let child = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| node.children.get(i))
+                    .ok_or_else(|| CallError::BadRoute {
+                        node: node.cfg.name.clone(),
+                        branch: i,
+                    })?;
+                vec![self.predict(child, msg, rm, row).await?]
+            }
+        };
+        if node.cfg.calls_aggregate() {
+            rm.routed(&node.cfg.name, -1);
+            self.aggregate(node, answers, rm, row).await
+        } else {
+            Ok(answers.into_iter().next().expect("at least one child"))
+        }
+    }
+
+    /// The aggregate call: over REST a bare JSON list of the answers (as Seldon's executor
+    /// sends it), over gRPC a SeldonMessageList.
+    async fn aggregate(
+        &self,
+        node: &NodeRt,
+        answers: Vec<Answer>,
+        rm: &RecordMeta,
+        row: bool,
+    ) -> Result<Answer, CallError> {
+        let list = match node.client {
+            Some(Client::Grpc(_)) => {
+                let mut out = bytes::BytesMut::new();
+                for (m, _) in answers {
+                    let b = match m {
+                        Msg::Proto { bytes, .. } => bytes,
+                        Msg::Json(b) => self.transcoder.json_to_proto(
+                            self.protocol,
+                            SELDON_MESSAGE,
+                            &b,
+                            &Hints::default(),
+                        )?,
+                    };
+                    // SeldonMessageList.seldonMessages = 1 (length-delimited).
+                    out.extend_from_slice(&[0x0a]);
+                    put_varint(&mut out, b.len() as u64);
+                    out.extend_from_slice(&b);
+                }
+                Msg::Proto {
+                    name: Cow::Borrowed(SELDON_MESSAGE_LIST),
+                    bytes: out.freeze(),
+                }
+            }
+            _ => {
+                let mut out = Vec::from(&b"["[..]);
+                for (i, (m, _)) in answers.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&self.as_json(m)?);
+                }
+                out.push(b']');
+                Msg::Json(Bytes::from(out))
+            }
+        };
+        self.call(node, NodeType::Combiner, list, rm, row).await
+    }
+
+    fn as_json(&self, m: Msg) -> Result<Bytes, CallError> {
+        Ok(match m {
             Msg::Json(b) => b,
             Msg::Proto { name, bytes } => {
                 self.transcoder
                     .proto_to_json(self.protocol, &name, &bytes, &Hints::default())?
             }
-        };
-        serde_json::from_slice(&b)
-            .map_err(|e| CallError::Codec(CodecError::MalformedJson(e.to_string())))
-    }
-
-    /// A Seldon router answers the branch index as data ([[i]] or a one-value tensor).
-    fn route_of(&self, m: &Msg) -> Result<i64, CallError> {
-        let v = self.as_json_value(m.clone())?;
-        let pick = v
-            .pointer("/data/ndarray/0/0")
-            .or_else(|| v.pointer("/data/ndarray/0"))
-            .or_else(|| v.pointer("/data/tensor/values/0"))
-            .and_then(Value::as_f64);
-        pick.map(|f| f as i64).ok_or_else(|| {
-            CallError::Codec(CodecError::WrongProtocol {
-                protocol: Protocol::Seldon,
-                why: "router answer carries no branch index".into(),
-            })
         })
     }
 
-    /// One node call, in the form its transport needs, with retries of retryable failures.
+    /// A router's answer as Seldon reads it (`ExtractRouteFromSeldonMessage`): the first
+    /// value of data.ndarray (or of its first row), data.tensor.values or
+    /// data.tftensor.int_val; a bare JSON array of numbers; no data at all means -1.
+    fn route_of(&self, node: &NodeRt, m: &Msg) -> Result<i64, CallError> {
+        let b = self.as_json(m.clone())?;
+        let v: Value = serde_json::from_slice(&b)
+            .map_err(|e| CallError::Codec(CodecError::MalformedJson(e.to_string())))?;
+        let first = |a: Option<&Value>| -> Option<Option<f64>> {
+            let a = a?.as_array()?;
+            Some(a.first().map(|x| match x {
+                Value::Array(row) => row.first().and_then(Value::as_f64).unwrap_or(0.0),
+                x => x.as_f64().unwrap_or(0.0),
+            }))
+        };
+        let picked = match &v {
+            Value::Array(_) => first(Some(&v)),
+            Value::Object(o) => match o.get("data") {
+                None | Some(Value::Null) => Some(Some(-1.0)),
+                Some(d) => first(d.get("ndarray"))
+                    .or_else(|| first(d.pointer("/tensor/values")))
+                    .or_else(|| first(d.pointer("/tftensor/intVal")))
+                    .or_else(|| first(d.pointer("/tftensor/int_val")))
+                    .or_else(|| {
+                        // No tensor in the data (names only, or strData): Seldon's -1.
+                        (!["ndarray", "tensor", "tftensor"]
+                            .iter()
+                            .any(|k| d.get(k).is_some()))
+                        .then_some(Some(-1.0))
+                    }),
+            },
+            _ => None,
+        };
+        match picked {
+            Some(Some(f)) if f.is_finite() => Ok(f as i64),
+            _ => Err(CallError::Codec(CodecError::WrongProtocol {
+                protocol: Protocol::Seldon,
+                why: format!(
+                    "router {} answered no branch index (want e.g. {{\"data\":{{\"ndarray\":[[1]]}}}})",
+                    node.cfg.name
+                ),
+            })),
+        }
+    }
+
+    /// One call of a node (`kind`: predict, transform-input, transform-output, route or
+    /// aggregate), in the form its transport needs, with the record's headers, retrying
+    /// retryable failures.
     async fn call(
         &self,
         node: &NodeRt,
+        kind: NodeType,
         msg: Msg,
-        hints: &Hints,
-    ) -> Result<(Msg, Option<&'static str>), CallError> {
+        rm: &RecordMeta,
+        row: bool,
+    ) -> Result<Answer, CallError> {
         let p = self.protocol;
-        let t = node.cfg.node_type;
-        let hints = &node.hints[usize::from(hints.tf_row_format)];
-        match &node.client {
+        let hints = &node.hints[usize::from(row)];
+        let client = node.client.as_ref().ok_or_else(|| {
+            CodecError::Transcode(format!("graph node {} has no endpoint", node.cfg.name))
+        })?;
+        match client {
             Client::Rest(c) => {
                 let (json, req) = match msg {
-                    Msg::Json(b) => (b, Cow::Borrowed(default_request(p, t))),
+                    Msg::Json(b) => (b, Cow::Borrowed(default_request(p, kind))),
                     Msg::Proto { name, bytes } => (
                         self.transcoder.proto_to_json(p, &name, &bytes, hints)?,
                         name,
                     ),
                 };
-                let other_path;
-                let path = if req == default_request(p, t) {
-                    node.default_path.as_str()
-                } else {
-                    other_path =
-                        rest_path(p, t, &node.cfg.name, hints.model_version.as_deref(), &req);
-                    other_path.as_str()
+                let path = match &node.model_path {
+                    Some(path) if kind == NodeType::Model && req == default_request(p, kind) => {
+                        path.clone()
+                    }
+                    _ => rest_path(
+                        p,
+                        kind,
+                        &node.cfg.name,
+                        hints.model_version.as_deref(),
+                        &req,
+                    ),
                 };
-                let resp_name = grpc_method(p, t, &req).ok().map(|m| m.response);
-                let out = self.retrying(|| c.post_json(path, json.clone())).await?;
-                Ok((Msg::Json(out), resp_name))
+                let resp_name = grpc_method(p, kind, &req).ok().map(|m| m.response);
+                let reply = self
+                    .retrying(|| c.post_json(&path, json.clone(), &rm.to_model))
+                    .await?;
+                rm.answered_with(&reply.headers);
+                Ok((Msg::Json(reply.body), resp_name))
             }
             Client::Grpc(c) => {
                 let (bytes, req) = match msg {
                     Msg::Proto { name, bytes } => (bytes, name),
                     Msg::Json(b) => {
-                        let req = default_request(p, t);
+                        let req = default_request(p, kind);
                         (
                             self.transcoder.json_to_proto(p, req, &b, hints)?,
                             Cow::Borrowed(req),
                         )
                     }
                 };
-                let method = grpc_method(p, t, &req)?;
-                let out = self
-                    .retrying(|| c.unary(method.path, bytes.clone()))
+                let method = grpc_method(p, kind, &req)?;
+                let reply = self
+                    .retrying(|| c.unary(method.path, bytes.clone(), &rm.to_model))
                     .await?;
+                rm.answered_with(&reply.headers);
                 Ok((
                     Msg::Proto {
                         name: Cow::Borrowed(method.response),
-                        bytes: out,
+                        bytes: reply.body,
                     },
                     Some(method.response),
                 ))
@@ -318,10 +511,10 @@ impl Graph {
     /// [`ModelError::may_be_the_request`]) count as attempts; after `max_attempts` of them, if
     /// the model answered other calls since this one started, the record gets a final error. Otherwise the
     /// model is down for everyone and the call keeps waiting.
-    async fn retrying<F, Fut>(&self, mut f: F) -> Result<Bytes, CallError>
+    async fn retrying<F, Fut>(&self, mut f: F) -> Result<Reply, CallError>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Bytes, ModelError>>,
+        Fut: Future<Output = Result<Reply, ModelError>>,
     {
         use std::sync::atomic::Ordering::Relaxed;
         let mut backoff =
@@ -365,6 +558,14 @@ impl Graph {
             }
         }
     }
+}
+
+fn put_varint(out: &mut bytes::BytesMut, mut v: u64) {
+    while v >= 0x80 {
+        out.extend_from_slice(&[(v as u8) | 0x80]);
+        v >>= 7;
+    }
+    out.extend_from_slice(&[v as u8]);
 }
 
 fn memfind(hay: &[u8], needle: &[u8]) -> bool {

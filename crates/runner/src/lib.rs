@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod graph;
+pub mod meta;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -53,6 +53,9 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     init_logging(cfg.log_format);
+    for w in &cfg.warnings {
+        tracing::warn!("{w}");
+    }
     let rt = match args.threads {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

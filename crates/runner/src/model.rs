@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
-use http::{Request, Uri, header};
+use http::{HeaderMap, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -88,6 +88,13 @@ impl ModelError {
     }
 }
 
+/// A model's answer: its body and its response headers (gRPC: response metadata).
+#[derive(Debug)]
+pub struct Reply {
+    pub body: Bytes,
+    pub headers: HeaderMap,
+}
+
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 fn https_connector(
@@ -148,10 +155,16 @@ impl RestClient {
         }
     }
 
-    /// POSTs a JSON body to `path`; a 2xx body comes back.
-    pub async fn post_json(&self, path: &str, body: Bytes) -> Result<Bytes, ModelError> {
+    /// POSTs a JSON body to `path` with `headers`; a 2xx body comes back with the
+    /// response's headers.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: Bytes,
+        headers: &HeaderMap,
+    ) -> Result<Reply, ModelError> {
         let url = format!("{}{}", self.base, path);
-        let req = Request::post(url.as_str())
+        let mut req = Request::post(url.as_str())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json")
             .body(Full::new(body))
@@ -159,6 +172,9 @@ impl RestClient {
                 url: url.clone(),
                 why: e.to_string(),
             })?;
+        for (k, v) in headers {
+            req.headers_mut().append(k, v.clone());
+        }
         let call = async {
             let resp = self
                 .client
@@ -169,8 +185,8 @@ impl RestClient {
                     why: error_chain(&e),
                 })?;
             let status = resp.status();
-            let body = resp
-                .into_body()
+            let (parts, body) = resp.into_parts();
+            let body = body
                 .collect()
                 .await
                 .map_err(|e| ModelError::Unreachable {
@@ -179,7 +195,10 @@ impl RestClient {
                 })?
                 .to_bytes();
             if status.is_success() {
-                Ok(body)
+                Ok(Reply {
+                    body,
+                    headers: parts.headers,
+                })
             } else {
                 Err(ModelError::Http {
                     url: url.clone(),
@@ -273,8 +292,14 @@ impl GrpcClient {
         })
     }
 
-    /// Unary call of `path` (e.g. /inference.GRPCInferenceService/ModelInfer) with raw bytes.
-    pub async fn unary(&self, path: &'static str, body: Bytes) -> Result<Bytes, ModelError> {
+    /// Unary call of `path` (e.g. /inference.GRPCInferenceService/ModelInfer) with raw bytes,
+    /// `headers` as request metadata; the answer comes with its response metadata.
+    pub async fn unary(
+        &self,
+        path: &'static str,
+        body: Bytes,
+        headers: &HeaderMap,
+    ) -> Result<Reply, ModelError> {
         let url = format!("{}{}", self.base, path);
         let mut grpc = self.inner.clone();
         let call = async {
@@ -282,11 +307,21 @@ impl GrpcClient {
                 url: url.clone(),
                 why: error_chain(&e),
             })?;
-            let mut req = tonic::Request::new(body);
+            let mut req = tonic::Request::from_parts(
+                tonic::metadata::MetadataMap::from_headers(headers.clone()),
+                Default::default(),
+                body,
+            );
             req.set_timeout(self.timeout);
             grpc.unary(req, http::uri::PathAndQuery::from_static(path), BytesCodec)
                 .await
-                .map(tonic::Response::into_inner)
+                .map(|r| {
+                    let (meta, body, _) = r.into_parts();
+                    Reply {
+                        body,
+                        headers: meta.into_headers(),
+                    }
+                })
                 .map_err(|s| classify_status(&url, &s))
         };
         tokio::time::timeout(self.timeout + Duration::from_millis(200), call)

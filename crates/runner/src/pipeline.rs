@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::{
     config::Config,
     graph::{CallError, Graph, Msg},
+    meta::{HeaderPolicy, RecordMeta},
     metrics::Metrics,
 };
 
@@ -27,14 +28,17 @@ pub const ERROR_KIND_HEADER: &str = "kafka-infer-error-kind";
 
 /// What processing one record produced.
 enum Outcome {
-    Answer(Msg),
-    Failed(CallError),
+    Answer(Msg, RecordMeta),
+    Failed(CallError, Option<RecordMeta>),
     /// Shutdown interrupted it: no output, no completion (the next owner redoes it).
     Abandoned,
 }
 
 struct Ctx {
     graph: Graph,
+    forward: HeaderPolicy,
+    /// Model calls at once across all partitions (`--max-concurrency`, KAFKA_WORKERS).
+    concurrency: Option<tokio::sync::Semaphore>,
     pool: Pool,
     protocol: Protocol,
     producer: Producer,
@@ -104,6 +108,8 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     )?;
     let ctx = Arc::new(Ctx {
         graph,
+        forward: cfg.forward_headers.clone(),
+        concurrency: cfg.max_concurrency.map(tokio::sync::Semaphore::new),
         pool,
         protocol: cfg.protocol,
         producer: Producer::new(
@@ -251,7 +257,7 @@ async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
         &rec.headers,
     ) {
         Ok(p) => p,
-        Err(e) => return Outcome::Failed(e.into()),
+        Err(e) => return Outcome::Failed(e.into(), None),
     };
     let msg = match payload {
         Payload::Json(b) => Msg::Json(b),
@@ -260,10 +266,15 @@ async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
             bytes,
         },
     };
-    match ctx.graph.infer(msg).await {
-        Ok(m) => Outcome::Answer(m),
+    let rm = RecordMeta::of_record(&rec.headers, ctx.protocol, &ctx.forward, false);
+    let _permit = match &ctx.concurrency {
+        Some(s) => Some(s.acquire().await.expect("never closed")),
+        None => None,
+    };
+    match ctx.graph.infer(msg, &rm).await {
+        Ok(m) => Outcome::Answer(m, rm),
         Err(CallError::Stopped(_)) => Outcome::Abandoned,
-        Err(e) => Outcome::Failed(e),
+        Err(e) => Outcome::Failed(e, Some(rm)),
     }
 }
 
@@ -342,7 +353,7 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                     // The broker refused the answer for good: an error record takes its place.
                     Err(e) if d.answer && !matches!(e, ProduceError::Closed) => {
                         let f = Failure::answer_unwritable(&e);
-                        match write_error(&ctx, input_partition, &d.rec, &f, Some(&d.topic)).await {
+                        match write_error(&ctx, input_partition, &d.rec, &f, Some(&d.topic), d.meta.as_ref()).await {
                             Some(w) => deliveries.push(delivered(w, d.rec, d.token)),
                             None => ctx.acker.abandon(&d.token),
                         }
@@ -377,6 +388,7 @@ struct Delivered {
     token: Token,
     rec: InRecord,
     answer: bool,
+    meta: Option<RecordMeta>,
     topic: String,
     result: Result<i64, ProduceError>,
 }
@@ -392,6 +404,7 @@ fn delivered(
             token,
             rec,
             answer: w.answer,
+            meta: w.meta,
             topic: w.topic,
             result,
         }
@@ -454,6 +467,8 @@ struct Written {
     delivery: Delivery,
     /// The output topic got the model's answer (not an error record).
     answer: bool,
+    /// The record's request id and trace, for an error record in the answer's place.
+    meta: Option<RecordMeta>,
     topic: String,
 }
 
@@ -467,8 +482,9 @@ async fn write_result(
 ) -> Option<Written> {
     let failure = match outcome {
         Outcome::Abandoned => return None,
-        Outcome::Answer(m) => {
+        Outcome::Answer(m, rm) => {
             let mut headers = copy_headers(rec);
+            set_headers(&mut headers, rm.record_headers(true));
             let value = match m {
                 Msg::Json(b) => {
                     headers.push((
@@ -496,15 +512,25 @@ async fn write_result(
                     return Some(Written {
                         delivery,
                         answer: true,
+                        meta: Some(rm),
                         topic: topic.to_owned(),
                     });
                 }
-                Err(e) => Failure::answer_unwritable(&e),
+                Err(e) => (Failure::answer_unwritable(&e), Some(rm)),
             }
         }
-        Outcome::Failed(e) => Failure::from(&e),
+        Outcome::Failed(e, rm) => (Failure::from(&e), rm),
     };
-    write_error(ctx, input_partition, rec, &failure, None).await
+    let (failure, rm) = failure;
+    write_error(ctx, input_partition, rec, &failure, None, rm.as_ref()).await
+}
+
+/// Sets each of `extra` on `headers`, replacing a header of the same name (case-insensitive).
+fn set_headers(headers: &mut Vec<(String, Bytes)>, extra: Vec<(String, Bytes)>) {
+    for (k, v) in extra {
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&k));
+        headers.push((k, v));
+    }
 }
 
 /// Writes an error record for `rec`: to the error topic (input kept as it was, if it fits), or
@@ -516,6 +542,7 @@ async fn write_error(
     rec: &InRecord,
     f: &Failure,
     not_to: Option<&str>,
+    rm: Option<&RecordMeta>,
 ) -> Option<Written> {
     ctx.metrics.record("error");
     tracing::warn!(partition = input_partition, offset = rec.offset, kind = f.kind, error = %f.message, "record failed");
@@ -543,6 +570,9 @@ async fn write_error(
         return None;
     };
     let mut headers = copy_headers(rec);
+    if let Some(rm) = rm {
+        set_headers(&mut headers, rm.record_headers(false));
+    }
     headers.extend(error_headers.iter().cloned());
     let out = if ctx.error_topic.as_deref() == Some(topic) {
         // The error topic keeps the input as it was, for replay.
@@ -590,6 +620,7 @@ async fn write_error(
         Ok(delivery) => Some(Written {
             delivery,
             answer: false,
+            meta: None,
             topic: topic.to_owned(),
         }),
         Err(e) => {

@@ -1,0 +1,463 @@
+//! What travels with one record through the graph besides its payload: the request id, the
+//! Kafka headers forwarded to every node (HTTP headers or gRPC metadata), W3C trace context,
+//! and the `x-*` headers the models answer with (copied to the output record).
+
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use codec::Protocol;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// Record headers never forwarded to a model: they describe the Kafka payload (its form, our
+/// error headers) or are HTTP/2 connection-level, reserved by gRPC, or set by us.
+const NEVER_FORWARDED: &[&str] = &[
+    "proto-name",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "accept",
+    "accept-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "user-agent",
+    "traceparent",
+    "tracestate",
+    "seldon-puid",
+    "x-request-id",
+];
+
+/// Which record headers go to the model (`--forward-headers`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderPolicy {
+    /// Every header (as Seldon's executor does), except [`NEVER_FORWARDED`] ones.
+    All,
+    /// Names (case-insensitive), or prefixes ending in `*` (e.g. `x-*`).
+    Only(Vec<String>),
+}
+
+impl HeaderPolicy {
+    /// `*` (all), `none` (only the request id and trace context), or a comma-separated list.
+    pub fn parse(s: &str) -> Self {
+        let s = s.trim();
+        if s == "*" {
+            return Self::All;
+        }
+        if s.eq_ignore_ascii_case("none") {
+            return Self::Only(Vec::new());
+        }
+        Self::Only(
+            s.split(',')
+                .map(|p| p.trim().to_ascii_lowercase())
+                .filter(|p| !p.is_empty())
+                .collect(),
+        )
+    }
+
+    fn allows(&self, name: &str) -> bool {
+        if NEVER_FORWARDED.iter().any(|n| name.eq_ignore_ascii_case(n))
+            || name.to_ascii_lowercase().starts_with("kafka-infer-")
+            || name.to_ascii_lowercase().starts_with("grpc-")
+        {
+            return false;
+        }
+        match self {
+            Self::All => true,
+            Self::Only(list) => list.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => name.to_ascii_lowercase().starts_with(prefix),
+                None => name.eq_ignore_ascii_case(p),
+            }),
+        }
+    }
+}
+
+/// W3C trace context of one record: the caller's trace, with our own span (the record's
+/// processing) as the parent of the model calls and of the output record's readers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trace {
+    pub trace_id: [u8; 16],
+    /// Our span: the parent id of everything we send.
+    pub span_id: [u8; 8],
+    /// The span of whoever wrote the input record, if it said.
+    pub parent_id: Option<[u8; 8]>,
+    pub flags: u8,
+    pub state: Option<String>,
+}
+
+impl Trace {
+    /// Continues a valid `traceparent` (version 00 format; later versions read by their
+    /// first four fields, as the spec asks), else None.
+    pub fn continue_from(traceparent: &[u8], tracestate: Option<&[u8]>) -> Option<Self> {
+        let s = std::str::from_utf8(traceparent).ok()?.trim();
+        let mut parts = s.split('-');
+        let (version, trace, parent, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if version.len() != 2 || version.eq_ignore_ascii_case("ff") {
+            return None;
+        }
+        if version == "00" && parts.next().is_some() {
+            return None;
+        }
+        let trace_id: [u8; 16] = hex_lower(trace)?;
+        let parent_id: [u8; 8] = hex_lower(parent)?;
+        let [flags]: [u8; 1] = hex_lower(flags)?;
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id: new_span_id(),
+            parent_id: Some(parent_id),
+            flags,
+            state: tracestate
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty()),
+        })
+    }
+
+    /// A new sampled trace (when spans are exported and the record brought none).
+    pub fn start() -> Self {
+        let mut trace_id = [0u8; 16];
+        while trace_id == [0; 16] {
+            trace_id = fastrand::u128(..).to_be_bytes();
+        }
+        Self {
+            trace_id,
+            span_id: new_span_id(),
+            parent_id: None,
+            flags: 1,
+            state: None,
+        }
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+
+    /// The `traceparent` we send: the trace, with our span as the parent.
+    pub fn traceparent(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            hex(&self.trace_id),
+            hex(&self.span_id),
+            self.flags
+        )
+    }
+
+    pub fn trace_id_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+}
+
+fn new_span_id() -> [u8; 8] {
+    let mut id = [0u8; 8];
+    while id == [0; 8] {
+        id = fastrand::u64(..).to_be_bytes();
+    }
+    id
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
+}
+
+/// Lower-case hex of exactly N bytes (W3C trace context forbids upper case).
+fn hex_lower<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != N * 2
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// A new request id: a random UUID (version 4 form).
+pub fn new_request_id() -> String {
+    let mut b = fastrand::u128(..).to_be_bytes();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// The request id's header: `Seldon-Puid` for the seldon protocol (as Seldon's executor),
+/// `x-request-id` for the others (as MLServer, Seldon v2 and most HTTP servers).
+pub fn request_id_header(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Seldon => "Seldon-Puid",
+        Protocol::Tensorflow | Protocol::V2 => "x-request-id",
+    }
+}
+
+/// One record's context for its model calls.
+#[derive(Debug)]
+pub struct RecordMeta {
+    pub request_id: String,
+    pub request_id_header: &'static str,
+    pub trace: Option<Trace>,
+    /// Headers sent with every model call: the forwarded record headers, the request id, the
+    /// trace context.
+    pub to_model: HeaderMap,
+    /// `x-*` headers the models answered with, in call order (a later node's value wins).
+    answered: Mutex<Vec<(String, Bytes)>>,
+    /// The branch each router took (Seldon's meta.routing).
+    routing: Mutex<Vec<(String, i64)>>,
+}
+
+impl RecordMeta {
+    /// `export_traces`: start a trace for a record that brings none (spans are exported).
+    pub fn of_record(
+        headers: &[(String, Bytes)],
+        protocol: Protocol,
+        policy: &HeaderPolicy,
+        export_traces: bool,
+    ) -> Self {
+        let get = |name: &str| {
+            headers
+                .iter()
+                .rev()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_ref())
+        };
+        let request_id_header = request_id_header(protocol);
+        // The protocol's own header first, then the other one (a record written for Seldon
+        // may reach a v2 model, and the other way round).
+        let request_id = [request_id_header, "seldon-puid", "x-request-id"]
+            .iter()
+            .filter_map(|n| get(n))
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+            .find(|v| !v.is_empty() && HeaderValue::from_str(v).is_ok())
+            .map_or_else(new_request_id, str::to_owned);
+        let trace = get("traceparent")
+            .and_then(|tp| Trace::continue_from(tp, get("tracestate")))
+            .or_else(|| export_traces.then(Trace::start));
+
+        let mut to_model = HeaderMap::new();
+        for (k, v) in headers {
+            if !policy.allows(k) {
+                continue;
+            }
+            // Only what HTTP/1, HTTP/2 and gRPC metadata can all carry: token names, visible
+            // ASCII values. Binary headers stay on the record.
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_bytes(v),
+            ) else {
+                continue;
+            };
+            if v.iter().all(|b| (0x20..0x7f).contains(b)) {
+                to_model.append(name, value);
+            }
+        }
+        to_model.insert(
+            HeaderName::from_static(if protocol == Protocol::Seldon {
+                "seldon-puid"
+            } else {
+                "x-request-id"
+            }),
+            HeaderValue::from_str(&request_id).expect("checked or generated"),
+        );
+        if let Some(t) = &trace {
+            to_model.insert(
+                HeaderName::from_static("traceparent"),
+                HeaderValue::from_str(&t.traceparent()).expect("ascii"),
+            );
+            if let Some(s) = t
+                .state
+                .as_deref()
+                .and_then(|s| HeaderValue::from_str(s).ok())
+            {
+                to_model.insert(HeaderName::from_static("tracestate"), s);
+            }
+        }
+        Self {
+            request_id,
+            request_id_header,
+            trace,
+            to_model,
+            answered: Mutex::new(Vec::new()),
+            routing: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Notes the branch a node took (Seldon's Routing map: -1 for calls and aggregates).
+    pub fn routed(&self, node: &str, route: i64) {
+        let mut r = self.routing.lock().expect("not poisoned");
+        match r.iter_mut().find(|(n, _)| n == node) {
+            Some(e) => e.1 = route,
+            None => r.push((node.to_owned(), route)),
+        }
+    }
+
+    /// The branches routers took, in the order they decided.
+    pub fn routing(&self) -> Vec<(String, i64)> {
+        self.routing.lock().expect("not poisoned").clone()
+    }
+
+    /// Keeps a model's `x-*` response headers (not its echo of the request id).
+    pub fn answered_with(&self, headers: &HeaderMap) {
+        let mut a = self.answered.lock().expect("not poisoned");
+        for (k, v) in headers {
+            let k = k.as_str();
+            if k.starts_with("x-") && !k.eq_ignore_ascii_case(self.request_id_header) {
+                a.retain(|(n, _)| n != k);
+                a.push((k.to_owned(), Bytes::copy_from_slice(v.as_bytes())));
+            }
+        }
+    }
+
+    /// The headers our output (or error) record adds: the request id, the trace context, and
+    /// (for answers) the models' `x-*` headers.
+    pub fn record_headers(&self, with_model_headers: bool) -> Vec<(String, Bytes)> {
+        let mut out = vec![(
+            self.request_id_header.to_owned(),
+            Bytes::from(self.request_id.clone()),
+        )];
+        if let Some(t) = &self.trace {
+            out.push(("traceparent".into(), Bytes::from(t.traceparent())));
+            if let Some(s) = &t.state {
+                out.push(("tracestate".into(), Bytes::from(s.clone())));
+            }
+        }
+        if with_model_headers {
+            out.extend(self.answered.lock().expect("not poisoned").iter().cloned());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&str, &[u8])]) -> Vec<(String, Bytes)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
+            .collect()
+    }
+
+    #[test]
+    fn traceparent_is_continued_with_a_new_span() {
+        let tp = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = Trace::continue_from(tp, Some(b"congo=t61rcWkgMzE")).unwrap();
+        assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            t.parent_id,
+            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+        );
+        let out = t.traceparent();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(out.ends_with("-01"));
+        assert_ne!(&out[36..52], "00f067aa0ba902b7");
+        assert_eq!(t.state.as_deref(), Some("congo=t61rcWkgMzE"));
+    }
+
+    #[test]
+    fn invalid_traceparents_are_ignored() {
+        for bad in [
+            &b"00-00000000000000000000000000000000-00f067aa0ba902b7-01"[..],
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            b"garbage",
+            b"\xff\xfe",
+        ] {
+            assert!(Trace::continue_from(bad, None).is_none(), "{bad:?}");
+        }
+        // A later version is read by its first four fields.
+        assert!(
+            Trace::continue_from(
+                b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more",
+                None
+            )
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn request_id_comes_from_the_record_or_is_generated() {
+        let p = HeaderPolicy::All;
+        let m = RecordMeta::of_record(&h(&[("Seldon-Puid", b"abc")]), Protocol::Seldon, &p, false);
+        assert_eq!(m.request_id, "abc");
+        assert_eq!(m.to_model.get("seldon-puid").unwrap(), "abc");
+        let m = RecordMeta::of_record(&h(&[("x-request-id", b"r1")]), Protocol::V2, &p, false);
+        assert_eq!(m.request_id, "r1");
+        assert_eq!(
+            m.record_headers(false)[0],
+            ("x-request-id".into(), Bytes::from("r1"))
+        );
+        let a = RecordMeta::of_record(&[], Protocol::V2, &p, false);
+        let b = RecordMeta::of_record(&[], Protocol::V2, &p, false);
+        assert_eq!(a.request_id.len(), 36);
+        assert_ne!(a.request_id, b.request_id);
+        // A value no header can carry is replaced.
+        let m = RecordMeta::of_record(&h(&[("x-request-id", b"a\nb")]), Protocol::V2, &p, false);
+        assert_ne!(m.request_id, "a\nb");
+    }
+
+    #[test]
+    fn forwarding_follows_the_policy() {
+        let rec = h(&[
+            ("tenant", b"t1"),
+            ("x-user", b"u"),
+            ("proto-name", b"seldon.protos.SeldonMessage"),
+            ("content-type", b"application/json"),
+            ("kafka-infer-error", b"old"),
+            ("bin", b"\x00\x01"),
+            ("bad name", b"v"),
+            ("grpc-timeout", b"1S"),
+        ]);
+        let all = RecordMeta::of_record(&rec, Protocol::Seldon, &HeaderPolicy::All, false);
+        let names: Vec<_> = all.to_model.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["tenant", "x-user", "seldon-puid"]);
+        let only = RecordMeta::of_record(&rec, Protocol::V2, &HeaderPolicy::parse("x-*"), false);
+        let names: Vec<_> = only.to_model.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-user", "x-request-id"]);
+        let none = RecordMeta::of_record(&rec, Protocol::V2, &HeaderPolicy::parse("none"), false);
+        assert_eq!(none.to_model.len(), 1);
+    }
+
+    #[test]
+    fn model_headers_reach_the_record_once_each() {
+        let m = RecordMeta::of_record(&[], Protocol::V2, &HeaderPolicy::All, false);
+        let mut a = HeaderMap::new();
+        a.insert("x-model-version", HeaderValue::from_static("1"));
+        a.insert("x-request-id", HeaderValue::from_static("echo"));
+        a.insert("server", HeaderValue::from_static("uvicorn"));
+        m.answered_with(&a);
+        a.insert("x-model-version", HeaderValue::from_static("2"));
+        m.answered_with(&a);
+        let h = m.record_headers(true);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h[1], ("x-model-version".into(), Bytes::from("2")));
+        assert_eq!(m.record_headers(false).len(), 1);
+    }
+}
