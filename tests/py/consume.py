@@ -2,12 +2,14 @@
 
 usage: consume.py BOOTSTRAP TOPIC N TIMEOUT_S
 prints [{"partition","offset","ts","key","value","headers"}] (hex strings; ts: record timestamp, ms)
+CONSUME_CONFIG (optional): a JSON object of extra librdkafka settings (e.g. TLS)
 """
-import json, sys, time
+import json, os, sys, time
 from confluent_kafka import Consumer, TopicPartition, OFFSET_BEGINNING
 
 bootstrap, topic, n, timeout = sys.argv[1:5]
-c = Consumer({"bootstrap.servers": bootstrap, "group.id": "consume-py", "enable.auto.commit": False})
+c = Consumer({"bootstrap.servers": bootstrap, "group.id": "consume-py", "enable.auto.commit": False,
+              **json.loads(os.environ.get("CONSUME_CONFIG") or "{}")})
 md = c.list_topics(topic, timeout=10)
 c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in md.topics[topic].partitions])
 out = []

@@ -369,6 +369,38 @@ impl TlsBroker {
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.tls_port)
     }
+
+    /// The KAFKA_* variables of a mutual-TLS client (PEM files of [`tls::Material`]).
+    pub fn kafka_env(&self) -> Vec<(&'static str, String)> {
+        let f = |name: &str| self.material.path(name).display().to_string();
+        vec![
+            ("KAFKA_BROKER", self.bootstrap()),
+            ("KAFKA_SECURITY_PROTOCOL", "SSL".into()),
+            ("KAFKA_SSL_CA_CERT_FILE", f("ca.pem")),
+            ("KAFKA_SSL_CLIENT_CERT_FILE", f("client.pem")),
+            ("KAFKA_SSL_CLIENT_KEY_FILE", f("client.key")),
+        ]
+    }
+
+    /// kafka-io settings of a mutual-TLS client ([`TlsBroker::kafka_env`]).
+    pub fn settings(&self) -> kafka_io::ConnectionSettings {
+        let env = self.kafka_env();
+        kafka_io::ConnectionSettings::from_lookup(|k| {
+            env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        })
+        .expect("valid TLS settings")
+    }
+
+    /// librdkafka settings of a mutual-TLS client (for [`read_topic_with`]).
+    pub fn librdkafka_config(&self) -> Vec<(&'static str, String)> {
+        let f = |name: &str| self.material.path(name).display().to_string();
+        vec![
+            ("security.protocol", "ssl".into()),
+            ("ssl.ca.location", f("ca.pem")),
+            ("ssl.certificate.location", f("client.pem")),
+            ("ssl.key.location", f("client.key")),
+        ]
+    }
 }
 
 impl Drop for TlsBroker {
@@ -381,9 +413,15 @@ impl Drop for TlsBroker {
 
 /// Runs a helper script of tests/py with the venv's Python; returns its stdout.
 pub fn py(script: &str, args: &[&str]) -> Result<String> {
+    py_env(script, args, &[])
+}
+
+/// [`py`] with extra environment variables for the script.
+pub fn py_env(script: &str, args: &[&str], env: &[(&str, String)]) -> Result<String> {
     let out = Command::new(python())
         .arg(repo_root().join("tests/py").join(script))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .with_context(|| format!("running {script}"))?;
     if !out.status.success() {
@@ -464,9 +502,28 @@ pub fn unhex(s: &str) -> Vec<u8> {
 /// Reads up to `n` records of every partition of `topic` from the beginning with librdkafka
 /// (tests/py/consume.py), waiting at most `timeout_s` seconds.
 pub fn read_topic(bootstrap: &str, topic: &str, n: usize, timeout_s: u32) -> Result<Vec<Answer>> {
-    let got: serde_json::Value = serde_json::from_str(&py(
+    read_topic_with(&[], bootstrap, topic, n, timeout_s)
+}
+
+/// [`read_topic`] with extra librdkafka settings (e.g. [`TlsBroker::librdkafka_config`]).
+pub fn read_topic_with(
+    config: &[(&str, String)],
+    bootstrap: &str,
+    topic: &str,
+    n: usize,
+    timeout_s: u32,
+) -> Result<Vec<Answer>> {
+    let config: serde_json::Map<String, serde_json::Value> = config
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone().into()))
+        .collect();
+    let got: serde_json::Value = serde_json::from_str(&py_env(
         "consume.py",
         &[bootstrap, topic, &n.to_string(), &timeout_s.to_string()],
+        &[(
+            "CONSUME_CONFIG",
+            serde_json::Value::from(config).to_string(),
+        )],
     )?)?;
     let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
     Ok(got
