@@ -114,10 +114,7 @@ impl Connector {
                         broker: name.clone(),
                         after: self.connect_timeout,
                     })?
-                    .map_err(|e| Error::Connect {
-                        broker: name.clone(),
-                        why: format!("TLS handshake failed: {e}"),
-                    })?;
+                    .map_err(|e| handshake_error(&name, e))?;
                 Box::new(s)
             }
         };
@@ -335,5 +332,40 @@ fn proto(call: &'static str, e: impl std::fmt::Display) -> Error {
     Error::Protocol {
         call,
         why: e.to_string(),
+    }
+}
+
+/// A failed TLS handshake: a certificate problem (named by the setting to check) or a
+/// connection failure.
+fn handshake_error(broker: &str, e: std::io::Error) -> Error {
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let setting = match tls {
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            Some("KAFKA_SSL_CA_CERT / KAFKA_SSL_CA_CERT_FILE, and the broker address")
+        }
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::CertificateRequired
+            | rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::CertificateExpired
+            | rustls::AlertDescription::CertificateRevoked
+            | rustls::AlertDescription::UnsupportedCertificate
+            | rustls::AlertDescription::AccessDenied,
+        )) => Some("KAFKA_SSL_CLIENT_CERT / KAFKA_SSL_CLIENT_KEY: the broker refused it"),
+        _ => None,
+    };
+    match setting {
+        Some(setting) => Error::Certificate {
+            broker: broker.to_owned(),
+            setting,
+            why: e.to_string(),
+        },
+        None => Error::Connect {
+            broker: broker.to_owned(),
+            why: format!("TLS handshake failed: {e}"),
+        },
     }
 }

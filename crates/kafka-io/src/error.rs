@@ -32,6 +32,15 @@ pub enum Error {
     Tls(#[from] TlsError),
     #[error("cannot reach broker {broker}: {why}")]
     Connect { broker: String, why: String },
+    /// The TLS handshake failed over a certificate: the broker's is not trusted by our CA
+    /// (`setting` names it), or the broker refused ours. Retryable (a certificate being
+    /// rotated), but at start-up a settings mistake: see [`Error::is_certificate_problem`].
+    #[error("cannot reach broker {broker}: TLS handshake failed: {why} (check {setting})")]
+    Certificate {
+        broker: String,
+        setting: &'static str,
+        why: String,
+    },
     #[error("{call} to {broker} timed out after {after:?}")]
     Timeout {
         call: &'static str,
@@ -79,7 +88,10 @@ impl Error {
     /// True when the same call may succeed later (network, coordinator moves, timeouts).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Connect { .. } | Error::Timeout { .. } | Error::Io { .. } => true,
+            Error::Connect { .. }
+            | Error::Certificate { .. }
+            | Error::Timeout { .. }
+            | Error::Io { .. } => true,
             Error::Broker { error, .. } => {
                 error.is_retriable()
                     || matches!(
@@ -92,6 +104,12 @@ impl Error {
             Error::Client(_) => true,
             _ => false,
         }
+    }
+
+    /// A certificate the TLS handshake refused (ours or the broker's): worth stopping for at
+    /// start-up, where it is almost always a wrong CA or client certificate.
+    pub fn is_certificate_problem(&self) -> bool {
+        matches!(self, Error::Certificate { .. })
     }
 
     /// The broker's error code, when the broker answered with one.

@@ -300,9 +300,7 @@ impl Graph {
         } else {
             -1
         };
-        if node.cfg.calls_route() || node.ab_ratio.is_some() {
-            rm.routed(&node.cfg.name, route);
-        }
+        rm.routed(&node.cfg.name, route);
         let answers = match route {
             -1 => {
                 // All children at once; the first failure in child order is the answer.

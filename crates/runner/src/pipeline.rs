@@ -237,6 +237,8 @@ async fn connect(
     loop {
         match Cluster::connect(cfg.connection.clone()).await {
             Ok(c) => return Ok(Some(c)),
+            // A wrong CA or client certificate does not fix itself: stop with the reason.
+            Err(e) if e.is_certificate_problem() => return Err(e.into()),
             Err(e) if e.is_retryable() => {
                 let wait = backoff.next_wait();
                 tracing::warn!(error = %e, retry_in = ?wait, "cannot reach Kafka yet");
