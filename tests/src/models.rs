@@ -70,10 +70,16 @@ pub fn mlserver() -> Result<Server> {
 
 /// Seldon's Python wrapper serving class `class` of tests/models/seldon as `service_type`.
 pub fn seldon(class: &str, service_type: &str) -> Result<Server> {
+    seldon_with_env(class, service_type, &[])
+}
+
+/// [`seldon`] with environment variables for the model class.
+pub fn seldon_with_env(class: &str, service_type: &str, env: &[(&str, &str)]) -> Result<Server> {
     let (http_port, grpc_port, metrics_port) = (free_port(), free_port(), free_port());
     let proc = Proc::spawn(
         "seldon-core-microservice",
         Command::new(venv_seldon().join("bin/seldon-core-microservice"))
+            .envs(env.iter().copied())
             .args([
                 class,
                 "--service-type",
