@@ -322,7 +322,6 @@ async fn v2_graph_over_grpc_with_mlserver() -> Result<()> {
 /// `model_name` too, and some records name no model at all. In the graph each node is still
 /// called under its own name, as over REST (where the path names the node).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "over gRPC the binary sends the record's own model_name (or none) to the first call"]
 async fn v2_graph_over_grpc_calls_each_node_by_its_name_whatever_the_record_names() -> Result<()> {
     let m = mlserver()?;
     let n = 9;
@@ -495,7 +494,6 @@ async fn tensorflow_graph_over_grpc_with_the_tf_stand_in() -> Result<()> {
 /// sends them), the graph's root (`post`, which makes no input call), or nothing: each node is
 /// still called under its own name, as over REST.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "over gRPC the binary sends the record's own model_spec.name to the first call"]
 async fn tensorflow_graph_over_grpc_calls_each_node_by_its_name_whatever_the_record_names()
 -> Result<()> {
     let g = tf_graph()?;

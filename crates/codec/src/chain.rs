@@ -96,6 +96,59 @@ pub fn chain_proto(
     }
 }
 
+/// A request (ModelInferRequest, PredictRequest) sent to the graph node `model`: the model
+/// name it carries replaced by `model` (`keep_set`: only filled in where it is empty). None
+/// when nothing changes (other messages, or the name is already right).
+pub fn name_model(
+    message: &str,
+    bytes: &[u8],
+    model: &str,
+    keep_set: bool,
+) -> Result<Option<Bytes>, CodecError> {
+    // (the field holding the name, and the field of the name inside it for TF's ModelSpec)
+    let tf = match message {
+        V2_INFER_REQUEST => false,
+        TF_PREDICT_REQUEST => true,
+        _ => return Ok(None),
+    };
+    let fs = fields(bytes, message)?;
+    // The current name (the last occurrence wins, as protobuf merges).
+    let mut current: Option<&[u8]> = None;
+    let mut spec_rest: Vec<&[u8]> = Vec::new();
+    for f in fs.iter().filter(|f| f.number == 1) {
+        if tf {
+            for sf in fields(f.payload, "tensorflow.serving.ModelSpec")? {
+                if sf.number == 1 {
+                    current = Some(sf.payload);
+                } else {
+                    spec_rest.push(sf.raw);
+                }
+            }
+        } else {
+            current = Some(f.payload);
+        }
+    }
+    let current = current.unwrap_or_default();
+    if current == model.as_bytes() || (keep_set && !current.is_empty()) {
+        return Ok(None);
+    }
+    let mut out = BytesMut::with_capacity(bytes.len() + model.len() + 4);
+    if tf {
+        let mut spec = BytesMut::new();
+        put_len_field(&mut spec, 1, model.as_bytes());
+        for r in spec_rest {
+            spec.extend_from_slice(r);
+        }
+        put_len_field(&mut out, 1, &spec);
+    } else {
+        put_len_field(&mut out, 1, model.as_bytes());
+    }
+    for f in fs.iter().filter(|f| f.number != 1) {
+        out.extend_from_slice(f.raw);
+    }
+    Ok(Some(out.freeze()))
+}
+
 fn wrong(protocol: Protocol, why: String) -> CodecError {
     CodecError::WrongProtocol { protocol, why }
 }
@@ -265,6 +318,63 @@ mod tests {
             .filter(|f| f.number != drop)
             .flat_map(|f| f.raw.to_vec())
             .collect()
+    }
+
+    #[test]
+    fn requests_are_named_for_their_node() {
+        let t = t();
+        let h = Hints::default();
+        let v2 = |name: &str| {
+            t.json_to_proto(
+                Protocol::V2,
+                V2_INFER_REQUEST,
+                serde_json::json!({"model_name": name, "id": "r",
+                    "inputs": [{"name": "i", "datatype": "FP32", "shape": [1], "data": [1.0]}]})
+                .to_string()
+                .as_bytes(),
+                &h,
+            )
+            .unwrap()
+        };
+        let named = name_model(V2_INFER_REQUEST, &v2("other"), "node", false)
+            .unwrap()
+            .unwrap();
+        let v = t.to_proto_json(V2_INFER_REQUEST, &named, false).unwrap();
+        assert_eq!(v["model_name"], "node");
+        assert_eq!(v["inputs"][0]["name"], "i");
+        assert!(
+            name_model(V2_INFER_REQUEST, &v2("other"), "node", true)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            name_model(V2_INFER_REQUEST, &v2("node"), "node", false)
+                .unwrap()
+                .is_none()
+        );
+        let tf = t
+            .from_proto_json(
+                TF_PREDICT_REQUEST,
+                serde_json::json!({"modelSpec": {"name": "other", "signatureName": "sig"},
+                    "inputs": {"x": {"dtype": "DT_FLOAT", "floatVal": [1.0]}}}),
+            )
+            .unwrap();
+        let named = name_model(TF_PREDICT_REQUEST, &tf, "node", false)
+            .unwrap()
+            .unwrap();
+        let v = t.to_proto_json(TF_PREDICT_REQUEST, &named, true).unwrap();
+        assert_eq!(v["modelSpec"]["name"], "node");
+        assert_eq!(v["modelSpec"]["signatureName"], "sig");
+        assert_eq!(v["inputs"]["x"]["floatVal"][0], 1.0);
+        // An empty name is filled in either way.
+        let empty = t
+            .from_proto_json(TF_PREDICT_REQUEST, serde_json::json!({"inputs": {}}))
+            .unwrap();
+        let named = name_model(TF_PREDICT_REQUEST, &empty, "node", true)
+            .unwrap()
+            .unwrap();
+        let v = t.to_proto_json(TF_PREDICT_REQUEST, &named, true).unwrap();
+        assert_eq!(v["modelSpec"]["name"], "node");
     }
 
     #[test]

@@ -211,7 +211,7 @@ impl std::str::FromStr for Method {
 /// A graph node's `logger`: which payloads go where.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeLogger {
-    pub url: String,
+    pub url: Option<String>,
     pub log_request: bool,
     pub log_response: bool,
 }
@@ -309,6 +309,11 @@ pub struct Config {
     pub max_concurrency: Option<usize>,
     /// SELDON_ENABLE_ROUTING_INJECTION: each node's answer gets meta.routing (seldon protocol).
     pub routing_injection: bool,
+    /// Where graph nodes' `logger` without a url sends events (REQUEST_LOGGER_DEFAULT_ENDPOINT,
+    /// default http://default-broker as Seldon's).
+    pub logger_default_endpoint: String,
+    /// The deployment's name, namespace and predictor (for payload-logger events).
+    pub deployment: (String, String, String),
     /// Notes on settings accepted but not acted on (logged at start).
     pub warnings: Vec<String>,
 }
@@ -473,8 +478,8 @@ fn parse_node(v: &Yaml, transport: Option<&str>) -> Result<Node> {
         let mode = ystr(l, "mode").unwrap_or_else(|| "all".into());
         let mode = mode.to_ascii_lowercase();
         NodeLogger {
-            // Seldon's default: the cluster's Knative broker.
-            url: ystr(l, "url").unwrap_or_else(|| "http://default-broker".into()),
+            // None: REQUEST_LOGGER_DEFAULT_ENDPOINT, as Seldon's executor.
+            url: ystr(l, "url"),
             log_request: mode == "all" || mode == "request",
             log_response: mode == "all" || mode == "response",
         }
@@ -685,6 +690,11 @@ impl Config {
                 dep.name.clone().unwrap_or_else(|| graph.name.clone()),
             )
         });
+        let deployment = (
+            dep.name.clone().unwrap_or_else(|| graph.name.clone()),
+            namespace.clone(),
+            dep.predictor.clone().unwrap_or_else(|| "default".into()),
+        );
         let mut warnings = Vec::new();
         graph_warnings(&graph, &mut warnings);
         if let Some(v) = lookup("KAFKA_AUTO_COMMIT") {
@@ -800,6 +810,9 @@ impl Config {
             ),
             max_concurrency,
             routing_injection: lookup("SELDON_ENABLE_ROUTING_INJECTION").is_some(),
+            logger_default_endpoint: lookup("REQUEST_LOGGER_DEFAULT_ENDPOINT")
+                .unwrap_or_else(|| "http://default-broker".into()),
+            deployment,
             warnings,
         })
     }

@@ -7,7 +7,7 @@ use std::{borrow::Cow, sync::Arc, time::Duration};
 use bytes::Bytes;
 use codec::{
     CodecError, Hints, NodeType, Protocol, Transcoder, Transport,
-    chain::{chain_json, chain_proto},
+    chain::{chain_json, chain_proto, name_model},
     grpc_method,
     protocol::{SELDON_MESSAGE, default_request},
     rest_path,
@@ -80,6 +80,8 @@ struct NodeRt {
 
 pub struct Graph {
     root: NodeRt,
+    /// More than one node: each call names its node's model, whatever the record names.
+    multi_node: bool,
     protocol: Protocol,
     routing_injection: bool,
     transcoder: Transcoder,
@@ -139,6 +141,7 @@ impl Graph {
                 root.model_path = cfg.model_path.clone();
                 root
             },
+            multi_node: !cfg.graph.children.is_empty(),
             protocol: cfg.protocol,
             routing_injection: cfg.routing_injection,
             transcoder,
@@ -489,6 +492,10 @@ impl Graph {
                     }
                 };
                 let method = grpc_method(p, kind, &req)?;
+                // Each node is called by its own name in a graph; a lone model keeps the
+                // name a record gives (filled in where it gives none).
+                let bytes =
+                    name_model(&req, &bytes, &node.cfg.name, !self.multi_node)?.unwrap_or(bytes);
                 let reply = self
                     .retrying(|| c.unary(method.path, bytes.clone(), &rm.to_model))
                     .await?;

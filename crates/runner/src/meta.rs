@@ -35,7 +35,8 @@ const NEVER_FORWARDED: &[&str] = &[
 /// Which record headers go to the model (`--forward-headers`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HeaderPolicy {
-    /// Every header (as Seldon's executor does), except [`NEVER_FORWARDED`] ones.
+    /// Every header (as Seldon's executor does), except [`NEVER_FORWARDED`] ones (and names
+    /// ending in `-bin`, binary gRPC metadata).
     All,
     /// Names (case-insensitive), or prefixes ending in `*` (e.g. `x-*`).
     Only(Vec<String>),
@@ -63,6 +64,7 @@ impl HeaderPolicy {
         if NEVER_FORWARDED.iter().any(|n| name.eq_ignore_ascii_case(n))
             || name.to_ascii_lowercase().starts_with("kafka-infer-")
             || name.to_ascii_lowercase().starts_with("grpc-")
+            || name.to_ascii_lowercase().ends_with("-bin")
         {
             return false;
         }
@@ -190,7 +192,32 @@ fn hex_lower<const N: usize>(s: &str) -> Option<[u8; N]> {
 
 /// A new request id: a random UUID (version 4 form).
 pub fn new_request_id() -> String {
-    let mut b = fastrand::u128(..).to_be_bytes();
+    uuid_form(fastrand::u128(..))
+}
+
+/// The request id of a record that brought none: a UUID-form FNV-1a hash of where it was
+/// read, the same each time the record is redone.
+pub fn request_id_of(topic: &str, partition: i32, offset: i64) -> String {
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    let sep = [0xffu8];
+    for part in [
+        topic.as_bytes(),
+        &sep,
+        &partition.to_be_bytes(),
+        &sep,
+        &offset.to_be_bytes(),
+    ] {
+        for b in part {
+            h ^= u128::from(*b);
+            h = h.wrapping_mul(PRIME);
+        }
+    }
+    uuid_form(h)
+}
+
+fn uuid_form(v: u128) -> String {
+    let mut b = v.to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex(&b);
@@ -229,12 +256,14 @@ pub struct RecordMeta {
 }
 
 impl RecordMeta {
-    /// `export_traces`: start a trace for a record that brings none (spans are exported).
+    /// `origin`: the record's topic, partition and offset, from which a record without a
+    /// request id gets one that stays the same when it is redone (after a crash or a
+    /// rebalance); None: a random one.
     pub fn of_record(
         headers: &[(String, Bytes)],
         protocol: Protocol,
         policy: &HeaderPolicy,
-        export_traces: bool,
+        origin: Option<(&str, i32, i64)>,
     ) -> Self {
         let get = |name: &str| {
             headers
@@ -252,10 +281,11 @@ impl RecordMeta {
             .filter_map(|v| std::str::from_utf8(v).ok())
             .map(str::trim)
             .find(|v| !v.is_empty() && HeaderValue::from_str(v).is_ok())
-            .map_or_else(new_request_id, str::to_owned);
-        let trace = get("traceparent")
-            .and_then(|tp| Trace::continue_from(tp, get("tracestate")))
-            .or_else(|| export_traces.then(Trace::start));
+            .map_or_else(
+                || origin.map_or_else(new_request_id, |(t, p, o)| request_id_of(t, p, o)),
+                str::to_owned,
+            );
+        let trace = get("traceparent").and_then(|tp| Trace::continue_from(tp, get("tracestate")));
 
         let mut to_model = HeaderMap::new();
         for (k, v) in headers {
@@ -405,22 +435,27 @@ mod tests {
     #[test]
     fn request_id_comes_from_the_record_or_is_generated() {
         let p = HeaderPolicy::All;
-        let m = RecordMeta::of_record(&h(&[("Seldon-Puid", b"abc")]), Protocol::Seldon, &p, false);
+        let m = RecordMeta::of_record(&h(&[("Seldon-Puid", b"abc")]), Protocol::Seldon, &p, None);
         assert_eq!(m.request_id, "abc");
         assert_eq!(m.to_model.get("seldon-puid").unwrap(), "abc");
-        let m = RecordMeta::of_record(&h(&[("x-request-id", b"r1")]), Protocol::V2, &p, false);
+        let m = RecordMeta::of_record(&h(&[("x-request-id", b"r1")]), Protocol::V2, &p, None);
         assert_eq!(m.request_id, "r1");
         assert_eq!(
             m.record_headers(false)[0],
             ("x-request-id".into(), Bytes::from("r1"))
         );
-        let a = RecordMeta::of_record(&[], Protocol::V2, &p, false);
-        let b = RecordMeta::of_record(&[], Protocol::V2, &p, false);
+        let a = RecordMeta::of_record(&[], Protocol::V2, &p, None);
+        let b = RecordMeta::of_record(&[], Protocol::V2, &p, None);
         assert_eq!(a.request_id.len(), 36);
         assert_ne!(a.request_id, b.request_id);
         // A value no header can carry is replaced.
-        let m = RecordMeta::of_record(&h(&[("x-request-id", b"a\nb")]), Protocol::V2, &p, false);
+        let m = RecordMeta::of_record(&h(&[("x-request-id", b"a\nb")]), Protocol::V2, &p, None);
         assert_ne!(m.request_id, "a\nb");
+        // Without one, the same record (redone) gets the same id; another record another.
+        let at = |o| RecordMeta::of_record(&[], Protocol::V2, &p, Some(("in", 2, o))).request_id;
+        assert_eq!(at(7), at(7));
+        assert_ne!(at(7), at(8));
+        assert_eq!(at(7).len(), 36);
     }
 
     #[test]
@@ -434,20 +469,21 @@ mod tests {
             ("bin", b"\x00\x01"),
             ("bad name", b"v"),
             ("grpc-timeout", b"1S"),
+            ("trace-bin", b"abc"),
         ]);
-        let all = RecordMeta::of_record(&rec, Protocol::Seldon, &HeaderPolicy::All, false);
+        let all = RecordMeta::of_record(&rec, Protocol::Seldon, &HeaderPolicy::All, None);
         let names: Vec<_> = all.to_model.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["tenant", "x-user", "seldon-puid"]);
-        let only = RecordMeta::of_record(&rec, Protocol::V2, &HeaderPolicy::parse("x-*"), false);
+        let only = RecordMeta::of_record(&rec, Protocol::V2, &HeaderPolicy::parse("x-*"), None);
         let names: Vec<_> = only.to_model.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-user", "x-request-id"]);
-        let none = RecordMeta::of_record(&rec, Protocol::V2, &HeaderPolicy::parse("none"), false);
+        let none = RecordMeta::of_record(&rec, Protocol::V2, &HeaderPolicy::parse("none"), None);
         assert_eq!(none.to_model.len(), 1);
     }
 
     #[test]
     fn model_headers_reach_the_record_once_each() {
-        let m = RecordMeta::of_record(&[], Protocol::V2, &HeaderPolicy::All, false);
+        let m = RecordMeta::of_record(&[], Protocol::V2, &HeaderPolicy::All, None);
         let mut a = HeaderMap::new();
         a.insert("x-model-version", HeaderValue::from_static("1"));
         a.insert("x-request-id", HeaderValue::from_static("echo"));

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub ready: AtomicBool,
     /// The three result series, made once (no allocation per record).
     by_result: [(&'static str, Counter); 3],
+    /// Payload-logger events by result: sent, failed, dropped.
+    pub logger_events: [(&'static str, Counter); 3],
 }
 
 impl Metrics {
@@ -112,8 +114,24 @@ impl Metrics {
                 .clone();
             (r, c)
         });
+        let logger = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "kafka_infer_logger_events",
+            "Payload-logger (graph node `logger`) CloudEvents by result: sent, failed (the \
+             endpoint refused or was unreachable), dropped (queue full)",
+            logger.clone(),
+        );
+        let logger_events = ["sent", "failed", "dropped"].map(|r| {
+            let c = logger
+                .get_or_create(&ResultLabels {
+                    result: r.to_owned(),
+                })
+                .clone();
+            (r, c)
+        });
         Self {
             by_result,
+            logger_events,
             registry,
             lag,
             model_duration,
@@ -125,6 +143,13 @@ impl Metrics {
     /// Counts one record (or retry) under `result`: ok, error or retry.
     pub fn record(&self, result: &str) {
         if let Some((_, c)) = self.by_result.iter().find(|(r, _)| *r == result) {
+            c.inc();
+        }
+    }
+
+    /// Counts one payload-logger event under `result`: sent, failed or dropped.
+    pub fn logger_event(&self, result: &str) {
+        if let Some((_, c)) = self.logger_events.iter().find(|(r, _)| *r == result) {
             c.inc();
         }
     }

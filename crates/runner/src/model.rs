@@ -163,9 +163,20 @@ impl RestClient {
         body: Bytes,
         headers: &HeaderMap,
     ) -> Result<Reply, ModelError> {
+        self.post(path, body, "application/json", headers).await
+    }
+
+    /// POSTs `body` of `content_type` to `path` with `headers`.
+    pub async fn post(
+        &self,
+        path: &str,
+        body: Bytes,
+        content_type: &'static str,
+        headers: &HeaderMap,
+    ) -> Result<Reply, ModelError> {
         let url = format!("{}{}", self.base, path);
         let mut req = Request::post(url.as_str())
-            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_TYPE, content_type)
             .header(header::ACCEPT, "application/json")
             .body(Full::new(body))
             .map_err(|e| ModelError::Unreachable {

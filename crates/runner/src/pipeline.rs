@@ -36,6 +36,7 @@ enum Outcome {
 
 struct Ctx {
     graph: Graph,
+    input_topic: String,
     forward: HeaderPolicy,
     /// Model calls at once across all partitions (`--max-concurrency`, KAFKA_WORKERS).
     concurrency: Option<tokio::sync::Semaphore>,
@@ -108,6 +109,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     )?;
     let ctx = Arc::new(Ctx {
         graph,
+        input_topic: cfg.input_topic.clone(),
         forward: cfg.forward_headers.clone(),
         concurrency: cfg.max_concurrency.map(tokio::sync::Semaphore::new),
         pool,
@@ -252,7 +254,7 @@ async fn connect(
     }
 }
 
-async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
+async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
     let payload = match detect(
         &ctx.pool,
         rec.value.clone().unwrap_or_default(),
@@ -268,7 +270,12 @@ async fn process(ctx: Arc<Ctx>, rec: &InRecord) -> Outcome {
             bytes,
         },
     };
-    let rm = RecordMeta::of_record(&rec.headers, ctx.protocol, &ctx.forward, false);
+    let rm = RecordMeta::of_record(
+        &rec.headers,
+        ctx.protocol,
+        &ctx.forward,
+        Some((&ctx.input_topic, partition, rec.offset)),
+    );
     let _permit = match &ctx.concurrency {
         Some(s) => Some(s.acquire().await.expect("never closed")),
         None => None,
@@ -329,7 +336,7 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             ctx.metrics.in_flight.inc();
             let c = ctx.clone();
             running.push_back(async move {
-                let outcome = process(c, &rec).await;
+                let outcome = process(c, input_partition, &rec).await;
                 (rec, token, outcome)
             });
         }
