@@ -17,9 +17,9 @@ use std::{collections::BTreeMap, time::Duration};
 use anyhow::Result;
 use bytes::Bytes;
 use kafka_infer_tests::{
-    Answer, Broker,
+    Answer, Broker, Proc, free_port,
     models::{self, KafkaInfer, Server},
-    read_topic, unique,
+    python, read_topic, repo_root, unique, wait_for, wait_port,
 };
 use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
 use serde_json::{Value, json};
@@ -355,6 +355,75 @@ async fn combiner_abtest_methods(transport: &str) -> Result<()> {
         }
         assert_eq!(seen.contains_key("a"), want_a, "ratioA {ratio}: {seen:?}");
         assert_eq!(seen.contains_key("b"), want_b, "ratioA {ratio}: {seen:?}");
+    }
+    Ok(())
+}
+
+/// A node's `logger` gets its request and answer as CloudEvents (binary mode), with the record's
+/// request id; a record with Seldon-Skip-Logging gets none.
+#[tokio::test(flavor = "multi_thread")]
+async fn payload_logger_gets_cloudevents() -> Result<()> {
+    let model = models::seldon_with_env("GraphNode", "MODEL", &[("NODE_ROLE", "a")])?;
+    let dir = tempfile::tempdir()?;
+    let events = dir.path().join("events.jsonl");
+    let port = free_port();
+    let _sink = Proc::spawn(
+        "sink",
+        std::process::Command::new(python())
+            .arg(repo_root().join("tests/py/sink.py"))
+            .arg(port.to_string())
+            .arg(&events),
+    )?;
+    wait_port(port, Duration::from_secs(20))?;
+    let graph = format!(
+        "name: a\ntype: MODEL\nendpoint: {}\nlogger: {{url: \"http://127.0.0.1:{port}/\", mode: all}}",
+        endpoint(&model)
+    );
+    let mut recs = records(6, &[0]);
+    recs[5]
+        .headers
+        .push(("Seldon-Skip-Logging".into(), "true".into()));
+    let answers = run("rest", &graph, &recs).await?;
+    let lines = wait_for(Duration::from_secs(20), "10 logger events", || {
+        let text = std::fs::read_to_string(&events).unwrap_or_default();
+        let lines: Vec<Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (lines.len() >= 10).then_some(lines)
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    let text = std::fs::read_to_string(&events)?;
+    assert_eq!(
+        text.lines().count(),
+        10,
+        "two events per logged record: {text}"
+    );
+    for (i, (a, v)) in answers.iter().enumerate().take(5) {
+        let id = &a.headers["Seldon-Puid"];
+        let mine: Vec<&Value> = lines
+            .iter()
+            .filter(|e| e["headers"]["ce-requestid"] == json!(id))
+            .collect();
+        assert_eq!(mine.len(), 2, "record {i}: request and response: {lines:?}");
+        for e in &mine {
+            let h = &e["headers"];
+            assert_eq!(h["ce-specversion"], "1.0");
+            assert_eq!(h["ce-modelid"], "a");
+            assert_eq!(h["content-type"], "application/json");
+        }
+        let resp = mine
+            .iter()
+            .find(|e| e["headers"]["ce-type"] == "io.seldon.serving.inference.response")
+            .expect("a response event");
+        let body: Value = serde_json::from_str(resp["body"].as_str().unwrap())?;
+        assert_eq!(body["data"], v["data"], "the logged answer is the answer");
+        let req = mine
+            .iter()
+            .find(|e| e["headers"]["ce-type"] == "io.seldon.serving.inference.request")
+            .expect("a request event");
+        let body: Value = serde_json::from_str(req["body"].as_str().unwrap())?;
+        assert_eq!(body["data"]["ndarray"][0][0], json!(recs[i].x));
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use crate::{
     config::{Config, Node},
+    logger::{PayloadLogger, Source},
     meta::RecordMeta,
     metrics::Metrics,
     model::{GrpcClient, ModelError, Reply, RestClient},
@@ -76,10 +77,14 @@ struct NodeRt {
     ab_ratio: Option<f64>,
     /// The REST path of the predict call instead of the protocol's (`--model-path`, root only).
     model_path: Option<String>,
+    /// `logger`: its client, whether requests and answers are logged.
+    logger: Option<(RestClient, bool, bool)>,
 }
 
 pub struct Graph {
     root: NodeRt,
+    /// Sends the payloads of nodes with a `logger` (None: no node has one).
+    payload_logger: Option<PayloadLogger>,
     /// More than one node: each call names its node's model, whatever the record names.
     multi_node: bool,
     protocol: Protocol,
@@ -114,6 +119,10 @@ fn build(n: &Node, cfg: &Config) -> anyhow::Result<NodeRt> {
             None
         },
         model_path: None,
+        logger: n.logger.as_ref().map(|l| {
+            let url = l.url.as_deref().unwrap_or(&cfg.logger_default_endpoint);
+            (PayloadLogger::client(url), l.log_request, l.log_response)
+        }),
         cfg: n.clone(),
         client,
         children: n
@@ -135,7 +144,22 @@ impl Graph {
         metrics: Arc<Metrics>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
+        fn any_logger(n: &Node) -> bool {
+            n.logger.is_some() || n.children.iter().any(any_logger)
+        }
         Ok(Self {
+            payload_logger: any_logger(&cfg.graph).then(|| {
+                let (deployment, namespace, predictor) = cfg.deployment.clone();
+                PayloadLogger::start(
+                    Source {
+                        deployment,
+                        namespace,
+                        predictor,
+                        protocol: cfg.protocol.to_string(),
+                    },
+                    metrics.clone(),
+                )
+            }),
             root: {
                 let mut root = build(&cfg.graph, cfg)?;
                 root.model_path = cfg.model_path.clone();
@@ -203,6 +227,7 @@ impl Graph {
         row: bool,
     ) -> BoxFuture<'a, Result<Answer, CallError>> {
         Box::pin(async move {
+            self.log_payload(node, "request", &msg.0, rm);
             let msg = match node.cfg.input_call() {
                 Some(kind) => {
                     rm.routed(&node.cfg.name, -1);
@@ -219,12 +244,30 @@ impl Graph {
             } else {
                 msg
             };
-            if self.routing_injection {
-                self.inject_routing(msg, rm)
+            let msg = if self.routing_injection {
+                self.inject_routing(msg, rm)?
             } else {
-                Ok(msg)
-            }
+                msg
+            };
+            self.log_payload(node, "response", &msg.0, rm);
+            Ok(msg)
         })
+    }
+
+    /// Queues a node's request or answer for its `logger` (unless the record says
+    /// Seldon-Skip-Logging).
+    fn log_payload(&self, node: &NodeRt, kind: &'static str, msg: &Msg, rm: &RecordMeta) {
+        let (Some(l), Some((client, req, resp))) = (&self.payload_logger, &node.logger) else {
+            return;
+        };
+        if rm.skip_logging || !(if kind == "request" { *req } else { *resp }) {
+            return;
+        }
+        let (json, body) = match msg {
+            Msg::Json(b) => (true, b.clone()),
+            Msg::Proto { bytes, .. } => (false, bytes.clone()),
+        };
+        l.log(client, kind, &node.cfg.name, &rm.request_id, json, body);
     }
 
     /// SELDON_ENABLE_ROUTING_INJECTION: the routes taken so far as the answer's meta.routing,

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod graph;
+pub mod logger;
 pub mod meta;
 pub mod metrics;
 pub mod model;

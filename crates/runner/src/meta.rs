@@ -244,6 +244,8 @@ pub fn request_id_header(p: Protocol) -> &'static str {
 #[derive(Debug)]
 pub struct RecordMeta {
     pub request_id: String,
+    /// The record's `Seldon-Skip-Logging` (true, on, 1): no payload-logger events for it.
+    pub skip_logging: bool,
     pub request_id_header: &'static str,
     pub trace: Option<Trace>,
     /// Headers sent with every model call: the forwarded record headers, the request id, the
@@ -325,8 +327,12 @@ impl RecordMeta {
                 to_model.insert(HeaderName::from_static("tracestate"), s);
             }
         }
+        let skip_logging = get("seldon-skip-logging")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "on" | "1"));
         Self {
             request_id,
+            skip_logging,
             request_id_header,
             trace,
             to_model,
