@@ -1013,6 +1013,121 @@ spec:
     }
 
     #[test]
+    fn seldon_workers_and_auto_commit() {
+        let f = tmp(CIFAR);
+        let env = |k: &str| match k {
+            "KAFKA_WORKERS" => Some("8".to_string()),
+            "KAFKA_AUTO_COMMIT" => Some("true".to_string()),
+            _ => None,
+        };
+        let c = Config::resolve(&args_with(&f.0), &env).unwrap();
+        assert_eq!(c.max_concurrency, Some(8));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("KAFKA_AUTO_COMMIT=true is ignored"))
+        );
+        let mut a = args_with(&f.0);
+        a.max_concurrency = Some(2);
+        assert_eq!(Config::resolve(&a, &env).unwrap().max_concurrency, Some(2));
+        let bad = |k: &str| (k == "KAFKA_WORKERS").then(|| "many".to_string());
+        let e = format!("{:#}", Config::resolve(&args_with(&f.0), &bad).unwrap_err());
+        assert!(e.contains("KAFKA_WORKERS"), "{e}");
+        let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
+        assert_eq!(c.max_concurrency, None);
+        assert!(c.warnings.is_empty());
+    }
+
+    fn graph_of(protocol: &str, transport: &str, graph: &str) -> Result<Config> {
+        let text = format!(
+            "kind: SeldonDeployment\nmetadata: {{name: d}}\nspec:\n  protocol: {protocol}\n  \
+             transport: {transport}\n  serverType: kafka\n  predictors:\n  - name: p\n    \
+             svcOrchSpec: {{env: [{{name: KAFKA_BROKER, value: \"b:9092\"}}, {{name: KAFKA_INPUT_TOPIC, \
+             value: i}}, {{name: KAFKA_OUTPUT_TOPIC, value: o}}]}}\n    graph: {graph}\n"
+        );
+        let f = tmp(&text);
+        Config::resolve(&args_with(&f.0), &|_| None)
+    }
+
+    #[test]
+    fn graph_fields_as_seldon_reads_them() {
+        let c = graph_of(
+            "seldon",
+            "grpc",
+            "{name: ab, implementation: RANDOM_ABTEST, parameters: [{name: ratioA, value: '0.3', \
+             type: FLOAT}], children: [{name: a, endpoint: {service_port: 1, httpPort: 2, \
+             grpcPort: 3}, logger: {mode: response}}, {name: m, type: UNKNOWN_TYPE, methods: \
+             [TRANSFORM_INPUT, AGGREGATE], endpoint: {service_host: h, service_port: 4}, \
+             children: [{name: s, implementation: SKLEARN_SERVER, endpoint: {service_port: 5}}]}]}",
+        )
+        .unwrap();
+        let g = &c.graph;
+        assert!(g.is_ab_test() && !g.makes_calls() && g.url.is_empty());
+        assert_eq!(ab_ratio(g).unwrap(), 0.3);
+        let a = &g.children[0];
+        // No type, methods or implementation: a MODEL (the operator's default); grpcPort over gRPC.
+        assert_eq!(a.node_type, Some(NodeType::Model));
+        assert_eq!(a.url, "http://127.0.0.1:3");
+        let l = a.logger.as_ref().unwrap();
+        assert!(!l.log_request && l.log_response && l.url.is_none());
+        let m = &g.children[1];
+        assert_eq!(m.node_type, None);
+        assert_eq!(m.input_call(), Some(NodeType::Transformer));
+        assert!(m.calls_aggregate() && !m.calls_route() && !m.calls_transform_output());
+        assert_eq!(m.url, "http://h:4");
+        assert_eq!(m.children[0].node_type, Some(NodeType::Model));
+        assert_eq!(c.logger_default_endpoint, "http://default-broker");
+        // Over REST: httpPort.
+        let c = graph_of(
+            "seldon",
+            "rest",
+            "{name: a, endpoint: {service_port: 1, httpPort: 2, grpcPort: 3}}",
+        )
+        .unwrap();
+        assert_eq!(c.graph.url, "http://127.0.0.1:2");
+    }
+
+    #[test]
+    fn graphs_seldon_would_crash_on_are_refused_at_start() {
+        let err = |p, g| format!("{:#}", graph_of(p, "rest", g).unwrap_err());
+        let e = err(
+            "seldon",
+            "{name: ab, implementation: RANDOM_ABTEST, children: [{name: a, endpoint: {service_port: 1}}]}",
+        );
+        assert!(e.contains("exactly 2 children"), "{e}");
+        let e = err(
+            "v2",
+            "{name: r, type: ROUTER, endpoint: {service_port: 1}, children: [{name: a, endpoint: {service_port: 2}}]}",
+        );
+        assert!(e.contains("route or aggregate"), "{e}");
+        let e = err(
+            "seldon",
+            "{name: r, type: ROUTER, endpoint: {service_port: 1}}",
+        );
+        assert!(e.contains("needs children"), "{e}");
+        let e = err("seldon", "{name: t, type: TRANSFORMER}");
+        assert!(e.contains("service_port is missing"), "{e}");
+        let e = err(
+            "seldon",
+            "{name: ab, implementation: RANDOM_ABTEST, parameters: [{name: ratioA, value: x}], \
+             children: [{name: a, endpoint: {service_port: 1}}, {name: b, endpoint: {service_port: 2}}]}",
+        );
+        assert!(e.contains("ratioA"), "{e}");
+        // Accepted with a warning: does nothing in Seldon either.
+        let c = graph_of(
+            "seldon",
+            "rest",
+            "{name: s, implementation: SIMPLE_ROUTER, children: [{name: a, endpoint: {service_port: 1}}]}",
+        )
+        .unwrap();
+        assert!(
+            c.warnings.iter().any(|w| w.contains("SIMPLE_ROUTER")),
+            "{:?}",
+            c.warnings
+        );
+    }
+
+    #[test]
     fn clear_errors() {
         let f = tmp(&CIFAR.replace("serverType: kafka", "serverType: rest"));
         let e = format!(
