@@ -120,6 +120,18 @@ fn records(n: usize, routes: &[i64]) -> Vec<Rec> {
 
 /// Runs `recs` through kafka-infer serving `graph`; answers by record index, as JSON.
 async fn run(transport: &str, graph: &str, recs: &[Rec]) -> Result<Vec<(Answer, Value)>> {
+    run_with(transport, graph, recs, &[], &[]).await
+}
+
+/// [`run`] with extra kafka-infer flags and environment; kafka-infer has stopped (SIGTERM) when
+/// it returns.
+async fn run_with(
+    transport: &str,
+    graph: &str,
+    recs: &[Rec],
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> Result<Vec<(Answer, Value)>> {
     let broker = Broker::start()?;
     let (input, output) = (unique("in"), unique("out"));
     broker.create_topic(&input, 2)?;
@@ -130,10 +142,9 @@ async fn run(transport: &str, graph: &str, recs: &[Rec]) -> Result<Vec<(Answer, 
         &yaml,
         deployment(transport, &broker, &input, &output, graph),
     )?;
-    let ki = KafkaInfer::start(
-        &["-f", yaml.to_str().unwrap(), "--session-timeout", "4s"],
-        &[],
-    )?;
+    let mut args = vec!["-f", yaml.to_str().unwrap(), "--session-timeout", "4s"];
+    args.extend_from_slice(extra);
+    let ki = KafkaInfer::start(&args, env)?;
     let cluster = Cluster::connect(broker.settings()).await?;
     let p = Producer::new(cluster, ProducerConfig::default());
     let mut ds = Vec::new();
@@ -168,6 +179,7 @@ async fn run(transport: &str, graph: &str, recs: &[Rec]) -> Result<Vec<(Answer, 
         .metric("kafka_infer_records_total{result=\"error\"}")
         .unwrap_or(0.0);
     assert_eq!(errors, 0.0, "no error records");
+    drop(ki);
     Ok(by_idx.into_iter().map(Option::unwrap).collect())
 }
 
@@ -355,6 +367,90 @@ async fn combiner_abtest_methods(transport: &str) -> Result<()> {
         }
         assert_eq!(seen.contains_key("a"), want_a, "ratioA {ratio}: {seen:?}");
         assert_eq!(seen.contains_key("b"), want_b, "ratioA {ratio}: {seen:?}");
+    }
+    Ok(())
+}
+
+/// With OTLP export on, each record is a span (the child of the record's traceparent, or a new
+/// trace) with a child span per model call; the model sees the call's span as parent and the
+/// output record the record's span.
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_are_exported_over_otlp() -> Result<()> {
+    let model = models::seldon_with_env("GraphNode", "MODEL", &[("NODE_ROLE", "a")])?;
+    let dir = tempfile::tempdir()?;
+    let events = dir.path().join("spans.jsonl");
+    let port = free_port();
+    let _collector = Proc::spawn(
+        "otlp-sink",
+        std::process::Command::new(python())
+            .arg(repo_root().join("tests/py/sink.py"))
+            .arg(port.to_string())
+            .arg(&events),
+    )?;
+    wait_port(port, Duration::from_secs(20))?;
+    let graph = format!("name: a\ntype: MODEL\nendpoint: {}", endpoint(&model));
+    let recs = records(4, &[0]);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let answers = run_with(
+        "rest",
+        &graph,
+        &recs,
+        &["--otlp-endpoint", &endpoint],
+        &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json".into())],
+    )
+    .await?;
+    // kafka-infer has stopped, flushing its spans.
+    let text = std::fs::read_to_string(&events).unwrap_or_default();
+    let mut spans: Vec<Value> = Vec::new();
+    for line in text.lines() {
+        let e: Value = serde_json::from_str(line)?;
+        assert!(e["headers"]["content-type"] == "application/json", "{e}");
+        let body: Value = serde_json::from_str(e["body"].as_str().unwrap())?;
+        for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                spans.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+            }
+        }
+    }
+    assert_eq!(
+        spans.len(),
+        8,
+        "a record span and a call span per record: {text}"
+    );
+    for (i, (a, v)) in answers.iter().enumerate() {
+        let tp = a
+            .headers
+            .get("traceparent")
+            .expect("every record is traced");
+        let parts: Vec<&str> = tp.split('-').collect();
+        let (trace, record_span) = (parts[1], parts[2]);
+        if i % 4 == 0 {
+            assert_eq!(trace, trace_id(i), "the record's own trace continued");
+        }
+        let rec_span = spans
+            .iter()
+            .find(|s| s["spanId"] == json!(record_span))
+            .unwrap_or_else(|| panic!("record {i}: span {record_span} exported: {spans:?}"));
+        assert_eq!(rec_span["traceId"], json!(trace));
+        let want_parent = if i % 4 == 0 {
+            json!(INPUT_SPAN)
+        } else {
+            json!("")
+        };
+        assert_eq!(rec_span["parentSpanId"], want_parent, "{rec_span}");
+        let call = spans
+            .iter()
+            .find(|s| s["parentSpanId"] == json!(record_span))
+            .unwrap_or_else(|| panic!("record {i}: a call span under {record_span}"));
+        assert_eq!(call["name"], "a predict");
+        let saw = v["meta"]["tags"]["a_saw_traceparent"]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(
+            saw,
+            format!("00-{trace}-{}-01", call["spanId"].as_str().unwrap()),
+            "the model's parent is the call span"
+        );
     }
     Ok(())
 }

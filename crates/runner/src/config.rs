@@ -151,6 +151,12 @@ pub struct RunArgs {
     /// --max-in-flight).
     #[arg(long, env = "KAFKA_INFER_MAX_CONCURRENCY")]
     pub max_concurrency: Option<usize>,
+    /// Export a span per record (and per model call) over OTLP/HTTP to this collector URL, e.g.
+    /// http://127.0.0.1:4318 (`/v1/traces` is added). Off by default; also on when
+    /// OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set.
+    /// OTEL_EXPORTER_OTLP_PROTOCOL=http/json sends JSON instead of protobuf.
+    #[arg(long, env = "KAFKA_INFER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Print the resolved configuration as JSON (no secrets) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -316,6 +322,12 @@ pub struct Config {
     pub deployment: (String, String, String),
     /// Notes on settings accepted but not acted on (logged at start).
     pub warnings: Vec<String>,
+    /// OpenTelemetry span export on (--otlp-endpoint or the OTEL_EXPORTER_OTLP_* endpoint).
+    pub otlp: bool,
+    /// --otlp-endpoint; None: the exporter reads OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT.
+    pub otlp_endpoint: Option<String>,
+    /// OTEL_SERVICE_NAME, default kafka-infer.
+    pub otel_service_name: String,
 }
 
 /// The range of each duration setting, by environment variable.
@@ -810,6 +822,11 @@ impl Config {
             ),
             max_concurrency,
             routing_injection: lookup("SELDON_ENABLE_ROUTING_INJECTION").is_some(),
+            otlp: args.otlp_endpoint.is_some()
+                || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+                || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some(),
+            otlp_endpoint: args.otlp_endpoint.clone(),
+            otel_service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "kafka-infer".into()),
             logger_default_endpoint: lookup("REQUEST_LOGGER_DEFAULT_ENDPOINT")
                 .unwrap_or_else(|| "http://default-broker".into()),
             deployment,
@@ -862,6 +879,7 @@ impl Config {
                 crate::meta::HeaderPolicy::Only(l) => serde_json::json!(l),
             },
             "max_concurrency": self.max_concurrency,
+            "otlp_export": self.otlp,
         })
     }
 }

@@ -21,6 +21,7 @@ use crate::{
     meta::RecordMeta,
     metrics::Metrics,
     model::{GrpcClient, ModelError, Reply, RestClient},
+    otel::Tracing,
 };
 
 const SELDON_MESSAGE_LIST: &str = "seldon.protos.SeldonMessageList";
@@ -83,6 +84,8 @@ struct NodeRt {
 
 pub struct Graph {
     root: NodeRt,
+    /// OpenTelemetry export (None: off).
+    tracing: Option<Arc<Tracing>>,
     /// Sends the payloads of nodes with a `logger` (None: no node has one).
     payload_logger: Option<PayloadLogger>,
     /// More than one node: each call names its node's model, whatever the record names.
@@ -139,6 +142,7 @@ type Answer = (Msg, Option<&'static str>);
 
 impl Graph {
     pub fn new(
+        tracing: Option<Arc<Tracing>>,
         cfg: &Config,
         transcoder: Transcoder,
         metrics: Arc<Metrics>,
@@ -148,6 +152,7 @@ impl Graph {
             n.logger.is_some() || n.children.iter().any(any_logger)
         }
         Ok(Self {
+            tracing,
             payload_logger: any_logger(&cfg.graph).then(|| {
                 let (deployment, namespace, predictor) = cfg.deployment.clone();
                 PayloadLogger::start(
@@ -175,6 +180,10 @@ impl Graph {
             metrics,
             stop,
         })
+    }
+
+    pub fn tracing(&self) -> Option<&Arc<Tracing>> {
+        self.tracing.as_ref()
     }
 
     pub fn transcoder(&self) -> &Transcoder {
@@ -490,11 +499,47 @@ impl Graph {
         rm: &RecordMeta,
         row: bool,
     ) -> Result<Answer, CallError> {
-        let p = self.protocol;
         let hints = &node.hints[usize::from(row)];
         let client = node.client.as_ref().ok_or_else(|| {
             CodecError::Transcode(format!("graph node {} has no endpoint", node.cfg.name))
         })?;
+        // With export on, each call is a span of its own and its traceparent names it.
+        let span = match (&self.tracing, &rm.span) {
+            (Some(t), Some(r)) => Some(r.call(t, &node.cfg.name, call_name(kind))),
+            _ => None,
+        };
+        let traced;
+        let headers = match &span {
+            Some(s) => {
+                let mut h = rm.to_model.clone();
+                h.insert(
+                    http::header::HeaderName::from_static("traceparent"),
+                    http::HeaderValue::from_str(&s.traceparent()).expect("ascii"),
+                );
+                traced = h;
+                &traced
+            }
+            None => &rm.to_model,
+        };
+        let out = self.send(node, client, kind, msg, rm, headers, hints).await;
+        if let Some(s) = span {
+            s.end(out.as_ref().err().map(|e| e.to_string()).as_deref());
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        node: &NodeRt,
+        client: &Client,
+        kind: NodeType,
+        msg: Msg,
+        rm: &RecordMeta,
+        headers: &http::HeaderMap,
+        hints: &Hints,
+    ) -> Result<Answer, CallError> {
+        let p = self.protocol;
         match client {
             Client::Rest(c) => {
                 let (json, req) = match msg {
@@ -518,7 +563,7 @@ impl Graph {
                 };
                 let resp_name = grpc_method(p, kind, &req).ok().map(|m| m.response);
                 let reply = self
-                    .retrying(|| c.post_json(&path, json.clone(), &rm.to_model))
+                    .retrying(|| c.post_json(&path, json.clone(), headers))
                     .await?;
                 rm.answered_with(&reply.headers);
                 Ok((Msg::Json(reply.body), resp_name))
@@ -540,7 +585,7 @@ impl Graph {
                 let bytes =
                     name_model(&req, &bytes, &node.cfg.name, !self.multi_node)?.unwrap_or(bytes);
                 let reply = self
-                    .retrying(|| c.unary(method.path, bytes.clone(), &rm.to_model))
+                    .retrying(|| c.unary(method.path, bytes.clone(), headers))
                     .await?;
                 rm.answered_with(&reply.headers);
                 Ok((
@@ -605,6 +650,17 @@ impl Graph {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// The call's name in spans.
+fn call_name(kind: NodeType) -> &'static str {
+    match kind {
+        NodeType::Model => "predict",
+        NodeType::Transformer => "transform-input",
+        NodeType::OutputTransformer => "transform-output",
+        NodeType::Router => "route",
+        NodeType::Combiner => "aggregate",
     }
 }
 

@@ -10,6 +10,7 @@ pub mod logger;
 pub mod meta;
 pub mod metrics;
 pub mod model;
+pub mod otel;
 pub mod pipeline;
 
 /// A SeldonDeployment text as `-f` reads it, for the fuzzer (fuzz/) and its stable smoke test:

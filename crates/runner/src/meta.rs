@@ -255,6 +255,8 @@ pub struct RecordMeta {
     answered: Mutex<Vec<(String, Bytes)>>,
     /// The branch each router took (Seldon's meta.routing).
     routing: Mutex<Vec<(String, i64)>>,
+    /// The record's exported span (OpenTelemetry export on); ends when this is dropped.
+    pub span: Option<crate::otel::RecordSpan>,
 }
 
 impl RecordMeta {
@@ -338,7 +340,26 @@ impl RecordMeta {
             to_model,
             answered: Mutex::new(Vec::new()),
             routing: Mutex::new(Vec::new()),
+            span: None,
         }
+    }
+
+    /// Exports this record's span (a new trace if the record brought none); the model calls and
+    /// the output record then carry its trace context.
+    pub fn trace_with(
+        &mut self,
+        tracing: &crate::otel::Tracing,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) {
+        let mut trace = self.trace.take().unwrap_or_else(Trace::start);
+        self.span = Some(tracing.record(&mut trace, topic, partition, offset, &self.request_id));
+        self.to_model.insert(
+            HeaderName::from_static("traceparent"),
+            HeaderValue::from_str(&trace.traceparent()).expect("ascii"),
+        );
+        self.trace = Some(trace);
     }
 
     /// Notes the branch a node took (Seldon's Routing map: -1 for calls and aggregates).

@@ -101,7 +101,15 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
             }
         });
     }
+    let tracing = match (&cfg.otlp_endpoint, cfg.otlp) {
+        (_, false) => None,
+        (e, true) => Some(Arc::new(crate::otel::Tracing::start(
+            e.as_deref(),
+            &cfg.otel_service_name,
+        )?)),
+    };
     let graph = Graph::new(
+        tracing,
         &cfg,
         Transcoder::new(pool.clone()).with_limits(codec::Limits::new(cfg.max_tensor_bytes)),
         metrics.clone(),
@@ -195,6 +203,11 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     if let Err(e) = ctx.producer.close(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "producer flush on close");
     }
+    if let Some(t) = ctx.graph.tracing() {
+        let t = t.clone();
+        // The batch processor's shutdown blocks while it exports.
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     if let Some(why) = fatal {
         anyhow::bail!("stopped: {why}");
     }
@@ -270,12 +283,15 @@ async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
             bytes,
         },
     };
-    let rm = RecordMeta::of_record(
+    let mut rm = RecordMeta::of_record(
         &rec.headers,
         ctx.protocol,
         &ctx.forward,
         Some((&ctx.input_topic, partition, rec.offset)),
     );
+    if let Some(t) = ctx.graph.tracing() {
+        rm.trace_with(t, &ctx.input_topic, partition, rec.offset);
+    }
     let _permit = match &ctx.concurrency {
         Some(s) => Some(s.acquire().await.expect("never closed")),
         None => None,
@@ -283,7 +299,12 @@ async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
     match ctx.graph.infer(msg, &rm).await {
         Ok(m) => Outcome::Answer(m, rm),
         Err(CallError::Stopped(_)) => Outcome::Abandoned,
-        Err(e) => Outcome::Failed(e, Some(rm)),
+        Err(e) => {
+            if let Some(s) = rm.span.as_mut() {
+                s.failed(&e.to_string());
+            }
+            Outcome::Failed(e, Some(rm))
+        }
     }
 }
 
