@@ -245,7 +245,9 @@ struct WrongCa {
 }
 
 impl WrongCa {
-    fn start() -> Result<Self> {
+    /// `wrong_client`: the right CA but a client certificate from another CA (the broker
+    /// refuses it); else a CA that did not sign the broker's certificate.
+    fn start(wrong_client: bool) -> Result<Self> {
         let b = TlsBroker::start(true)?;
         let m = &b.material;
         let model = models::test_model("v2", "m", "echo")?;
@@ -256,11 +258,32 @@ impl WrongCa {
         let mut vars = vec![
             Var::Value("KAFKA_BROKER", b.bootstrap()),
             Var::Value("KAFKA_SECURITY_PROTOCOL", "SSL".into()),
-            Var::Value("KAFKA_SSL_CA_CERT", m.read("other-ca.pem")),
-            Var::Value("KAFKA_SSL_CLIENT_CERT", m.read("client.pem")),
+            Var::Value(
+                "KAFKA_SSL_CA_CERT",
+                m.read(if wrong_client {
+                    "ca.pem"
+                } else {
+                    "other-ca.pem"
+                }),
+            ),
+            Var::Value(
+                "KAFKA_SSL_CLIENT_CERT",
+                m.read(if wrong_client {
+                    "other-client.pem"
+                } else {
+                    "client.pem"
+                }),
+            ),
             Var::Value(
                 "KAFKA_SSL_CLIENT_KEY",
-                m.encrypted_pkcs8("client.key", password)?,
+                m.encrypted_pkcs8(
+                    if wrong_client {
+                        "other-client.key"
+                    } else {
+                        "client.key"
+                    },
+                    password,
+                )?,
             ),
             Var::Value("KAFKA_SSL_CLIENT_KEY_PASS", password.into()),
         ];
@@ -303,7 +326,7 @@ impl WrongCa {
 /// start, naming the TLS failure and the setting to check (it does not retry forever).
 #[test]
 fn a_ca_that_did_not_sign_the_broker_certificate_stops_kafka_infer_at_start() -> Result<()> {
-    let mut w = WrongCa::start()?;
+    let mut w = WrongCa::start(false)?;
     let started = Instant::now();
     let code = w.ki.wait_exit(Duration::from_secs(20));
     let output = w.output();
@@ -320,6 +343,28 @@ fn a_ca_that_did_not_sign_the_broker_certificate_stops_kafka_infer_at_start() ->
             && last.contains("UnknownIssuer")
             && last.contains("KAFKA_SSL_CA_CERT"),
         "the final error names TLS and the untrusted certificate: {output}"
+    );
+    assert!(!output.contains(w.password), "the password must not leak");
+    Ok(())
+}
+
+/// A client certificate the broker does not trust (signed by another CA) stops kafka-infer at
+/// start too, naming the client certificate setting (under TLS 1.3 the broker's refusal comes
+/// after the handshake, on the first read).
+#[test]
+fn a_client_certificate_the_broker_refuses_stops_kafka_infer_at_start() -> Result<()> {
+    let mut w = WrongCa::start(true)?;
+    let code = w.ki.wait_exit(Duration::from_secs(20));
+    let output = w.output();
+    let code = code.map_err(|e| anyhow!("{e}; its output so far:\n{output}"))?;
+    assert!(
+        code.is_some_and(|c| c != 0),
+        "exits non-zero ({code:?}): {output}"
+    );
+    let last = output.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("kafka-infer: ") && last.contains("KAFKA_SSL_CLIENT_CERT"),
+        "the final error names the client certificate: {output}"
     );
     assert!(!output.contains(w.password), "the password must not leak");
     Ok(())

@@ -73,7 +73,10 @@ impl Connector {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     tracing::debug!(broker = %addr, error = %e, "bootstrap broker unreachable");
-                    last = Some(e)
+                    // A certificate problem says more than another broker being down.
+                    if !last.as_ref().is_some_and(Error::is_certificate_problem) {
+                        last = Some(e)
+                    }
                 }
             }
         }
@@ -223,10 +226,15 @@ impl BrokerConn {
         buf[..4].copy_from_slice(&len.to_be_bytes());
 
         let broker = self.broker.clone();
-        let io = |e: std::io::Error| Error::Io {
-            call,
-            broker: broker.clone(),
-            why: e.to_string(),
+        // Under TLS 1.3 the broker refuses our certificate after the handshake: its alert
+        // arrives on the first read.
+        let io = |e: std::io::Error| match certificate_refused(&broker, &e) {
+            Some(c) => c,
+            None => Error::Io {
+                call,
+                broker: broker.clone(),
+                why: e.to_string(),
+            },
         };
         let exchange = async {
             self.stream.write_all(&buf).await.map_err(io)?;
@@ -338,6 +346,14 @@ fn proto(call: &'static str, e: impl std::fmt::Display) -> Error {
 /// A failed TLS handshake: a certificate problem (named by the setting to check) or a
 /// connection failure.
 fn handshake_error(broker: &str, e: std::io::Error) -> Error {
+    certificate_refused(broker, &e).unwrap_or_else(|| Error::Connect {
+        broker: broker.to_owned(),
+        why: format!("TLS handshake failed: {e}"),
+    })
+}
+
+/// The certificate problem behind an I/O error of a TLS connection, if that is what it is.
+fn certificate_refused(broker: &str, e: &std::io::Error) -> Option<Error> {
     let tls = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
@@ -357,15 +373,9 @@ fn handshake_error(broker: &str, e: std::io::Error) -> Error {
         )) => Some("KAFKA_SSL_CLIENT_CERT / KAFKA_SSL_CLIENT_KEY: the broker refused it"),
         _ => None,
     };
-    match setting {
-        Some(setting) => Error::Certificate {
-            broker: broker.to_owned(),
-            setting,
-            why: e.to_string(),
-        },
-        None => Error::Connect {
-            broker: broker.to_owned(),
-            why: format!("TLS handshake failed: {e}"),
-        },
-    }
+    setting.map(|setting| Error::Certificate {
+        broker: broker.to_owned(),
+        setting,
+        why: e.to_string(),
+    })
 }

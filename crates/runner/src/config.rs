@@ -146,9 +146,9 @@ pub struct RunArgs {
     /// id and trace context always are. Default `*`.
     #[arg(long, env = "KAFKA_INFER_FORWARD_HEADERS")]
     pub forward_headers: Option<String>,
-    /// Model calls at once across all partitions (Seldon's KAFKA_WORKERS: the executor's
-    /// number of workers). Default: unlimited (each partition still runs at most
-    /// --max-in-flight).
+    /// Records in the graph at once across all partitions (Seldon's KAFKA_WORKERS: the
+    /// executor's number of workers; a record holds its place through its retries and all its
+    /// graph's calls). Default: unlimited (each partition still runs at most --max-in-flight).
     #[arg(long, env = "KAFKA_INFER_MAX_CONCURRENCY")]
     pub max_concurrency: Option<usize>,
     /// Export a span per record (and per model call) over OTLP/HTTP to this collector URL, e.g.
@@ -456,6 +456,7 @@ fn ystr(v: &Yaml, key: &str) -> Option<String> {
 
 fn parse_node(v: &Yaml, transport: Option<&str>) -> Result<Node> {
     let name = ystr(v, "name").context("a graph node has no name")?;
+    let typed = ystr(v, "type").is_some();
     let node_type: Option<NodeType> = match ystr(v, "type") {
         None => None,
         Some(t) if t.eq_ignore_ascii_case("UNKNOWN_TYPE") => None,
@@ -478,7 +479,7 @@ fn parse_node(v: &Yaml, transport: Option<&str>) -> Result<Node> {
         .collect::<Result<Vec<Method>>>()?;
     let implementation = ystr(v, "implementation")
         .map(|i| i.trim().to_ascii_uppercase())
-        .filter(|i| !i.is_empty() && i != "UNKNOWN_IMPLEMENTATION");
+        .filter(|i| !i.is_empty());
     let parameters = v
         .get("parameters")
         .and_then(Yaml::as_sequence)
@@ -536,9 +537,11 @@ fn parse_node(v: &Yaml, transport: Option<&str>) -> Result<Node> {
         .transpose()?
         .unwrap_or_default();
     // The operator's defaults (`addDefaultsToGraph`): a node with no type, no methods and no
-    // implementation, or a prepackaged server, is a MODEL.
+    // implementation, or a prepackaged server, is a MODEL. An explicit UNKNOWN_TYPE (or
+    // UNKNOWN_IMPLEMENTATION) is not defaulted: such a node passes its input on.
     let node_type = match node_type {
-        None if methods.is_empty()
+        None if !typed
+            && methods.is_empty()
             && implementation
                 .as_deref()
                 .is_none_or(|i| i.ends_with("_SERVER")) =>
@@ -725,8 +728,10 @@ impl Config {
                 })
                 .transpose()?,
         };
-        if max_concurrency == Some(0) {
-            bail!("--max-concurrency (KAFKA_WORKERS): must be at least 1");
+        if let Some(n) = max_concurrency
+            && !(1..=1 << 20).contains(&n)
+        {
+            bail!("--max-concurrency (KAFKA_WORKERS): {n} is outside 1..=1048576");
         }
         let dur = |flag: &Option<String>, name: &str, default: &str| -> Result<Duration> {
             parse_duration(&pick(flag, name).unwrap_or_else(|| default.into()), name)
@@ -823,8 +828,12 @@ impl Config {
             max_concurrency,
             routing_injection: lookup("SELDON_ENABLE_ROUTING_INJECTION").is_some(),
             otlp: args.otlp_endpoint.is_some()
-                || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-                || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some(),
+                || [
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                ]
+                .iter()
+                .any(|k| env(k).is_some_and(|v| !v.trim().is_empty())),
             otlp_endpoint: args.otlp_endpoint.clone(),
             otel_service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "kafka-infer".into()),
             logger_default_endpoint: lookup("REQUEST_LOGGER_DEFAULT_ENDPOINT")
@@ -897,9 +906,10 @@ fn check_graph(n: &Node, protocol: Protocol) -> Result<()> {
         bail!("graph node {}: a router or combiner needs children", n.name);
     }
     if n.is_ab_test() {
-        if n.children.len() != 2 {
+        // Seldon picks child 0 or 1 (more children are never chosen).
+        if n.children.len() < 2 {
             bail!(
-                "graph node {}: RANDOM_ABTEST needs exactly 2 children, it has {}",
+                "graph node {}: RANDOM_ABTEST needs 2 children, it has {}",
                 n.name,
                 n.children.len()
             );
@@ -916,6 +926,7 @@ fn check_graph(n: &Node, protocol: Protocol) -> Result<()> {
 fn graph_warnings(n: &Node, out: &mut Vec<String>) {
     if let Some(i) = &n.implementation
         && i != "RANDOM_ABTEST"
+        && i != "UNKNOWN_IMPLEMENTATION"
         && !i.ends_with("_SERVER")
     {
         out.push(format!(
@@ -1112,7 +1123,7 @@ spec:
             "seldon",
             "{name: ab, implementation: RANDOM_ABTEST, children: [{name: a, endpoint: {service_port: 1}}]}",
         );
-        assert!(e.contains("exactly 2 children"), "{e}");
+        assert!(e.contains("needs 2 children"), "{e}");
         let e = err(
             "v2",
             "{name: r, type: ROUTER, endpoint: {service_port: 1}, children: [{name: a, endpoint: {service_port: 2}}]}",

@@ -453,9 +453,11 @@ impl Graph {
             .map_err(|e| CallError::Codec(CodecError::MalformedJson(e.to_string())))?;
         let first = |a: Option<&Value>| -> Option<Option<f64>> {
             let a = a?.as_array()?;
-            Some(a.first().map(|x| match x {
-                Value::Array(row) => row.first().and_then(Value::as_f64).unwrap_or(0.0),
-                x => x.as_f64().unwrap_or(0.0),
+            // Seldon reads numbers (a string or bool is 0); an empty list or row has none.
+            let n = |x: &Value| x.as_f64().or(Some(0.0));
+            Some(a.first().and_then(|x| match x {
+                Value::Array(row) => row.first().and_then(n),
+                x => n(x),
             }))
         };
         let picked = match &v {

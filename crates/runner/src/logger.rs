@@ -1,7 +1,7 @@
 //! The payload logger of graph nodes with a `logger` (Seldon's request logging): a node's
 //! request and answer sent as binary-mode CloudEvents to the logger's URL, off the record's
-//! path. Events wait in a bounded queue; when it is full they are dropped (counted), never
-//! holding up records.
+//! path. Events wait in a queue bounded in count (10,000) and payload bytes (64 MiB); past
+//! either they are dropped (counted), never holding up records.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,6 +13,8 @@ use crate::{metrics::Metrics, model::RestClient};
 
 /// Events waiting to be sent, at most.
 const QUEUE: usize = 10_000;
+/// Payload bytes waiting to be sent, at most (past it, events are dropped).
+const QUEUE_BYTES: usize = 64 << 20;
 /// Senders at once.
 const WORKERS: usize = 4;
 
@@ -35,6 +37,8 @@ pub struct Source {
 #[derive(Clone)]
 pub struct PayloadLogger {
     tx: mpsc::Sender<Event>,
+    /// Payload bytes queued or being sent.
+    queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
     source: Arc<Source>,
     metrics: Arc<Metrics>,
 }
@@ -43,14 +47,18 @@ impl PayloadLogger {
     pub fn start(source: Source, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel::<Event>(QUEUE);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let queued_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for _ in 0..WORKERS {
-            let (rx, metrics) = (rx.clone(), metrics.clone());
+            let (rx, metrics, queued) = (rx.clone(), metrics.clone(), queued_bytes.clone());
             tokio::spawn(async move {
                 loop {
                     let Some(e) = rx.lock().await.recv().await else {
                         return;
                     };
-                    match e.client.post("", e.body, e.content_type, &e.headers).await {
+                    let len = e.body.len();
+                    let sent = e.client.post("", e.body, e.content_type, &e.headers).await;
+                    queued.fetch_sub(len, std::sync::atomic::Ordering::Relaxed);
+                    match sent {
                         Ok(_) => metrics.logger_event("sent"),
                         Err(err) => {
                             metrics.logger_event("failed");
@@ -62,6 +70,7 @@ impl PayloadLogger {
         }
         Self {
             tx,
+            queued_bytes,
             source: Arc::new(source),
             metrics,
         }
@@ -107,6 +116,13 @@ impl PayloadLogger {
         put("ce-namespace", &self.source.namespace);
         put("ce-endpoint", &self.source.predictor);
         put("ce-protocol", &self.source.protocol);
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.queued_bytes.fetch_add(body.len(), Relaxed) + body.len() > QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(body.len(), Relaxed);
+            self.metrics.logger_event("dropped");
+            return;
+        }
+        let len = body.len();
         let e = Event {
             client: client.clone(),
             headers: h,
@@ -115,9 +131,11 @@ impl PayloadLogger {
             } else {
                 "application/protobuf"
             },
-            body,
+            // A copy: a slice of a fetched batch would keep the whole batch alive.
+            body: Bytes::copy_from_slice(&body),
         };
         if self.tx.try_send(e).is_err() {
+            self.queued_bytes.fetch_sub(len, Relaxed);
             self.metrics.logger_event("dropped");
         }
     }

@@ -99,7 +99,7 @@ impl Trace {
         let mut parts = s.split('-');
         let (version, trace, parent, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if version.len() != 2 || version.eq_ignore_ascii_case("ff") {
+        if hex_lower::<1>(version)? == [0xff] {
             return None;
         }
         if version == "00" && parts.next().is_some() {
@@ -284,7 +284,7 @@ impl RecordMeta {
             .filter_map(|n| get(n))
             .filter_map(|v| std::str::from_utf8(v).ok())
             .map(str::trim)
-            .find(|v| !v.is_empty() && HeaderValue::from_str(v).is_ok())
+            .find(|v| !v.is_empty() && v.bytes().all(|b| (0x20..0x7f).contains(&b)))
             .map_or_else(
                 || origin.map_or_else(new_request_id, |(t, p, o)| request_id_of(t, p, o)),
                 str::to_owned,
@@ -296,8 +296,14 @@ impl RecordMeta {
             if !policy.allows(k) {
                 continue;
             }
-            // Only what HTTP/1, HTTP/2 and gRPC metadata can all carry: token names, visible
-            // ASCII values. Binary headers stay on the record.
+            // Only what HTTP/1, HTTP/2 and gRPC metadata can all carry: names of
+            // [0-9a-z_.-] (gRPC's rule; HTTP names are case-insensitive), visible ASCII
+            // values. Binary headers stay on the record.
+            if !k.bytes().all(|b| {
+                b.is_ascii_digit() || b.is_ascii_alphabetic() || matches!(b, b'_' | b'.' | b'-')
+            }) {
+                continue;
+            }
             let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(k.as_bytes()),
                 HeaderValue::from_bytes(v),
@@ -445,6 +451,7 @@ mod tests {
             b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
             b"garbage",
+            b"zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             b"\xff\xfe",
         ] {
             assert!(Trace::continue_from(bad, None).is_none(), "{bad:?}");
@@ -497,6 +504,7 @@ mod tests {
             ("bad name", b"v"),
             ("grpc-timeout", b"1S"),
             ("trace-bin", b"abc"),
+            ("odd!name", b"v"),
         ]);
         let all = RecordMeta::of_record(&rec, Protocol::Seldon, &HeaderPolicy::All, None);
         let names: Vec<_> = all.to_model.keys().map(|k| k.as_str()).collect();

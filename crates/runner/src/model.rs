@@ -97,7 +97,7 @@ pub struct Reply {
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-fn https_connector(
+pub(crate) fn https_connector(
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     h2: bool,
 ) -> hyper_rustls::HttpsConnector<HttpConnector> {

@@ -9,6 +9,7 @@ use std::{borrow::Cow, time::Duration};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
@@ -29,7 +30,7 @@ use crate::meta::Trace;
 /// the batch processor calls from.
 #[derive(Debug, Clone)]
 struct HyperOnTokio {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     rt: tokio::runtime::Handle,
 }
 
@@ -42,15 +43,28 @@ impl opentelemetry_http::HttpClient for HyperOnTokio {
         let client = self.client.clone();
         let call = async move {
             let (parts, body) = request.into_parts();
-            let resp = tokio::time::timeout(
-                Duration::from_secs(10),
-                client.request(Request::from_parts(parts, Full::new(body))),
-            )
-            .await
-            .map_err(|_| "OTLP export timed out")??;
-            let (parts, body) = resp.into_parts();
-            let body = body.collect().await?.to_bytes();
-            Ok::<_, opentelemetry_http::HttpError>(Response::from_parts(parts, body))
+            let call = async {
+                let resp = client
+                    .request(Request::from_parts(parts, Full::new(body)))
+                    .await?;
+                let (parts, body) = resp.into_parts();
+                let body = body.collect().await?.to_bytes();
+                Ok::<_, opentelemetry_http::HttpError>(Response::from_parts(parts, body))
+            };
+            let r = match tokio::time::timeout(Duration::from_secs(10), call).await {
+                Ok(r) => r,
+                Err(_) => Err("timed out after 10s".into()),
+            };
+            // The SDK's own logs are compiled out: say here why spans are lost.
+            match &r {
+                Ok(resp) if !resp.status().is_success() => tracing::warn!(
+                    status = resp.status().as_u16(),
+                    "OpenTelemetry: the collector refused spans"
+                ),
+                Err(e) => tracing::warn!(error = %e, "OpenTelemetry: cannot export spans"),
+                Ok(_) => {}
+            }
+            r
         };
         self.rt.spawn(call).await?
     }
@@ -78,7 +92,8 @@ impl Tracing {
     /// OTEL_EXPORTER_OTLP[_TRACES]_ENDPOINT.
     pub fn start(endpoint: Option<&str>, service: &str) -> anyhow::Result<Self> {
         let client = HyperOnTokio {
-            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            client: Client::builder(TokioExecutor::new())
+                .build(crate::model::https_connector(None, false)),
             rt: tokio::runtime::Handle::current(),
         };
         let mut b = opentelemetry_otlp::SpanExporter::builder()

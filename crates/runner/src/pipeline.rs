@@ -38,7 +38,7 @@ struct Ctx {
     graph: Graph,
     input_topic: String,
     forward: HeaderPolicy,
-    /// Model calls at once across all partitions (`--max-concurrency`, KAFKA_WORKERS).
+    /// Records in the graph at once across all partitions (`--max-concurrency`, KAFKA_WORKERS).
     concurrency: Option<tokio::sync::Semaphore>,
     pool: Pool,
     protocol: Protocol,
@@ -268,21 +268,7 @@ async fn connect(
 }
 
 async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
-    let payload = match detect(
-        &ctx.pool,
-        rec.value.clone().unwrap_or_default(),
-        &rec.headers,
-    ) {
-        Ok(p) => p,
-        Err(e) => return Outcome::Failed(e.into(), None),
-    };
-    let msg = match payload {
-        Payload::Json(b) => Msg::Json(b),
-        Payload::Proto { message, bytes } => Msg::Proto {
-            name: message.full_name().to_owned().into(),
-            bytes,
-        },
-    };
+    // First, so an error record for a bad payload carries the request id and trace too.
     let mut rm = RecordMeta::of_record(
         &rec.headers,
         ctx.protocol,
@@ -292,6 +278,26 @@ async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
     if let Some(t) = ctx.graph.tracing() {
         rm.trace_with(t, &ctx.input_topic, partition, rec.offset);
     }
+    let payload = match detect(
+        &ctx.pool,
+        rec.value.clone().unwrap_or_default(),
+        &rec.headers,
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(s) = rm.span.as_mut() {
+                s.failed(&e.to_string());
+            }
+            return Outcome::Failed(e.into(), Some(rm));
+        }
+    };
+    let msg = match payload {
+        Payload::Json(b) => Msg::Json(b),
+        Payload::Proto { message, bytes } => Msg::Proto {
+            name: message.full_name().to_owned().into(),
+            bytes,
+        },
+    };
     let _permit = match &ctx.concurrency {
         Some(s) => Some(s.acquire().await.expect("never closed")),
         None => None,
