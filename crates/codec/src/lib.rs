@@ -5,6 +5,7 @@
 //! (REST paths, gRPC methods), and transcoding between each protocol's REST JSON and its
 //! protobuf messages. Knows nothing of Kafka, HTTP or gRPC connections.
 
+pub mod batch;
 pub mod chain;
 pub mod error;
 pub mod payload;

@@ -157,6 +157,16 @@ pub struct RunArgs {
     /// OTEL_EXPORTER_OTLP_PROTOCOL=http/json sends JSON instead of protobuf.
     #[arg(long, env = "KAFKA_INFER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Records of a partition merged into one model request at most (adaptive micro-batching:
+    /// batches form from what is queued; a partial one waits for more only while calls run,
+    /// never past --batch-linger). v2 inputs along dim 0, seldon ndarray/tensor rows,
+    /// tensorflow instances; requests that cannot merge go alone; a batch that fails for good
+    /// is retried record by record. Default 1 (off).
+    #[arg(long, env = "KAFKA_INFER_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// The longest a record waits for its batch to fill. Default 5ms.
+    #[arg(long, env = "KAFKA_INFER_BATCH_LINGER")]
+    pub batch_linger: Option<String>,
     /// Print the resolved configuration as JSON (no secrets) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -328,6 +338,9 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// OTEL_SERVICE_NAME, default kafka-infer.
     pub otel_service_name: String,
+    /// Records per model request at most (1: no batching).
+    pub batch_size: usize,
+    pub batch_linger: Duration,
 }
 
 /// The range of each duration setting, by environment variable.
@@ -710,6 +723,15 @@ impl Config {
             namespace.clone(),
             dep.predictor.clone().unwrap_or_else(|| "default".into()),
         );
+        let batch_size = match args.batch_size {
+            Some(n) if !(1..=4096).contains(&n) => {
+                bail!("--batch-size (KAFKA_INFER_BATCH_SIZE): {n} is outside 1..=4096")
+            }
+            Some(n) => n,
+            None => 1,
+        };
+        // In flight counts records: by default room for two full batches.
+        let max_in_flight = args.max_in_flight.unwrap_or(16.max(2 * batch_size)).max(1);
         let mut warnings = Vec::new();
         graph_warnings(&graph, &mut warnings);
         if let Some(v) = lookup("KAFKA_AUTO_COMMIT") {
@@ -746,9 +768,9 @@ impl Config {
             graph,
             tf_input_name: args.tf_input_name.clone(),
             model_path: args.model_path.clone(),
-            max_in_flight: args.max_in_flight.unwrap_or(16).max(1),
+            max_in_flight,
             max_uncommitted: {
-                let mif = args.max_in_flight.unwrap_or(16).max(1);
+                let mif = max_in_flight;
                 match args.max_uncommitted {
                     Some(n) if n < mif => bail!(
                         "--max-uncommitted (KAFKA_INFER_MAX_UNCOMMITTED): {n} is below --max-in-flight ({mif})"
@@ -836,6 +858,8 @@ impl Config {
                 .any(|k| env(k).is_some_and(|v| !v.trim().is_empty())),
             otlp_endpoint: args.otlp_endpoint.clone(),
             otel_service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "kafka-infer".into()),
+            batch_size,
+            batch_linger: dur(&args.batch_linger, "KAFKA_INFER_BATCH_LINGER", "5ms")?,
             logger_default_endpoint: lookup("REQUEST_LOGGER_DEFAULT_ENDPOINT")
                 .unwrap_or_else(|| "http://default-broker".into()),
             deployment,
@@ -889,6 +913,8 @@ impl Config {
             },
             "max_concurrency": self.max_concurrency,
             "otlp_export": self.otlp,
+            "batch_size": self.batch_size,
+            "batch_linger_ms": self.batch_linger.as_millis() as u64,
         })
     }
 }

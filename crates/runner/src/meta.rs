@@ -368,6 +368,13 @@ impl RecordMeta {
         self.trace = Some(trace);
     }
 
+    /// Takes what a batch's call learned (the models' headers, the routes) as this record's.
+    pub fn absorb(&self, batch: &RecordMeta) {
+        let answered = batch.answered.lock().expect("not poisoned").clone();
+        self.answered.lock().expect("not poisoned").extend(answered);
+        *self.routing.lock().expect("not poisoned") = batch.routing();
+    }
+
     /// Notes the branch a node took (Seldon's Routing map: -1 for calls and aggregates).
     pub fn routed(&self, node: &str, route: i64) {
         let mut r = self.routing.lock().expect("not poisoned");

@@ -73,6 +73,8 @@ pub struct Metrics {
     registry: Registry,
     lag: Arc<LagSet>,
     pub model_duration: Histogram,
+    /// Records per model request (batching on).
+    pub batch_size: Histogram,
     pub in_flight: Gauge,
     pub ready: AtomicBool,
     /// The three result series, made once (no allocation per record).
@@ -90,6 +92,12 @@ impl Metrics {
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let in_flight = Gauge::default();
+        let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
+        registry.register(
+            "kafka_infer_batch_size",
+            "Records per model request (with --batch-size above 1)",
+            batch_size.clone(),
+        );
         registry.register_collector(Box::new(lag.clone()));
         registry.register(
             "kafka_infer_records",
@@ -130,6 +138,7 @@ impl Metrics {
             (r, c)
         });
         Self {
+            batch_size,
             by_result,
             logger_events,
             registry,

@@ -36,6 +36,10 @@ enum Outcome {
 
 struct Ctx {
     graph: Graph,
+    /// Records merged into one model request at most (1: no batching).
+    batch_size: usize,
+    /// How long a partial batch may wait for more records while calls run.
+    batch_linger: Duration,
     input_topic: String,
     forward: HeaderPolicy,
     /// Records in the graph at once across all partitions (`--max-concurrency`, KAFKA_WORKERS).
@@ -117,6 +121,8 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     )?;
     let ctx = Arc::new(Ctx {
         graph,
+        batch_size: cfg.batch_size,
+        batch_linger: cfg.batch_linger,
         input_topic: cfg.input_topic.clone(),
         forward: cfg.forward_headers.clone(),
         concurrency: cfg.max_concurrency.map(tokio::sync::Semaphore::new),
@@ -326,18 +332,20 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     // Offsets whose result is acknowledged and not yet committed: they count against
     // `max_uncommitted`, so a crash redoes at most that many records of this partition.
     let mut acked: std::collections::VecDeque<i64> = std::collections::VecDeque::new();
-    let mut running = FuturesOrdered::new();
+    // Model requests running (one record each, or a batch), in input order.
+    let mut running: FuturesOrdered<futures::future::BoxFuture<'static, Vec<Done>>> =
+        FuturesOrdered::new();
+    let mut running_records = 0usize;
     let mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Delivered>> =
         FuturesUnordered::new();
     // Records received and not yet started, in offset order.
-    let mut queue: std::collections::VecDeque<(InRecord, Token)> =
-        std::collections::VecDeque::new();
+    let mut queue: std::collections::VecDeque<Queued> = std::collections::VecDeque::new();
     let mut open = true;
     loop {
         let now = *state.borrow();
         if now == StreamState::Revoked {
             // Not ours any more: what is running is dropped; the new owner redoes it.
-            for _ in 0..running.len() {
+            for _ in 0..running_records {
                 ctx.metrics.in_flight.dec();
             }
             return;
@@ -346,8 +354,8 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
         let stopping = *ctx.stop.borrow() || now == StreamState::Draining;
         if stopping {
             open = false;
-            for (_, token) in queue.drain(..) {
-                ctx.acker.abandon(&token);
+            for q in queue.drain(..) {
+                ctx.acker.abandon(&q.token);
             }
         }
         {
@@ -356,30 +364,71 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                 acked.pop_front();
             }
         }
-        while running.len() < ctx.max_in_flight
-            && running.len() + deliveries.len() + acked.len() < ctx.max_uncommitted
-            && let Some((rec, token)) = queue.pop_front()
-        {
-            ctx.metrics.in_flight.inc();
+        // A partial batch may wait for more records, up to the linger.
+        let mut wait_until = None;
+        loop {
+            let held = running_records + deliveries.len() + acked.len();
+            let room = ctx
+                .max_in_flight
+                .saturating_sub(running_records)
+                .min(ctx.max_uncommitted.saturating_sub(held));
+            let Some(front) = queue.front() else { break };
+            if room == 0 {
+                break;
+            }
+            let n = match &front.part {
+                Some(first) if ctx.batch_size > 1 => {
+                    let mut n = 1;
+                    while n < ctx.batch_size.min(room)
+                        && queue
+                            .get(n)
+                            .and_then(|q| q.part.as_ref())
+                            .is_some_and(|p| p.merges_with(first))
+                    {
+                        n += 1;
+                    }
+                    // Adaptive: while calls run, a batch that more records could still fill
+                    // waits for them, never past the linger; an idle model gets it at once.
+                    let deadline = front.arrived + ctx.batch_linger;
+                    if n < ctx.batch_size
+                        && n < room
+                        && n == queue.len()
+                        && running_records > 0
+                        && open
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        wait_until = Some(deadline);
+                        break;
+                    }
+                    n
+                }
+                _ => 1,
+            };
+            let batch: Vec<Queued> = queue.drain(..n).collect();
+            running_records += n;
+            for _ in 0..n {
+                ctx.metrics.in_flight.inc();
+            }
             let c = ctx.clone();
-            running.push_back(async move {
-                let outcome = process(c, input_partition, &rec).await;
-                (rec, token, outcome)
-            });
+            running.push_back(Box::pin(run_unit(c, input_partition, batch)));
         }
         tokio::select! {
             biased;
             // The consumer is gone (closed): nothing of this partition can be committed any more.
             r = state.changed() => if r.is_err() { return; },
             r = committed.changed(), if !acked.is_empty() => if r.is_err() { return; },
-            Some((rec, token, outcome)) = running.next(), if !running.is_empty() => {
-                ctx.metrics.in_flight.dec();
-                match write_result(&ctx, input_partition, &rec, outcome).await {
-                    Some(w) => deliveries.push(delivered(w, rec, token)),
-                    // Interrupted by shutdown, or unwritable (fatal): left uncommitted.
-                    None => ctx.acker.abandon(&token),
+            Some(done) = running.next(), if !running.is_empty() => {
+                for (rec, token, outcome) in done {
+                    running_records -= 1;
+                    ctx.metrics.in_flight.dec();
+                    match write_result(&ctx, input_partition, &rec, outcome).await {
+                        Some(w) => deliveries.push(delivered(w, rec, token)),
+                        // Interrupted by shutdown, or unwritable (fatal): left uncommitted.
+                        None => ctx.acker.abandon(&token),
+                    }
                 }
             }
+            _ = tokio::time::sleep_until(wait_until.unwrap_or_else(tokio::time::Instant::now)), if wait_until.is_some() => {}
             Some(d) = deliveries.next(), if !deliveries.is_empty() => {
                 match d.result {
                     Ok(_) => {
@@ -405,9 +454,11 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                 match next {
                     Some(b) => {
                         let (topic, partition, epoch) = (b.topic.clone(), b.partition, b.epoch);
+                        let arrived = tokio::time::Instant::now();
                         queue.extend(b.records.into_iter().map(|r| {
-                            let t = Token { topic: topic.clone(), partition, offset: r.offset, epoch };
-                            (r, t)
+                            let token = Token { topic: topic.clone(), partition, offset: r.offset, epoch };
+                            let part = (ctx.batch_size > 1).then(|| batch_part(&ctx, &r)).flatten();
+                            Queued { rec: r, token, arrived, part }
                         }));
                     }
                     None => open = false,
@@ -415,6 +466,136 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             }
             _ = ctx.stop_changed(), if open => {}
             else => break,
+        }
+    }
+}
+
+/// A record received and not started.
+struct Queued {
+    rec: InRecord,
+    token: Token,
+    arrived: tokio::time::Instant,
+    /// Its request as a batch part (batching on, a JSON request that can merge).
+    part: Option<codec::batch::Part>,
+}
+
+/// A record whose processing ended.
+type Done = (InRecord, Token, Outcome);
+
+/// The record's request as a batch part: JSON (no proto-name) that merges.
+fn batch_part(ctx: &Ctx, rec: &InRecord) -> Option<codec::batch::Part> {
+    if rec
+        .headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("proto-name"))
+    {
+        return None;
+    }
+    codec::batch::part(ctx.protocol, rec.value.as_deref()?)
+}
+
+/// Runs one record, or a batch of records as one model request.
+async fn run_unit(ctx: Arc<Ctx>, partition: i32, mut unit: Vec<Queued>) -> Vec<Done> {
+    if unit.len() == 1 {
+        let q = unit.pop().expect("one");
+        if ctx.batch_size > 1 {
+            ctx.metrics.batch_size.observe(1.0);
+        }
+        let outcome = process(ctx, partition, &q.rec).await;
+        return vec![(q.rec, q.token, outcome)];
+    }
+    ctx.metrics.batch_size.observe(unit.len() as f64);
+    let mut recs = Vec::with_capacity(unit.len());
+    let mut tokens = Vec::with_capacity(unit.len());
+    let mut parts = Vec::with_capacity(unit.len());
+    for q in unit {
+        recs.push(q.rec);
+        tokens.push(q.token);
+        parts.push(q.part.expect("batched records have parts"));
+    }
+    let outcomes = match process_batch(&ctx, partition, &recs, &parts).await {
+        Some(o) => o,
+        // The batch failed for good: each record alone, so only a bad one gets an error record.
+        None => {
+            let mut out = Vec::with_capacity(recs.len());
+            for r in &recs {
+                out.push(process(ctx.clone(), partition, r).await);
+            }
+            out
+        }
+    };
+    recs.into_iter()
+        .zip(tokens)
+        .zip(outcomes)
+        .map(|((r, t), o)| (r, t, o))
+        .collect()
+}
+
+/// One model request for several records, the answer split back; None when the batch failed
+/// for good (the records are then run alone).
+async fn process_batch(
+    ctx: &Ctx,
+    partition: i32,
+    recs: &[InRecord],
+    parts: &[codec::batch::Part],
+) -> Option<Vec<Outcome>> {
+    let merged = codec::batch::merge(ctx.protocol, parts).ok()?;
+    let mut metas: Vec<RecordMeta> = recs
+        .iter()
+        .map(|r| {
+            RecordMeta::of_record(
+                &r.headers,
+                ctx.protocol,
+                &ctx.forward,
+                Some((&ctx.input_topic, partition, r.offset)),
+            )
+        })
+        .collect();
+    if let Some(t) = ctx.graph.tracing() {
+        for (m, r) in metas.iter_mut().zip(recs) {
+            m.trace_with(t, &ctx.input_topic, partition, r.offset);
+        }
+    }
+    // The batch's call carries the headers all its records share, and an id of its own.
+    let first = &recs[0].headers;
+    let common: Vec<(String, Bytes)> = first
+        .iter()
+        .filter(|h| recs[1..].iter().all(|r| r.headers.contains(h)))
+        .cloned()
+        .collect();
+    let mut batch_meta = RecordMeta::of_record(&common, ctx.protocol, &ctx.forward, None);
+    if let Some(t) = ctx.graph.tracing() {
+        batch_meta.trace_with(t, &ctx.input_topic, partition, recs[0].offset);
+    }
+    let answer = {
+        let _permit = match &ctx.concurrency {
+            Some(s) => Some(s.acquire().await.expect("never closed")),
+            None => None,
+        };
+        ctx.graph.infer(Msg::Json(merged), &batch_meta).await
+    };
+    match answer {
+        Ok(Msg::Json(b)) => match codec::batch::split(ctx.protocol, &b, parts) {
+            Ok(answers) => Some(
+                answers
+                    .into_iter()
+                    .zip(metas)
+                    .map(|(a, m)| {
+                        m.absorb(&batch_meta);
+                        Outcome::Answer(Msg::Json(a), m)
+                    })
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::warn!(partition, records = recs.len(), error = %e, "batch answer does not split: running its records alone");
+                None
+            }
+        },
+        Ok(Msg::Proto { .. }) => None,
+        Err(CallError::Stopped(_)) => Some(recs.iter().map(|_| Outcome::Abandoned).collect()),
+        Err(e) => {
+            tracing::info!(partition, records = recs.len(), error = %e, "batch failed: running its records alone");
+            None
         }
     }
 }

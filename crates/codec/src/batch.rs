@@ -1,0 +1,449 @@
+//! Micro-batching: several records' JSON requests merged into one along the batch dimension, and
+//! the answer split back into one answer per record. Per protocol:
+//! - v2: inputs concatenated on dim 0 (every datatype, BYTES included); records whose inputs
+//!   differ in names, datatypes, other dimensions or parameters do not merge.
+//! - seldon: `data.ndarray` rows, or `data.tensor` values along dim 0, with equal `names`;
+//!   records with `meta` or other data forms do not merge.
+//! - tensorflow: `instances` rows.
+//!
+//! A request that cannot be merged goes alone ([`Merged`] of one). An answer that does not
+//! split (rows missing) is an error: the caller then sends each record alone.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::{CodecError, Protocol};
+
+/// A request's batch key and rows: requests with equal keys merge.
+#[derive(Debug)]
+pub struct Part {
+    key: String,
+    rows: usize,
+    value: Value,
+}
+
+/// Reads a record's JSON request as a batch part, or None when it cannot be merged.
+pub fn part(protocol: Protocol, json: &[u8]) -> Option<Part> {
+    let value: Value = serde_json::from_slice(json).ok()?;
+    let o = value.as_object()?;
+    let (key, rows) = match protocol {
+        Protocol::V2 => {
+            let inputs = o.get("inputs")?.as_array()?;
+            let mut rows = None;
+            let mut key = Vec::new();
+            for i in inputs {
+                let shape = i.get("shape")?.as_array()?;
+                let b = usize::try_from(shape.first()?.as_u64()?).ok()?;
+                if *rows.get_or_insert(b) != b || b == 0 {
+                    return None;
+                }
+                // Values per row must match the shape, or rows would shift between records.
+                let per_row: u64 = shape[1..]
+                    .iter()
+                    .map(Value::as_u64)
+                    .product::<Option<u64>>()?;
+                if count_leaves(i.get("data")?) as u64 != per_row * b as u64 {
+                    return None;
+                }
+                key.push(serde_json::json!([
+                    i.get("name"),
+                    i.get("datatype"),
+                    &shape[1..],
+                    i.get("parameters")
+                ]));
+            }
+            let other: Map<String, Value> = o
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "inputs" | "id"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (
+                serde_json::to_string(&(key, other)).ok()?,
+                rows.unwrap_or(0),
+            )
+        }
+        Protocol::Seldon => {
+            if o.keys().any(|k| k != "data") {
+                return None;
+            }
+            let d = o.get("data")?.as_object()?;
+            if d.keys()
+                .any(|k| !matches!(k.as_str(), "ndarray" | "tensor" | "names"))
+            {
+                return None;
+            }
+            match (d.get("ndarray"), d.get("tensor")) {
+                (Some(Value::Array(rows)), None) if rows.iter().all(Value::is_array) => (
+                    serde_json::to_string(&("ndarray", d.get("names"))).ok()?,
+                    rows.len(),
+                ),
+                (None, Some(t)) => {
+                    let shape = t.get("shape")?.as_array()?;
+                    let b = usize::try_from(shape.first()?.as_u64()?).ok()?;
+                    let per_row: u64 = shape[1..]
+                        .iter()
+                        .map(Value::as_u64)
+                        .product::<Option<u64>>()?;
+                    if t.get("values")?.as_array()?.len() as u64 != per_row * b as u64 {
+                        return None;
+                    }
+                    (
+                        serde_json::to_string(&("tensor", &shape[1..], d.get("names"))).ok()?,
+                        b,
+                    )
+                }
+                _ => return None,
+            }
+        }
+        Protocol::Tensorflow => {
+            let inst = o.get("instances")?.as_array()?;
+            let other: Map<String, Value> = o
+                .iter()
+                .filter(|(k, _)| k.as_str() != "instances")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (serde_json::to_string(&other).ok()?, inst.len())
+        }
+    };
+    (rows > 0).then_some(Part { key, rows, value })
+}
+
+impl Part {
+    /// Whether `self` and `other` can go in one request.
+    pub fn merges_with(&self, other: &Part) -> bool {
+        self.key == other.key
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+fn count_leaves(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => a.iter().map(count_leaves).sum(),
+        _ => 1,
+    }
+}
+
+fn flatten_into(v: &Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Array(a) => a.iter().for_each(|x| flatten_into(x, out)),
+        x => out.push(x.clone()),
+    }
+}
+
+/// One request for `parts` (all merging with the first): the rows of each, in order.
+pub fn merge(protocol: Protocol, parts: &[Part]) -> Result<Bytes, CodecError> {
+    let first = parts.first().ok_or_else(|| err("no request to merge"))?;
+    let total: usize = parts.iter().map(|p| p.rows).sum();
+    let mut out = first.value.clone();
+    match protocol {
+        Protocol::V2 => {
+            let inputs = out["inputs"].as_array_mut().expect("checked in part()");
+            for (n, input) in inputs.iter_mut().enumerate() {
+                let mut data = Vec::new();
+                for p in parts {
+                    flatten_into(&p.value["inputs"][n]["data"], &mut data);
+                }
+                input["data"] = Value::Array(data);
+                input["shape"][0] = Value::from(total);
+            }
+            if let Some(o) = out.as_object_mut() {
+                o.remove("id");
+            }
+        }
+        Protocol::Seldon => {
+            let d = &mut out["data"];
+            if d.get("ndarray").is_some() {
+                let rows: Vec<Value> = parts
+                    .iter()
+                    .flat_map(|p| {
+                        p.value["data"]["ndarray"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                d["ndarray"] = Value::Array(rows);
+            } else {
+                let values: Vec<Value> = parts
+                    .iter()
+                    .flat_map(|p| {
+                        p.value["data"]["tensor"]["values"]
+                            .as_array()
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                d["tensor"]["values"] = Value::Array(values);
+                d["tensor"]["shape"][0] = Value::from(total);
+            }
+        }
+        Protocol::Tensorflow => {
+            let rows: Vec<Value> = parts
+                .iter()
+                .flat_map(|p| p.value["instances"].as_array().cloned().unwrap_or_default())
+                .collect();
+            out["instances"] = Value::Array(rows);
+        }
+    }
+    Ok(Bytes::from(serde_json::to_vec(&out).expect("serializes")))
+}
+
+/// The merged request's JSON answer split into one answer per part, in order.
+pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<Bytes>, CodecError> {
+    let v: Value =
+        serde_json::from_slice(answer).map_err(|e| CodecError::MalformedJson(e.to_string()))?;
+    let total: usize = parts.iter().map(|p| p.rows).sum();
+    let mut outs: Vec<Value> = parts.iter().map(|_| v.clone()).collect();
+    match protocol {
+        Protocol::V2 => {
+            let outputs = v
+                .get("outputs")
+                .and_then(Value::as_array)
+                .ok_or_else(|| err("the batch answer has no outputs"))?;
+            for (n, o) in outputs.iter().enumerate() {
+                let shape = o
+                    .get("shape")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| err("a batch output has no shape"))?;
+                if shape.first().and_then(Value::as_u64) != Some(total as u64) {
+                    return Err(err(format!(
+                        "output {} has {} rows for a batch of {total}",
+                        o.get("name").unwrap_or(&Value::Null),
+                        shape.first().unwrap_or(&Value::Null)
+                    )));
+                }
+                let per_row: u64 = shape[1..]
+                    .iter()
+                    .map(Value::as_u64)
+                    .product::<Option<u64>>()
+                    .ok_or_else(|| err("a batch output's shape is not numbers"))?;
+                let mut data = Vec::new();
+                flatten_into(o.get("data").unwrap_or(&Value::Null), &mut data);
+                if data.len() as u64 != per_row * total as u64 {
+                    return Err(err("a batch output's data does not fill its shape"));
+                }
+                let mut at = 0usize;
+                for (p, out) in parts.iter().zip(outs.iter_mut()) {
+                    let n_vals = per_row as usize * p.rows;
+                    let o = &mut out["outputs"][n];
+                    o["data"] = Value::Array(data[at..at + n_vals].to_vec());
+                    o["shape"][0] = Value::from(p.rows);
+                    at += n_vals;
+                }
+            }
+            // Each answer carries its own request's id, where it had one.
+            for (p, out) in parts.iter().zip(outs.iter_mut()) {
+                if let (Some(o), Some(id)) = (out.as_object_mut(), p.value.get("id")) {
+                    o.insert("id".into(), id.clone());
+                }
+            }
+        }
+        Protocol::Seldon => {
+            let d = v
+                .get("data")
+                .ok_or_else(|| err("the batch answer has no data"))?;
+            if let Some(rows) = d.get("ndarray").and_then(Value::as_array) {
+                check_rows(rows.len(), total)?;
+                let mut at = 0;
+                for (p, out) in parts.iter().zip(outs.iter_mut()) {
+                    out["data"]["ndarray"] = Value::Array(rows[at..at + p.rows].to_vec());
+                    at += p.rows;
+                }
+            } else if let Some(t) = d.get("tensor") {
+                let shape = t
+                    .get("shape")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| err("a batch tensor has no shape"))?;
+                check_rows(
+                    shape.first().and_then(Value::as_u64).unwrap_or(0) as usize,
+                    total,
+                )?;
+                let per_row: u64 = shape[1..]
+                    .iter()
+                    .map(Value::as_u64)
+                    .product::<Option<u64>>()
+                    .ok_or_else(|| err("a batch tensor's shape is not numbers"))?;
+                let values = t
+                    .get("values")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| err("a batch tensor has no values"))?;
+                if values.len() as u64 != per_row * total as u64 {
+                    return Err(err("a batch tensor's values do not fill its shape"));
+                }
+                let mut at = 0;
+                for (p, out) in parts.iter().zip(outs.iter_mut()) {
+                    let n = per_row as usize * p.rows;
+                    out["data"]["tensor"]["values"] = Value::Array(values[at..at + n].to_vec());
+                    out["data"]["tensor"]["shape"][0] = Value::from(p.rows);
+                    at += n;
+                }
+            } else {
+                return Err(err("the batch answer has neither ndarray nor tensor rows"));
+            }
+        }
+        Protocol::Tensorflow => {
+            let rows = v
+                .get("predictions")
+                .and_then(Value::as_array)
+                .ok_or_else(|| err("the batch answer has no predictions"))?;
+            check_rows(rows.len(), total)?;
+            let mut at = 0;
+            for (p, out) in parts.iter().zip(outs.iter_mut()) {
+                out["predictions"] = Value::Array(rows[at..at + p.rows].to_vec());
+                at += p.rows;
+            }
+        }
+    }
+    Ok(outs
+        .into_iter()
+        .map(|o| Bytes::from(serde_json::to_vec(&o).expect("serializes")))
+        .collect())
+}
+
+fn check_rows(got: usize, want: usize) -> Result<(), CodecError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(err(format!("the batch answer has {got} rows for {want}")))
+    }
+}
+
+fn err(why: impl Into<String>) -> CodecError {
+    CodecError::Transcode(format!("batch: {}", why.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn p(protocol: Protocol, v: Value) -> Option<Part> {
+        part(protocol, v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn v2_merges_on_dim_0_and_splits_back() {
+        let a = p(Protocol::V2, json!({"id": "a", "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]})).unwrap();
+        let b = p(Protocol::V2, json!({"id": "b", "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[3, 4], [5, 6]]}]})).unwrap();
+        let c = p(Protocol::V2, json!({"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 2], "data": [1, 2]}]})).unwrap();
+        assert!(a.merges_with(&b) && !a.merges_with(&c));
+        // Values that do not fill the shape never merge.
+        assert!(
+            p(
+                Protocol::V2,
+                json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1]}]})
+            )
+            .is_none()
+        );
+        let parts = [a, b];
+        let m: Value = serde_json::from_slice(&merge(Protocol::V2, &parts).unwrap()).unwrap();
+        assert_eq!(m["inputs"][0]["shape"], json!([3, 2]));
+        assert_eq!(m["inputs"][0]["data"], json!([1, 2, 3, 4, 5, 6]));
+        let answer = json!({"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [3, 1], "data": [10, 20, 30]}]});
+        let s = split(Protocol::V2, answer.to_string().as_bytes(), &parts).unwrap();
+        let s: Vec<Value> = s
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect();
+        assert_eq!(s[0]["outputs"][0]["data"], json!([10]));
+        assert_eq!(s[0]["outputs"][0]["shape"], json!([1, 1]));
+        assert_eq!(s[0]["id"], "a");
+        assert_eq!(s[1]["outputs"][0]["data"], json!([20, 30]));
+        assert_eq!(s[1]["id"], "b");
+        let short = json!({"outputs": [{"name": "y", "datatype": "FP32", "shape": [2, 1], "data": [1, 2]}]});
+        assert!(split(Protocol::V2, short.to_string().as_bytes(), &parts).is_err());
+    }
+
+    #[test]
+    fn v2_bytes_merge() {
+        let a = p(
+            Protocol::V2,
+            json!({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "data": ["hi"]}]}),
+        )
+        .unwrap();
+        let b = p(
+            Protocol::V2,
+            json!({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "data": ["yo"]}]}),
+        )
+        .unwrap();
+        let m: Value = serde_json::from_slice(&merge(Protocol::V2, &[a, b]).unwrap()).unwrap();
+        assert_eq!(m["inputs"][0]["data"], json!(["hi", "yo"]));
+    }
+
+    #[test]
+    fn seldon_rows_and_tensors() {
+        let a = p(
+            Protocol::Seldon,
+            json!({"data": {"names": ["a", "b"], "ndarray": [[1, 2]]}}),
+        )
+        .unwrap();
+        let b = p(
+            Protocol::Seldon,
+            json!({"data": {"names": ["a", "b"], "ndarray": [[3, 4], [5, 6]]}}),
+        )
+        .unwrap();
+        assert!(a.merges_with(&b));
+        assert!(
+            p(
+                Protocol::Seldon,
+                json!({"meta": {"puid": "x"}, "data": {"ndarray": [[1]]}})
+            )
+            .is_none()
+        );
+        assert!(p(Protocol::Seldon, json!({"strData": "x"})).is_none());
+        let parts = [a, b];
+        let m: Value = serde_json::from_slice(&merge(Protocol::Seldon, &parts).unwrap()).unwrap();
+        assert_eq!(m["data"]["ndarray"], json!([[1, 2], [3, 4], [5, 6]]));
+        let ans = json!({"data": {"names": ["t"], "ndarray": [[10], [30], [50]]}, "meta": {"tags": {"x": 1}}});
+        let s = split(Protocol::Seldon, ans.to_string().as_bytes(), &parts).unwrap();
+        let s1: Value = serde_json::from_slice(&s[1]).unwrap();
+        assert_eq!(s1["data"]["ndarray"], json!([[30], [50]]));
+        assert_eq!(s1["meta"]["tags"]["x"], 1);
+        let t1 = p(
+            Protocol::Seldon,
+            json!({"data": {"tensor": {"shape": [1, 2], "values": [1, 2]}}}),
+        )
+        .unwrap();
+        let t2 = p(
+            Protocol::Seldon,
+            json!({"data": {"tensor": {"shape": [1, 2], "values": [3, 4]}}}),
+        )
+        .unwrap();
+        let tparts = [t1, t2];
+        let m: Value = serde_json::from_slice(&merge(Protocol::Seldon, &tparts).unwrap()).unwrap();
+        assert_eq!(
+            m["data"]["tensor"],
+            json!({"shape": [2, 2], "values": [1, 2, 3, 4]})
+        );
+        let ans = json!({"data": {"tensor": {"shape": [2, 1], "values": [7, 8]}}});
+        let s = split(Protocol::Seldon, ans.to_string().as_bytes(), &tparts).unwrap();
+        let s1: Value = serde_json::from_slice(&s[1]).unwrap();
+        assert_eq!(
+            s1["data"]["tensor"],
+            json!({"shape": [1, 1], "values": [8]})
+        );
+    }
+
+    #[test]
+    fn tensorflow_instances() {
+        let a = p(Protocol::Tensorflow, json!({"instances": [[1.0], [2.0]]})).unwrap();
+        let b = p(Protocol::Tensorflow, json!({"instances": [[3.0]]})).unwrap();
+        let c = p(
+            Protocol::Tensorflow,
+            json!({"signature_name": "x", "instances": [[3.0]]}),
+        )
+        .unwrap();
+        assert!(a.merges_with(&b) && !a.merges_with(&c));
+        assert!(p(Protocol::Tensorflow, json!({"inputs": {"x": [1]}})).is_none());
+        let parts = [a, b];
+        let ans = json!({"predictions": [[10], [20], [30]]});
+        let s = split(Protocol::Tensorflow, ans.to_string().as_bytes(), &parts).unwrap();
+        assert_eq!(&s[0][..], br#"{"predictions":[[10],[20]]}"#);
+        assert_eq!(&s[1][..], br#"{"predictions":[[30]]}"#);
+        let bad = json!({"predictions": [[10]]});
+        assert!(split(Protocol::Tensorflow, bad.to_string().as_bytes(), &parts).is_err());
+    }
+}
