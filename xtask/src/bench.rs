@@ -31,6 +31,10 @@ use kafka_io::{
 const PARTITIONS: u32 = 4;
 const MAX_IN_FLIGHT: usize = 16;
 const CONCURRENCY: usize = PARTITIONS as usize * MAX_IN_FLIGHT;
+/// kafka-infer flags of the batching rows: up to N records per model request, room for two
+/// batches in flight per partition.
+const BATCH_8: &[&str] = &["--batch-size", "8", "--max-in-flight", "16"];
+const BATCH_32: &[&str] = &["--batch-size", "32", "--max-in-flight", "64"];
 
 fn request(i: u64) -> Bytes {
     Bytes::from(format!(
@@ -349,28 +353,25 @@ fn kafka_infer(
         "--model-name",
         "echo",
     ])
-    .args([
-        "--group-id",
-        &fx::unique("ki"),
-        "--session-timeout",
-        "4s",
-        "--max-in-flight",
-        &MAX_IN_FLIGHT.to_string(),
-    ])
-    .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-    .args(extra)
-    // BENCH_KI_ARGS="--commit-interval 1ms ...": extra flags for kafka-infer (experiments).
-    .args(
-        std::env::var("BENCH_KI_ARGS")
-            .unwrap_or_default()
-            .split_whitespace(),
-    )
-    .env_clear()
-    .env("KAFKA_BROKER", env.broker.bootstrap())
-    .env("KAFKA_INPUT_TOPIC", input)
-    .env("KAFKA_OUTPUT_TOPIC", output)
-    .env("RUST_LOG", "warn")
-    .stdout(Stdio::null());
+    .args(["--group-id", &fx::unique("ki"), "--session-timeout", "4s"]);
+    // Batching rows set their own window (records in flight per partition).
+    if !extra.contains(&"--max-in-flight") {
+        cmd.args(["--max-in-flight", &MAX_IN_FLIGHT.to_string()]);
+    }
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+        .args(extra)
+        // BENCH_KI_ARGS="--commit-interval 1ms ...": extra flags for kafka-infer (experiments).
+        .args(
+            std::env::var("BENCH_KI_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
+        .env_clear()
+        .env("KAFKA_BROKER", env.broker.bootstrap())
+        .env("KAFKA_INPUT_TOPIC", input)
+        .env("KAFKA_OUTPUT_TOPIC", output)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
     fx::Proc::spawn("kafka-infer", &mut cmd)
 }
 
@@ -619,6 +620,16 @@ pub fn bench(short: bool) -> Result<()> {
                         })
                         .await?
                     }
+                    "ki_rest_b32" => {
+                        measure(
+                            &env,
+                            "kafka-infer -> echo model, REST, batch 32",
+                            n,
+                            &[],
+                            |i, o| kafka_infer(&env, i, o, &echo.rest_url(), "rest", BATCH_32),
+                        )
+                        .await?
+                    }
                     "a_copy" => {
                         measure(&env, "(a) Python copy", n, &[], |i, o| {
                             python_bridge(&env, "copy.py", &[i, o, &fx::unique("copy")])
@@ -659,6 +670,26 @@ pub fn bench(short: bool) -> Result<()> {
             )
             .await?,
         );
+        for (key, name, extra) in [
+            (
+                "ki_rest_b8",
+                "kafka-infer -> echo model, REST, batch 8",
+                BATCH_8,
+            ),
+            (
+                "ki_rest_b32",
+                "kafka-infer -> echo model, REST, batch 32",
+                BATCH_32,
+            ),
+        ] {
+            f.insert(
+                key,
+                measure(&env, name, n, &[], |i, o| {
+                    kafka_infer(&env, i, o, &echo.rest_url(), "rest", extra)
+                })
+                .await?,
+            );
+        }
         f.insert(
             "a_copy",
             measure(
@@ -734,6 +765,39 @@ pub fn bench(short: bool) -> Result<()> {
             })
             .await?,
         );
+        for (key, name, transport, extra) in [
+            (
+                "d_rest_b8",
+                "(d) kafka-infer -> MLServer, REST, batch 8",
+                "rest",
+                BATCH_8,
+            ),
+            (
+                "d_rest_b32",
+                "(d) kafka-infer -> MLServer, REST, batch 32",
+                "rest",
+                BATCH_32,
+            ),
+            (
+                "d_grpc_b32",
+                "(d) kafka-infer -> MLServer, gRPC, batch 32",
+                "grpc",
+                BATCH_32,
+            ),
+        ] {
+            let url = if transport == "rest" {
+                ml.rest_url()
+            } else {
+                ml.grpc_url()
+            };
+            f.insert(
+                key,
+                measure(&env, name, n, &[], |i, o| {
+                    kafka_infer(&env, i, o, &url, transport, extra)
+                })
+                .await?,
+            );
+        }
         drop(ml);
         let lat = latency(
             &env,
@@ -767,12 +831,17 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
     out.push_str("| bridge | requests | answered | answers/s | CPU s / 1000 answers | peak RSS MiB |\n|---|---:|---|---:|---:|---:|\n");
     for k in [
         "ki_rest",
+        "ki_rest_b8",
+        "ki_rest_b32",
         "ki_grpc",
         "a_copy",
         "b_py",
         "c_mlserver_kafka",
         "d_rest",
+        "d_rest_b8",
+        "d_rest_b32",
         "d_grpc",
+        "d_grpc_b32",
     ] {
         let x = &f[k];
         out.push_str(&format!(
@@ -807,7 +876,10 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
          | in front of MLServer >= 0.9x its direct capacity (e), gRPC | {:.2}x | {} |\n\
          | in front of MLServer > MLServer's Kafka server (c) | REST {:.1}x, gRPC {:.1}x | {} |\n\
          | p99 <= 30 ms at 1,000 records/s | {:.2} ms | {} |\n\
-         | kafka-infer peak RSS <= 50 MiB | {:.1} MiB | {} |\n",
+         | kafka-infer peak RSS <= 50 MiB | {:.1} MiB | {} |\n\
+         | batching (32) in front of MLServer >= 5x its direct per-request capacity (e), REST | {:.2}x | {} |\n\
+         | batching (32) in front of MLServer, gRPC, against (e) gRPC | {:.2}x | {} |\n\
+         | echo answers per kafka-infer CPU second, batch 32 against batch 1 (REST) | {:.2}x | {} |\n",
         r("ki_rest", "a_copy"),
         yes(r("ki_rest", "a_copy") >= 1.0),
         r("ki_rest", "c_mlserver_kafka"),
@@ -823,6 +895,12 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
         yes(lat.p99_ms <= 30.0),
         peak,
         yes(peak <= 50.0),
+        r("d_rest_b32", "e_rest"),
+        yes(r("d_rest_b32", "e_rest") >= 5.0),
+        r("d_grpc_b32", "e_grpc"),
+        yes(r("d_grpc_b32", "e_grpc") >= 5.0),
+        f["ki_rest"].cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000,
+        yes(f["ki_rest"].cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000 >= 2.0),
     ));
     println!("{out}");
     let path = if short {
