@@ -723,6 +723,7 @@ impl Config {
             namespace.clone(),
             dep.predictor.clone().unwrap_or_else(|| "default".into()),
         );
+        let mut warnings_early = Vec::new();
         let batch_size = match args.batch_size {
             Some(n) if !(1..=4096).contains(&n) => {
                 bail!("--batch-size (KAFKA_INFER_BATCH_SIZE): {n} is outside 1..=4096")
@@ -730,9 +731,23 @@ impl Config {
             Some(n) => n,
             None => 1,
         };
+        // A router (or A/B test) decides per request: a batch would take one route for all
+        // its records.
+        fn routes(n: &Node) -> bool {
+            n.calls_route() || n.is_ab_test() || n.children.iter().any(routes)
+        }
+        let batch_size = if batch_size > 1 && routes(&graph) {
+            warnings_early.push(format!(
+                "--batch-size {batch_size} is ignored: the graph routes each request (a ROUTER \
+                 or RANDOM_ABTEST), and a batch would take one route for all its records"
+            ));
+            1
+        } else {
+            batch_size
+        };
         // In flight counts records: by default room for two full batches.
         let max_in_flight = args.max_in_flight.unwrap_or(16.max(2 * batch_size)).max(1);
-        let mut warnings = Vec::new();
+        let mut warnings = warnings_early;
         graph_warnings(&graph, &mut warnings);
         if let Some(v) = lookup("KAFKA_AUTO_COMMIT") {
             warnings.push(format!(
@@ -1140,6 +1155,38 @@ spec:
         )
         .unwrap();
         assert_eq!(c.graph.url, "http://127.0.0.1:2");
+    }
+
+    #[test]
+    fn batching_defaults_and_routed_graphs() {
+        let f = tmp(CIFAR);
+        let mut a = args_with(&f.0);
+        a.batch_size = Some(32);
+        let c = Config::resolve(&a, &|_| None).unwrap();
+        assert_eq!((c.batch_size, c.max_in_flight), (32, 64));
+        assert_eq!(c.batch_linger, Duration::from_millis(5));
+        a.max_in_flight = Some(8);
+        assert_eq!(Config::resolve(&a, &|_| None).unwrap().max_in_flight, 8);
+        a.batch_size = Some(0);
+        assert!(Config::resolve(&a, &|_| None).is_err());
+        // A graph that routes each request is not batched.
+        let text = format!(
+            "kind: SeldonDeployment\nmetadata: {{name: d}}\nspec:\n  serverType: kafka\n  \
+             predictors:\n  - name: p\n    svcOrchSpec: {{env: [{{name: KAFKA_BROKER, value: \
+             \"b:1\"}}, {{name: KAFKA_INPUT_TOPIC, value: i}}, {{name: KAFKA_OUTPUT_TOPIC, \
+             value: o}}]}}\n    graph: {{name: r, type: ROUTER, endpoint: {{service_port: 1}}, \
+             children: [{{name: a, endpoint: {{service_port: 2}}}}]}}\n"
+        );
+        let g = tmp(&text);
+        let mut a = args_with(&g.0);
+        a.batch_size = Some(8);
+        let c = Config::resolve(&a, &|_| None).unwrap();
+        assert_eq!(c.batch_size, 1);
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("--batch-size 8 is ignored"))
+        );
     }
 
     #[test]
