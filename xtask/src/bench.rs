@@ -87,6 +87,9 @@ struct Figure {
     records: u64,
     per_s: f64,
     cpu_per_1000: f64,
+    /// The broker's CPU seconds per 1000 answers in the same interval (producing the requests
+    /// and reading the answers included, the same for every row).
+    broker_cpu_per_1000: f64,
     rss_mib: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -239,6 +242,7 @@ async fn measure(
         bail!("{name}: no answers to the warm-up");
     }
     let (cpu0, _) = usage(pid);
+    let (bcpu0, _) = usage(env.broker.pid());
     reader.latencies.clear();
     let before = reader.seen;
     let t0 = Instant::now();
@@ -250,6 +254,7 @@ async fn measure(
     let answered = seen - before;
     let secs = last.duration_since(t0).as_secs_f64();
     let (cpu1, hwm) = usage(pid);
+    let (bcpu1, _) = usage(env.broker.pid());
     drop(proc);
     reader.consumer.close().await;
     let f = Figure {
@@ -257,6 +262,7 @@ async fn measure(
         records: n,
         per_s: answered as f64 / secs,
         cpu_per_1000: (cpu1 - cpu0) / answered.max(1) as f64 * 1000.0,
+        broker_cpu_per_1000: (bcpu1 - bcpu0) / answered.max(1) as f64 * 1000.0,
         rss_mib: hwm as f64 / (1024.0 * 1024.0),
         note: if answered < n {
             format!("{answered}: {} lost", n - answered)
@@ -266,8 +272,8 @@ async fn measure(
         ..Default::default()
     };
     eprintln!(
-        "bench: {name}: {:.0} records/s, {:.3} CPU s/1000, peak RSS {:.1} MiB, answered: {}",
-        f.per_s, f.cpu_per_1000, f.rss_mib, f.note
+        "bench: {name}: {:.0} records/s, {:.3} CPU s/1000, broker {:.3} CPU s/1000, peak RSS {:.1} MiB, answered: {}",
+        f.per_s, f.cpu_per_1000, f.broker_cpu_per_1000, f.rss_mib, f.note
     );
     Ok(f)
 }
@@ -320,6 +326,7 @@ async fn latency(env: &Env, model_url: &str, rate: f64, seconds: f64) -> Result<
         p50_ms: pct(lat.clone(), 0.5),
         p99_ms: pct(lat, 0.99),
         note: String::new(),
+        ..Default::default()
     };
     eprintln!(
         "bench: latency at {rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms",
@@ -828,7 +835,7 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         PARTITIONS
     ));
-    out.push_str("| bridge | requests | answered | answers/s | CPU s / 1000 answers | peak RSS MiB |\n|---|---:|---|---:|---:|---:|\n");
+    out.push_str("| bridge | requests | answered | answers/s | CPU s / 1000 answers | broker CPU s / 1000 | peak RSS MiB |\n|---|---:|---|---:|---:|---:|---:|\n");
     for k in [
         "ki_rest",
         "ki_rest_b8",
@@ -845,8 +852,8 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
     ] {
         let x = &f[k];
         out.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.3} | {:.1} |\n",
-            x.name, x.records, x.note, x.per_s, x.cpu_per_1000, x.rss_mib
+            "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} |\n",
+            x.name, x.records, x.note, x.per_s, x.cpu_per_1000, x.broker_cpu_per_1000, x.rss_mib
         ));
     }
     out.push_str(
