@@ -613,8 +613,49 @@ pub fn bench(short: bool) -> Result<()> {
         let mut f: BTreeMap<&str, Figure> = BTreeMap::new();
         // BENCH_ONLY=ki_rest,a_copy runs just those (for profiling work); no report then.
         if let Ok(only) = std::env::var("BENCH_ONLY") {
+            // d_* and e_* start MLServer (once, like the full run) on first use.
+            let mut ml: Option<fx::models::Server> = None;
+            let secs = if short { 3.0 } else { 15.0 };
             for k in only.split(',') {
+                if ml.is_none() && (k.starts_with("d_") || k.starts_with("e_")) {
+                    ml = Some(mlserver_echo(None)?);
+                }
                 let fig = match k {
+                    "d_rest" | "d_grpc" | "d_grpc_b32" => {
+                        let ml = ml.as_ref().expect("started above");
+                        let (url, transport, extra, name) = match k {
+                            "d_rest" => (
+                                ml.rest_url(),
+                                "rest",
+                                &[][..],
+                                "(d) kafka-infer -> MLServer, REST",
+                            ),
+                            "d_grpc" => (
+                                ml.grpc_url(),
+                                "grpc",
+                                &[][..],
+                                "(d) kafka-infer -> MLServer, gRPC",
+                            ),
+                            _ => (
+                                ml.grpc_url(),
+                                "grpc",
+                                BATCH_32,
+                                "(d) kafka-infer -> MLServer, gRPC, batch 32",
+                            ),
+                        };
+                        measure(&env, name, n, &[], |i, o| {
+                            kafka_infer(&env, i, o, &url, transport, extra)
+                        })
+                        .await?
+                    }
+                    "e_rest" => {
+                        let ml = ml.as_ref().expect("started above");
+                        direct("(e) MLServer direct, REST", &ml.rest_url(), false, secs).await?
+                    }
+                    "e_grpc" => {
+                        let ml = ml.as_ref().expect("started above");
+                        direct("(e) MLServer direct, gRPC", &ml.grpc_url(), true, secs).await?
+                    }
                     "ki_rest" => {
                         measure(&env, "kafka-infer -> echo model, REST", n, &[], |i, o| {
                             kafka_infer(&env, i, o, &echo.rest_url(), "rest", &[])
