@@ -1170,14 +1170,12 @@ spec:
         a.batch_size = Some(0);
         assert!(Config::resolve(&a, &|_| None).is_err());
         // A graph that routes each request is not batched.
-        let text = format!(
-            "kind: SeldonDeployment\nmetadata: {{name: d}}\nspec:\n  serverType: kafka\n  \
-             predictors:\n  - name: p\n    svcOrchSpec: {{env: [{{name: KAFKA_BROKER, value: \
-             \"b:1\"}}, {{name: KAFKA_INPUT_TOPIC, value: i}}, {{name: KAFKA_OUTPUT_TOPIC, \
-             value: o}}]}}\n    graph: {{name: r, type: ROUTER, endpoint: {{service_port: 1}}, \
-             children: [{{name: a, endpoint: {{service_port: 2}}}}]}}\n"
-        );
-        let g = tmp(&text);
+        let text = "kind: SeldonDeployment\nmetadata: {name: d}\nspec:\n  serverType: kafka\n  \
+             predictors:\n  - name: p\n    svcOrchSpec: {env: [{name: KAFKA_BROKER, value: \
+             \"b:1\"}, {name: KAFKA_INPUT_TOPIC, value: i}, {name: KAFKA_OUTPUT_TOPIC, \
+             value: o}]}\n    graph: {name: r, type: ROUTER, endpoint: {service_port: 1}, \
+             children: [{name: a, endpoint: {service_port: 2}}]}\n";
+        let g = tmp(text);
         let mut a = args_with(&g.0);
         a.batch_size = Some(8);
         let c = Config::resolve(&a, &|_| None).unwrap();
