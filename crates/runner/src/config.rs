@@ -118,6 +118,11 @@ pub struct RunArgs {
     /// cooperative-sticky,range,roundrobin: cooperative when every member offers it.
     #[arg(long, env = "KAFKA_PARTITION_ASSIGNMENT_STRATEGY")]
     pub assignment_strategy: Option<String>,
+    /// How long an output partition's writer waits for more answers before it produces a batch
+    /// (Kafka's linger.ms); one produce request per partition is in flight at a time, so
+    /// batches also grow while the previous one is written. Default 2ms.
+    #[arg(long, env = "KAFKA_LINGER")]
+    pub linger: Option<String>,
     /// Output compression: none, gzip, snappy, lz4, zstd. Default none.
     #[arg(long, env = "KAFKA_COMPRESSION")]
     pub compression: Option<String>,
@@ -311,6 +316,8 @@ pub struct Config {
     pub retry_max_backoff: Duration,
     pub fetch_max_wait: Duration,
     pub compression: kafka_io::CompressionCodec,
+    /// The producer's linger (Kafka's linger.ms).
+    pub linger: Duration,
     pub max_request_size: usize,
     pub max_attempts: u32,
     pub assignors: Vec<kafka_io::assignor::Assignor>,
@@ -380,6 +387,8 @@ const DURATION_RANGES: &[(&str, Duration, Duration)] = &[
         Duration::from_millis(1),
         Duration::from_secs(3600),
     ),
+    // Zero: produce each answer at once; above a second answers would wait for nothing.
+    ("KAFKA_LINGER", Duration::ZERO, Duration::from_secs(1)),
     // Below 100 ms the metadata checks would load the broker for nothing.
     (
         "KAFKA_METADATA_MAX_AGE",
@@ -827,6 +836,7 @@ impl Config {
                 None => 3,
             },
             commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "5ms")?,
+            linger: dur(&args.linger, "KAFKA_LINGER", "2ms")?,
             metadata_max_age: dur(&args.metadata_max_age, "KAFKA_METADATA_MAX_AGE", "30s")?,
             assignors: {
                 let v = pick(
@@ -921,6 +931,7 @@ impl Config {
             "max_request_size": self.max_request_size,
             "max_attempts": self.max_attempts,
             "commit_interval_ms": self.commit_interval.as_millis() as u64,
+            "linger_ms": self.linger.as_millis() as u64,
             "assignment_strategy": self.assignors.iter().map(|a| a.name()).collect::<Vec<_>>(),
             "forward_headers": match &self.forward_headers {
                 crate::meta::HeaderPolicy::All => serde_json::json!("*"),

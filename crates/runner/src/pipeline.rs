@@ -133,6 +133,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
             ProducerConfig {
                 compression: cfg.compression,
                 max_request_size: cfg.max_request_size,
+                linger: cfg.linger,
                 ..Default::default()
             },
         ),
