@@ -225,6 +225,15 @@ fn put_varint(out: &mut BytesMut, mut v: u64) {
     out.extend_from_slice(&[v as u8]);
 }
 
+/// A `seldon.protos.SeldonMessageList` of encoded SeldonMessages (field 1, repeated).
+pub fn seldon_message_list<'a>(messages: impl IntoIterator<Item = &'a [u8]>) -> Bytes {
+    let mut out = BytesMut::new();
+    for m in messages {
+        put_len_field(&mut out, 1, m);
+    }
+    out.freeze()
+}
+
 /// A length-delimited field.
 pub(crate) fn put_len_field(out: &mut BytesMut, number: u64, payload: &[u8]) {
     put_varint(out, number << 3 | 2);

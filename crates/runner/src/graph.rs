@@ -7,7 +7,7 @@ use std::{borrow::Cow, sync::Arc, time::Duration};
 use bytes::Bytes;
 use codec::{
     CodecError, Hints, NodeType, Protocol, Transcoder, Transport,
-    chain::{chain_json, chain_proto, name_model},
+    chain::{chain_json, chain_proto, name_model, seldon_message_list},
     grpc_method,
     protocol::{SELDON_MESSAGE, default_request},
     rest_path,
@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::{
     config::{Config, Node},
     logger::{PayloadLogger, Source},
-    meta::RecordMeta,
+    meta::{RecordMeta, set_traceparent},
     metrics::Metrics,
     model::{GrpcClient, ModelError, Reply, RestClient},
     otel::Tracing,
@@ -398,25 +398,21 @@ impl Graph {
     ) -> Result<Answer, CallError> {
         let list = match node.client {
             Some(Client::Grpc(_)) => {
-                let mut out = bytes::BytesMut::new();
-                for (m, _) in answers {
-                    let b = match m {
-                        Msg::Proto { bytes, .. } => bytes,
+                let encoded = answers
+                    .into_iter()
+                    .map(|(m, _)| match m {
+                        Msg::Proto { bytes, .. } => Ok(bytes),
                         Msg::Json(b) => self.transcoder.json_to_proto(
                             self.protocol,
                             SELDON_MESSAGE,
                             &b,
                             &Hints::default(),
-                        )?,
-                    };
-                    // SeldonMessageList.seldonMessages = 1 (length-delimited).
-                    out.extend_from_slice(&[0x0a]);
-                    put_varint(&mut out, b.len() as u64);
-                    out.extend_from_slice(&b);
-                }
+                        ),
+                    })
+                    .collect::<Result<Vec<Bytes>, _>>()?;
                 Msg::Proto {
                     name: Cow::Borrowed(SELDON_MESSAGE_LIST),
-                    bytes: out.freeze(),
+                    bytes: seldon_message_list(encoded.iter().map(|b| &b[..])),
                 }
             }
             _ => {
@@ -514,10 +510,7 @@ impl Graph {
         let headers = match &span {
             Some(s) => {
                 let mut h = rm.to_model.clone();
-                h.insert(
-                    http::header::HeaderName::from_static("traceparent"),
-                    http::HeaderValue::from_str(&s.traceparent()).expect("ascii"),
-                );
+                set_traceparent(&mut h, &s.traceparent());
                 traced = h;
                 &traced
             }
@@ -664,14 +657,6 @@ fn call_name(kind: NodeType) -> &'static str {
         NodeType::Router => "route",
         NodeType::Combiner => "aggregate",
     }
-}
-
-fn put_varint(out: &mut bytes::BytesMut, mut v: u64) {
-    while v >= 0x80 {
-        out.extend_from_slice(&[(v as u8) | 0x80]);
-        v >>= 7;
-    }
-    out.extend_from_slice(&[v as u8]);
 }
 
 fn memfind(hay: &[u8], needle: &[u8]) -> bool {

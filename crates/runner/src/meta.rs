@@ -61,18 +61,19 @@ impl HeaderPolicy {
     }
 
     fn allows(&self, name: &str) -> bool {
-        if NEVER_FORWARDED.iter().any(|n| name.eq_ignore_ascii_case(n))
-            || name.to_ascii_lowercase().starts_with("kafka-infer-")
-            || name.to_ascii_lowercase().starts_with("grpc-")
-            || name.to_ascii_lowercase().ends_with("-bin")
+        let name = name.to_ascii_lowercase();
+        if NEVER_FORWARDED.contains(&name.as_str())
+            || name.starts_with("kafka-infer-")
+            || name.starts_with("grpc-")
+            || name.ends_with("-bin")
         {
             return false;
         }
         match self {
             Self::All => true,
             Self::Only(list) => list.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => name.to_ascii_lowercase().starts_with(prefix),
-                None => name.eq_ignore_ascii_case(p),
+                Some(prefix) => name.starts_with(prefix),
+                None => name == *p,
             }),
         }
     }
@@ -144,17 +145,25 @@ impl Trace {
 
     /// The `traceparent` we send: the trace, with our span as the parent.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            self.flags
-        )
+        traceparent(self.trace_id, self.span_id, self.flags)
     }
 
     pub fn trace_id_hex(&self) -> String {
         hex(&self.trace_id)
     }
+}
+
+/// A version 00 `traceparent` value.
+pub fn traceparent(trace_id: [u8; 16], parent_id: [u8; 8], flags: u8) -> String {
+    format!("00-{}-{}-{flags:02x}", hex(&trace_id), hex(&parent_id))
+}
+
+/// Sets `traceparent` on headers sent to a model.
+pub fn set_traceparent(h: &mut HeaderMap, value: &str) {
+    h.insert(
+        HeaderName::from_static("traceparent"),
+        HeaderValue::from_str(value).expect("traceparent is ASCII"),
+    );
 }
 
 fn new_span_id() -> [u8; 8] {
@@ -315,18 +324,11 @@ impl RecordMeta {
             }
         }
         to_model.insert(
-            HeaderName::from_static(if protocol == Protocol::Seldon {
-                "seldon-puid"
-            } else {
-                "x-request-id"
-            }),
+            HeaderName::from_bytes(request_id_header.as_bytes()).expect("a valid name"),
             HeaderValue::from_str(&request_id).expect("checked or generated"),
         );
         if let Some(t) = &trace {
-            to_model.insert(
-                HeaderName::from_static("traceparent"),
-                HeaderValue::from_str(&t.traceparent()).expect("ascii"),
-            );
+            set_traceparent(&mut to_model, &t.traceparent());
             if let Some(s) = t
                 .state
                 .as_deref()
@@ -361,10 +363,7 @@ impl RecordMeta {
     ) {
         let mut trace = self.trace.take().unwrap_or_else(Trace::start);
         self.span = Some(tracing.record(&mut trace, topic, partition, offset, &self.request_id));
-        self.to_model.insert(
-            HeaderName::from_static("traceparent"),
-            HeaderValue::from_str(&trace.traceparent()).expect("ascii"),
-        );
+        set_traceparent(&mut self.to_model, &trace.traceparent());
         self.trace = Some(trace);
     }
 

@@ -194,11 +194,10 @@ impl CallSpan {
     /// The traceparent of this call: the record's trace, this span as the parent.
     pub fn traceparent(&self) -> String {
         let sc = self.span.span_context();
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
+        crate::meta::traceparent(
+            sc.trace_id().to_bytes(),
+            sc.span_id().to_bytes(),
+            sc.trace_flags().to_u8(),
         )
     }
 

@@ -274,17 +274,41 @@ async fn connect(
     }
 }
 
+impl Ctx {
+    /// A record's context (request id, headers for the model, trace; its span when exported).
+    /// `own_id`: a record without a request id gets one derived from where it was read (false:
+    /// a batch's own call, which gets a new one).
+    fn record_meta(
+        &self,
+        headers: &[(String, Bytes)],
+        partition: i32,
+        offset: i64,
+        own_id: bool,
+    ) -> RecordMeta {
+        let mut rm = RecordMeta::of_record(
+            headers,
+            self.protocol,
+            &self.forward,
+            own_id.then_some((self.input_topic.as_str(), partition, offset)),
+        );
+        if let Some(t) = self.graph.tracing() {
+            rm.trace_with(t, &self.input_topic, partition, offset);
+        }
+        rm
+    }
+
+    /// A place among the records in the graph at once (`--max-concurrency`), if limited.
+    async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match &self.concurrency {
+            Some(s) => Some(s.acquire().await.expect("never closed")),
+            None => None,
+        }
+    }
+}
+
 async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
     // First, so an error record for a bad payload carries the request id and trace too.
-    let mut rm = RecordMeta::of_record(
-        &rec.headers,
-        ctx.protocol,
-        &ctx.forward,
-        Some((&ctx.input_topic, partition, rec.offset)),
-    );
-    if let Some(t) = ctx.graph.tracing() {
-        rm.trace_with(t, &ctx.input_topic, partition, rec.offset);
-    }
+    let mut rm = ctx.record_meta(&rec.headers, partition, rec.offset, true);
     let payload = match detect(
         &ctx.pool,
         rec.value.clone().unwrap_or_default(),
@@ -305,10 +329,7 @@ async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
             bytes,
         },
     };
-    let _permit = match &ctx.concurrency {
-        Some(s) => Some(s.acquire().await.expect("never closed")),
-        None => None,
-    };
+    let _permit = ctx.permit().await;
     match ctx.graph.infer(msg, &rm).await {
         Ok(m) => Outcome::Answer(m, rm),
         Err(CallError::Stopped(_)) => Outcome::Abandoned,
@@ -541,22 +562,10 @@ async fn process_batch(
     parts: &[codec::batch::Part],
 ) -> Option<Vec<Outcome>> {
     let merged = codec::batch::merge(ctx.protocol, parts).ok()?;
-    let mut metas: Vec<RecordMeta> = recs
+    let metas: Vec<RecordMeta> = recs
         .iter()
-        .map(|r| {
-            RecordMeta::of_record(
-                &r.headers,
-                ctx.protocol,
-                &ctx.forward,
-                Some((&ctx.input_topic, partition, r.offset)),
-            )
-        })
+        .map(|r| ctx.record_meta(&r.headers, partition, r.offset, true))
         .collect();
-    if let Some(t) = ctx.graph.tracing() {
-        for (m, r) in metas.iter_mut().zip(recs) {
-            m.trace_with(t, &ctx.input_topic, partition, r.offset);
-        }
-    }
     // The batch's call carries the headers all its records share, and an id of its own.
     let first = &recs[0].headers;
     let common: Vec<(String, Bytes)> = first
@@ -564,15 +573,9 @@ async fn process_batch(
         .filter(|h| recs[1..].iter().all(|r| r.headers.contains(h)))
         .cloned()
         .collect();
-    let mut batch_meta = RecordMeta::of_record(&common, ctx.protocol, &ctx.forward, None);
-    if let Some(t) = ctx.graph.tracing() {
-        batch_meta.trace_with(t, &ctx.input_topic, partition, recs[0].offset);
-    }
+    let batch_meta = ctx.record_meta(&common, partition, recs[0].offset, false);
     let answer = {
-        let _permit = match &ctx.concurrency {
-            Some(s) => Some(s.acquire().await.expect("never closed")),
-            None => None,
-        };
+        let _permit = ctx.permit().await;
         ctx.graph.infer(Msg::Json(merged), &batch_meta).await
     };
     match answer {
