@@ -434,6 +434,62 @@ pub fn py_env(script: &str, args: &[&str], env: &[(&str, String)]) -> Result<Str
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// A SeldonDeployment (spec.serverType: kafka) as the end-to-end tests write it: `env` goes to
+/// the predictor's svcOrchSpec.env (values quoted), `graph` is the graph's YAML (one line in
+/// flow style, or block lines).
+pub fn seldon_deployment(
+    protocol: &str,
+    transport: &str,
+    env: &[(&str, String)],
+    graph: &str,
+) -> String {
+    let env: String = env
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "      - {{name: {k}, value: {}}}\n",
+                serde_json::to_string(v).expect("a string")
+            )
+        })
+        .collect();
+    let graph: String = graph.lines().map(|l| format!("      {l}\n")).collect();
+    format!(
+        "apiVersion: machinelearning.seldon.io/v1\nkind: SeldonDeployment\n\
+         metadata: {{name: {}, namespace: tests}}\nspec:\n  protocol: {protocol}\n  \
+         transport: {transport}\n  serverType: kafka\n  predictors:\n  - name: default\n    \
+         svcOrchSpec:\n      env:\n{env}    graph:\n{graph}",
+        unique("dep")
+    )
+}
+
+/// The svcOrchSpec.env entries every test deployment has: broker, input and output topics.
+pub fn kafka_env(broker: &Broker, input: &str, output: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAFKA_BROKER", broker.bootstrap()),
+        ("KAFKA_INPUT_TOPIC", input.to_owned()),
+        ("KAFKA_OUTPUT_TOPIC", output.to_owned()),
+    ]
+}
+
+/// Produces `records` (partitioned by key) and waits until the broker has them all.
+pub async fn produce_all(
+    settings: kafka_io::ConnectionSettings,
+    topic: &str,
+    records: Vec<kafka_io::OutRecord>,
+) -> Result<()> {
+    let cluster = kafka_io::Cluster::connect(settings).await?;
+    let p = kafka_io::Producer::new(cluster, kafka_io::ProducerConfig::default());
+    let mut ds = Vec::new();
+    for r in records {
+        ds.push(p.send(topic, None, r).await?);
+    }
+    for d in ds {
+        d.wait().await?;
+    }
+    p.close(Duration::from_secs(10)).await?;
+    Ok(())
+}
+
 /// A unique topic or group name for one test.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

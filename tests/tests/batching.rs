@@ -5,7 +5,7 @@
 //! v2 with MLServer (REST and gRPC), seldon with Seldon's Python wrapper, tensorflow with the
 //! TF stand-in.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -14,7 +14,8 @@ use kafka_infer_tests::{
     models::{self, KafkaInfer},
     read_topic, unique,
 };
-use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
+use kafka_infer_tests::{kafka_env, produce_all, seldon_deployment};
+use kafka_io::OutRecord;
 use serde_json::{Value, json};
 
 const BATCH: &str = "8";
@@ -28,26 +29,13 @@ fn deployment(
     b: &Broker,
     (input, output, error): (&str, &str, &str),
 ) -> String {
-    format!(
-        r#"apiVersion: machinelearning.seldon.io/v1
-kind: SeldonDeployment
-metadata: {{name: {}, namespace: batch}}
-spec:
-  protocol: {protocol}
-  transport: {transport}
-  serverType: kafka
-  predictors:
-  - name: default
-    svcOrchSpec:
-      env:
-      - {{name: KAFKA_BROKER, value: "{}"}}
-      - {{name: KAFKA_INPUT_TOPIC, value: {input}}}
-      - {{name: KAFKA_OUTPUT_TOPIC, value: {output}}}
-      - {{name: KAFKA_ERROR_TOPIC, value: {error}}}
-    graph: {{name: {node}, type: MODEL, endpoint: {{service_port: {port}}}}}
-"#,
-        unique("batch"),
-        b.bootstrap()
+    let mut env = kafka_env(b, input, output);
+    env.push(("KAFKA_ERROR_TOPIC", error.to_owned()));
+    seldon_deployment(
+        protocol,
+        transport,
+        &env,
+        &format!("{{name: {node}, type: MODEL, endpoint: {{service_port: {port}}}}}"),
     )
 }
 
@@ -76,21 +64,16 @@ async fn run(
     for t in [&input, &output, &error] {
         broker.create_topic(t, 2)?;
     }
-    let cluster = Cluster::connect(broker.settings()).await?;
-    let p = Producer::new(cluster, ProducerConfig::default());
-    let mut ds = Vec::new();
-    for (i, v) in values.iter().enumerate() {
-        let rec = OutRecord {
+    let records = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| OutRecord {
             key: Some(Bytes::from(format!("k{}", i % 3))),
             value: Some(Bytes::from(v.to_string())),
             headers: vec![("idx".into(), Bytes::from(i.to_string()))],
-        };
-        ds.push(p.send(&input, None, rec).await?);
-    }
-    for d in ds {
-        d.wait().await?;
-    }
-    p.close(Duration::from_secs(5)).await?;
+        })
+        .collect();
+    produce_all(broker.settings(), &input, records).await?;
     let dir = tempfile::tempdir()?;
     let yaml = dir.path().join("sdep.yaml");
     std::fs::write(

@@ -14,7 +14,7 @@ use kafka_infer_tests::{
     models::{self, KafkaInfer},
     unique, wait_for,
 };
-use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
+use kafka_io::{Cluster, OutRecord};
 use serde_json::{Value, json};
 
 /// A record to produce: key, headers, value.
@@ -25,28 +25,15 @@ fn request(i: usize) -> Bytes {
 }
 
 async fn produce(broker: &Broker, topic: &str, records: Vec<Rec>) -> Result<()> {
-    let cluster = Cluster::connect(broker.settings()).await?;
-    let p = Producer::new(cluster, ProducerConfig::default());
-    let mut ds = Vec::new();
-    for (key, headers, value) in records {
-        ds.push(
-            p.send(
-                topic,
-                None,
-                OutRecord {
-                    key: Some(Bytes::from(key)),
-                    value: Some(value),
-                    headers,
-                },
-            )
-            .await?,
-        );
-    }
-    for d in ds {
-        d.wait().await?;
-    }
-    p.close(Duration::from_secs(10)).await?;
-    Ok(())
+    let records = records
+        .into_iter()
+        .map(|(key, headers, value)| OutRecord {
+            key: Some(Bytes::from(key)),
+            value: Some(value),
+            headers,
+        })
+        .collect();
+    kafka_infer_tests::produce_all(broker.settings(), topic, records).await
 }
 
 fn requests(range: std::ops::Range<usize>) -> Vec<Rec> {

@@ -2,7 +2,7 @@
 //! our TF Serving stand-in), kafka-infer started from a SeldonDeployment YAML, records in and
 //! answers out read back with librdkafka.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 use bytes::Bytes;
@@ -12,7 +12,8 @@ use kafka_infer_tests::{
     models::{self, KafkaInfer},
     py, read_topic, unhex, unique,
 };
-use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
+use kafka_infer_tests::{kafka_env, produce_all, seldon_deployment};
+use kafka_io::OutRecord;
 use serde_json::{Value, json};
 
 /// A SeldonDeployment (serverType: kafka) with one MODEL node on 127.0.0.1:`port`.
@@ -25,25 +26,11 @@ fn deployment(
     input: &str,
     output: &str,
 ) -> String {
-    format!(
-        r#"apiVersion: machinelearning.seldon.io/v1
-kind: SeldonDeployment
-metadata: {{name: {}, namespace: e2e}}
-spec:
-  protocol: {protocol}
-  transport: {transport}
-  serverType: kafka
-  predictors:
-  - name: default
-    svcOrchSpec:
-      env:
-      - {{name: KAFKA_BROKER, value: "{}"}}
-      - {{name: KAFKA_INPUT_TOPIC, value: {input}}}
-      - {{name: KAFKA_OUTPUT_TOPIC, value: {output}}}
-    graph: {{name: {node}, type: MODEL, endpoint: {{service_port: {port}}}, children: []}}
-"#,
-        unique("dep"),
-        broker.bootstrap()
+    seldon_deployment(
+        protocol,
+        transport,
+        &kafka_env(broker, input, output),
+        &format!("{{name: {node}, type: MODEL, endpoint: {{service_port: {port}}}, children: []}}"),
     )
 }
 
@@ -54,26 +41,22 @@ struct Req {
 }
 
 async fn produce(broker: &Broker, topic: &str, reqs: &[Req]) -> Result<()> {
-    let cluster = Cluster::connect(broker.settings()).await?;
-    let p = Producer::new(cluster, ProducerConfig::default());
-    let mut ds = Vec::new();
-    for (i, r) in reqs.iter().enumerate() {
-        let mut headers = vec![("trace".to_string(), Bytes::from(format!("t{i}")))];
-        if let Some(n) = r.proto_name {
-            headers.push(("proto-name".into(), Bytes::from_static(n.as_bytes())));
-        }
-        let rec = OutRecord {
-            key: Some(Bytes::from(r.key.clone())),
-            value: Some(r.value.clone()),
-            headers,
-        };
-        ds.push(p.send(topic, None, rec).await?);
-    }
-    for d in ds {
-        d.wait().await?;
-    }
-    p.close(Duration::from_secs(5)).await?;
-    Ok(())
+    let records = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut headers = vec![("trace".to_string(), Bytes::from(format!("t{i}")))];
+            if let Some(n) = r.proto_name {
+                headers.push(("proto-name".into(), Bytes::from_static(n.as_bytes())));
+            }
+            OutRecord {
+                key: Some(Bytes::from(r.key.clone())),
+                value: Some(r.value.clone()),
+                headers,
+            }
+        })
+        .collect();
+    produce_all(broker.settings(), topic, records).await
 }
 
 /// The answer as JSON: JSON as is, protobuf through the pool (named by its proto-name header).

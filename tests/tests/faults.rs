@@ -17,7 +17,7 @@ use kafka_infer_tests::{
     proxy::{Mode, ProxiedBroker, run_bounded},
     py, unique, wait_for,
 };
-use kafka_io::{Cluster, ConnectionSettings, OutRecord, Producer, ProducerConfig};
+use kafka_io::{ConnectionSettings, OutRecord};
 use serde_json::{Value, json};
 
 fn request(id: &str, n: usize) -> Bytes {
@@ -32,22 +32,15 @@ async fn produce(
     topic: &str,
     recs: Vec<(String, Bytes)>,
 ) -> Result<()> {
-    let cluster = Cluster::connect(settings).await?;
-    let p = Producer::new(cluster, ProducerConfig::default());
-    let mut ds = Vec::new();
-    for (key, value) in recs {
-        let r = OutRecord {
+    let records = recs
+        .into_iter()
+        .map(|(key, value)| OutRecord {
             key: Some(Bytes::from(key)),
             value: Some(value),
             headers: vec![],
-        };
-        ds.push(p.send(topic, None, r).await?);
-    }
-    for d in ds {
-        d.wait().await?;
-    }
-    p.close(Duration::from_secs(10)).await?;
-    Ok(())
+        })
+        .collect();
+    kafka_infer_tests::produce_all(settings, topic, records).await
 }
 
 fn id_of(a: &Answer) -> Option<String> {

@@ -21,7 +21,8 @@ use kafka_infer_tests::{
     models::{self, KafkaInfer, Server},
     python, read_topic, repo_root, unique, wait_for, wait_port,
 };
-use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
+use kafka_infer_tests::{kafka_env, produce_all, seldon_deployment};
+use kafka_io::OutRecord;
 use serde_json::{Value, json};
 
 /// Seldon wrapper processes: `x` plays t, r, o and c (role-free methods), `a` and `b` the models.
@@ -49,33 +50,9 @@ fn endpoint(s: &Server) -> String {
 }
 
 fn deployment(transport: &str, broker: &Broker, input: &str, output: &str, graph: &str) -> String {
-    let graph = graph
-        .lines()
-        .map(|l| format!("      {l}"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    format!(
-        r#"apiVersion: machinelearning.seldon.io/v1
-kind: SeldonDeployment
-metadata: {{name: {}, namespace: graph}}
-spec:
-  protocol: seldon
-  transport: {transport}
-  serverType: kafka
-  predictors:
-  - name: default
-    svcOrchSpec:
-      env:
-      - {{name: KAFKA_BROKER, value: "{}"}}
-      - {{name: KAFKA_INPUT_TOPIC, value: {input}}}
-      - {{name: KAFKA_OUTPUT_TOPIC, value: {output}}}
-      - {{name: SELDON_ENABLE_ROUTING_INJECTION, value: "true"}}
-    graph:
-{graph}
-"#,
-        unique("graph"),
-        broker.bootstrap()
-    )
+    let mut env = kafka_env(broker, input, output);
+    env.push(("SELDON_ENABLE_ROUTING_INJECTION", "true".into()));
+    seldon_deployment("seldon", transport, &env, graph)
 }
 
 /// One record: x, r, and its headers.
@@ -145,11 +122,10 @@ async fn run_with(
     let mut args = vec!["-f", yaml.to_str().unwrap(), "--session-timeout", "4s"];
     args.extend_from_slice(extra);
     let ki = KafkaInfer::start(&args, env)?;
-    let cluster = Cluster::connect(broker.settings()).await?;
-    let p = Producer::new(cluster, ProducerConfig::default());
-    let mut ds = Vec::new();
-    for (i, r) in recs.iter().enumerate() {
-        let rec = OutRecord {
+    let records = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| OutRecord {
             key: Some(Bytes::from(format!("k{}", i % 3))),
             value: Some(Bytes::from(
                 json!({"data": {"ndarray": [[r.x, r.r]]}}).to_string(),
@@ -159,13 +135,9 @@ async fn run_with(
                 .iter()
                 .map(|(k, v)| (k.clone(), Bytes::from(v.clone())))
                 .collect(),
-        };
-        ds.push(p.send(&input, None, rec).await?);
-    }
-    for d in ds {
-        d.wait().await?;
-    }
-    p.close(Duration::from_secs(5)).await?;
+        })
+        .collect();
+    produce_all(broker.settings(), &input, records).await?;
     let answers = read_topic(&broker.bootstrap(), &output, recs.len(), 60)?;
     assert_eq!(answers.len(), recs.len(), "every record answered once");
     let mut by_idx: Vec<Option<(Answer, Value)>> = (0..recs.len()).map(|_| None).collect();

@@ -23,7 +23,8 @@ use kafka_infer_tests::{
     models::{self, KafkaInfer, Server},
     py, read_topic, unhex, unique, wait_for,
 };
-use kafka_io::{Cluster, OutRecord, Producer, ProducerConfig};
+use kafka_infer_tests::{kafka_env, produce_all, seldon_deployment};
+use kafka_io::OutRecord;
 use serde_json::{Value, json};
 
 const V2_REQUEST: &str = "inference.ModelInferRequest";
@@ -81,47 +82,29 @@ fn deployment(
     input: &str,
     output: &str,
 ) -> String {
-    format!(
-        r#"apiVersion: machinelearning.seldon.io/v1
-kind: SeldonDeployment
-metadata: {{name: {}, namespace: graphs}}
-spec:
-  protocol: {protocol}
-  transport: {transport}
-  serverType: kafka
-  predictors:
-  - name: default
-    svcOrchSpec:
-      env:
-      - {{name: KAFKA_BROKER, value: "{}"}}
-      - {{name: KAFKA_INPUT_TOPIC, value: {input}}}
-      - {{name: KAFKA_OUTPUT_TOPIC, value: {output}}}
-    graph: {graph}
-"#,
-        unique("graph"),
-        broker.bootstrap()
+    seldon_deployment(
+        protocol,
+        transport,
+        &kafka_env(broker, input, output),
+        graph,
     )
 }
 
 async fn produce(broker: &Broker, topic: &str, recs: &[Rec]) -> Result<()> {
-    let cluster = Cluster::connect(broker.settings()).await?;
-    let p = Producer::new(cluster, ProducerConfig::default());
-    let mut ds = Vec::new();
-    for (i, r) in recs.iter().enumerate() {
-        let mut headers = vec![("idx".to_string(), Bytes::from(i.to_string()))];
-        headers.extend(r.headers.iter().cloned());
-        let rec = OutRecord {
-            key: Some(Bytes::from(r.key.clone())),
-            value: Some(r.value.clone()),
-            headers,
-        };
-        ds.push(p.send(topic, None, rec).await?);
-    }
-    for d in ds {
-        d.wait().await?;
-    }
-    p.close(Duration::from_secs(5)).await?;
-    Ok(())
+    let records = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut headers = vec![("idx".to_string(), Bytes::from(i.to_string()))];
+            headers.extend(r.headers.iter().cloned());
+            OutRecord {
+                key: Some(Bytes::from(r.key.clone())),
+                value: Some(r.value.clone()),
+                headers,
+            }
+        })
+        .collect();
+    produce_all(broker.settings(), topic, records).await
 }
 
 /// The answer as JSON: JSON as is, protobuf through the pool (named by its proto-name header).
