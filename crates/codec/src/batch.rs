@@ -4,7 +4,15 @@
 //!   differ in names, datatypes, other dimensions or parameters do not merge.
 //! - seldon: `data.ndarray` rows, or `data.tensor` values along dim 0, with equal `names`;
 //!   records with `meta` or other data forms do not merge.
-//! - tensorflow: `instances` rows.
+//! - tensorflow: the row format, `instances` rows (answer `predictions`), with equal other keys;
+//!   or the columnar format, `inputs` as one array or as named arrays, each along dim 0 (answer
+//!   `outputs` in either form, each output split along dim 0), with equal `signature_name` and
+//!   no other keys. Columnar records merge only when they have the same input names and, per
+//!   input, the same shape of the first row (only the first row is looked at: ragged rows are
+//!   for the server to refuse). Scalar inputs, named inputs of unequal or zero dim 0, or a
+//!   request with both `instances` and `inputs` do not merge; a row-format and a columnar
+//!   record never merge together. A columnar request's answer must be `outputs`
+//!   (`predictions` is an error).
 //!
 //! A request that cannot be merged goes alone ([`Merged`] of one). An answer that does not
 //! split (rows missing) is an error: the caller then sends each record alone.
@@ -95,15 +103,34 @@ pub fn part(protocol: Protocol, json: &[u8]) -> Option<Part> {
                 _ => return None,
             }
         }
-        Protocol::Tensorflow => {
-            let inst = o.get("instances")?.as_array()?;
-            let other: Map<String, Value> = o
-                .iter()
-                .filter(|(k, _)| k.as_str() != "instances")
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            (serde_json::to_string(&other).ok()?, inst.len())
-        }
+        Protocol::Tensorflow => match (o.get("instances"), o.get("inputs")) {
+            (Some(inst), None) => {
+                let inst = inst.as_array()?;
+                let other: Map<String, Value> = o
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "instances")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                (
+                    serde_json::to_string(&("instances", other)).ok()?,
+                    inst.len(),
+                )
+            }
+            (None, Some(inputs)) => {
+                if o.keys()
+                    .any(|k| !matches!(k.as_str(), "inputs" | "signature_name"))
+                {
+                    return None;
+                }
+                let (columns, rows) = tf_columns(inputs)?;
+                (
+                    serde_json::to_string(&("inputs", o.get("signature_name"), columns)).ok()?,
+                    rows,
+                )
+            }
+            // Both forms in one request, or neither: TF Serving refuses it; it goes alone.
+            _ => return None,
+        },
     };
     (rows > 0).then_some(Part { key, rows, value })
 }
@@ -117,6 +144,62 @@ impl Part {
     pub fn rows(&self) -> usize {
         self.rows
     }
+}
+
+/// TensorFlow Serving's columnar `inputs` (one array, or name -> array): its batch key and the
+/// rows (each input's dim 0, equal for all), or None when it does not batch. The key holds the
+/// form, the input names (sorted) and, per input, the shape below dim 0 of its first row.
+fn tf_columns(inputs: &Value) -> Option<(Value, usize)> {
+    match inputs {
+        Value::Array(rows) => Some((
+            serde_json::json!(["unnamed", shape_of(rows.first()?)]),
+            rows.len(),
+        )),
+        Value::Object(named) => {
+            let mut rows = None;
+            let mut key = Vec::with_capacity(named.len());
+            for (name, v) in named {
+                let r = v.as_array()?;
+                if *rows.get_or_insert(r.len()) != r.len() {
+                    return None;
+                }
+                key.push((name, shape_of(r.first()?)));
+            }
+            key.sort_unstable();
+            Some((serde_json::json!(["named", key]), rows?))
+        }
+        _ => None,
+    }
+}
+
+/// The shape of a nested JSON array, following first elements (`[]` for a scalar).
+fn shape_of(mut v: &Value) -> Vec<usize> {
+    let mut shape = Vec::new();
+    while let Value::Array(a) = v {
+        shape.push(a.len());
+        match a.first() {
+            Some(x) => v = x,
+            None => break,
+        }
+    }
+    shape
+}
+
+/// The rows at `at` of every part, in order, as one array.
+fn concat_rows(parts: &[Part], at: impl Fn(&Value) -> Option<&Vec<Value>>) -> Value {
+    Value::Array(
+        parts
+            .iter()
+            .flat_map(|p| at(&p.value).into_iter().flatten().cloned())
+            .collect(),
+    )
+}
+
+/// Whether `parts` are TensorFlow Serving columnar requests (`inputs`, not `instances`).
+fn tf_columnar(parts: &[Part]) -> bool {
+    parts
+        .first()
+        .is_some_and(|p| p.value.get("inputs").is_some())
 }
 
 fn count_leaves(v: &Value) -> usize {
@@ -180,12 +263,19 @@ pub fn merge(protocol: Protocol, parts: &[Part]) -> Result<Bytes, CodecError> {
                 d["tensor"]["shape"][0] = Value::from(total);
             }
         }
+        Protocol::Tensorflow if tf_columnar(parts) => match &mut out["inputs"] {
+            Value::Array(_) => {
+                out["inputs"] = concat_rows(parts, |v| v["inputs"].as_array());
+            }
+            Value::Object(named) => {
+                for (name, rows) in named.iter_mut() {
+                    *rows = concat_rows(parts, |v| v["inputs"][name.as_str()].as_array());
+                }
+            }
+            _ => return Err(err("a columnar request's inputs are not rows")),
+        },
         Protocol::Tensorflow => {
-            let rows: Vec<Value> = parts
-                .iter()
-                .flat_map(|p| p.value["instances"].as_array().cloned().unwrap_or_default())
-                .collect();
-            out["instances"] = Value::Array(rows);
+            out["instances"] = concat_rows(parts, |v| v["instances"].as_array());
         }
     }
     Ok(Bytes::from(serde_json::to_vec(&out).expect("serializes")))
@@ -284,6 +374,37 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
                 return Err(err("the batch answer has neither ndarray nor tensor rows"));
             }
         }
+        // TF Serving answers a columnar request with `outputs`: one array, or name -> array.
+        Protocol::Tensorflow if tf_columnar(parts) => match v.get("outputs") {
+            Some(Value::Array(rows)) => {
+                check_rows(rows.len(), total)?;
+                let mut at = 0;
+                for (p, out) in parts.iter().zip(outs.iter_mut()) {
+                    out["outputs"] = Value::Array(rows[at..at + p.rows].to_vec());
+                    at += p.rows;
+                }
+            }
+            Some(Value::Object(named)) if !named.is_empty() => {
+                for (name, rows) in named {
+                    let rows = rows
+                        .as_array()
+                        .ok_or_else(|| err(format!("output {name} is not rows")))?;
+                    if rows.len() != total {
+                        return Err(err(format!(
+                            "output {name} has {} rows for a batch of {total}",
+                            rows.len()
+                        )));
+                    }
+                    let mut at = 0;
+                    for (p, out) in parts.iter().zip(outs.iter_mut()) {
+                        out["outputs"][name.as_str()] =
+                            Value::Array(rows[at..at + p.rows].to_vec());
+                        at += p.rows;
+                    }
+                }
+            }
+            _ => return Err(err("the batch answer has no outputs")),
+        },
         Protocol::Tensorflow => {
             let rows = v
                 .get("predictions")
@@ -437,7 +558,16 @@ mod tests {
         )
         .unwrap();
         assert!(a.merges_with(&b) && !a.merges_with(&c));
-        assert!(p(Protocol::Tensorflow, json!({"inputs": {"x": [1]}})).is_none());
+        // A columnar record never merges with a row-format one; both forms at once never merge.
+        let col = p(Protocol::Tensorflow, json!({"inputs": [[3.0]]})).unwrap();
+        assert!(!a.merges_with(&col) && !col.merges_with(&a));
+        assert!(
+            p(
+                Protocol::Tensorflow,
+                json!({"instances": [[1.0]], "inputs": [[1.0]]})
+            )
+            .is_none()
+        );
         let parts = [a, b];
         let ans = json!({"predictions": [[10], [20], [30]]});
         let s = split(Protocol::Tensorflow, ans.to_string().as_bytes(), &parts).unwrap();
@@ -445,5 +575,128 @@ mod tests {
         assert_eq!(&s[1][..], br#"{"predictions":[[30]]}"#);
         let bad = json!({"predictions": [[10]]});
         assert!(split(Protocol::Tensorflow, bad.to_string().as_bytes(), &parts).is_err());
+    }
+
+    fn answers(protocol: Protocol, answer: Value, parts: &[Part]) -> Vec<Value> {
+        split(protocol, answer.to_string().as_bytes(), parts)
+            .unwrap()
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn tensorflow_columnar_unnamed() {
+        let tf = Protocol::Tensorflow;
+        let a = p(tf, json!({"inputs": [[1, 2], [3, 4]]})).unwrap();
+        let b = p(tf, json!({"inputs": [[5, 6]]})).unwrap();
+        assert_eq!((a.rows(), b.rows()), (2, 1));
+        assert!(a.merges_with(&b));
+        // Rows of another inner shape do not merge.
+        let c = p(tf, json!({"inputs": [[1, 2, 3]]})).unwrap();
+        assert!(!a.merges_with(&c));
+        let parts = [a, b];
+        let m: Value = serde_json::from_slice(&merge(tf, &parts).unwrap()).unwrap();
+        assert_eq!(m, json!({"inputs": [[1, 2], [3, 4], [5, 6]]}));
+        let s = answers(tf, json!({"outputs": [[10], [30], [50]]}), &parts);
+        assert_eq!(s[0], json!({"outputs": [[10], [30]]}));
+        assert_eq!(s[1], json!({"outputs": [[50]]}));
+        // A model of several outputs answers name -> array even to an unnamed input.
+        let s = answers(
+            tf,
+            json!({"outputs": {"y": [1, 2, 3], "z": [[1], [2], [3]]}}),
+            &parts,
+        );
+        assert_eq!(s[0], json!({"outputs": {"y": [1, 2], "z": [[1], [2]]}}));
+        assert_eq!(s[1], json!({"outputs": {"y": [3], "z": [[3]]}}));
+        // Rows missing, or a row-format answer, do not split.
+        for bad in [
+            json!({"outputs": [[10], [30]]}),
+            json!({"outputs": {"y": [1, 2, 3], "z": [[1], [2]]}}),
+            json!({"outputs": {"y": 1}}),
+            json!({"outputs": {}}),
+            json!({"predictions": [[10], [30], [50]]}),
+        ] {
+            assert!(
+                split(tf, bad.to_string().as_bytes(), &parts).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensorflow_columnar_named() {
+        let tf = Protocol::Tensorflow;
+        let a = p(
+            tf,
+            json!({"signature_name": "s", "inputs": {"x": [[1.0, 2.0]], "ids": [7]}}),
+        )
+        .unwrap();
+        // Input names in another order merge all the same.
+        let b = p(
+            tf,
+            json!({"signature_name": "s", "inputs": {"ids": [8, 9], "x": [[3.0, 4.0], [5.0, 6.0]]}}),
+        )
+        .unwrap();
+        assert!(a.merges_with(&b));
+        assert_eq!(b.rows(), 2);
+        let parts = [a, b];
+        let m: Value = serde_json::from_slice(&merge(tf, &parts).unwrap()).unwrap();
+        assert_eq!(
+            m,
+            json!({"signature_name": "s", "inputs": {"x": [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], "ids": [7, 8, 9]}})
+        );
+        let s = answers(
+            tf,
+            json!({"outputs": {"scores": [[0.1], [0.2], [0.3]], "label": ["a", "b", "c"]}}),
+            &parts,
+        );
+        assert_eq!(
+            s[0],
+            json!({"outputs": {"scores": [[0.1]], "label": ["a"]}})
+        );
+        assert_eq!(
+            s[1],
+            json!({"outputs": {"scores": [[0.2], [0.3]], "label": ["b", "c"]}})
+        );
+        let s = answers(tf, json!({"outputs": [1, 2, 3]}), &parts);
+        assert_eq!(s[1], json!({"outputs": [2, 3]}));
+        let short = json!({"outputs": {"scores": [[0.1], [0.2]], "label": ["a", "b", "c"]}});
+        assert!(split(tf, short.to_string().as_bytes(), &parts).is_err());
+    }
+
+    #[test]
+    fn tensorflow_columnar_not_merging() {
+        let tf = Protocol::Tensorflow;
+        let base = p(tf, json!({"inputs": {"x": [[1]]}})).unwrap();
+        // signature_name is part of the key (absent differs from any name).
+        let sig = p(tf, json!({"signature_name": "s", "inputs": {"x": [[1]]}})).unwrap();
+        let sig2 = p(tf, json!({"signature_name": "t", "inputs": {"x": [[1]]}})).unwrap();
+        assert!(!base.merges_with(&sig) && !sig.merges_with(&sig2));
+        // Other input names, the unnamed form, other inner shapes.
+        for other in [
+            json!({"inputs": {"y": [[1]]}}),
+            json!({"inputs": {"x": [[1]], "y": [[1]]}}),
+            json!({"inputs": [[1]]}),
+            json!({"inputs": {"x": [[1, 2]]}}),
+            json!({"inputs": {"x": [1]}}),
+            json!({"instances": [{"x": [1]}]}),
+        ] {
+            assert!(!base.merges_with(&p(tf, other.clone()).unwrap()), "{other}");
+        }
+        // Requests that go alone.
+        for alone in [
+            json!({"inputs": {"x": [[1], [2]], "y": [[1]]}}),
+            json!({"inputs": {"x": 1}}),
+            json!({"inputs": {"x": [[1]], "y": "s"}}),
+            json!({"inputs": 1.5}),
+            json!({"inputs": "text"}),
+            json!({"inputs": []}),
+            json!({"inputs": {"x": []}}),
+            json!({"inputs": {}}),
+            json!({"inputs": {"x": [[1]]}, "other": 1}),
+        ] {
+            assert!(p(tf, alone.clone()).is_none(), "{alone}");
+        }
     }
 }

@@ -733,12 +733,23 @@ impl Config {
             dep.predictor.clone().unwrap_or_else(|| "default".into()),
         );
         let mut warnings_early = Vec::new();
+        // Flag or environment, then the deployment's env, then the graph's nodes.
         let batch_size = match args.batch_size {
+            Some(n) => Some(n),
+            None => lookup("KAFKA_INFER_BATCH_SIZE")
+                .map(|v| {
+                    v.trim().parse::<usize>().map_err(|_| {
+                        anyhow!("KAFKA_INFER_BATCH_SIZE: `{v}` is not a number of records")
+                    })
+                })
+                .transpose()?,
+        };
+        let batch_size = match batch_size {
             Some(n) if !(1..=4096).contains(&n) => {
                 bail!("--batch-size (KAFKA_INFER_BATCH_SIZE): {n} is outside 1..=4096")
             }
             Some(n) => n,
-            None => 1,
+            None => node_batch_size(&graph)?.unwrap_or(1),
         };
         // A router (or A/B test) decides per request: a batch would take one route for all
         // its records.
@@ -753,6 +764,10 @@ impl Config {
             1
         } else {
             batch_size
+        };
+        let batch_linger = match pick(&args.batch_linger, "KAFKA_INFER_BATCH_LINGER") {
+            Some(v) => parse_duration(&v, "KAFKA_INFER_BATCH_LINGER")?,
+            None => node_batch_time(&graph)?.unwrap_or(Duration::from_millis(5)),
         };
         // In flight counts records: by default room for two full batches.
         let max_in_flight = args.max_in_flight.unwrap_or(16.max(2 * batch_size)).max(1);
@@ -884,7 +899,7 @@ impl Config {
             otlp_endpoint: args.otlp_endpoint.clone(),
             otel_service_name: env("OTEL_SERVICE_NAME").unwrap_or_else(|| "kafka-infer".into()),
             batch_size,
-            batch_linger: dur(&args.batch_linger, "KAFKA_INFER_BATCH_LINGER", "5ms")?,
+            batch_linger,
             logger_default_endpoint: lookup("REQUEST_LOGGER_DEFAULT_ENDPOINT")
                 .unwrap_or_else(|| "http://default-broker".into()),
             deployment,
@@ -994,6 +1009,57 @@ fn graph_warnings(n: &Node, out: &mut Vec<String>) {
     for c in &n.children {
         graph_warnings(c, out);
     }
+}
+
+/// The smallest `max_batch_size` parameter of the graph's nodes (the names Triton and MLServer
+/// give the largest batch a model takes): the batch size when no flag or variable sets one.
+fn node_batch_size(n: &Node) -> Result<Option<usize>> {
+    let mut least = None;
+    for (k, v) in &n.parameters {
+        if k == "max_batch_size" {
+            let b = v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|b| (1..=4096).contains(b))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "graph node {}: max_batch_size `{v}` is not a number from 1 to 4096",
+                        n.name
+                    )
+                })?;
+            least = Some(least.map_or(b, |l: usize| l.min(b)));
+        }
+    }
+    for c in &n.children {
+        if let Some(b) = node_batch_size(c)? {
+            least = Some(least.map_or(b, |l: usize| l.min(b)));
+        }
+    }
+    Ok(least)
+}
+
+/// The shortest `max_batch_time` parameter of the graph's nodes: seconds as MLServer takes it
+/// (`0.005`), or a duration (`5ms`); the batch linger when no flag or variable sets one.
+fn node_batch_time(n: &Node) -> Result<Option<Duration>> {
+    let mut least = None;
+    for (k, v) in &n.parameters {
+        if k == "max_batch_time" {
+            let label = format!("graph node {}: max_batch_time", n.name);
+            let d = match v.trim().parse::<f64>() {
+                Ok(s) if (0.0..=60.0).contains(&s) => Duration::from_secs_f64(s),
+                Ok(_) => bail!("{label} `{v}` is out of range (0 to 60 seconds)"),
+                Err(_) => parse_duration(v, &label)?,
+            };
+            least = Some(least.map_or(d, |l: Duration| l.min(d)));
+        }
+    }
+    for c in &n.children {
+        if let Some(d) = node_batch_time(c)? {
+            least = Some(least.map_or(d, |l: Duration| l.min(d)));
+        }
+    }
+    Ok(least)
 }
 
 /// RANDOM_ABTEST's ratioA parameter (the share of the first child), default 0.5.
@@ -1196,6 +1262,63 @@ spec:
                 .iter()
                 .any(|w| w.contains("--batch-size 8 is ignored"))
         );
+    }
+
+    #[test]
+    fn batching_from_node_parameters_and_deployment_env() {
+        let dep = |env: &str, params_a: &str, params_b: &str| {
+            format!(
+                "kind: SeldonDeployment\nmetadata: {{name: d}}\nspec:\n  serverType: kafka\n  \
+                 predictors:\n  - name: p\n    svcOrchSpec: {{env: [{{name: KAFKA_BROKER, value: \
+                 \"b:1\"}}, {{name: KAFKA_INPUT_TOPIC, value: i}}, {{name: KAFKA_OUTPUT_TOPIC, \
+                 value: o}}{env}]}}\n    graph: {{name: t, type: TRANSFORMER, endpoint: \
+                 {{service_port: 1}}, parameters: [{params_a}], children: [{{name: m, type: \
+                 MODEL, endpoint: {{service_port: 2}}, parameters: [{params_b}]}}]}}\n"
+            )
+        };
+        let resolve = |text: String, flag: Option<usize>| {
+            let g = tmp(&text);
+            let mut a = args_with(&g.0);
+            a.batch_size = flag;
+            Config::resolve(&a, &|_| None)
+        };
+        // The smallest max_batch_size of the nodes, and the shortest max_batch_time (seconds).
+        let c = resolve(
+            dep(
+                "",
+                "{name: max_batch_size, value: '32', type: INT}, {name: max_batch_time, value: '0.02', type: FLOAT}",
+                "{name: max_batch_size, value: '8', type: INT}, {name: max_batch_time, value: 10ms}",
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.batch_size, c.batch_linger),
+            (8, Duration::from_millis(10))
+        );
+        // The deployment's env wins over the nodes, and the flag over both.
+        let text = dep(
+            ", {name: KAFKA_INFER_BATCH_SIZE, value: '4'}, {name: KAFKA_INFER_BATCH_LINGER, value: 1ms}",
+            "{name: max_batch_size, value: '32', type: INT}",
+            "",
+        );
+        let c = resolve(text.clone(), None).unwrap();
+        assert_eq!(
+            (c.batch_size, c.batch_linger),
+            (4, Duration::from_millis(1))
+        );
+        assert_eq!(resolve(text, Some(16)).unwrap().batch_size, 16);
+        // No parameter: off.
+        assert_eq!(resolve(dep("", "", ""), None).unwrap().batch_size, 1);
+        // Bad values are named.
+        let e = resolve(dep("", "{name: max_batch_size, value: many}", ""), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("graph node t: max_batch_size `many`"), "{e}");
+        let e = resolve(dep("", "", "{name: max_batch_time, value: soon}"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("graph node m: max_batch_time"), "{e}");
     }
 
     #[test]
