@@ -283,17 +283,19 @@ pub fn merge(protocol: Protocol, parts: &[Part]) -> Result<Bytes, CodecError> {
 
 /// The merged request's JSON answer split into one answer per part, in order.
 pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<Bytes>, CodecError> {
-    let v: Value =
+    let mut v: Value =
         serde_json::from_slice(answer).map_err(|e| CodecError::MalformedJson(e.to_string()))?;
     let total: usize = parts.iter().map(|p| p.rows).sum();
-    let mut outs: Vec<Value> = parts.iter().map(|_| v.clone()).collect();
-    match protocol {
+    // The rows are taken out of the answer first, so each record's copy of the rest is small
+    // (cloning the whole answer per record would cost batch-size squared), then dealt out.
+    let outs = match protocol {
         Protocol::V2 => {
             let outputs = v
-                .get("outputs")
-                .and_then(Value::as_array)
+                .get_mut("outputs")
+                .and_then(Value::as_array_mut)
                 .ok_or_else(|| err("the batch answer has no outputs"))?;
-            for (n, o) in outputs.iter().enumerate() {
+            let mut datas = Vec::with_capacity(outputs.len());
+            for o in outputs.iter_mut() {
                 let shape = o
                     .get("shape")
                     .and_then(Value::as_array)
@@ -311,17 +313,18 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
                     .product::<Option<u64>>()
                     .ok_or_else(|| err("a batch output's shape is not numbers"))?;
                 let mut data = Vec::new();
-                flatten_into(o.get("data").unwrap_or(&Value::Null), &mut data);
+                flatten_owned(o.get_mut("data").map(Value::take), &mut data);
                 if data.len() as u64 != per_row * total as u64 {
                     return Err(err("a batch output's data does not fill its shape"));
                 }
-                let mut at = 0usize;
-                for (p, out) in parts.iter().zip(outs.iter_mut()) {
-                    let n_vals = per_row as usize * p.rows;
+                datas.push(deal(data, parts, per_row as usize));
+            }
+            let mut outs = copies(&v, parts.len());
+            for (n, chunks) in datas.into_iter().enumerate() {
+                for ((p, out), chunk) in parts.iter().zip(outs.iter_mut()).zip(chunks) {
                     let o = &mut out["outputs"][n];
-                    o["data"] = Value::Array(data[at..at + n_vals].to_vec());
+                    o["data"] = chunk;
                     o["shape"][0] = Value::from(p.rows);
-                    at += n_vals;
                 }
             }
             // Each answer carries its own request's id, where it had one.
@@ -330,19 +333,21 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
                     o.insert("id".into(), id.clone());
                 }
             }
+            outs
         }
         Protocol::Seldon => {
             let d = v
-                .get("data")
+                .get_mut("data")
                 .ok_or_else(|| err("the batch answer has no data"))?;
-            if let Some(rows) = d.get("ndarray").and_then(Value::as_array) {
+            if let Some(rows) = d.get_mut("ndarray").and_then(Value::as_array_mut) {
                 check_rows(rows.len(), total)?;
-                let mut at = 0;
-                for (p, out) in parts.iter().zip(outs.iter_mut()) {
-                    out["data"]["ndarray"] = Value::Array(rows[at..at + p.rows].to_vec());
-                    at += p.rows;
+                let chunks = deal(std::mem::take(rows), parts, 1);
+                let mut outs = copies(&v, parts.len());
+                for (out, chunk) in outs.iter_mut().zip(chunks) {
+                    out["data"]["ndarray"] = chunk;
                 }
-            } else if let Some(t) = d.get("tensor") {
+                outs
+            } else if let Some(t) = d.get_mut("tensor") {
                 let shape = t
                     .get("shape")
                     .and_then(Value::as_array)
@@ -357,37 +362,39 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
                     .product::<Option<u64>>()
                     .ok_or_else(|| err("a batch tensor's shape is not numbers"))?;
                 let values = t
-                    .get("values")
-                    .and_then(Value::as_array)
+                    .get_mut("values")
+                    .and_then(Value::as_array_mut)
                     .ok_or_else(|| err("a batch tensor has no values"))?;
                 if values.len() as u64 != per_row * total as u64 {
                     return Err(err("a batch tensor's values do not fill its shape"));
                 }
-                let mut at = 0;
-                for (p, out) in parts.iter().zip(outs.iter_mut()) {
-                    let n = per_row as usize * p.rows;
-                    out["data"]["tensor"]["values"] = Value::Array(values[at..at + n].to_vec());
+                let chunks = deal(std::mem::take(values), parts, per_row as usize);
+                let mut outs = copies(&v, parts.len());
+                for ((p, out), chunk) in parts.iter().zip(outs.iter_mut()).zip(chunks) {
+                    out["data"]["tensor"]["values"] = chunk;
                     out["data"]["tensor"]["shape"][0] = Value::from(p.rows);
-                    at += n;
                 }
+                outs
             } else {
                 return Err(err("the batch answer has neither ndarray nor tensor rows"));
             }
         }
         // TF Serving answers a columnar request with `outputs`: one array, or name -> array.
-        Protocol::Tensorflow if tf_columnar(parts) => match v.get("outputs") {
+        Protocol::Tensorflow if tf_columnar(parts) => match v.get_mut("outputs") {
             Some(Value::Array(rows)) => {
                 check_rows(rows.len(), total)?;
-                let mut at = 0;
-                for (p, out) in parts.iter().zip(outs.iter_mut()) {
-                    out["outputs"] = Value::Array(rows[at..at + p.rows].to_vec());
-                    at += p.rows;
+                let chunks = deal(std::mem::take(rows), parts, 1);
+                let mut outs = copies(&v, parts.len());
+                for (out, chunk) in outs.iter_mut().zip(chunks) {
+                    out["outputs"] = chunk;
                 }
+                outs
             }
             Some(Value::Object(named)) if !named.is_empty() => {
-                for (name, rows) in named {
+                let mut dealt = Vec::with_capacity(named.len());
+                for (name, rows) in named.iter_mut() {
                     let rows = rows
-                        .as_array()
+                        .as_array_mut()
                         .ok_or_else(|| err(format!("output {name} is not rows")))?;
                     if rows.len() != total {
                         return Err(err(format!(
@@ -395,33 +402,59 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
                             rows.len()
                         )));
                     }
-                    let mut at = 0;
-                    for (p, out) in parts.iter().zip(outs.iter_mut()) {
-                        out["outputs"][name.as_str()] =
-                            Value::Array(rows[at..at + p.rows].to_vec());
-                        at += p.rows;
+                    dealt.push((name.clone(), deal(std::mem::take(rows), parts, 1)));
+                }
+                let mut outs = copies(&v, parts.len());
+                for (name, chunks) in dealt {
+                    for (out, chunk) in outs.iter_mut().zip(chunks) {
+                        out["outputs"][name.as_str()] = chunk;
                     }
                 }
+                outs
             }
             _ => return Err(err("the batch answer has no outputs")),
         },
         Protocol::Tensorflow => {
             let rows = v
-                .get("predictions")
-                .and_then(Value::as_array)
+                .get_mut("predictions")
+                .and_then(Value::as_array_mut)
                 .ok_or_else(|| err("the batch answer has no predictions"))?;
             check_rows(rows.len(), total)?;
-            let mut at = 0;
-            for (p, out) in parts.iter().zip(outs.iter_mut()) {
-                out["predictions"] = Value::Array(rows[at..at + p.rows].to_vec());
-                at += p.rows;
+            let chunks = deal(std::mem::take(rows), parts, 1);
+            let mut outs = copies(&v, parts.len());
+            for (out, chunk) in outs.iter_mut().zip(chunks) {
+                out["predictions"] = chunk;
             }
+            outs
         }
-    }
+    };
     Ok(outs
         .into_iter()
         .map(|o| Bytes::from(serde_json::to_vec(&o).expect("serializes")))
         .collect())
+}
+
+/// `n` copies of `v` (the answer with its rows taken out).
+fn copies(v: &Value, n: usize) -> Vec<Value> {
+    (0..n).map(|_| v.clone()).collect()
+}
+
+/// `values` (`per_row` per row, as many rows as the parts hold) dealt out: one array per part.
+fn deal(values: Vec<Value>, parts: &[Part], per_row: usize) -> Vec<Value> {
+    let mut it = values.into_iter();
+    parts
+        .iter()
+        .map(|p| Value::Array(it.by_ref().take(per_row * p.rows).collect()))
+        .collect()
+}
+
+/// Like [`flatten_into`], moving the leaves.
+fn flatten_owned(v: Option<Value>, out: &mut Vec<Value>) {
+    match v {
+        Some(Value::Array(a)) => a.into_iter().for_each(|x| flatten_owned(Some(x), out)),
+        Some(x) => out.push(x),
+        None => out.push(Value::Null),
+    }
 }
 
 fn check_rows(got: usize, want: usize) -> Result<(), CodecError> {
