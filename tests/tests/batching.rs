@@ -288,3 +288,28 @@ async fn tensorflow_batches_over_rest_with_the_tf_stand_in() -> Result<()> {
     assert_batched(&o, n);
     Ok(())
 }
+
+/// tensorflow: the columnar format (`inputs` named, as TF Serving takes it) through the TF
+/// stand-in's echo model, which answers `outputs` as one array (a model of one output): each
+/// record must get back exactly its own rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn tensorflow_columnar_inputs_batch_over_rest() -> Result<()> {
+    let m = models::test_model("tensorflow", "echo", "echo")?;
+    let n = 40;
+    let values: Vec<Value> = (0..n)
+        .map(|i| {
+            let f = i as f64;
+            if i % 3 == 0 {
+                json!({"inputs": {"x": [[f, 0.5], [f, 1.5]]}})
+            } else {
+                json!({"inputs": {"x": [[f, 0.25]]}})
+            }
+        })
+        .collect();
+    let o = run("tensorflow", "rest", "echo", m.http_port, &values, &[]).await?;
+    for (i, (_, v)) in &o.answers {
+        assert_eq!(v["outputs"], values[*i]["inputs"]["x"], "record {i}: {v}");
+    }
+    assert_batched(&o, n);
+    Ok(())
+}

@@ -535,3 +535,64 @@ async fn rebalance_runs_the_revoke_hook_and_commits_work_finished_during_the_dra
     drop(a);
     Ok(())
 }
+
+/// While the caller signals pressure (more records on their way), a partition's writer lingers
+/// up to `linger_max`, so a record sent meanwhile goes out in the same produce request; without
+/// pressure a record is written after the short linger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_lingers_longer_under_pressure() -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    init_log();
+    let broker = Broker::start()?;
+    let topic = unique("linger");
+    broker.create_topic(&topic, 1)?;
+    let cluster = Cluster::connect(broker.settings()).await?;
+    let pressure = Arc::new(AtomicUsize::new(0));
+    let p = Producer::new(
+        cluster.clone(),
+        ProducerConfig {
+            linger: Duration::from_millis(2),
+            linger_max: Duration::from_secs(3),
+            pressure: Some(pressure.clone()),
+            ..Default::default()
+        },
+    );
+    let rec = |i: u32| OutRecord {
+        key: None,
+        value: Some(Bytes::from(format!("v{i}"))),
+        headers: Vec::new(),
+    };
+    // The writer exists and knows the partition's leader.
+    p.send(&topic, Some(0), rec(0)).await?.wait().await?;
+
+    // No pressure: written after the short linger, long before linger_max.
+    let t = Instant::now();
+    let o1 = p.send(&topic, Some(0), rec(1)).await?.wait().await?;
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "{:?} without pressure",
+        t.elapsed()
+    );
+
+    // Pressure: the first record waits for company; the second, sent 300 ms later, joins it.
+    pressure.store(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let first = tokio::spawn(p.send(&topic, Some(0), rec(2)).await?.wait());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !first.is_finished(),
+        "written before linger_max under pressure"
+    );
+    let second = p.send(&topic, Some(0), rec(3)).await?;
+    pressure.store(0, Ordering::Relaxed);
+    let o2 = first.await??;
+    let o3 = second.wait().await?;
+    assert_eq!((o2, o3), (o1 + 1, o1 + 2));
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "the batch went out after {waited:?} (linger_max 3 s)"
+    );
+    p.close(Duration::from_secs(5)).await?;
+    Ok(())
+}

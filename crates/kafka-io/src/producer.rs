@@ -1,5 +1,5 @@
-//! The producer: one task per target partition that batches queued records (linger, size cap),
-//! sends one batch at a time with acks=all, and retries a failed batch with capped backoff before
+//! The producer: one task per target partition that batches queued records (linger, size cap;
+//! a longer linger while the caller signals pressure: more records on their way), sends one batch at a time with acks=all, and retries a failed batch with capped backoff before
 //! any later one, so records land in the order they were queued. Each record gets a
 //! [`Delivery`] that resolves to its offset once the broker has acknowledged it, or to a
 //! [`ProduceError`] that says why it never will be (too large, rejected, topic missing).
@@ -11,7 +11,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -128,6 +131,12 @@ impl From<CompressionCodec> for Compression {
 #[derive(Clone, Debug)]
 pub struct ProducerConfig {
     pub linger: Duration,
+    /// The longest linger while `pressure` is above zero: the caller has more records on their
+    /// way (its work is queued behind a slower stage), so waiting for them makes fewer, larger
+    /// produce requests without slowing the stream down. At least `linger`.
+    pub linger_max: Duration,
+    /// Set by the caller: above zero while more records are certain to follow soon.
+    pub pressure: Option<Arc<AtomicUsize>>,
     /// Largest produce batch (and so largest record) sent, as Java's `max.request.size`; the
     /// topic's `max.message.bytes` lowers it where the broker reports it.
     pub max_request_size: usize,
@@ -142,6 +151,8 @@ impl Default for ProducerConfig {
     fn default() -> Self {
         Self {
             linger: Duration::from_millis(2),
+            linger_max: Duration::from_millis(2),
+            pressure: None,
             max_request_size: 1024 * 1024,
             compression: CompressionCodec::None,
             queue_per_partition: 10_000,
@@ -323,8 +334,18 @@ async fn partition_writer(
                     None => return,
                 },
             };
-            // Linger for more, up to the batch size (never past it).
-            let deadline = tokio::time::Instant::now() + cfg.linger;
+            // Linger for more, up to the batch size (never past it); longer while the caller
+            // says more records are on their way.
+            let pressed = cfg
+                .pressure
+                .as_ref()
+                .is_some_and(|p| p.load(Ordering::Relaxed) > 0);
+            let linger = if pressed {
+                cfg.linger_max.max(cfg.linger)
+            } else {
+                cfg.linger
+            };
+            let deadline = tokio::time::Instant::now() + linger;
             let mut bytes = BATCH_OVERHEAD + first.0.size();
             batch.push(first);
             loop {

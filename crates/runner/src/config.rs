@@ -123,6 +123,12 @@ pub struct RunArgs {
     /// batches also grow while the previous one is written. Default 2ms.
     #[arg(long, env = "KAFKA_LINGER")]
     pub linger: Option<String>,
+    /// The writer's linger while records wait for the model (every model slot of a partition
+    /// busy: the model sets the pace, so answers that wait for company come out no later on
+    /// the whole, in fewer and larger produce requests). Not used with --max-uncommitted.
+    /// Default 25ms; equal to --linger turns it off.
+    #[arg(long, env = "KAFKA_INFER_LINGER_MAX")]
+    pub linger_max: Option<String>,
     /// Output compression: none, gzip, snappy, lz4, zstd. Default none.
     #[arg(long, env = "KAFKA_COMPRESSION")]
     pub compression: Option<String>,
@@ -136,7 +142,9 @@ pub struct RunArgs {
     /// text or json.
     #[arg(long, value_enum, env = "KAFKA_INFER_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// Runtime worker threads (default: the CPUs available; 1 runs everything on one thread).
+    /// Runtime worker threads. Default 1 (one thread: measured cheaper per answer and faster
+    /// than one per CPU beside a model server, docs/performance.md); more help when transcoding
+    /// large payloads is what limits the stream.
     #[arg(long, env = "KAFKA_INFER_THREADS")]
     pub threads: Option<usize>,
     /// Largest tensor a record may expand to when transcoded, in bytes of memory (each value
@@ -318,6 +326,8 @@ pub struct Config {
     pub compression: kafka_io::CompressionCodec,
     /// The producer's linger (Kafka's linger.ms).
     pub linger: Duration,
+    /// The producer's linger while the model is the bottleneck.
+    pub linger_max: Duration,
     pub max_request_size: usize,
     pub max_attempts: u32,
     pub assignors: Vec<kafka_io::assignor::Assignor>,
@@ -389,6 +399,11 @@ const DURATION_RANGES: &[(&str, Duration, Duration)] = &[
     ),
     // Zero: produce each answer at once; above a second answers would wait for nothing.
     ("KAFKA_LINGER", Duration::ZERO, Duration::from_secs(1)),
+    (
+        "KAFKA_INFER_LINGER_MAX",
+        Duration::ZERO,
+        Duration::from_secs(1),
+    ),
     // Below 100 ms the metadata checks would load the broker for nothing.
     (
         "KAFKA_METADATA_MAX_AGE",
@@ -765,6 +780,15 @@ impl Config {
         } else {
             batch_size
         };
+        let linger = parse_duration(
+            &pick(&args.linger, "KAFKA_LINGER").unwrap_or_else(|| "2ms".into()),
+            "KAFKA_LINGER",
+        )?;
+        let linger_max = parse_duration(
+            &pick(&args.linger_max, "KAFKA_INFER_LINGER_MAX").unwrap_or_else(|| "25ms".into()),
+            "KAFKA_INFER_LINGER_MAX",
+        )?
+        .max(linger);
         let batch_linger = match pick(&args.batch_linger, "KAFKA_INFER_BATCH_LINGER") {
             Some(v) => parse_duration(&v, "KAFKA_INFER_BATCH_LINGER")?,
             None => node_batch_time(&graph)?.unwrap_or(Duration::from_millis(5)),
@@ -851,7 +875,8 @@ impl Config {
                 None => 3,
             },
             commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "5ms")?,
-            linger: dur(&args.linger, "KAFKA_LINGER", "2ms")?,
+            linger,
+            linger_max,
             metadata_max_age: dur(&args.metadata_max_age, "KAFKA_METADATA_MAX_AGE", "30s")?,
             assignors: {
                 let v = pick(
@@ -947,6 +972,7 @@ impl Config {
             "max_attempts": self.max_attempts,
             "commit_interval_ms": self.commit_interval.as_millis() as u64,
             "linger_ms": self.linger.as_millis() as u64,
+            "linger_max_ms": self.linger_max.as_millis() as u64,
             "assignment_strategy": self.assignors.iter().map(|a| a.name()).collect::<Vec<_>>(),
             "forward_headers": match &self.forward_headers {
                 crate::meta::HeaderPolicy::All => serde_json::json!("*"),

@@ -72,15 +72,12 @@ fn main() -> std::process::ExitCode {
     for w in &cfg.warnings {
         tracing::warn!("{w}");
     }
-    let rt = match args.threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
+    let rt = match args.threads.unwrap_or(1) {
+        0 | 1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n.max(1))
-            .enable_all()
-            .build(),
-        None => tokio::runtime::Builder::new_multi_thread()
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
             .enable_all()
             .build(),
     }

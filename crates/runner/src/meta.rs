@@ -175,12 +175,18 @@ fn new_span_id() -> [u8; 8] {
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
+    let mut s = String::with_capacity(b.len() * 2);
+    push_hex(&mut s, b);
+    s
+}
+
+/// Appends the lower-case hex of `b` (a table look-up per nibble: this runs for every record).
+fn push_hex(s: &mut String, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0x0f)]));
+    }
 }
 
 /// Lower-case hex of exactly N bytes (W3C trace context forbids upper case).
@@ -229,15 +235,17 @@ fn uuid_form(v: u128) -> String {
     let mut b = v.to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex(&b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let mut s = String::with_capacity(36);
+    for (i, group) in [&b[..4], &b[4..6], &b[6..8], &b[8..10], &b[10..]]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            s.push('-');
+        }
+        push_hex(&mut s, group);
+    }
+    s
 }
 
 /// The request id's header: `Seldon-Puid` for the seldon protocol (as Seldon's executor),
@@ -429,6 +437,20 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
             .collect()
+    }
+
+    #[test]
+    fn request_ids_are_uuid_shaped_and_stable() {
+        assert_eq!(uuid_form(0), "00000000-0000-4000-8000-000000000000");
+        assert_eq!(uuid_form(u128::MAX), "ffffffff-ffff-4fff-bfff-ffffffffffff");
+        assert_eq!(
+            uuid_form(0x0123456789abcdef_0123456789abcdef),
+            "01234567-89ab-4def-8123-456789abcdef"
+        );
+        let id = request_id_of("in", 3, 42);
+        assert_eq!(id, request_id_of("in", 3, 42));
+        assert_ne!(id, request_id_of("in", 3, 43));
+        assert_eq!(hex(&[0x00, 0x9f, 0xa0]), "009fa0");
     }
 
     #[test]

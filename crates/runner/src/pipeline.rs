@@ -5,7 +5,13 @@
 //! input order; once the broker acknowledges a result, the record is completed and the consumer
 //! may commit past it. Every record ends as exactly one output or error record.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use codec::{Payload, Pool, Protocol, Transcoder, detect};
@@ -51,6 +57,8 @@ struct Ctx {
     error_topic: Option<String>,
     max_in_flight: usize,
     max_uncommitted: usize,
+    /// Partitions whose records wait for a model slot: the producer lingers longer meanwhile.
+    pressure: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     acker: Acker,
     stop: watch::Receiver<bool>,
@@ -119,6 +127,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         metrics.clone(),
         internal_stop.clone(),
     )?;
+    let pressure = Arc::new(AtomicUsize::new(0));
     let ctx = Arc::new(Ctx {
         graph,
         batch_size: cfg.batch_size,
@@ -134,6 +143,13 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
                 compression: cfg.compression,
                 max_request_size: cfg.max_request_size,
                 linger: cfg.linger,
+                // With --max-uncommitted, answers that linger hold back new model calls.
+                linger_max: if cfg.max_uncommitted == usize::MAX {
+                    cfg.linger_max
+                } else {
+                    cfg.linger
+                },
+                pressure: Some(pressure.clone()),
                 ..Default::default()
             },
         ),
@@ -141,6 +157,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         error_topic: cfg.error_topic.clone(),
         max_in_flight: cfg.max_in_flight,
         max_uncommitted: cfg.max_uncommitted,
+        pressure,
         metrics: metrics.clone(),
         acker: consumer.acker(),
         stop: internal_stop,
@@ -363,6 +380,10 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     // Records received and not yet started, in offset order.
     let mut queue: std::collections::VecDeque<Queued> = std::collections::VecDeque::new();
     let mut open = true;
+    let mut pressure = Pressure {
+        count: ctx.pressure.clone(),
+        on: false,
+    };
     loop {
         let now = *state.borrow();
         if now == StreamState::Revoked {
@@ -434,6 +455,8 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             let c = ctx.clone();
             running.push_back(Box::pin(run_unit(c, input_partition, batch)));
         }
+        // Records wait because every model slot is busy: the model sets the pace.
+        pressure.set(!queue.is_empty() && running_records >= ctx.max_in_flight);
         tokio::select! {
             biased;
             // The consumer is gone (closed): nothing of this partition can be committed any more.
@@ -489,6 +512,31 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             _ = ctx.stop_changed(), if open => {}
             else => break,
         }
+    }
+}
+
+/// A partition's share of [`Ctx::pressure`], taken back when its worker ends.
+struct Pressure {
+    count: Arc<AtomicUsize>,
+    on: bool,
+}
+
+impl Pressure {
+    fn set(&mut self, on: bool) {
+        if on != self.on {
+            if on {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.on = on;
+        }
+    }
+}
+
+impl Drop for Pressure {
+    fn drop(&mut self) {
+        self.set(false);
     }
 }
 
