@@ -59,16 +59,38 @@ async fn run(
     values: &[Value],
     poison: &[usize],
 ) -> Result<Outcome> {
+    run_on(
+        protocol,
+        transport,
+        node,
+        port,
+        values,
+        poison,
+        (2, 3, BATCH),
+    )
+    .await
+}
+
+/// [`run`] on topics of `partitions`, with keys k{i % keys}, batches of `batch`.
+async fn run_on(
+    protocol: &str,
+    transport: &str,
+    node: &str,
+    port: u16,
+    values: &[Value],
+    poison: &[usize],
+    (partitions, keys, batch): (u32, usize, &str),
+) -> Result<Outcome> {
     let broker = Broker::start()?;
     let (input, output, error) = (unique("in"), unique("out"), unique("err"));
     for t in [&input, &output, &error] {
-        broker.create_topic(t, 2)?;
+        broker.create_topic(t, partitions)?;
     }
     let records = values
         .iter()
         .enumerate()
         .map(|(i, v)| OutRecord {
-            key: Some(Bytes::from(format!("k{}", i % 3))),
+            key: Some(Bytes::from(format!("k{}", i % keys))),
             value: Some(Bytes::from(v.to_string())),
             headers: vec![("idx".into(), Bytes::from(i.to_string()))],
         })
@@ -94,7 +116,7 @@ async fn run(
             "--session-timeout",
             "4s",
             "--batch-size",
-            BATCH,
+            batch,
             "--batch-linger",
             "20ms",
         ],
@@ -132,7 +154,7 @@ async fn run(
     // Order: one key's answers come in input order.
     let mut last: BTreeMap<String, (i64, usize)> = BTreeMap::new();
     for (i, (a, _)) in &answers {
-        assert_eq!(a.key, format!("k{}", i % 3), "key kept");
+        assert_eq!(a.key, format!("k{}", i % keys), "key kept");
         if let Some((off, j)) = last.get(&a.key) {
             assert!(*off < a.offset && j < i, "order broken for key {}", a.key);
         }
@@ -311,5 +333,46 @@ async fn tensorflow_columnar_inputs_batch_over_rest() -> Result<()> {
         assert_eq!(v["outputs"], values[*i]["inputs"]["x"], "record {i}: {v}");
     }
     assert_batched(&o, n);
+    Ok(())
+}
+
+/// Batches take records of every partition: 64 records over 8 partitions, queued before
+/// kafka-infer starts, need fewer model calls than there are partitions with records (batching
+/// within a partition alone needs at least one call per partition).
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_merge_records_across_partitions() -> Result<()> {
+    let m = models::test_model("tensorflow", "echo", "echo")?;
+    let n = 64;
+    let values: Vec<Value> = (0..n)
+        .map(|i| json!({"instances": [[i as f64, 0.5]]}))
+        .collect();
+    let o = run_on(
+        "tensorflow",
+        "rest",
+        "echo",
+        m.http_port,
+        &values,
+        &[],
+        (8, 16, "32"),
+    )
+    .await?;
+    for (i, (_, v)) in &o.answers {
+        assert_eq!(v["predictions"], values[*i]["instances"], "record {i}: {v}");
+    }
+    let partitions: std::collections::BTreeSet<i64> =
+        o.answers.values().map(|(a, _)| a.partition).collect();
+    eprintln!(
+        "{} model calls for {n} records on {} partitions (mean batch {:.2})",
+        o.calls,
+        partitions.len(),
+        o.mean_batch
+    );
+    assert!(partitions.len() >= 4, "records spread: {partitions:?}");
+    assert!(
+        o.calls < partitions.len() as f64,
+        "{} model calls for records on {} partitions",
+        o.calls,
+        partitions.len()
+    );
     Ok(())
 }

@@ -12,7 +12,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -343,11 +343,41 @@ fn kafka_infer(
     transport: &str,
     extra: &[&str],
 ) -> Result<fx::Proc> {
-    let metrics = fx::free_port();
     // BENCH_KAFKA_INFER_BIN measures another build (e.g. target/dist/kafka-infer, the static one).
     let bin = std::env::var_os("BENCH_KAFKA_INFER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| env.release.join("kafka-infer"));
+    kafka_infer_bin(env, &bin, input, output, url, transport, extra)
+}
+
+/// The static build users run (`cargo xtask dist`), when it is there (said with its age: an
+/// old one measures old code).
+fn dist_binary() -> Option<PathBuf> {
+    let p = fx::repo_root().join("target/dist/kafka-infer");
+    let age = std::fs::metadata(&p)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()?;
+    eprintln!(
+        "bench: static build {} (built {} min ago)",
+        p.display(),
+        age.as_secs() / 60
+    );
+    Some(p)
+}
+
+fn kafka_infer_bin(
+    env: &Env,
+    bin: &Path,
+    input: &str,
+    output: &str,
+    url: &str,
+    transport: &str,
+    extra: &[&str],
+) -> Result<fx::Proc> {
+    let metrics = fx::free_port();
     let mut cmd = Command::new(bin);
     cmd.args([
         "run",
@@ -693,6 +723,18 @@ pub fn bench(short: bool) -> Result<()> {
                         )
                         .await?
                     }
+                    "ki_rest_static" => {
+                        let bin = dist_binary()
+                            .context("no target/dist/kafka-infer: cargo xtask dist")?;
+                        measure(
+                            &env,
+                            "kafka-infer (static musl build) -> echo model, REST",
+                            n,
+                            &[],
+                            |i, o| kafka_infer_bin(&env, &bin, i, o, &echo.rest_url(), "rest", &[]),
+                        )
+                        .await?
+                    }
                     other => bail!("BENCH_ONLY: unknown item {other}"),
                 };
                 println!("{fig:?}");
@@ -707,6 +749,20 @@ pub fn bench(short: bool) -> Result<()> {
             })
             .await?,
         );
+        // The static musl binary (its allocator is part of what it costs).
+        if let Some(bin) = dist_binary() {
+            f.insert(
+                "ki_rest_static",
+                measure(
+                    &env,
+                    "kafka-infer (static musl build) -> echo model, REST",
+                    n,
+                    &[],
+                    |i, o| kafka_infer_bin(&env, &bin, i, o, &echo.rest_url(), "rest", &[]),
+                )
+                .await?,
+            );
+        }
         f.insert(
             "ki_grpc",
             measure(
@@ -879,6 +935,7 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
     out.push_str("| bridge | requests | answered | answers/s | CPU s / 1000 answers | broker CPU s / 1000 | peak RSS MiB |\n|---|---:|---|---:|---:|---:|---:|\n");
     for k in [
         "ki_rest",
+        "ki_rest_static",
         "ki_rest_b8",
         "ki_rest_b32",
         "ki_grpc",
@@ -891,7 +948,7 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
         "d_grpc",
         "d_grpc_b32",
     ] {
-        let x = &f[k];
+        let Some(x) = f.get(k) else { continue };
         out.push_str(&format!(
             "| {} | {} | {} | {:.0} | {:.3} | {:.3} | {:.1} |\n",
             x.name, x.records, x.note, x.per_s, x.cpu_per_1000, x.broker_cpu_per_1000, x.rss_mib
@@ -920,8 +977,8 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
         "\n| target | measured | met |\n|---|---|---|\n\
          | kafka-infer (echo) >= 1.0x plain copy (a) | {:.2}x | {} |\n\
          | kafka-infer (echo) >= 20x MLServer's Kafka server (c) | {:.1}x | {} |\n\
-         | in front of MLServer >= 0.9x its direct capacity (e), REST | {:.2}x | {} |\n\
-         | in front of MLServer >= 0.9x its direct capacity (e), gRPC | {:.2}x | {} |\n\
+         | in front of MLServer, no batching, >= 0.95x its direct capacity (e), REST | {:.2}x | {} |\n\
+         | in front of MLServer, no batching, >= 0.95x its direct capacity (e), gRPC | {:.2}x | {} |\n\
          | in front of MLServer > MLServer's Kafka server (c) | REST {:.1}x, gRPC {:.1}x | {} |\n\
          | p99 <= 30 ms at 1,000 records/s | {:.2} ms | {} |\n\
          | kafka-infer peak RSS <= 50 MiB | {:.1} MiB | {} |\n\
@@ -933,9 +990,9 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
         r("ki_rest", "c_mlserver_kafka"),
         yes(r("ki_rest", "c_mlserver_kafka") >= 20.0),
         r("d_rest", "e_rest"),
-        yes(r("d_rest", "e_rest") >= 0.9),
+        yes(r("d_rest", "e_rest") >= 0.95),
         r("d_grpc", "e_grpc"),
-        yes(r("d_grpc", "e_grpc") >= 0.9),
+        yes(r("d_grpc", "e_grpc") >= 0.95),
         r("d_rest", "c_mlserver_kafka"),
         r("d_grpc", "c_mlserver_kafka"),
         yes(r("d_rest", "c_mlserver_kafka") > 1.0 && r("d_grpc", "c_mlserver_kafka") > 1.0),

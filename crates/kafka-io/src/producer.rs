@@ -1,5 +1,6 @@
 //! The producer: one task per target partition that batches queued records (linger, size cap;
-//! a longer linger while the caller signals pressure: more records on their way), sends one batch at a time with acks=all, and retries a failed batch with capped backoff before
+//! a longer linger while the caller signals pressure: more records on their way), sends one
+//! batch at a time with acks=all, and retries a failed batch with capped backoff before
 //! any later one, so records land in the order they were queued. Each record gets a
 //! [`Delivery`] that resolves to its offset once the broker has acknowledged it, or to a
 //! [`ProduceError`] that says why it never will be (too large, rejected, topic missing).
@@ -334,29 +335,38 @@ async fn partition_writer(
                     None => return,
                 },
             };
-            // Linger for more, up to the batch size (never past it); longer while the caller
-            // says more records are on their way.
-            let pressed = cfg
-                .pressure
-                .as_ref()
-                .is_some_and(|p| p.load(Ordering::Relaxed) > 0);
-            let linger = if pressed {
-                cfg.linger_max.max(cfg.linger)
-            } else {
-                cfg.linger
+            // Linger for more, up to the batch size (never past it); up to `linger_max` while
+            // the caller says more records are on their way, looking again every `linger`
+            // (pressure that ends sends the batch then).
+            let pressed = || {
+                cfg.pressure
+                    .as_ref()
+                    .is_some_and(|p| p.load(Ordering::Relaxed) > 0)
             };
-            let deadline = tokio::time::Instant::now() + linger;
+            let start = tokio::time::Instant::now();
+            let short = start + cfg.linger;
+            let long = start + cfg.linger_max.max(cfg.linger);
+            let step = cfg.linger.max(Duration::from_millis(1));
             let mut bytes = BATCH_OVERHEAD + first.0.size();
             batch.push(first);
             loop {
                 let next = match rx.try_recv() {
                     Ok(q) => Some(q),
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        tokio::time::timeout_at(deadline, rx.recv())
-                            .await
-                            .unwrap_or_default()
-                    }
+                    Err(mpsc::error::TryRecvError::Empty) => loop {
+                        let now = tokio::time::Instant::now();
+                        let until = if now < short {
+                            short
+                        } else if now < long && pressed() {
+                            long.min(now + step)
+                        } else {
+                            break None;
+                        };
+                        match tokio::time::timeout_at(until, rx.recv()).await {
+                            Ok(q) => break q,
+                            Err(_) => continue,
+                        }
+                    },
                 };
                 let Some(q) = next else { break };
                 let size = q.0.size();

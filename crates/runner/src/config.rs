@@ -120,7 +120,8 @@ pub struct RunArgs {
     pub assignment_strategy: Option<String>,
     /// How long an output partition's writer waits for more answers before it produces a batch
     /// (Kafka's linger.ms); one produce request per partition is in flight at a time, so
-    /// batches also grow while the previous one is written. Default 2ms.
+    /// batches also grow while the previous one is written (and while records wait for the
+    /// model: --linger-max). Default 2ms.
     #[arg(long, env = "KAFKA_LINGER")]
     pub linger: Option<String>,
     /// The writer's linger while records wait for the model (every model slot of a partition
@@ -173,11 +174,13 @@ pub struct RunArgs {
     /// Records of a partition merged into one model request at most (adaptive micro-batching:
     /// batches form from what is queued; a partial one waits for more only while calls run,
     /// never past --batch-linger). v2 inputs along dim 0, seldon ndarray/tensor rows,
-    /// tensorflow instances; requests that cannot merge go alone; a batch that fails for good
-    /// is retried record by record. Default 1 (off).
+    /// tensorflow instances or columnar inputs; requests that cannot merge go alone; a batch
+    /// that fails for good is retried record by record. Default: the deployment's env, else the
+    /// smallest max_batch_size parameter of the graph's nodes, else 1 (off).
     #[arg(long, env = "KAFKA_INFER_BATCH_SIZE")]
     pub batch_size: Option<usize>,
-    /// The longest a record waits for its batch to fill. Default 5ms.
+    /// The longest a record waits for its batch to fill. Default: the deployment's env, else the
+    /// shortest max_batch_time parameter of the graph's nodes (seconds), else 5ms.
     #[arg(long, env = "KAFKA_INFER_BATCH_LINGER")]
     pub batch_linger: Option<String>,
     /// Print the resolved configuration as JSON (no secrets) and exit.
@@ -789,6 +792,12 @@ impl Config {
             "KAFKA_INFER_LINGER_MAX",
         )?
         .max(linger);
+        // With --max-uncommitted, answers that linger would hold back new model calls.
+        let linger_max = if args.max_uncommitted.is_some() {
+            linger
+        } else {
+            linger_max
+        };
         let batch_linger = match pick(&args.batch_linger, "KAFKA_INFER_BATCH_LINGER") {
             Some(v) => parse_duration(&v, "KAFKA_INFER_BATCH_LINGER")?,
             None => node_batch_time(&graph)?.unwrap_or(Duration::from_millis(5)),
@@ -1043,17 +1052,17 @@ fn node_batch_size(n: &Node) -> Result<Option<usize>> {
     let mut least = None;
     for (k, v) in &n.parameters {
         if k == "max_batch_size" {
+            // 0 is Triton's and MLServer's "no batching"; above 4096 is taken as 4096.
             let b = v
                 .trim()
                 .parse::<usize>()
-                .ok()
-                .filter(|b| (1..=4096).contains(b))
-                .ok_or_else(|| {
+                .map_err(|_| {
                     anyhow!(
-                        "graph node {}: max_batch_size `{v}` is not a number from 1 to 4096",
+                        "graph node {}: max_batch_size `{v}` is not a number of records",
                         n.name
                     )
-                })?;
+                })?
+                .clamp(1, 4096);
             least = Some(least.map_or(b, |l: usize| l.min(b)));
         }
     }
@@ -1341,6 +1350,9 @@ spec:
             .unwrap_err()
             .to_string();
         assert!(e.contains("graph node t: max_batch_size `many`"), "{e}");
+        // 0 is "no batching" (Triton, MLServer), not an error.
+        let c = resolve(dep("", "{name: max_batch_size, value: '0'}", ""), None).unwrap();
+        assert_eq!(c.batch_size, 1);
         let e = resolve(dep("", "", "{name: max_batch_time, value: soon}"), None)
             .unwrap_err()
             .to_string();

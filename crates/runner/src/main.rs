@@ -8,7 +8,8 @@ use tokio::sync::watch;
 
 /// mimalloc: musl's allocator (the static binary's) made every answer cost 1.5-2.4x the CPU
 /// of the same code on glibc's (docs/performance.md). Transparent huge pages off (`no_thp`) and
-/// freed memory returned after 10 ms instead of 1 s keep the peak RSS where glibc's was.
+/// freed pages purged after 10 ms instead of 1 s (arenas: 10x that) keep the peak RSS where
+/// glibc's was.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -17,7 +18,11 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn tune_allocator() {
-    // SAFETY: sets one integer option; mimalloc reads it whenever it schedules a purge.
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return; // the operator's choice
+    }
+    // SAFETY: sets one integer option, first thing in main, before any other thread exists
+    // (setting options is not thread-safe).
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10) };
 }
 

@@ -22,6 +22,8 @@ use kafka_io::{
 };
 use tokio::sync::watch;
 
+mod batcher;
+
 use crate::{
     config::Config,
     graph::{CallError, Graph, Msg},
@@ -59,6 +61,8 @@ struct Ctx {
     max_uncommitted: usize,
     /// Partitions whose records wait for a model slot: the producer lingers longer meanwhile.
     pressure: Arc<AtomicUsize>,
+    /// Batching across partitions (`--batch-size` above 1).
+    batcher: Option<batcher::Batcher>,
     metrics: Arc<Metrics>,
     acker: Acker,
     stop: watch::Receiver<bool>,
@@ -128,6 +132,13 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         internal_stop.clone(),
     )?;
     let pressure = Arc::new(AtomicUsize::new(0));
+    let (batcher_tx, batcher_rx) = match cfg.batch_size {
+        0 | 1 => (None, None),
+        _ => {
+            let (tx, rx) = batcher::channel();
+            (Some(tx), Some(rx))
+        }
+    };
     let ctx = Arc::new(Ctx {
         graph,
         batch_size: cfg.batch_size,
@@ -143,12 +154,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
                 compression: cfg.compression,
                 max_request_size: cfg.max_request_size,
                 linger: cfg.linger,
-                // With --max-uncommitted, answers that linger hold back new model calls.
-                linger_max: if cfg.max_uncommitted == usize::MAX {
-                    cfg.linger_max
-                } else {
-                    cfg.linger
-                },
+                linger_max: cfg.linger_max,
                 pressure: Some(pressure.clone()),
                 ..Default::default()
             },
@@ -158,12 +164,17 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         max_in_flight: cfg.max_in_flight,
         max_uncommitted: cfg.max_uncommitted,
         pressure,
+        batcher: batcher_tx,
         metrics: metrics.clone(),
         acker: consumer.acker(),
         stop: internal_stop,
         stop_tx,
         fatal: fatal_tx,
     });
+
+    if let Some(rx) = batcher_rx {
+        tokio::spawn(batcher::run(ctx.clone(), rx));
+    }
 
     tracing::info!(group = %cfg.group_id, input = %cfg.input_topic, output = %cfg.output_topic,
         protocol = %cfg.protocol, model = %cfg.graph.url, "kafka-infer running");
@@ -407,53 +418,21 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                 acked.pop_front();
             }
         }
-        // A partial batch may wait for more records, up to the linger.
-        let mut wait_until = None;
+        // Start what fits (a mergeable record goes to the batcher, which merges across
+        // partitions and answers it here, so answers keep their order).
         loop {
             let held = running_records + deliveries.len() + acked.len();
             let room = ctx
                 .max_in_flight
                 .saturating_sub(running_records)
                 .min(ctx.max_uncommitted.saturating_sub(held));
-            let Some(front) = queue.front() else { break };
             if room == 0 {
                 break;
             }
-            let n = match &front.part {
-                Some(first) if ctx.batch_size > 1 => {
-                    let mut n = 1;
-                    while n < ctx.batch_size.min(room)
-                        && queue
-                            .get(n)
-                            .and_then(|q| q.part.as_ref())
-                            .is_some_and(|p| p.merges_with(first))
-                    {
-                        n += 1;
-                    }
-                    // Adaptive: while calls run, a batch that more records could still fill
-                    // waits for them, never past the linger; an idle model gets it at once.
-                    let deadline = front.arrived + ctx.batch_linger;
-                    if n < ctx.batch_size
-                        && n < room
-                        && n == queue.len()
-                        && running_records > 0
-                        && open
-                        && tokio::time::Instant::now() < deadline
-                    {
-                        wait_until = Some(deadline);
-                        break;
-                    }
-                    n
-                }
-                _ => 1,
-            };
-            let batch: Vec<Queued> = queue.drain(..n).collect();
-            running_records += n;
-            for _ in 0..n {
-                ctx.metrics.in_flight.inc();
-            }
-            let c = ctx.clone();
-            running.push_back(Box::pin(run_unit(c, input_partition, batch)));
+            let Some(q) = queue.pop_front() else { break };
+            running_records += 1;
+            ctx.metrics.in_flight.inc();
+            running.push_back(Box::pin(run_record(ctx.clone(), input_partition, q)));
         }
         // Records wait because every model slot is busy: the model sets the pace.
         pressure.set(!queue.is_empty() && running_records >= ctx.max_in_flight);
@@ -473,7 +452,6 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                     }
                 }
             }
-            _ = tokio::time::sleep_until(wait_until.unwrap_or_else(tokio::time::Instant::now)), if wait_until.is_some() => {}
             Some(d) = deliveries.next(), if !deliveries.is_empty() => {
                 match d.result {
                     Ok(_) => {
@@ -564,64 +542,65 @@ fn batch_part(ctx: &Ctx, rec: &InRecord) -> Option<codec::batch::Part> {
     codec::batch::part(ctx.protocol, rec.value.as_deref()?)
 }
 
-/// Runs one record, or a batch of records as one model request.
-async fn run_unit(ctx: Arc<Ctx>, partition: i32, mut unit: Vec<Queued>) -> Vec<Done> {
-    if unit.len() == 1 {
-        let q = unit.pop().expect("one");
-        if ctx.batch_size > 1 {
-            ctx.metrics.batch_size.observe(1.0);
-        }
-        let outcome = process(ctx, partition, &q.rec).await;
-        return vec![(q.rec, q.token, outcome)];
-    }
-    ctx.metrics.batch_size.observe(unit.len() as f64);
-    let mut recs = Vec::with_capacity(unit.len());
-    let mut tokens = Vec::with_capacity(unit.len());
-    let mut parts = Vec::with_capacity(unit.len());
-    for q in unit {
-        recs.push(q.rec);
-        tokens.push(q.token);
-        parts.push(q.part.expect("batched records have parts"));
-    }
-    let outcomes = match process_batch(&ctx, partition, &recs, &parts).await {
-        Some(o) => o,
-        // The batch failed for good: each record alone, so only a bad one gets an error record.
-        None => {
-            let mut out = Vec::with_capacity(recs.len());
-            for r in &recs {
-                out.push(process(ctx.clone(), partition, r).await);
+/// Runs one record: alone, or through the batcher (which may send it back to run alone).
+async fn run_record(ctx: Arc<Ctx>, partition: i32, q: Queued) -> Vec<Done> {
+    let outcome = match (q.part, &ctx.batcher) {
+        (Some(part), Some(batcher)) => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let pending = batcher::Pending {
+                partition,
+                offset: q.rec.offset,
+                headers: q.rec.headers.clone(),
+                part,
+                arrived: q.arrived,
+                reply,
+            };
+            match batcher.send(pending).map(|()| answer) {
+                Ok(answer) => match answer.await {
+                    Ok(batcher::Reply::Done(o)) => *o,
+                    Ok(batcher::Reply::Alone(running)) => {
+                        let o = process(ctx.clone(), partition, &q.rec).await;
+                        drop(running);
+                        o
+                    }
+                    // The batcher stopped (shutdown): left uncommitted, redone later.
+                    Err(_) => Outcome::Abandoned,
+                },
+                Err(_) => Outcome::Abandoned,
             }
-            out
         }
+        _ => process(ctx.clone(), partition, &q.rec).await,
     };
-    recs.into_iter()
-        .zip(tokens)
-        .zip(outcomes)
-        .map(|((r, t), o)| (r, t, o))
-        .collect()
+    vec![(q.rec, q.token, outcome)]
+}
+
+/// What a batch needs of each of its records.
+struct Item<'a> {
+    partition: i32,
+    offset: i64,
+    headers: &'a [(String, Bytes)],
 }
 
 /// One model request for several records, the answer split back; None when the batch failed
 /// for good (the records are then run alone).
 async fn process_batch(
     ctx: &Ctx,
-    partition: i32,
-    recs: &[InRecord],
+    recs: &[Item<'_>],
     parts: &[codec::batch::Part],
 ) -> Option<Vec<Outcome>> {
     let merged = codec::batch::merge(ctx.protocol, parts).ok()?;
     let metas: Vec<RecordMeta> = recs
         .iter()
-        .map(|r| ctx.record_meta(&r.headers, partition, r.offset, true))
+        .map(|r| ctx.record_meta(r.headers, r.partition, r.offset, true))
         .collect();
     // The batch's call carries the headers all its records share, and an id of its own.
-    let first = &recs[0].headers;
+    let first = recs[0].headers;
     let common: Vec<(String, Bytes)> = first
         .iter()
         .filter(|h| recs[1..].iter().all(|r| r.headers.contains(h)))
         .cloned()
         .collect();
-    let batch_meta = ctx.record_meta(&common, partition, recs[0].offset, false);
+    let batch_meta = ctx.record_meta(&common, recs[0].partition, recs[0].offset, false);
     let answer = {
         let _permit = ctx.permit().await;
         ctx.graph.infer(Msg::Json(merged), &batch_meta).await
@@ -639,14 +618,14 @@ async fn process_batch(
                     .collect(),
             ),
             Err(e) => {
-                tracing::warn!(partition, records = recs.len(), error = %e, "batch answer does not split: running its records alone");
+                tracing::warn!(records = recs.len(), error = %e, "batch answer does not split: running its records alone");
                 None
             }
         },
         Ok(Msg::Proto { .. }) => None,
         Err(CallError::Stopped(_)) => Some(recs.iter().map(|_| Outcome::Abandoned).collect()),
         Err(e) => {
-            tracing::info!(partition, records = recs.len(), error = %e, "batch failed: running its records alone");
+            tracing::info!(records = recs.len(), error = %e, "batch failed: running its records alone");
             None
         }
     }
