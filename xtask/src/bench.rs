@@ -749,6 +749,21 @@ pub fn bench(short: bool) -> Result<()> {
             })
             .await?,
         );
+        // BENCH_BASELINE_BIN: another build (e.g. an older commit's) measured in the same run.
+        if let Some(bin) = std::env::var_os("BENCH_BASELINE_BIN").map(PathBuf::from) {
+            let label = std::env::var("BENCH_BASELINE_LABEL").unwrap_or_else(|_| "baseline".into());
+            f.insert(
+                "ki_rest_baseline",
+                measure(
+                    &env,
+                    &format!("kafka-infer {label} build -> echo model, REST"),
+                    n,
+                    &[],
+                    |i, o| kafka_infer_bin(&env, &bin, i, o, &echo.rest_url(), "rest", &[]),
+                )
+                .await?,
+            );
+        }
         // The static musl binary (its allocator is part of what it costs).
         if let Some(bin) = dist_binary() {
             f.insert(
@@ -935,6 +950,7 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
     out.push_str("| bridge | requests | answered | answers/s | CPU s / 1000 answers | broker CPU s / 1000 | peak RSS MiB |\n|---|---:|---|---:|---:|---:|---:|\n");
     for k in [
         "ki_rest",
+        "ki_rest_baseline",
         "ki_rest_static",
         "ki_rest_b8",
         "ki_rest_b32",
@@ -1007,6 +1023,14 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
         f["ki_rest"].cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000,
         yes(f["ki_rest"].cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000 >= 2.0),
     ));
+    if let Some(b) = f.get("ki_rest_baseline") {
+        let x = b.cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000;
+        out.push_str(&format!(
+            "| echo answers per kafka-infer CPU second, batch 32 against the {} at batch 1 | {x:.2}x | {} |\n",
+            b.name.trim_start_matches("kafka-infer ").trim_end_matches(" -> echo model, REST"),
+            yes(x >= 2.0)
+        ));
+    }
     println!("{out}");
     let path = if short {
         fx::repo_root().join("target/benchmarks-short.md")
