@@ -408,3 +408,38 @@ async fn broker_outage_turns_readiness_off_and_the_bridge_goes_on_after() -> Res
     assert_eq!(tally(&answers).len(), 50, "answers after the outage");
     Ok(())
 }
+
+/// Records queued behind a slow model count their partition as model-bound (answers linger up
+/// to --linger-max meanwhile), and the count goes back to 0 once all are answered: no partition
+/// stays pressed (which would delay every later answer by --linger-max).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_count_as_model_bound_only_while_records_wait_for_the_model() -> Result<()> {
+    let broker = Broker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    broker.create_topic(&input, 2)?;
+    broker.create_topic(&output, 2)?;
+    let model = models::test_model_on("v2", "m", "echo", 50, (free_port(), free_port()))?;
+    let url = model.rest_url();
+    let env = topics_env(&broker, &input, &output);
+    let mut args = v2_args(&url, &group);
+    args.extend(["--max-in-flight", "2"]);
+    let n = 120;
+    produce(&broker, &input, requests(0..n)).await?;
+    let ki = KafkaInfer::start(&args, &env)?;
+    wait_for(Duration::from_secs(30), "a model-bound partition", || {
+        (ki.metric("kafka_infer_model_bound_partitions")
+            .unwrap_or(0.0)
+            >= 1.0)
+            .then_some(())
+    })?;
+    wait_for(Duration::from_secs(60), "every answer", || {
+        (ki.metric("kafka_infer_records_total{result=\"ok\"}")
+            .unwrap_or(0.0)
+            >= n as f64)
+            .then_some(())
+    })?;
+    wait_for(Duration::from_secs(5), "no model-bound partition", || {
+        (ki.metric("kafka_infer_model_bound_partitions") == Some(0.0)).then_some(())
+    })?;
+    Ok(())
+}

@@ -76,6 +76,8 @@ pub struct Metrics {
     /// Records per model request (batching on).
     pub batch_size: Histogram,
     pub in_flight: Gauge,
+    /// Partitions whose records wait for a model slot (the producer lingers longer meanwhile).
+    pub model_bound: Gauge,
     pub ready: AtomicBool,
     /// The three result series, made once (no allocation per record).
     by_result: [(&'static str, Counter); 3],
@@ -114,6 +116,13 @@ impl Metrics {
             "Records being processed",
             in_flight.clone(),
         );
+        let model_bound = Gauge::default();
+        registry.register(
+            "kafka_infer_model_bound_partitions",
+            "Partitions whose records wait for a model slot (all --max-in-flight calls running); \
+             meanwhile answers linger up to --linger-max before they are produced",
+            model_bound.clone(),
+        );
         let by_result = ["ok", "error", "retry"].map(|r| {
             let c = records
                 .get_or_create(&ResultLabels {
@@ -145,6 +154,7 @@ impl Metrics {
             lag,
             model_duration,
             in_flight,
+            model_bound,
             ready: AtomicBool::new(false),
         }
     }

@@ -194,6 +194,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
                 let lag = consumer.lag();
                 metrics.set_lag(&lag);
                 metrics.ready.store(consumer.is_connected(), std::sync::atomic::Ordering::Relaxed);
+                metrics.model_bound.set(ctx.pressure.load(Ordering::Relaxed) as i64);
                 tasks.retain(|t| !t.is_finished());
                 if last_log.elapsed() >= Duration::from_secs(5) {
                     let ok = metrics.ok_total() as i64;
