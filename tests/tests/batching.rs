@@ -287,11 +287,25 @@ async fn seldon_batches_over_rest_with_the_python_wrapper() -> Result<()> {
     Ok(())
 }
 
+/// `values` through the TF stand-in's echo model over REST (no poison records).
+async fn tf_echo(values: &[Value], layout: (u32, usize, &str)) -> Result<Outcome> {
+    let m = models::test_model("tensorflow", "echo", "echo")?;
+    run_on(
+        "tensorflow",
+        "rest",
+        "echo",
+        m.http_port,
+        values,
+        &[],
+        layout,
+    )
+    .await
+}
+
 /// tensorflow: `instances` rows through the TF stand-in's echo model (each record must get back
 /// exactly its own rows).
 #[tokio::test(flavor = "multi_thread")]
 async fn tensorflow_batches_over_rest_with_the_tf_stand_in() -> Result<()> {
-    let m = models::test_model("tensorflow", "echo", "echo")?;
     let n = 40;
     let values: Vec<Value> = (0..n)
         .map(|i| {
@@ -303,7 +317,7 @@ async fn tensorflow_batches_over_rest_with_the_tf_stand_in() -> Result<()> {
             }
         })
         .collect();
-    let o = run("tensorflow", "rest", "echo", m.http_port, &values, &[]).await?;
+    let o = tf_echo(&values, (2, 3, BATCH)).await?;
     for (i, (_, v)) in &o.answers {
         assert_eq!(v["predictions"], values[*i]["instances"], "record {i}: {v}");
     }
@@ -316,7 +330,6 @@ async fn tensorflow_batches_over_rest_with_the_tf_stand_in() -> Result<()> {
 /// record must get back exactly its own rows.
 #[tokio::test(flavor = "multi_thread")]
 async fn tensorflow_columnar_inputs_batch_over_rest() -> Result<()> {
-    let m = models::test_model("tensorflow", "echo", "echo")?;
     let n = 40;
     let values: Vec<Value> = (0..n)
         .map(|i| {
@@ -328,7 +341,7 @@ async fn tensorflow_columnar_inputs_batch_over_rest() -> Result<()> {
             }
         })
         .collect();
-    let o = run("tensorflow", "rest", "echo", m.http_port, &values, &[]).await?;
+    let o = tf_echo(&values, (2, 3, BATCH)).await?;
     for (i, (_, v)) in &o.answers {
         assert_eq!(v["outputs"], values[*i]["inputs"]["x"], "record {i}: {v}");
     }
@@ -341,21 +354,11 @@ async fn tensorflow_columnar_inputs_batch_over_rest() -> Result<()> {
 /// within a partition alone needs at least one call per partition).
 #[tokio::test(flavor = "multi_thread")]
 async fn batches_merge_records_across_partitions() -> Result<()> {
-    let m = models::test_model("tensorflow", "echo", "echo")?;
     let n = 64;
     let values: Vec<Value> = (0..n)
         .map(|i| json!({"instances": [[i as f64, 0.5]]}))
         .collect();
-    let o = run_on(
-        "tensorflow",
-        "rest",
-        "echo",
-        m.http_port,
-        &values,
-        &[],
-        (8, 16, "32"),
-    )
-    .await?;
+    let o = tf_echo(&values, (8, 16, "32")).await?;
     for (i, (_, v)) in &o.answers {
         assert_eq!(v["predictions"], values[*i]["instances"], "record {i}: {v}");
     }

@@ -341,12 +341,10 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
                 .ok_or_else(|| err("the batch answer has no data"))?;
             if let Some(rows) = d.get_mut("ndarray").and_then(Value::as_array_mut) {
                 check_rows(rows.len(), total)?;
-                let chunks = deal(std::mem::take(rows), parts, 1);
-                let mut outs = copies(&v, parts.len());
-                for (out, chunk) in outs.iter_mut().zip(chunks) {
+                let rows = std::mem::take(rows);
+                per_record(&v, rows, parts, 1, |out, chunk, _| {
                     out["data"]["ndarray"] = chunk;
-                }
-                outs
+                })
             } else if let Some(t) = d.get_mut("tensor") {
                 let shape = t
                     .get("shape")
@@ -368,13 +366,11 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
                 if values.len() as u64 != per_row * total as u64 {
                     return Err(err("a batch tensor's values do not fill its shape"));
                 }
-                let chunks = deal(std::mem::take(values), parts, per_row as usize);
-                let mut outs = copies(&v, parts.len());
-                for ((p, out), chunk) in parts.iter().zip(outs.iter_mut()).zip(chunks) {
+                let values = std::mem::take(values);
+                per_record(&v, values, parts, per_row as usize, |out, chunk, p| {
                     out["data"]["tensor"]["values"] = chunk;
                     out["data"]["tensor"]["shape"][0] = Value::from(p.rows);
-                }
-                outs
+                })
             } else {
                 return Err(err("the batch answer has neither ndarray nor tensor rows"));
             }
@@ -383,12 +379,8 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
         Protocol::Tensorflow if tf_columnar(parts) => match v.get_mut("outputs") {
             Some(Value::Array(rows)) => {
                 check_rows(rows.len(), total)?;
-                let chunks = deal(std::mem::take(rows), parts, 1);
-                let mut outs = copies(&v, parts.len());
-                for (out, chunk) in outs.iter_mut().zip(chunks) {
-                    out["outputs"] = chunk;
-                }
-                outs
+                let rows = std::mem::take(rows);
+                per_record(&v, rows, parts, 1, |out, chunk, _| out["outputs"] = chunk)
             }
             Some(Value::Object(named)) if !named.is_empty() => {
                 let mut dealt = Vec::with_capacity(named.len());
@@ -420,12 +412,10 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
                 .and_then(Value::as_array_mut)
                 .ok_or_else(|| err("the batch answer has no predictions"))?;
             check_rows(rows.len(), total)?;
-            let chunks = deal(std::mem::take(rows), parts, 1);
-            let mut outs = copies(&v, parts.len());
-            for (out, chunk) in outs.iter_mut().zip(chunks) {
-                out["predictions"] = chunk;
-            }
-            outs
+            let rows = std::mem::take(rows);
+            per_record(&v, rows, parts, 1, |out, chunk, _| {
+                out["predictions"] = chunk
+            })
         }
     };
     Ok(outs
@@ -437,6 +427,22 @@ pub fn split(protocol: Protocol, answer: &[u8], parts: &[Part]) -> Result<Vec<By
 /// `n` copies of `v` (the answer with its rows taken out).
 fn copies(v: &Value, n: usize) -> Vec<Value> {
     (0..n).map(|_| v.clone()).collect()
+}
+
+/// One answer per record: a copy of `v` (the answer, its rows taken out) with the record's
+/// share of `rows` (`per_row` values a row) put in by `put`.
+fn per_record(
+    v: &Value,
+    rows: Vec<Value>,
+    parts: &[Part],
+    per_row: usize,
+    put: impl Fn(&mut Value, Value, &Part),
+) -> Vec<Value> {
+    let mut outs = copies(v, parts.len());
+    for ((out, chunk), p) in outs.iter_mut().zip(deal(rows, parts, per_row)).zip(parts) {
+        put(out, chunk, p);
+    }
+    outs
 }
 
 /// `values` (`per_row` per row, as many rows as the parts hold) dealt out: one array per part.

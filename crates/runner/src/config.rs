@@ -1046,55 +1046,54 @@ fn graph_warnings(n: &Node, out: &mut Vec<String>) {
     }
 }
 
-/// The smallest `max_batch_size` parameter of the graph's nodes (the names Triton and MLServer
-/// give the largest batch a model takes): the batch size when no flag or variable sets one.
-fn node_batch_size(n: &Node) -> Result<Option<usize>> {
+/// The least value of parameter `name` over the graph's nodes, each read by `read`.
+fn least_param<T: Ord>(
+    n: &Node,
+    name: &str,
+    read: &impl Fn(&Node, &str) -> Result<T>,
+) -> Result<Option<T>> {
     let mut least = None;
     for (k, v) in &n.parameters {
-        if k == "max_batch_size" {
-            // 0 is Triton's and MLServer's "no batching"; above 4096 is taken as 4096.
-            let b = v
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| {
-                    anyhow!(
-                        "graph node {}: max_batch_size `{v}` is not a number of records",
-                        n.name
-                    )
-                })?
-                .clamp(1, 4096);
-            least = Some(least.map_or(b, |l: usize| l.min(b)));
+        if k == name {
+            least = least.into_iter().chain([read(n, v)?]).min();
         }
     }
     for c in &n.children {
-        if let Some(b) = node_batch_size(c)? {
-            least = Some(least.map_or(b, |l: usize| l.min(b)));
+        if let Some(x) = least_param(c, name, read)? {
+            least = least.into_iter().chain([x]).min();
         }
     }
     Ok(least)
 }
 
+/// The smallest `max_batch_size` parameter of the graph's nodes (the names Triton and MLServer
+/// give the largest batch a model takes): the batch size when no flag or variable sets one.
+fn node_batch_size(n: &Node) -> Result<Option<usize>> {
+    // 0 is Triton's and MLServer's "no batching"; above 4096 is taken as 4096.
+    least_param(n, "max_batch_size", &|n: &Node, v: &str| {
+        Ok(v.trim()
+            .parse::<usize>()
+            .map_err(|_| {
+                anyhow!(
+                    "graph node {}: max_batch_size `{v}` is not a number of records",
+                    n.name
+                )
+            })?
+            .clamp(1, 4096))
+    })
+}
+
 /// The shortest `max_batch_time` parameter of the graph's nodes: seconds as MLServer takes it
 /// (`0.005`), or a duration (`5ms`); the batch linger when no flag or variable sets one.
 fn node_batch_time(n: &Node) -> Result<Option<Duration>> {
-    let mut least = None;
-    for (k, v) in &n.parameters {
-        if k == "max_batch_time" {
-            let label = format!("graph node {}: max_batch_time", n.name);
-            let d = match v.trim().parse::<f64>() {
-                Ok(s) if (0.0..=60.0).contains(&s) => Duration::from_secs_f64(s),
-                Ok(_) => bail!("{label} `{v}` is out of range (0 to 60 seconds)"),
-                Err(_) => parse_duration(v, &label)?,
-            };
-            least = Some(least.map_or(d, |l: Duration| l.min(d)));
-        }
-    }
-    for c in &n.children {
-        if let Some(d) = node_batch_time(c)? {
-            least = Some(least.map_or(d, |l: Duration| l.min(d)));
-        }
-    }
-    Ok(least)
+    least_param(n, "max_batch_time", &|n: &Node, v: &str| {
+        let label = format!("graph node {}: max_batch_time", n.name);
+        Ok(match v.trim().parse::<f64>() {
+            Ok(s) if (0.0..=60.0).contains(&s) => Duration::from_secs_f64(s),
+            Ok(_) => bail!("{label} `{v}` is out of range (0 to 60 seconds)"),
+            Err(_) => parse_duration(v, &label)?,
+        })
+    })
 }
 
 /// RANDOM_ABTEST's ratioA parameter (the share of the first child), default 0.5.

@@ -383,10 +383,9 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     // Offsets whose result is acknowledged and not yet committed: they count against
     // `max_uncommitted`, so a crash redoes at most that many records of this partition.
     let mut acked: std::collections::VecDeque<i64> = std::collections::VecDeque::new();
-    // Model requests running (one record each, or a batch), in input order.
-    let mut running: FuturesOrdered<futures::future::BoxFuture<'static, Vec<Done>>> =
+    // Records running (alone or through the batcher), in input order.
+    let mut running: FuturesOrdered<futures::future::BoxFuture<'static, Done>> =
         FuturesOrdered::new();
-    let mut running_records = 0usize;
     let mut deliveries: FuturesUnordered<futures::future::BoxFuture<'static, Delivered>> =
         FuturesUnordered::new();
     // Records received and not yet started, in offset order.
@@ -400,7 +399,7 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
         let now = *state.borrow();
         if now == StreamState::Revoked {
             // Not ours any more: what is running is dropped; the new owner redoes it.
-            for _ in 0..running_records {
+            for _ in 0..running.len() {
                 ctx.metrics.in_flight.dec();
             }
             return;
@@ -422,35 +421,31 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
         // Start what fits (a mergeable record goes to the batcher, which merges across
         // partitions and answers it here, so answers keep their order).
         loop {
-            let held = running_records + deliveries.len() + acked.len();
+            let held = running.len() + deliveries.len() + acked.len();
             let room = ctx
                 .max_in_flight
-                .saturating_sub(running_records)
+                .saturating_sub(running.len())
                 .min(ctx.max_uncommitted.saturating_sub(held));
             if room == 0 {
                 break;
             }
             let Some(q) = queue.pop_front() else { break };
-            running_records += 1;
             ctx.metrics.in_flight.inc();
             running.push_back(Box::pin(run_record(ctx.clone(), input_partition, q)));
         }
         // Records wait because every model slot is busy: the model sets the pace.
-        pressure.set(!queue.is_empty() && running_records >= ctx.max_in_flight);
+        pressure.set(!queue.is_empty() && running.len() >= ctx.max_in_flight);
         tokio::select! {
             biased;
             // The consumer is gone (closed): nothing of this partition can be committed any more.
             r = state.changed() => if r.is_err() { return; },
             r = committed.changed(), if !acked.is_empty() => if r.is_err() { return; },
-            Some(done) = running.next(), if !running.is_empty() => {
-                for (rec, token, outcome) in done {
-                    running_records -= 1;
-                    ctx.metrics.in_flight.dec();
-                    match write_result(&ctx, input_partition, &rec, outcome).await {
-                        Some(w) => deliveries.push(delivered(w, rec, token)),
-                        // Interrupted by shutdown, or unwritable (fatal): left uncommitted.
-                        None => ctx.acker.abandon(&token),
-                    }
+            Some((rec, token, outcome)) = running.next(), if !running.is_empty() => {
+                ctx.metrics.in_flight.dec();
+                match write_result(&ctx, input_partition, &rec, outcome).await {
+                    Some(w) => deliveries.push(delivered(w, rec, token)),
+                    // Interrupted by shutdown, or unwritable (fatal): left uncommitted.
+                    None => ctx.acker.abandon(&token),
                 }
             }
             Some(d) = deliveries.next(), if !deliveries.is_empty() => {
@@ -544,7 +539,7 @@ fn batch_part(ctx: &Ctx, rec: &InRecord) -> Option<codec::batch::Part> {
 }
 
 /// Runs one record: alone, or through the batcher (which may send it back to run alone).
-async fn run_record(ctx: Arc<Ctx>, partition: i32, q: Queued) -> Vec<Done> {
+async fn run_record(ctx: Arc<Ctx>, partition: i32, q: Queued) -> Done {
     let outcome = match (q.part, &ctx.batcher) {
         (Some(part), Some(batcher)) => {
             let (reply, answer) = tokio::sync::oneshot::channel();
@@ -572,7 +567,7 @@ async fn run_record(ctx: Arc<Ctx>, partition: i32, q: Queued) -> Vec<Done> {
         }
         _ => process(ctx.clone(), partition, &q.rec).await,
     };
-    vec![(q.rec, q.token, outcome)]
+    (q.rec, q.token, outcome)
 }
 
 /// What a batch needs of each of its records.

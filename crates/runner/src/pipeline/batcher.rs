@@ -153,7 +153,6 @@ async fn run_batch(ctx: Arc<Ctx>, batch: Vec<Pending>, alone_calls: Arc<Alone>) 
         })
         .collect();
     let outcomes = process_batch(&ctx, &items, &parts).await;
-    drop(items);
     match outcomes {
         Some(outcomes) => {
             for ((.., reply), o) in rest.into_iter().zip(outcomes) {
