@@ -223,6 +223,10 @@ impl KafkaInfer {
                 cmd.env_remove(k);
             }
         }
+        // The test broker (tansu) holds a Fetch until its max-wait even when data arrives:
+        // latency follows it, so the tests, the demo and the bench ask for a short one (the
+        // product's default, 500ms, is for a real Kafka cluster). A test's own value wins.
+        cmd.env("KAFKA_FETCH_MAX_WAIT", "10ms");
         for (k, v) in env {
             cmd.env(k, v);
         }

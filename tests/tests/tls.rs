@@ -36,7 +36,9 @@ async fn round_trip(s: ConnectionSettings, broker: &TlsBroker) -> Result<()> {
     let mut g = GroupConfig::new(unique("g"), vec![topic]);
     g.session_timeout = Duration::from_secs(4);
     g.heartbeat_interval = Duration::from_millis(500);
-    let mut c = Consumer::start(cluster, ConsumerConfig::new(g), None);
+    let mut cc = ConsumerConfig::new(g);
+    cc.fetch_max_wait = Duration::from_millis(10); // the test broker holds fetches until then
+    let mut c = Consumer::start(cluster, cc, None);
     let mut n = 0;
     while n < 3 {
         let b = tokio::time::timeout(Duration::from_secs(15), c.recv())

@@ -300,8 +300,10 @@ fn demo() -> Result<()> {
         println!("demo: produced 5 requests to {input}; answers from {output}:");
         let mut group = kafka_io::GroupConfig::new("demo-reader", vec![output.to_owned()]);
         group.session_timeout = Duration::from_secs(4);
-        let mut consumer =
-            kafka_io::Consumer::start(cluster, kafka_io::ConsumerConfig::new(group), None);
+        let mut cc = kafka_io::ConsumerConfig::new(group);
+        // The test broker holds a Fetch until max-wait even when data arrives.
+        cc.fetch_max_wait = Duration::from_millis(10);
+        let mut consumer = kafka_io::Consumer::start(cluster, cc, None);
         let mut seen = 0;
         while seen < 5 {
             let batch = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
@@ -476,7 +478,9 @@ fn chroot_check(bin: &Path) -> Result<()> {
         }
         let mut g = kafka_io::GroupConfig::new("dist-check", vec!["dist-out".into()]);
         g.session_timeout = Duration::from_secs(4);
-        let mut c = kafka_io::Consumer::start(cluster, kafka_io::ConsumerConfig::new(g), None);
+        let mut cc = kafka_io::ConsumerConfig::new(g);
+        cc.fetch_max_wait = Duration::from_millis(10);
+        let mut c = kafka_io::Consumer::start(cluster, cc, None);
         let mut n = 0;
         while n < 50 {
             match tokio::time::timeout(Duration::from_secs(60), c.recv()).await {

@@ -20,6 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod fetcher;
+
 use bytes::Bytes;
 use rskafka::client::partition::OffsetAt;
 use tokio::{
@@ -32,6 +34,7 @@ use crate::{
     backoff::Backoff,
     cluster::{Cluster, bounded},
     error::{Error, Result},
+    fetch::budget::{Budget, Charge, PartitionBudget},
     group::{GroupConfig, Member},
     offsets::PartitionOffsets,
 };
@@ -59,11 +62,18 @@ impl std::str::FromStr for OffsetReset {
 pub struct ConsumerConfig {
     pub group: GroupConfig,
     pub auto_offset_reset: OffsetReset,
-    /// Longest a fetch waits at the broker for data (latency follows it on some brokers).
+    /// Longest a fetch waits at the broker for data (fetch.max.wait.ms; latency follows it on
+    /// brokers that hold a fetch until then, as the test broker does).
     pub fetch_max_wait: Duration,
-    pub fetch_max_bytes: i32,
-    /// Batches buffered between the fetchers and the caller: a slow caller pauses fetching.
-    pub buffer_batches: usize,
+    /// Most bytes one Fetch response may carry (fetch.max.bytes), never above the budget.
+    pub fetch_max_bytes: usize,
+    /// Most bytes one partition of a Fetch response may carry (max.partition.fetch.bytes),
+    /// never above the partition's share of the budget; the first batch comes whole anyway.
+    pub max_partition_fetch_bytes: usize,
+    /// The memory budget of fetched records not yet finished, counted per decoded record
+    /// ([`crate::fetch::budget`]); each partition gets an equal share, a partition holding half
+    /// of its share is paused.
+    pub fetch_buffer_bytes: usize,
     /// Shortest spacing of commits: a completion is committed at most this long after it
     /// happened (a crash redoes what completed within it, plus what was in flight).
     pub commit_interval: Duration,
@@ -78,15 +88,19 @@ impl ConsumerConfig {
         Self {
             group,
             auto_offset_reset: OffsetReset::Earliest,
-            fetch_max_wait: Duration::from_millis(50),
-            fetch_max_bytes: 1024 * 1024,
-            buffer_batches: 8,
+            fetch_max_wait: Duration::from_millis(500),
+            fetch_max_bytes: 50 << 20,
+            max_partition_fetch_bytes: 1 << 20,
+            fetch_buffer_bytes: DEFAULT_FETCH_BUFFER_BYTES,
             commit_interval: Duration::from_millis(5),
             metadata_refresh: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
         }
     }
 }
+
+/// The default memory budget of fetched, unfinished records.
+pub const DEFAULT_FETCH_BUFFER_BYTES: usize = 32 << 20;
 
 /// A consumed record.
 #[derive(Clone, Debug)]
@@ -96,6 +110,9 @@ pub struct InRecord {
     pub value: Option<Bytes>,
     pub headers: Vec<(String, Bytes)>,
     pub timestamp_ms: i64,
+    /// Its share of the fetch buffer budget, given back when the record is dropped (a clone
+    /// carries none).
+    pub charge: Charge,
 }
 
 /// Records of one partition, in offset order.
@@ -144,7 +161,10 @@ pub struct PartitionLag {
 
 struct PartitionState {
     offsets: PartitionOffsets,
+    /// The epoch of the partition's records now (a new one after an offset reset).
     epoch: u64,
+    /// The epoch it was assigned in (its stream's).
+    assigned: u64,
     high_watermark: i64,
     /// The committed position, for the stream's worker (it bounds uncommitted work by it).
     committed_tx: watch::Sender<i64>,
@@ -177,9 +197,20 @@ struct Shared {
     fetch_ok: AtomicBool,
     /// Why the member stopped for good (e.g. FENCED_INSTANCE_ID).
     fatal: std::sync::Mutex<Option<String>>,
+    /// Partitions that cannot go on, and why (a record larger than the whole fetch budget).
+    stalled: std::sync::Mutex<HashMap<Key, String>>,
 }
 
 impl Shared {
+    /// Says (or clears) why a partition cannot go on; true when that is news.
+    fn set_stalled(&self, k: &Key, why: Option<String>) -> bool {
+        let mut st = self.stalled.lock().unwrap_or_else(|p| p.into_inner());
+        match why {
+            Some(w) => st.insert(k.clone(), w.clone()).as_ref() != Some(&w),
+            None => st.remove(k).is_some(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, PartitionState>> {
         self.parts.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -303,13 +334,21 @@ pub struct PartitionStream {
     pub topic: Arc<str>,
     pub partition: i32,
     pub epoch: u64,
-    rx: mpsc::Receiver<Batch>,
+    rx: mpsc::UnboundedReceiver<Batch>,
     state: watch::Receiver<StreamState>,
     committed: watch::Receiver<i64>,
     shared: Arc<Shared>,
+    budget: Arc<PartitionBudget>,
 }
 
 impl PartitionStream {
+    /// The partition holds more than its share of the fetch buffer (its fetched records plus
+    /// the answers being written): a worker should start no more of its records until some are
+    /// acknowledged.
+    pub fn over_budget(&self) -> bool {
+        self.budget.is_over()
+    }
+
     /// The next batch, in offset order; None once the stream is draining or revoked.
     pub async fn recv(&mut self) -> Option<Batch> {
         loop {
@@ -321,8 +360,12 @@ impl PartitionStream {
                     let batch = b?;
                     let mut parts = self.shared.lock();
                     let s = parts.get_mut(&(batch.topic.clone(), batch.partition))?;
-                    if s.epoch != batch.epoch {
+                    if s.assigned != self.epoch {
                         return None;
+                    }
+                    if s.epoch != batch.epoch {
+                        // Fetched before an offset reset: the position moved on without it.
+                        continue;
                     }
                     for r in &batch.records {
                         s.offsets.handed_out(r.offset);
@@ -370,6 +413,7 @@ pub struct Consumer {
     /// recv()'s merge of every stream (made on first use).
     merged: Option<(mpsc::Sender<Batch>, mpsc::Receiver<Batch>)>,
     shared: Arc<Shared>,
+    budget: Arc<Budget>,
     assignment: watch::Receiver<BTreeSet<Tp>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -389,6 +433,13 @@ impl Consumer {
         let session_timeout = config.group.session_timeout;
         let (assign_tx, assignment) = watch::channel(BTreeSet::new());
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let budget = Budget::new(config.fetch_buffer_bytes);
+        let (fetch, fetch_task) = fetcher::start(
+            cluster.clone(),
+            config.clone(),
+            shared.clone(),
+            budget.clone(),
+        );
         let session = crate::session::start(
             cluster.connector.clone(),
             config.group.clone(),
@@ -407,6 +458,9 @@ impl Consumer {
                 owned: HashMap::new(),
                 on_revoke,
                 known_counts: None,
+                fetch,
+                fetch_task,
+                budget: budget.clone(),
             }
             .run(stop_rx),
         );
@@ -415,6 +469,7 @@ impl Consumer {
             session_timeout,
             merged: None,
             shared,
+            budget,
             assignment,
             stop: Some(stop),
             task: Some(task),
@@ -482,6 +537,25 @@ impl Consumer {
         self.shared.in_flight(None)
     }
 
+    /// Partitions that cannot go on (a record larger than the whole fetch budget), with why.
+    pub fn stalled(&self) -> Vec<(Tp, String)> {
+        let mut v: Vec<(Tp, String)> = self
+            .shared
+            .stalled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, w)| (tp(k), w.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The fetch buffer budget (bytes held by fetched, unfinished records; its limit).
+    pub fn budget(&self) -> Arc<Budget> {
+        self.budget.clone()
+    }
+
     /// Lag of each assigned partition: high watermark minus committed position.
     pub fn lag(&self) -> Vec<PartitionLag> {
         let mut v: Vec<PartitionLag> = self
@@ -535,7 +609,6 @@ impl Drop for Consumer {
 
 /// A partition this member owns.
 struct Owned {
-    fetcher: JoinHandle<()>,
     state: watch::Sender<StreamState>,
 }
 
@@ -553,6 +626,16 @@ struct GroupTask {
     on_revoke: Option<RevokeHook>,
     /// The input topics' partition counts when we last joined.
     known_counts: Option<std::collections::BTreeMap<String, i32>>,
+    /// The fetcher (one Fetch per leader broker for every owned partition).
+    fetch: mpsc::UnboundedSender<fetcher::Cmd>,
+    fetch_task: JoinHandle<()>,
+    budget: Arc<Budget>,
+}
+
+impl Drop for GroupTask {
+    fn drop(&mut self) {
+        self.fetch_task.abort();
+    }
 }
 
 /// Why the member loop ended.
@@ -755,22 +838,24 @@ impl GroupTask {
                 PartitionState {
                     offsets: PartitionOffsets::new(start, c),
                     epoch,
+                    assigned: epoch,
                     high_watermark: start,
                     committed_tx,
                 },
             );
-            let (tx, rx) = mpsc::channel(self.config.buffer_batches.max(1));
+            // Unbounded in batches, bounded in bytes: the fetcher pauses a partition holding
+            // half its share of the fetch budget.
+            let (tx, rx) = mpsc::unbounded_channel();
             let (state, state_rx) = watch::channel(StreamState::Active);
-            let fetcher = tokio::spawn(fetcher(
-                self.cluster.clone(),
-                self.config.clone(),
-                self.shared.clone(),
-                tx,
-                tp.clone(),
-                start,
+            let budget = PartitionBudget::new(self.budget.clone());
+            let _ = self.fetch.send(fetcher::Cmd::Add {
+                key: k.clone(),
+                offset: start,
                 epoch,
-            ));
-            self.owned.insert(k.clone(), Owned { fetcher, state });
+                tx,
+                budget: budget.clone(),
+            });
+            self.owned.insert(k.clone(), Owned { state });
             let _ = self.streams_tx.send(PartitionStream {
                 topic: k.0.clone(),
                 partition: k.1,
@@ -779,6 +864,7 @@ impl GroupTask {
                 state: state_rx,
                 committed,
                 shared: self.shared.clone(),
+                budget,
             });
         }
         Ok(())
@@ -881,9 +967,9 @@ impl GroupTask {
             return true;
         }
         let mut still_member = true;
+        let _ = self.fetch.send(fetcher::Cmd::Remove(keys.to_vec()));
         for k in keys {
             if let Some(o) = self.owned.get(k) {
-                o.fetcher.abort();
                 o.state.send_replace(StreamState::Draining);
             }
         }
@@ -906,9 +992,9 @@ impl GroupTask {
         if !still_member {
             self.shared.group_ok.store(false, Ordering::Relaxed);
             let rest: Vec<Key> = self.owned.keys().cloned().collect();
+            let _ = self.fetch.send(fetcher::Cmd::Remove(rest.clone()));
             for k in rest {
                 if let Some(o) = self.owned.remove(&k) {
-                    o.fetcher.abort();
                     o.state.send_replace(StreamState::Revoked);
                 }
                 self.shared.lock().remove(&k);
@@ -971,104 +1057,5 @@ impl GroupTask {
             self.revoke_all(false).await;
         }
         self.session.task.abort();
-    }
-}
-
-async fn fetcher(
-    cluster: Arc<Cluster>,
-    cfg: ConsumerConfig,
-    shared: Arc<Shared>,
-    tx: mpsc::Sender<Batch>,
-    (topic, partition): Tp,
-    mut offset: i64,
-    epoch: u64,
-) {
-    use kafka_protocol::error::ResponseError;
-    let topic_arc: Arc<str> = Arc::from(topic.as_str());
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    // Our own read_committed Fetch: transaction markers advance the position, records of
-    // aborted transactions are skipped.
-    let mut f = crate::fetch::PartitionFetcher::new(
-        cluster.connector.clone(),
-        topic.clone(),
-        partition,
-        cluster.request_timeout,
-    );
-    loop {
-        match f
-            .fetch(offset, cfg.fetch_max_wait, cfg.fetch_max_bytes)
-            .await
-        {
-            Ok(got) => {
-                backoff.reset();
-                shared.fetch_ok.store(true, Ordering::Relaxed);
-                let hwm = got.high_watermark;
-                if let Some(s) = shared.lock().get_mut(&(topic_arc.clone(), partition))
-                    && s.epoch == epoch
-                {
-                    s.high_watermark = hwm;
-                }
-                if got.records.is_empty() && got.next_offset == offset {
-                    continue; // nothing new (the broker waited max_wait)
-                }
-                let records: Vec<InRecord> = got
-                    .records
-                    .into_iter()
-                    .map(|r| InRecord {
-                        offset: r.offset,
-                        key: r.key,
-                        value: r.value,
-                        headers: r.headers,
-                        timestamp_ms: r.timestamp_ms,
-                    })
-                    .collect();
-                offset = got.next_offset;
-                let batch = Batch {
-                    topic: topic_arc.clone(),
-                    partition,
-                    epoch,
-                    records,
-                    high_watermark: hwm,
-                    next_offset: offset,
-                };
-                if tx.send(batch).await.is_err() {
-                    return;
-                }
-            }
-            Err(e) if e.broker_error() == Some(ResponseError::OffsetOutOfRange) => {
-                let at = match cfg.auto_offset_reset {
-                    OffsetReset::Earliest => OffsetAt::Earliest,
-                    OffsetReset::Latest => OffsetAt::Latest,
-                };
-                let reset = async {
-                    let pc = cluster.partition(&topic, partition).await?;
-                    bounded(
-                        "ListOffsets",
-                        &topic,
-                        cluster.request_timeout,
-                        pc.get_offset(at),
-                    )
-                    .await
-                };
-                match reset.await {
-                    Ok(o) => {
-                        tracing::warn!(%topic, partition, from = offset, to = o, "offset out of range: reset");
-                        offset = o;
-                    }
-                    Err(e) => {
-                        tracing::warn!(%topic, partition, error = %e, "offset reset failed");
-                        cluster.forget_partition(&topic, partition).await;
-                        tokio::time::sleep(backoff.next_wait()).await;
-                    }
-                }
-            }
-            Err(e) => {
-                shared.fetch_ok.store(false, Ordering::Relaxed);
-                let wait = backoff.next_wait();
-                tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "fetch failed");
-                // The fetcher drops its connection on errors: the next call reconnects.
-                tokio::time::sleep(wait).await;
-            }
-        }
     }
 }

@@ -60,7 +60,8 @@
 //! }
 //! ```
 
-mod records;
+pub mod budget;
+pub(crate) mod records;
 
 use std::time::Duration;
 

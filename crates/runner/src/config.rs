@@ -83,9 +83,21 @@ pub struct RunArgs {
     /// Longest wait between retries of a model call. Default 5s.
     #[arg(long, env = "KAFKA_INFER_RETRY_MAX_BACKOFF")]
     pub retry_max_backoff: Option<String>,
-    /// Fetch max wait at the broker (latency follows it on some brokers). Default 20ms.
+    /// Longest a Fetch waits at the broker for data (Kafka's fetch.max.wait.ms). One Fetch per
+    /// leader broker covers every partition it leads; a real Kafka broker answers as soon as data
+    /// arrives, so this costs no latency there and sets what an idle member costs the cluster.
+    /// Brokers that hold a fetch until max-wait even when data arrives (the test broker, tansu)
+    /// need it low. Default 500ms (as the Java client and librdkafka).
     #[arg(long, env = "KAFKA_FETCH_MAX_WAIT")]
     pub fetch_max_wait: Option<String>,
+    /// Memory for fetched records not yet finished (answered and written, or given up), in
+    /// bytes, counted per decoded record (its bytes plus ~256 bytes of bookkeeping) rather than
+    /// per compressed byte; as librdkafka's queued.max.messages.kbytes. Each partition gets an
+    /// equal share and is paused while it holds half of it; a batch larger than a share is
+    /// handed out in slices. A record larger than the whole budget stops its partition (/ready
+    /// 503, kafka_infer_stalled_partitions, a log line). Default 33554432 (32 MiB).
+    #[arg(long, env = "KAFKA_INFER_FETCH_BUFFER_BYTES")]
+    pub fetch_buffer_bytes: Option<usize>,
     /// Records per partition between the start of their model call and the commit of their
     /// offset: the most a crash (SIGKILL) redoes per partition. Set it to --max-in-flight for the
     /// tightest bound; it costs throughput with fast models (answers wait for commits). Default:
@@ -340,6 +352,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Per-tensor (and per-record) limit on what transcoding expands (codec::Limits).
     pub max_tensor_bytes: u64,
+    /// Memory budget of fetched, unfinished records (kafka-io's fetch buffer).
+    pub fetch_buffer_bytes: usize,
     pub forward_headers: crate::meta::HeaderPolicy,
     /// Model calls at once across all partitions; None: unlimited.
     pub max_concurrency: Option<usize>,
@@ -866,7 +880,14 @@ impl Config {
                 "KAFKA_INFER_RETRY_MAX_BACKOFF",
                 "5s",
             )?,
-            fetch_max_wait: dur(&args.fetch_max_wait, "KAFKA_FETCH_MAX_WAIT", "20ms")?,
+            fetch_max_wait: dur(&args.fetch_max_wait, "KAFKA_FETCH_MAX_WAIT", "500ms")?,
+            fetch_buffer_bytes: match args.fetch_buffer_bytes {
+                Some(n) if n < 1 << 20 => bail!(
+                    "--fetch-buffer-bytes (KAFKA_INFER_FETCH_BUFFER_BYTES): {n} is below 1048576 (1 MiB)"
+                ),
+                Some(n) => n,
+                None => kafka_io::consumer::DEFAULT_FETCH_BUFFER_BYTES,
+            },
             compression: pick(&args.compression, "KAFKA_COMPRESSION")
                 .unwrap_or_else(|| "none".into())
                 .parse()
@@ -973,6 +994,7 @@ impl Config {
             "max_in_flight": self.max_in_flight,
             "max_uncommitted": (self.max_uncommitted != usize::MAX).then_some(self.max_uncommitted),
             "max_tensor_bytes": self.max_tensor_bytes,
+            "fetch_buffer_bytes": self.fetch_buffer_bytes,
             "metrics_addr": self.metrics_addr.to_string(),
             "session_timeout_ms": self.session_timeout.as_millis() as u64,
             "auto_offset_reset": format!("{:?}", self.auto_offset_reset),
@@ -1527,7 +1549,7 @@ mod duration_tests {
             ..Default::default()
         };
         let c = Config::resolve(&base, &|_| None).expect("defaults are in range");
-        assert_eq!(c.fetch_max_wait, Duration::from_millis(20));
+        assert_eq!(c.fetch_max_wait, Duration::from_millis(500));
         let mut a = base.clone();
         a.session_timeout = Some("100000000000000000000s".into());
         let e = format!("{:#}", Config::resolve(&a, &|_| None).unwrap_err());

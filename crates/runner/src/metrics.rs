@@ -78,6 +78,10 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// Partitions whose records wait for a model slot (the producer lingers longer meanwhile).
     pub model_bound: Gauge,
+    /// Partitions that cannot go on (a record larger than the whole fetch buffer).
+    pub stalled: Gauge,
+    /// Bytes of the fetch buffer held by fetched, unfinished records.
+    pub fetch_buffer: Gauge,
     pub ready: AtomicBool,
     /// The three result series, made once (no allocation per record).
     by_result: [(&'static str, Counter); 3],
@@ -123,6 +127,20 @@ impl Metrics {
              meanwhile answers linger up to --linger-max before they are produced",
             model_bound.clone(),
         );
+        let stalled = Gauge::default();
+        registry.register(
+            "kafka_infer_stalled_partitions",
+            "Partitions that cannot go on: their next record is larger than the whole fetch \
+             buffer (raise --fetch-buffer-bytes); /ready answers 503 meanwhile",
+            stalled.clone(),
+        );
+        let fetch_buffer = Gauge::default();
+        registry.register(
+            "kafka_infer_fetch_buffer_bytes",
+            "Bytes of the fetch buffer (--fetch-buffer-bytes) held by fetched records not yet \
+             finished, counted per decoded record",
+            fetch_buffer.clone(),
+        );
         let by_result = ["ok", "error", "retry"].map(|r| {
             let c = records
                 .get_or_create(&ResultLabels {
@@ -155,6 +173,8 @@ impl Metrics {
             model_duration,
             in_flight,
             model_bound,
+            stalled,
+            fetch_buffer,
             ready: AtomicBool::new(false),
         }
     }

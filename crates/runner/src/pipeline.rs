@@ -98,6 +98,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     let mut ccfg = ConsumerConfig::new(group);
     ccfg.auto_offset_reset = cfg.auto_offset_reset;
     ccfg.fetch_max_wait = cfg.fetch_max_wait;
+    ccfg.fetch_buffer_bytes = cfg.fetch_buffer_bytes;
     ccfg.drain_timeout = cfg.drain_timeout;
     ccfg.commit_interval = cfg.commit_interval;
     ccfg.metadata_refresh = cfg.metadata_max_age;
@@ -193,7 +194,10 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
             _ = tick.tick() => {
                 let lag = consumer.lag();
                 metrics.set_lag(&lag);
-                metrics.ready.store(consumer.is_connected(), std::sync::atomic::Ordering::Relaxed);
+                let stalled = consumer.stalled();
+                metrics.stalled.set(stalled.len() as i64);
+                metrics.fetch_buffer.set(consumer.budget().held() as i64);
+                metrics.ready.store(consumer.is_connected() && stalled.is_empty(), std::sync::atomic::Ordering::Relaxed);
                 metrics.model_bound.set(ctx.pressure.load(Ordering::Relaxed) as i64);
                 tasks.retain(|t| !t.is_finished());
                 if last_log.elapsed() >= Duration::from_secs(5) {
@@ -391,6 +395,8 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     // Records received and not yet started, in offset order.
     let mut queue: std::collections::VecDeque<Queued> = std::collections::VecDeque::new();
     let mut open = true;
+    // The epoch of the last batch (a new one after an offset reset).
+    let mut last_epoch: Option<u64> = None;
     let mut pressure = Pressure {
         count: ctx.pressure.clone(),
         on: false,
@@ -426,10 +432,19 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                 .max_in_flight
                 .saturating_sub(running.len())
                 .min(ctx.max_uncommitted.saturating_sub(held));
-            if room == 0 {
+            // The partition's records and answers being written fill its share of the fetch
+            // buffer: wait for acknowledgements (unless nothing is out, e.g. one huge record).
+            let full = stream.over_budget() && !(running.is_empty() && deliveries.is_empty());
+            if room == 0 || full {
                 break;
             }
-            let Some(q) = queue.pop_front() else { break };
+            let Some(mut q) = queue.pop_front() else {
+                break;
+            };
+            // Parsed now, not on arrival: a queue of fetched records pins only their bytes.
+            if ctx.batch_size > 1 {
+                q.part = batch_part(&ctx, &q.rec);
+            }
             ctx.metrics.in_flight.inc();
             running.push_back(Box::pin(run_record(ctx.clone(), input_partition, q)));
         }
@@ -440,14 +455,8 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             // The consumer is gone (closed): nothing of this partition can be committed any more.
             r = state.changed() => if r.is_err() { return; },
             r = committed.changed(), if !acked.is_empty() => if r.is_err() { return; },
-            Some((rec, token, outcome)) = running.next(), if !running.is_empty() => {
-                ctx.metrics.in_flight.dec();
-                match write_result(&ctx, input_partition, &rec, outcome).await {
-                    Some(w) => deliveries.push(delivered(w, rec, token)),
-                    // Interrupted by shutdown, or unwritable (fatal): left uncommitted.
-                    None => ctx.acker.abandon(&token),
-                }
-            }
+            // Acknowledgements first: they free memory and let commits move (finished records
+            // are always ready and would starve them under biased polling).
             Some(d) = deliveries.next(), if !deliveries.is_empty() => {
                 match d.result {
                     Ok(_) => {
@@ -458,7 +467,11 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                     Err(e) if d.answer && !matches!(e, ProduceError::Closed) => {
                         let f = Failure::answer_unwritable(&e);
                         match write_error(&ctx, input_partition, &d.rec, &f, Some(&d.topic), d.meta.as_ref()).await {
-                            Some(w) => deliveries.push(delivered(w, d.rec, d.token)),
+                            Some(w) => {
+                                let mut rec = d.rec;
+                                rec.charge.add(w.cost);
+                                deliveries.push(delivered(w, rec, d.token))
+                            }
                             None => ctx.acker.abandon(&d.token),
                         }
                     }
@@ -469,15 +482,30 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                     }
                 }
             }
+            Some((mut rec, token, outcome)) = running.next(), if !running.is_empty() => {
+                ctx.metrics.in_flight.dec();
+                match write_result(&ctx, input_partition, &rec, outcome).await {
+                    Some(w) => {
+                        rec.charge.add(w.cost);
+                        deliveries.push(delivered(w, rec, token))
+                    }
+                    // Interrupted by shutdown, or unwritable (fatal): left uncommitted.
+                    None => ctx.acker.abandon(&token),
+                }
+            }
             next = stream.recv(), if open && queue.len() < ctx.max_in_flight => {
                 match next {
                     Some(b) => {
                         let (topic, partition, epoch) = (b.topic.clone(), b.partition, b.epoch);
                         let arrived = tokio::time::Instant::now();
+                        if last_epoch.is_some_and(|e| e != epoch) {
+                            // An offset reset: what was acknowledged before it is not committed.
+                            acked.clear();
+                        }
+                        last_epoch = Some(epoch);
                         queue.extend(b.records.into_iter().map(|r| {
                             let token = Token { topic: topic.clone(), partition, offset: r.offset, epoch };
-                            let part = (ctx.batch_size > 1).then(|| batch_part(&ctx, &r)).flatten();
-                            Queued { rec: r, token, arrived, part }
+                            Queued { rec: r, token, arrived, part: None }
                         }));
                     }
                     None => open = false,
@@ -709,6 +737,9 @@ impl Failure {
 /// A record written (or being written) for an input, and what it was.
 struct Written {
     delivery: Delivery,
+    /// What the written record costs until it is acknowledged (charged to the input record's
+    /// share of the fetch buffer).
+    cost: usize,
     /// The output topic got the model's answer (not an error record).
     answer: bool,
     /// The record's request id and trace, for an error record in the answer's place.
@@ -747,6 +778,7 @@ async fn write_result(
                 value: Some(value),
                 headers,
             };
+            let cost = kafka_io::fetch::budget::answer_cost(out.value.as_ref(), &out.headers);
             let topic = ctx.output_topic.as_str();
             // `send` refuses an answer too large for the topic before queueing it, so its
             // error record takes its place in the partition's order.
@@ -755,6 +787,7 @@ async fn write_result(
                     ctx.metrics.record("ok");
                     return Some(Written {
                         delivery,
+                        cost,
                         answer: true,
                         meta: Some(rm),
                         topic: topic.to_owned(),
@@ -845,6 +878,7 @@ async fn write_error(
             headers,
         }
     };
+    let cost = kafka_io::fetch::budget::answer_cost(out.value.as_ref(), &out.headers);
     let mut queued = queue(ctx, topic, input_partition, out).await;
     if let Err(ProduceError::TooLarge { .. }) = queued {
         // Too large with the input (or its headers): keep only what says what happened.
@@ -863,6 +897,7 @@ async fn write_error(
     match queued {
         Ok(delivery) => Some(Written {
             delivery,
+            cost,
             answer: false,
             meta: None,
             topic: topic.to_owned(),

@@ -58,8 +58,11 @@ pub struct Decoded {
     /// Committed and non-transactional records at or after the fetch offset, in offset order.
     pub records: Vec<FetchedRecord>,
     /// The last offset of the last batch walked + 1 (control and aborted batches included), or
-    /// the fetch offset when no batch was walked.
+    /// the fetch offset when no batch was walked; after the last record when the cost limit cut
+    /// a batch.
     pub next_offset: i64,
+    /// The cost limit stopped the walk (more records follow at `next_offset`).
+    pub cut: bool,
 }
 
 /// A transaction marker: the key of a control batch's record.
@@ -140,6 +143,20 @@ pub fn decode(
     aborted: &[AbortedTxn],
     max_inflated: usize,
 ) -> Result<Decoded, String> {
+    decode_limited(data, fetch_offset, aborted, max_inflated, usize::MAX)
+}
+
+/// [`decode`], handing out records only while their summed [`record_cost`](super::budget::record_cost)
+/// stays within `max_cost` (the first record always comes, whatever it costs: the caller judges
+/// it). A batch cut this way ends the walk at its last record handed out, and the records taken
+/// from it are copied out of its decompressed bytes, so they do not keep the rest alive.
+pub fn decode_limited(
+    data: &Bytes,
+    fetch_offset: i64,
+    aborted: &[AbortedTxn],
+    max_inflated: usize,
+    max_cost: usize,
+) -> Result<Decoded, String> {
     let (batches, end) = split(data, max_inflated);
 
     // Look-ahead: for each transactional data batch, whether the next marker of its producer in
@@ -169,7 +186,9 @@ pub fn decode(
     let mut out = Decoded {
         records: Vec::new(),
         next_offset: fetch_offset,
+        cut: false,
     };
+    let mut cost = 0usize;
     // Records below this offset are not handed out (before the fetch offset, or repeated).
     let mut keep_from = fetch_offset;
     let mut inflated = 0usize;
@@ -213,12 +232,24 @@ pub fn decode(
         }
         // Decoded into a side vector: a batch that fails halfway gives nothing.
         let mut got = Vec::new();
-        if let Err(why) = decode_records(b, &records, keep_from, &mut got) {
-            stopped = Some(format!("the batch at offset {}: {why}", b.base_offset));
-            break;
-        }
+        let first = out.records.is_empty();
+        let cut = match decode_records(b, &records, keep_from, &mut got, max_cost, &mut cost, first)
+        {
+            Ok(cut) => cut,
+            Err(why) => {
+                stopped = Some(format!("the batch at offset {}: {why}", b.base_offset));
+                break;
+            }
+        };
         if let Some(last) = got.last() {
             keep_from = last.offset + 1;
+        }
+        if cut {
+            compact(&mut got);
+            out.records.append(&mut got);
+            out.next_offset = out.next_offset.max(keep_from);
+            out.cut = true;
+            break;
         }
         out.records.append(&mut got);
         out.next_offset = out.next_offset.max(b.next_offset());
@@ -484,16 +515,22 @@ struct RawRecord {
     headers: Vec<(String, Bytes)>,
 }
 
-/// Appends the batch's records at or after `keep_from` to `out`.
+/// Appends the batch's records at or after `keep_from` to `out` while `cost` stays within
+/// `max_cost` (the first one regardless when `first`); true when that cut the batch short.
 fn decode_records(
     b: &Batch,
     records: &Bytes,
     keep_from: i64,
     out: &mut Vec<FetchedRecord>,
-) -> Result<(), String> {
+    max_cost: usize,
+    cost: &mut usize,
+    mut first: bool,
+) -> Result<bool, String> {
     let count = usize::try_from(b.count).map_err(|_| format!("record count {}", b.count))?;
     let mut r = Reader::new(records);
-    out.reserve(count.min(r.remaining() / MIN_RECORD));
+    // Never more than the cost limit lets through (a batch may announce a million records).
+    let fit = (max_cost / super::budget::RECORD_OVERHEAD).saturating_add(1);
+    out.reserve(count.min(r.remaining() / MIN_RECORD).min(fit));
     let mut last_kept = keep_from.saturating_sub(1);
     for i in 0..count {
         if r.remaining() == 0 {
@@ -520,6 +557,12 @@ fn decode_records(
         } else {
             b.base_timestamp.wrapping_add(rec.timestamp_delta)
         };
+        let c = super::budget::record_cost(rec.key.as_ref(), rec.value.as_ref(), &rec.headers);
+        if !first && cost.saturating_add(c) > max_cost {
+            return Ok(true);
+        }
+        first = false;
+        *cost = cost.saturating_add(c);
         out.push(FetchedRecord {
             offset,
             key: rec.key,
@@ -535,7 +578,38 @@ fn decode_records(
             r.remaining()
         ));
     }
-    Ok(())
+    Ok(false)
+}
+
+/// Copies the records' keys, values and header values into one buffer of their own (they were
+/// slices of a whole batch's bytes, most of which is not handed out).
+fn compact(records: &mut [FetchedRecord]) {
+    let total: usize = records
+        .iter()
+        .map(|r| {
+            r.key.as_ref().map_or(0, Bytes::len)
+                + r.value.as_ref().map_or(0, Bytes::len)
+                + r.headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+        })
+        .sum();
+    let mut buf = bytes::BytesMut::with_capacity(total);
+    let mut put = |b: &mut Bytes| {
+        if !b.is_empty() {
+            buf.extend_from_slice(b);
+            *b = buf.split().freeze();
+        }
+    };
+    for r in records.iter_mut() {
+        if let Some(k) = r.key.as_mut() {
+            put(k);
+        }
+        if let Some(v) = r.value.as_mut() {
+            put(v);
+        }
+        for (_, v) in r.headers.iter_mut() {
+            put(v);
+        }
+    }
 }
 
 /// A cursor over `buf[pos..end]` that never reads past `end`.

@@ -18,6 +18,14 @@
 //! REBALANCE_IN_PROGRESS), a JoinGroup error. Heartbeats and commits with a generation other
 //! than the current one get ILLEGAL_GENERATION, as a real coordinator answers them.
 //! Every request is recorded ([`Seen`]). Dropping the fake closes every connection.
+//!
+//! [`FakeBroker::start_cluster`] serves several brokers (node ids 0..n, one listener each, one
+//! state): Metadata names each partition's leader ([`FakeBroker::set_leader`], default 0) and a
+//! Fetch of a partition on another node is answered NOT_LEADER_OR_FOLLOWER. Fetch sessions
+//! (KIP-227) are served when [`FakeBroker::fetch_sessions`] is on: a full request with epoch 0
+//! opens one, incremental requests add, change and forget partitions, and answer only the
+//! partitions with records (or errors). [`FakeBroker::log_start`] moves a log's start: fetches
+//! below it (or past the end) are OFFSET_OUT_OF_RANGE, ListOffsets(earliest) answers it.
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -83,6 +91,14 @@ pub struct Seen {
     pub offsets: Vec<(String, i32, i64)>,
     /// The error code answered (0: none).
     pub code: i16,
+    /// The node (broker id) that read it.
+    pub node: i32,
+    /// Fetch: the partitions the request names, with their fetch offsets.
+    pub fetched: Vec<(String, i32, i64)>,
+    /// Fetch: the partitions it forgets (fetch sessions).
+    pub forgotten: Vec<Tp>,
+    /// Fetch: session id and epoch sent.
+    pub session: (i32, i32),
 }
 
 impl Seen {
@@ -111,9 +127,23 @@ const ADVERTISED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 8),
 ];
 
+/// A fetch session: its next epoch and its partitions' fetch offsets.
+struct FetchSession {
+    node: i32,
+    epoch: i32,
+    parts: BTreeMap<Tp, i64>,
+}
+
 struct State {
     topics: BTreeMap<String, i32>,
     log_end: BTreeMap<Tp, i64>,
+    log_start: BTreeMap<Tp, i64>,
+    /// Every broker's port, by node id.
+    ports: Vec<u16>,
+    leaders: BTreeMap<Tp, i32>,
+    sessions_on: bool,
+    sessions: BTreeMap<i32, FetchSession>,
+    next_session: i32,
     committed: BTreeMap<Tp, i64>,
     protocol: String,
     assignment: Vec<Tp>,
@@ -137,12 +167,14 @@ impl Shared {
 pub struct FakeBroker {
     port: u16,
     shared: Shared,
-    server: JoinHandle<()>,
+    servers: Vec<JoinHandle<()>>,
 }
 
 impl Drop for FakeBroker {
     fn drop(&mut self) {
-        self.server.abort();
+        for s in &self.servers {
+            s.abort();
+        }
     }
 }
 
@@ -150,11 +182,29 @@ impl FakeBroker {
     /// Listens on 127.0.0.1:0; `topics` with their partition counts; protocol "range"; an
     /// empty assignment; empty logs; nothing committed.
     pub async fn start(topics: &[(&str, i32)]) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("local addr").port();
+        Self::start_cluster(topics, 1).await
+    }
+
+    /// `brokers` brokers (node ids 0..brokers) sharing one state; the bootstrap is node 0.
+    pub async fn start_cluster(topics: &[(&str, i32)], brokers: usize) -> Self {
+        let mut listeners = Vec::new();
+        for _ in 0..brokers.max(1) {
+            listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+        }
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("local addr").port())
+            .collect();
+        let port = ports[0];
         let shared = Shared(Arc::new(Mutex::new(State {
             topics: topics.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
             log_end: BTreeMap::new(),
+            log_start: BTreeMap::new(),
+            ports,
+            leaders: BTreeMap::new(),
+            sessions_on: false,
+            sessions: BTreeMap::new(),
+            next_session: 1,
             committed: BTreeMap::new(),
             protocol: "range".into(),
             assignment: Vec::new(),
@@ -165,12 +215,43 @@ impl FakeBroker {
             seen: Vec::new(),
             connections: 0,
         })));
-        let server = tokio::spawn(accept(listener, port, shared.clone()));
+        let servers = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(node, l)| tokio::spawn(accept(l, node as i32, shared.clone())))
+            .collect();
         Self {
             port,
             shared,
-            server,
+            servers,
         }
+    }
+
+    /// The partition's leader from now on (Metadata says so; others answer NOT_LEADER).
+    pub fn set_leader(&self, topic: &str, partition: i32, node: i32) {
+        self.shared
+            .lock()
+            .leaders
+            .insert((topic.to_owned(), partition), node);
+    }
+
+    /// Serve fetch sessions (KIP-227) from now on.
+    pub fn fetch_sessions(&self, on: bool) {
+        self.shared.lock().sessions_on = on;
+    }
+
+    /// The partition's log now starts at `start` (and ends there at least).
+    pub fn log_start(&self, topic: &str, partition: i32, start: i64) {
+        let mut st = self.shared.lock();
+        let k = (topic.to_owned(), partition);
+        st.log_start.insert(k.clone(), start);
+        let end = st.log_end.get(&k).copied().unwrap_or(0).max(start);
+        st.log_end.insert(k, end);
+    }
+
+    /// The Fetch requests seen so far.
+    pub fn fetches(&self) -> Vec<Seen> {
+        self.of(ApiKey::Fetch)
     }
 
     pub fn bootstrap(&self) -> String {
@@ -294,7 +375,7 @@ impl FakeBroker {
     }
 }
 
-async fn accept(listener: TcpListener, port: u16, shared: Shared) {
+async fn accept(listener: TcpListener, node: i32, shared: Shared) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -306,7 +387,7 @@ async fn accept(listener: TcpListener, port: u16, shared: Shared) {
                     st.connections += 1;
                     st.connections - 1
                 };
-                conns.spawn(serve(stream, id, port, shared.clone()));
+                conns.spawn(serve(stream, id, node, shared.clone()));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
@@ -322,7 +403,7 @@ fn code(e: Option<ResponseError>) -> i16 {
 }
 
 /// One connection: requests one at a time (rskafka may pipeline; answering in order is fine).
-async fn serve(mut stream: TcpStream, conn: usize, port: u16, shared: Shared) {
+async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
     while let Ok(size) = stream.read_i32().await {
         if !(4..=1 << 20).contains(&size) {
             break;
@@ -350,8 +431,12 @@ async fn serve(mut stream: TcpStream, conn: usize, port: u16, shared: Shared) {
             member_id: None,
             offsets: Vec::new(),
             code: 0,
+            node,
+            fetched: Vec::new(),
+            forgotten: Vec::new(),
+            session: (0, -1),
         };
-        let body = match answer(api, version, corr, &mut buf, port, &shared, &mut seen) {
+        let body = match answer(api, version, corr, &mut buf, node, &shared, &mut seen) {
             Ok(Answer::Now(b)) => b,
             Ok(Answer::After(d, b)) => {
                 shared.lock().seen.push(seen);
@@ -381,7 +466,7 @@ fn answer(
     version: i16,
     corr: i32,
     buf: &mut Bytes,
-    port: u16,
+    node: i32,
     shared: &Shared,
     seen: &mut Seen,
 ) -> Result<Answer, ()> {
@@ -424,24 +509,32 @@ fn answer(
                         Some(count) => t.with_partitions(
                             (0..*count)
                                 .map(|p| {
+                                    let leader =
+                                        st.leaders.get(&(n.clone(), p)).copied().unwrap_or(0);
                                     MetadataResponsePartition::default()
                                         .with_partition_index(p)
-                                        .with_leader_id(BrokerId(0))
-                                        .with_replica_nodes(vec![BrokerId(0)])
-                                        .with_isr_nodes(vec![BrokerId(0)])
+                                        .with_leader_id(BrokerId(leader))
+                                        .with_replica_nodes(vec![BrokerId(leader)])
+                                        .with_isr_nodes(vec![BrokerId(leader)])
                                 })
                                 .collect(),
                         ),
                     }
                 })
                 .collect();
-            let mut resp = MetadataResponse::default()
-                .with_brokers(vec![
+            let brokers = st
+                .ports
+                .iter()
+                .enumerate()
+                .map(|(id, port)| {
                     MetadataResponseBroker::default()
-                        .with_node_id(BrokerId(0))
+                        .with_node_id(BrokerId(id as i32))
                         .with_host(s("127.0.0.1"))
-                        .with_port(i32::from(port)),
-                ])
+                        .with_port(i32::from(*port))
+                })
+                .collect();
+            let mut resp = MetadataResponse::default()
+                .with_brokers(brokers)
                 .with_topics(topics);
             if version >= 1 {
                 resp = resp.with_controller_id(BrokerId(0));
@@ -460,15 +553,13 @@ fn answer(
                             t.partitions
                                 .iter()
                                 .map(|p| {
-                                    let end = st
-                                        .log_end
-                                        .get(&(t.name.0.to_string(), p.partition_index))
-                                        .copied()
-                                        .unwrap_or(0);
+                                    let k = (t.name.0.to_string(), p.partition_index);
+                                    let end = st.log_end.get(&k).copied().unwrap_or(0);
+                                    let start = st.log_start.get(&k).copied().unwrap_or(0);
                                     ListOffsetsPartitionResponse::default()
                                         .with_partition_index(p.partition_index)
                                         .with_timestamp(-1)
-                                        .with_offset(if p.timestamp == -1 { end } else { 0 })
+                                        .with_offset(if p.timestamp == -1 { end } else { start })
                                 })
                                 .collect(),
                         )
@@ -488,7 +579,7 @@ fn answer(
                 FindCoordinatorResponse::default()
                     .with_node_id(BrokerId(0))
                     .with_host(s("127.0.0.1"))
-                    .with_port(i32::from(port)),
+                    .with_port(i32::from(st.ports[0])),
             )
         }
         ApiKey::JoinGroup => {
@@ -668,60 +759,124 @@ fn answer(
         }
         ApiKey::Fetch => {
             let req = FetchRequest::decode(buf, version).map_err(|_| ())?;
-            let mut empty = true;
-            let responses = req
-                .topics
+            seen.session = (req.session_id, req.session_epoch);
+            for t in &req.topics {
+                for p in &t.partitions {
+                    seen.fetched
+                        .push((t.topic.0.to_string(), p.partition, p.fetch_offset));
+                }
+            }
+            for t in &req.forgotten_topics_data {
+                for p in &t.partitions {
+                    seen.forgotten.push((t.topic.0.to_string(), *p));
+                }
+            }
+            // The partitions to answer: the request's, or the whole session's.
+            let mut session_id = 0;
+            let mut incremental = false;
+            let mut wanted: Vec<(Tp, i64)> = seen
+                .fetched
                 .iter()
-                .map(|t| {
-                    FetchableTopicResponse::default()
-                        .with_topic(t.topic.clone())
-                        .with_partitions(
-                            t.partitions
-                                .iter()
-                                .map(|p| {
-                                    let name = t.topic.0.to_string();
-                                    let d =
-                                        PartitionData::default().with_partition_index(p.partition);
-                                    let Some(count) = st.topics.get(&name) else {
-                                        return d.with_error_code(
-                                            ResponseError::UnknownTopicOrPartition.code(),
-                                        );
-                                    };
-                                    if p.partition >= *count {
-                                        return d.with_error_code(
-                                            ResponseError::UnknownTopicOrPartition.code(),
-                                        );
-                                    }
-                                    let end =
-                                        st.log_end.get(&(name, p.partition)).copied().unwrap_or(0);
-                                    if p.fetch_offset > end || p.fetch_offset < 0 {
-                                        return d.with_error_code(
-                                            ResponseError::OffsetOutOfRange.code(),
-                                        );
-                                    }
-                                    let records = if p.fetch_offset < end {
-                                        empty = false;
-                                        Bytes::from(batch(
-                                            p.fetch_offset,
-                                            (end - p.fetch_offset) as i32,
-                                        ))
-                                    } else {
-                                        Bytes::new()
-                                    };
-                                    d.with_high_watermark(end)
-                                        .with_last_stable_offset(end)
-                                        .with_log_start_offset(0)
-                                        .with_aborted_transactions(Some(Vec::new()))
-                                        .with_records(Some(records))
-                                })
-                                .collect(),
+                .map(|(t, p, o)| ((t.clone(), *p), *o))
+                .collect();
+            if st.sessions_on && version >= 7 {
+                if req.session_epoch == 0 {
+                    session_id = st.next_session;
+                    st.next_session += 1;
+                    st.sessions.insert(
+                        session_id,
+                        FetchSession {
+                            node,
+                            epoch: 1,
+                            parts: wanted.iter().cloned().collect(),
+                        },
+                    );
+                } else if req.session_epoch > 0 {
+                    let Some(sess) = st
+                        .sessions
+                        .get_mut(&req.session_id)
+                        .filter(|x| x.node == node)
+                    else {
+                        seen.code = ResponseError::FetchSessionIdNotFound.code();
+                        let resp = FetchResponse::default().with_error_code(seen.code);
+                        return Ok(Answer::Now(encode::<FetchRequest>(corr, version, resp)));
+                    };
+                    if sess.epoch != req.session_epoch {
+                        seen.code = ResponseError::InvalidFetchSessionEpoch.code();
+                        let resp = FetchResponse::default().with_error_code(seen.code);
+                        return Ok(Answer::Now(encode::<FetchRequest>(corr, version, resp)));
+                    }
+                    sess.epoch += 1;
+                    for (k, o) in &wanted {
+                        sess.parts.insert(k.clone(), *o);
+                    }
+                    for k in &seen.forgotten {
+                        sess.parts.remove(k);
+                    }
+                    wanted = sess.parts.iter().map(|(k, o)| (k.clone(), *o)).collect();
+                    session_id = req.session_id;
+                    incremental = true;
+                }
+            }
+            let mut empty = true;
+            let mut by_topic: BTreeMap<String, Vec<PartitionData>> = BTreeMap::new();
+            for ((name, partition), fetch_offset) in wanted {
+                let d = PartitionData::default().with_partition_index(partition);
+                let k = (name.clone(), partition);
+                let d = if !st.topics.get(&name).is_some_and(|c| partition < *c) {
+                    Some(d.with_error_code(ResponseError::UnknownTopicOrPartition.code()))
+                } else if st.leaders.get(&k).copied().unwrap_or(0) != node {
+                    Some(d.with_error_code(ResponseError::NotLeaderOrFollower.code()))
+                } else {
+                    let end = st.log_end.get(&k).copied().unwrap_or(0);
+                    let start = st.log_start.get(&k).copied().unwrap_or(0);
+                    if fetch_offset > end || fetch_offset < start {
+                        Some(d.with_error_code(ResponseError::OffsetOutOfRange.code()))
+                    } else if fetch_offset < end {
+                        empty = false;
+                        Some(
+                            d.with_high_watermark(end)
+                                .with_last_stable_offset(end)
+                                .with_log_start_offset(start)
+                                .with_aborted_transactions(Some(Vec::new()))
+                                .with_records(Some(Bytes::from(batch(
+                                    fetch_offset,
+                                    (end - fetch_offset) as i32,
+                                )))),
                         )
+                    } else if incremental {
+                        None // nothing new: left out of an incremental answer
+                    } else {
+                        Some(
+                            d.with_high_watermark(end)
+                                .with_last_stable_offset(end)
+                                .with_log_start_offset(start)
+                                .with_aborted_transactions(Some(Vec::new()))
+                                .with_records(Some(Bytes::new())),
+                        )
+                    }
+                };
+                if let Some(d) = d {
+                    if d.error_code != 0 {
+                        empty = false;
+                    }
+                    by_topic.entry(name).or_default().push(d);
+                }
+            }
+            let responses = by_topic
+                .into_iter()
+                .map(|(t, parts)| {
+                    FetchableTopicResponse::default()
+                        .with_topic(TopicName(s(&t)))
+                        .with_partitions(parts)
                 })
                 .collect();
             let b = encode::<FetchRequest>(
                 corr,
                 version,
-                FetchResponse::default().with_responses(responses),
+                FetchResponse::default()
+                    .with_session_id(session_id)
+                    .with_responses(responses),
             );
             if empty {
                 let wait = Duration::from_millis(req.max_wait_ms.clamp(0, 200) as u64);

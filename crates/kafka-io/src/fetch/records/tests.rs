@@ -485,6 +485,7 @@ fn empty_records_give_the_fetch_offset() {
     assert_eq!(
         d,
         Decoded {
+            cut: false,
             records: vec![],
             next_offset: 33
         }
