@@ -212,8 +212,9 @@ impl Shared {
 }
 
 impl crate::session::Positions for Shared {
-    fn to_commit(&self) -> Vec<(Tp, i64)> {
-        self.positions_to_commit(None)
+    fn to_commit(&self, only: Option<&[Tp]>) -> Vec<(Tp, i64)> {
+        let keys: Option<Vec<Key>> = only.map(|o| o.iter().map(key).collect());
+        self.positions_to_commit(keys.as_deref())
     }
     fn committed(&self, done: &[(Tp, i64)]) {
         self.mark_committed(done)
@@ -845,14 +846,18 @@ impl GroupTask {
         self.known_counts.as_ref().is_some_and(|k| *k != counts)
     }
 
-    /// Commits what moved of `keys`, through the session task (one commit at a time).
+    /// Commits what moved of `keys`, through the session task (one commit at a time). The
+    /// session reads their positions when it sends the commit: a periodic commit may be sent
+    /// first, and positions read here could be below it (the committed offset would go back).
     async fn commit(&mut self, keys: &[Key]) -> Result<()> {
-        let positions = self.shared.positions_to_commit(Some(keys));
-        if positions.is_empty() {
+        if self.shared.positions_to_commit(Some(keys)).is_empty() {
             return Ok(());
         }
         let (done, rx) = tokio::sync::oneshot::channel();
-        let req = CommitRequest { positions, done };
+        let req = CommitRequest {
+            partitions: keys.iter().map(tp).collect(),
+            done,
+        };
         let after = self.call_timeout() * 2;
         if self.session.commits.send(req).await.is_err() {
             return Err(Error::Closed);

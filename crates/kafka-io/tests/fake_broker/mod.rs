@@ -15,8 +15,10 @@
 //! answers records from the fetch offset to it as one record batch v2; at the end it waits
 //! `max_wait` (capped) and answers empty), committed offsets (OffsetFetch; OffsetCommit
 //! updates them), a heartbeat error until the next JoinGroup ([`FakeBroker::rebalance`] uses
-//! REBALANCE_IN_PROGRESS), a JoinGroup error. Heartbeats and commits with a generation other
-//! than the current one get ILLEGAL_GENERATION, as a real coordinator answers them.
+//! REBALANCE_IN_PROGRESS), a JoinGroup error, a delay before OffsetCommits are answered
+//! (applied when read). Heartbeats and commits with a
+//! generation other than the current one get ILLEGAL_GENERATION, as a real coordinator answers
+//! them.
 //! Every request is recorded ([`Seen`]). Dropping the fake closes every connection.
 
 #![allow(dead_code)] // each test binary uses a part
@@ -121,6 +123,7 @@ struct State {
     heartbeat_error: Option<ResponseError>,
     join_error: Option<ResponseError>,
     join_errors_once: std::collections::VecDeque<ResponseError>,
+    commit_delay: Duration,
     seen: Vec<Seen>,
     connections: usize,
 }
@@ -162,6 +165,7 @@ impl FakeBroker {
             heartbeat_error: None,
             join_error: None,
             join_errors_once: Default::default(),
+            commit_delay: Duration::ZERO,
             seen: Vec::new(),
             connections: 0,
         })));
@@ -215,6 +219,11 @@ impl FakeBroker {
     /// The next JoinGroups answer these errors, one each, in order.
     pub fn fail_next_joins(&self, errors: &[ResponseError]) {
         self.shared.lock().join_errors_once.extend(errors);
+    }
+
+    /// OffsetCommits are applied when read and answered this long after.
+    pub fn commit_delay(&self, d: Duration) {
+        self.shared.lock().commit_delay = d;
     }
 
     pub fn set_partitions(&self, topic: &str, n: i32) {
@@ -372,7 +381,7 @@ async fn serve(mut stream: TcpStream, conn: usize, port: u16, shared: Shared) {
 
 enum Answer {
     Now(Bytes),
-    /// Written after a wait (an empty Fetch waits its max_wait, capped).
+    /// Written after a wait (an empty Fetch waits its max_wait, capped; a delayed commit).
     After(Duration, Bytes),
 }
 
@@ -591,11 +600,15 @@ fn answer(
                         )
                 })
                 .collect();
-            encode::<OffsetCommitRequest>(
+            let b = encode::<OffsetCommitRequest>(
                 corr,
                 version,
                 OffsetCommitResponse::default().with_topics(topics),
-            )
+            );
+            if !st.commit_delay.is_zero() {
+                return Ok(Answer::After(st.commit_delay, b));
+            }
+            b
         }
         ApiKey::OffsetFetch => {
             let req = OffsetFetchRequest::decode(buf, version).map_err(|_| ())?;
