@@ -612,7 +612,7 @@ impl GroupTask {
                     broker: String::new(),
                     after: join_bound,
                 })),
-                _ = &mut stop => { self.shutdown(false).await; return; }
+                _ = &mut stop => { self.shutdown_in_join().await; return; }
             };
             let assignment = match assignment {
                 Ok(a) => a,
@@ -631,7 +631,7 @@ impl GroupTask {
                     tracing::warn!(%group, error = %e, retry_in = ?wait, "join failed");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = &mut stop => { self.shutdown(false).await; return; }
+                        _ = &mut stop => { self.shutdown_in_join().await; return; }
                     }
                     continue;
                 }
@@ -960,6 +960,23 @@ impl GroupTask {
                 },
             }
         }
+    }
+
+    /// Stops while a JoinGroup/SyncGroup waits (cut short here), or while a failed one waits
+    /// for its retry. In a cooperative rejoin the partitions still run in the generation the
+    /// session heartbeats and commits with: they are drained and committed and the member
+    /// leaves, as on any other close.
+    async fn shutdown_in_join(&mut self) {
+        if self.owned.is_empty() {
+            return self.shutdown(false).await;
+        }
+        // The cut call's answer may still come on the member's connection: LeaveGroup goes on
+        // a new one. A cut SyncGroup leaves the member with the JoinGroup's generation: back to
+        // the session's, whose news the drain listens to.
+        self.member.drop_coordinator();
+        let id = self.session.identity.borrow().clone();
+        self.member.adopt(&id.member_id, id.generation);
+        self.shutdown(true).await;
     }
 
     async fn shutdown(&mut self, joined: bool) {

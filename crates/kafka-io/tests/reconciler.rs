@@ -664,6 +664,75 @@ async fn revoke_commit_never_moves_the_committed_offset_back() {
     assert!(!fake.of(ApiKey::LeaveGroup).is_empty(), "LeaveGroup sent");
 }
 
+/// SIGTERM while a cooperative rejoin waits in JoinGroup (the other members are slow): the
+/// member still owns its partitions and they still run, so close must drain them (their held
+/// records complete), commit what completed and leave the group, as a close outside a rebalance
+/// does.
+#[tokio::test]
+async fn close_during_a_cooperative_rejoin_drains_commits_and_leaves() {
+    let fake = FakeBroker::start(&[(TOPIC, 2)]).await;
+    fake.protocol("cooperative-sticky");
+    fake.assign(&tps(&[0, 1]));
+    for p in 0..2 {
+        fake.log_end(TOPIC, p, 3);
+    }
+    let mut c = start(&fake, Duration::from_secs(30)).await;
+    let acker = c.acker();
+    let workers = spawn_all(next_streams(&mut c, 2, ms(5000)).await, &acker, |_| true);
+    until(ms(3000), "both received their records", || {
+        workers.iter().all(|w| w.received() == [0, 1, 2])
+    })
+    .await;
+
+    fake.hold_joins(true);
+    fake.rebalance(&tps(&[0, 1]));
+    until(ms(3000), "the rejoin's JoinGroup held", || {
+        fake.joins_held() == 1
+    })
+    .await;
+    for w in &workers {
+        assert_eq!(
+            w.states(),
+            [StreamState::Active],
+            "partition {}",
+            w.partition
+        );
+    }
+    tokio::time::timeout(ms(5000), c.close())
+        .await
+        .expect("close within 5 s");
+
+    for w in &workers {
+        assert_eq!(
+            w.states(),
+            [
+                StreamState::Active,
+                StreamState::Draining,
+                StreamState::Revoked
+            ],
+            "partition {} drained before it was revoked",
+            w.partition
+        );
+        assert_eq!(
+            fake.committed(TOPIC, w.partition),
+            Some(3),
+            "partition {}: the records completed in the drain are committed",
+            w.partition
+        );
+    }
+    let leaves = fake.of(ApiKey::LeaveGroup);
+    assert_eq!(leaves.len(), 1, "one LeaveGroup: {leaves:#?}");
+    assert_eq!(leaves[0].member_id.as_deref(), Some(fake_broker::MEMBER));
+    assert_eq!(
+        fake.joins().len(),
+        1,
+        "the held JoinGroup was never answered"
+    );
+    for w in workers {
+        w.task.abort();
+    }
+}
+
 async fn fatal_join(e: ResponseError) -> String {
     let fake = FakeBroker::start(&[(TOPIC, 2)]).await;
     fake.assign(&tps(&[0, 1]));
