@@ -243,8 +243,9 @@ impl Shared {
 }
 
 impl crate::session::Positions for Shared {
-    fn to_commit(&self) -> Vec<(Tp, i64)> {
-        self.positions_to_commit(None)
+    fn to_commit(&self, only: Option<&[Tp]>) -> Vec<(Tp, i64)> {
+        let keys: Option<Vec<Key>> = only.map(|o| o.iter().map(key).collect());
+        self.positions_to_commit(keys.as_deref())
     }
     fn committed(&self, done: &[(Tp, i64)]) {
         self.mark_committed(done)
@@ -694,7 +695,7 @@ impl GroupTask {
                     broker: String::new(),
                     after: join_bound,
                 })),
-                _ = &mut stop => { self.shutdown(false).await; return; }
+                _ = &mut stop => { self.shutdown_in_join().await; return; }
             };
             let assignment = match assignment {
                 Ok(a) => a,
@@ -713,7 +714,7 @@ impl GroupTask {
                     tracing::warn!(%group, error = %e, retry_in = ?wait, "join failed");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = &mut stop => { self.shutdown(false).await; return; }
+                        _ = &mut stop => { self.shutdown_in_join().await; return; }
                     }
                     continue;
                 }
@@ -931,14 +932,18 @@ impl GroupTask {
         self.known_counts.as_ref().is_some_and(|k| *k != counts)
     }
 
-    /// Commits what moved of `keys`, through the session task (one commit at a time).
+    /// Commits what moved of `keys`, through the session task (one commit at a time). The
+    /// session reads their positions when it sends the commit: a periodic commit may be sent
+    /// first, and positions read here could be below it (the committed offset would go back).
     async fn commit(&mut self, keys: &[Key]) -> Result<()> {
-        let positions = self.shared.positions_to_commit(Some(keys));
-        if positions.is_empty() {
+        if self.shared.positions_to_commit(Some(keys)).is_empty() {
             return Ok(());
         }
         let (done, rx) = tokio::sync::oneshot::channel();
-        let req = CommitRequest { positions, done };
+        let req = CommitRequest {
+            partitions: keys.iter().map(tp).collect(),
+            done,
+        };
         let after = self.call_timeout() * 2;
         if self.session.commits.send(req).await.is_err() {
             return Err(Error::Closed);
@@ -1041,6 +1046,23 @@ impl GroupTask {
                 },
             }
         }
+    }
+
+    /// Stops while a JoinGroup/SyncGroup waits (cut short here), or while a failed one waits
+    /// for its retry. In a cooperative rejoin the partitions still run in the generation the
+    /// session heartbeats and commits with: they are drained and committed and the member
+    /// leaves, as on any other close.
+    async fn shutdown_in_join(&mut self) {
+        if self.owned.is_empty() {
+            return self.shutdown(false).await;
+        }
+        // The cut call's answer may still come on the member's connection: LeaveGroup goes on
+        // a new one. A cut SyncGroup leaves the member with the JoinGroup's generation: back to
+        // the session's, whose news the drain listens to.
+        self.member.drop_coordinator();
+        let id = self.session.identity.borrow().clone();
+        self.member.adopt(&id.member_id, id.generation);
+        self.shutdown(true).await;
     }
 
     async fn shutdown(&mut self, joined: bool) {

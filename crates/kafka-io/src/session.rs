@@ -6,7 +6,9 @@
 //! as a [`SessionEvent`] tagged with the generation it is about.
 //!
 //! All commits go through this task, one at a time on its connection, so two commits of one
-//! partition are not in flight at once (the broker could apply them out of order). After a
+//! partition are not in flight at once (the broker could apply them out of order), and each
+//! reads its positions when it is sent, explicit ones too: positions only move forward, so no
+//! commit carries a position below one an earlier commit sent. After a
 //! commit times out its connection is dropped; a broker that already read it may still apply
 //! it after a later one, moving the committed position back (a restart then redoes records;
 //! nothing unanswered is ever committed past).
@@ -43,16 +45,20 @@ pub enum SessionEvent {
     Fatal(String),
 }
 
-/// Positions to commit, and where to say how it went.
+/// An explicit commit of what moved of `partitions`, and where to say how it went. Their
+/// positions are read when the session sends the commit, not when it was asked for: positions
+/// read earlier could be below what a periodic commit sent meanwhile, and committing them would
+/// move the group's committed offsets back.
 pub struct CommitRequest {
-    pub positions: Vec<(crate::assignor::Tp, i64)>,
+    pub partitions: Vec<crate::assignor::Tp>,
     pub done: oneshot::Sender<Result<()>>,
 }
 
 /// What the session needs from the consumer's shared state.
 pub trait Positions: Send + Sync + 'static {
-    /// What moved since the last commit, over every owned partition.
-    fn to_commit(&self) -> Vec<(crate::assignor::Tp, i64)>;
+    /// What moved past the last commit, over every owned partition (`only`: of these); never
+    /// a position at or below what was committed.
+    fn to_commit(&self, only: Option<&[crate::assignor::Tp]>) -> Vec<(crate::assignor::Tp, i64)>;
     fn committed(&self, done: &[(crate::assignor::Tp, i64)]);
     /// Resolves on a completion (a commit is due soon).
     fn completed(&self) -> impl Future<Output = ()> + Send;
@@ -213,7 +219,7 @@ async fn run<P: Positions>(
                     let _ = req.done.send(Err(Error::Closed));
                     continue;
                 }
-                let r = commit(&mut member, after, &*positions, Some(req.positions)).await;
+                let r = commit(&mut member, after, &*positions, Some(&req.partitions)).await;
                 // The requester learns how it went; the session judges the answer as any other.
                 let reply = match &r {
                     Ok(_) => Ok(()),
@@ -285,15 +291,16 @@ async fn run<P: Positions>(
     }
 }
 
-/// Commits `only` (or whatever moved) within `after`, and records what was committed.
+/// Commits what moved (of `only`) within `after`, and records what was committed.
 /// Ok(false) when there was nothing to commit (no broker call).
 async fn commit<P: Positions>(
     member: &mut Member,
     after: Duration,
     positions: &P,
-    only: Option<Vec<(crate::assignor::Tp, i64)>>,
+    only: Option<&[crate::assignor::Tp]>,
 ) -> Result<bool> {
-    let todo = only.unwrap_or_else(|| positions.to_commit());
+    // Read now, not when asked for: the latest positions, never below what was committed.
+    let todo = positions.to_commit(only);
     if todo.is_empty() {
         return Ok(false);
     }

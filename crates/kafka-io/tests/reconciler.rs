@@ -580,6 +580,159 @@ async fn cooperative_failed_rejoin_after_a_long_stable_session_keeps_partitions(
     }
 }
 
+/// The committed positions of `p` the broker took, in the order it took them.
+fn committed_sequence(fake: &FakeBroker, p: i32) -> Vec<i64> {
+    fake.commits()
+        .iter()
+        .filter(|c| c.ok())
+        .flat_map(|c| c.offsets.iter())
+        .filter(|(t, q, _)| t == TOPIC && *q == p)
+        .map(|(.., o)| *o)
+        .collect()
+}
+
+/// Close while a commit is slow at the broker (answered after more than the 1 s sweep): the
+/// revoke's commit is asked for after the drain timeout, the held records complete just after,
+/// and when the slow answer comes the due sweep commits their higher position first. The
+/// revoke's commit, served next, must not move the broker's committed offset back (its
+/// position was read before the late completions).
+#[tokio::test]
+async fn revoke_commit_never_moves_the_committed_offset_back() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.assign(&tps(&[0]));
+    fake.log_end(TOPIC, 0, 3);
+    let mut cfg = config(Duration::from_secs(30));
+    // Call timeout 2 s: a commit answered after 1.5 s is not a timeout.
+    cfg.group.session_timeout = ms(6000);
+    cfg.drain_timeout = ms(200);
+    let cluster = tokio::time::timeout(ms(5000), fake.cluster())
+        .await
+        .expect("Cluster::connect within 5 s");
+    let mut c = Consumer::start(cluster, cfg, None);
+    let acker = c.acker();
+    let mut s = next_streams(&mut c, 1, ms(5000)).await.remove(0);
+    let b = tokio::time::timeout(ms(3000), s.recv())
+        .await
+        .expect("a batch within 3 s")
+        .expect("a batch");
+    let offsets: Vec<i64> = b.records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, [0, 1, 2]);
+    fake.wait_for(ms(3000), |s| {
+        s.iter()
+            .any(|c| c.api == ApiKey::OffsetCommit && c.ok() && c.commits(TOPIC, 0, 0))
+    })
+    .await
+    .expect("the start position committed");
+
+    // A commit of 1, answered 1.5 s after the broker applied it: meanwhile the session task
+    // waits, and its 1 s sweep comes due.
+    fake.commit_delay(ms(1500));
+    acker.complete(&b.token(0));
+    fake.wait_for(ms(3000), |s| {
+        s.iter()
+            .any(|c| c.api == ApiKey::OffsetCommit && c.commits(TOPIC, 0, 1))
+    })
+    .await
+    .expect("the commit of 1 read by the broker");
+    c.begin_close();
+    let mut state = s.state();
+    tokio::time::timeout(ms(1000), state.wait_for(|s| *s == StreamState::Draining))
+        .await
+        .expect("draining within 1 s")
+        .expect("the state watch");
+    // Past the drain timeout (the revoke's commit is asked for), before the slow answer.
+    tokio::time::sleep(ms(450)).await;
+    acker.complete(&b.token(1));
+    acker.complete(&b.token(2));
+    fake.wait_for(ms(3000), |s| {
+        s.iter()
+            .any(|c| c.api == ApiKey::OffsetCommit && c.ok() && c.commits(TOPIC, 0, 3))
+    })
+    .await
+    .expect("the late completions committed");
+    fake.commit_delay(Duration::ZERO);
+    tokio::time::timeout(ms(5000), c.closed())
+        .await
+        .expect("closed within 5 s");
+
+    let seq = committed_sequence(&fake, 0);
+    assert!(
+        seq.windows(2).all(|w| w[0] <= w[1]),
+        "the broker's committed offset moved back: {seq:?}"
+    );
+    assert_eq!(fake.committed(TOPIC, 0), Some(3), "{seq:?}");
+    assert!(!fake.of(ApiKey::LeaveGroup).is_empty(), "LeaveGroup sent");
+}
+
+/// SIGTERM while a cooperative rejoin waits in JoinGroup (the other members are slow): the
+/// member still owns its partitions and they still run, so close must drain them (their held
+/// records complete), commit what completed and leave the group, as a close outside a rebalance
+/// does.
+#[tokio::test]
+async fn close_during_a_cooperative_rejoin_drains_commits_and_leaves() {
+    let fake = FakeBroker::start(&[(TOPIC, 2)]).await;
+    fake.protocol("cooperative-sticky");
+    fake.assign(&tps(&[0, 1]));
+    for p in 0..2 {
+        fake.log_end(TOPIC, p, 3);
+    }
+    let mut c = start(&fake, Duration::from_secs(30)).await;
+    let acker = c.acker();
+    let workers = spawn_all(next_streams(&mut c, 2, ms(5000)).await, &acker, |_| true);
+    until(ms(3000), "both received their records", || {
+        workers.iter().all(|w| w.received() == [0, 1, 2])
+    })
+    .await;
+
+    fake.hold_joins(true);
+    fake.rebalance(&tps(&[0, 1]));
+    until(ms(3000), "the rejoin's JoinGroup held", || {
+        fake.joins_held() == 1
+    })
+    .await;
+    for w in &workers {
+        assert_eq!(
+            w.states(),
+            [StreamState::Active],
+            "partition {}",
+            w.partition
+        );
+    }
+    tokio::time::timeout(ms(5000), c.close())
+        .await
+        .expect("close within 5 s");
+
+    for w in &workers {
+        assert_eq!(
+            w.states(),
+            [
+                StreamState::Active,
+                StreamState::Draining,
+                StreamState::Revoked
+            ],
+            "partition {} drained before it was revoked",
+            w.partition
+        );
+        assert_eq!(
+            fake.committed(TOPIC, w.partition),
+            Some(3),
+            "partition {}: the records completed in the drain are committed",
+            w.partition
+        );
+    }
+    let leaves = fake.of(ApiKey::LeaveGroup);
+    assert_eq!(leaves.len(), 1, "one LeaveGroup: {leaves:#?}");
+    assert_eq!(leaves[0].member_id.as_deref(), Some(fake_broker::MEMBER));
+    assert_eq!(
+        fake.joins().len(),
+        1,
+        "the held JoinGroup was never answered"
+    );
+    for w in workers {
+        w.task.abort();
+    }
+}
+
 async fn fatal_join(e: ResponseError) -> String {
     let fake = FakeBroker::start(&[(TOPIC, 2)]).await;
     fake.assign(&tps(&[0, 1]));

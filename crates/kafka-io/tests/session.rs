@@ -78,6 +78,11 @@ impl Table {
         self.completed.notify_one();
     }
 
+    /// `position` is committable, and no completion tells the session (for explicit commits).
+    fn set(&self, tp: Tp, position: i64) {
+        self.lock().pending.insert(tp, position);
+    }
+
     /// A completion notice with nothing new to commit.
     fn poke(&self) {
         self.completed.notify_one();
@@ -93,10 +98,11 @@ impl Table {
 }
 
 impl Positions for Table {
-    fn to_commit(&self) -> Vec<(Tp, i64)> {
+    fn to_commit(&self, only: Option<&[Tp]>) -> Vec<(Tp, i64)> {
         self.lock()
             .pending
             .iter()
+            .filter(|(t, _)| only.is_none_or(|o| o.contains(t)))
             .map(|(t, o)| (t.clone(), *o))
             .collect()
     }
@@ -161,13 +167,17 @@ fn drain(events: &mut mpsc::UnboundedReceiver<(i32, SessionEvent)>) -> Vec<(i32,
     std::iter::from_fn(|| events.try_recv().ok()).collect()
 }
 
-/// An explicit commit through the session; None when it did not answer within 3 s.
+/// An explicit commit of `partitions` through the session; None when it did not answer within
+/// 3 s.
 async fn commit(
     commits: &mpsc::Sender<CommitRequest>,
-    positions: Vec<(Tp, i64)>,
+    partitions: Vec<Tp>,
 ) -> Option<kafka_io::Result<()>> {
     let (done, rx) = oneshot::channel();
-    commits.send(CommitRequest { positions, done }).await.ok()?;
+    commits
+        .send(CommitRequest { partitions, done })
+        .await
+        .ok()?;
     tokio::time::timeout(Duration::from_secs(3), rx)
         .await
         .ok()?
@@ -195,7 +205,7 @@ async fn heartbeats_at_the_interval_with_the_current_identity() {
     // Not a member (generation -1): nothing is sent, not even a connection is made; a
     // completion waits for the join, an explicit commit fails.
     rig.table.complete(tp("in", 0), 3);
-    let r = commit(&rig.session.commits, vec![(tp("in", 0), 3)])
+    let r = commit(&rig.session.commits, vec![tp("in", 0)])
         .await
         .expect("the explicit commit is answered");
     assert!(r.is_err(), "{r:?}");
@@ -397,7 +407,7 @@ async fn illegal_generation_stops_calls_until_a_new_identity() {
     // explicit commit send nothing, and no heartbeat goes out (past the 1 s sweep too).
     rig.fake.heartbeat(Reply::Answer);
     rig.table.complete(tp("in", 0), 5);
-    let r = commit(&rig.session.commits, vec![(tp("in", 1), 9)])
+    let r = commit(&rig.session.commits, vec![tp("in", 1)])
         .await
         .expect("the explicit commit is answered");
     assert!(r.is_err(), "a commit with a fenced generation: {r:?}");
@@ -595,8 +605,9 @@ async fn commits_follow_completions_one_at_a_time() {
         vec![vec![(tp("in", 0), 10)], vec![(tp("in", 0), 20)]]
     );
 
-    // An explicit commit is answered Ok and commits exactly its positions.
-    let r = commit(&rig.session.commits, vec![(tp("in", 1), 42)])
+    // An explicit commit is answered Ok and commits its partition's position.
+    rig.table.set(tp("in", 1), 42);
+    let r = commit(&rig.session.commits, vec![tp("in", 1)])
         .await
         .expect("the explicit commit is answered");
     assert!(r.is_ok(), "{r:?}");
@@ -612,9 +623,10 @@ async fn commits_follow_completions_one_at_a_time() {
     for i in 0..30i64 {
         rig.table.complete(tp("in", 0), 100 + i);
         if i % 6 == 0 {
+            rig.table.set(tp("in", 2), i);
             let commits = rig.session.commits.clone();
             explicit.push(tokio::spawn(async move {
-                commit(&commits, vec![(tp("in", 2), i)]).await
+                commit(&commits, vec![tp("in", 2)]).await
             }));
         }
         tokio::time::sleep(ms(20)).await;

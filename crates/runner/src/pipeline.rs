@@ -587,9 +587,10 @@ async fn run_record(ctx: Arc<Ctx>, partition: i32, q: Queued) -> Done {
                         drop(running);
                         o
                     }
-                    // The batcher stopped (shutdown): left uncommitted, redone later.
+                    // The batcher task ended without answering: left uncommitted, redone later.
                     Err(_) => Outcome::Abandoned,
                 },
+                // The batcher is closed (shutdown): left uncommitted, redone later.
                 Err(_) => Outcome::Abandoned,
             }
         }

@@ -15,8 +15,11 @@
 //! answers records from the fetch offset to it as one record batch v2; at the end it waits
 //! `max_wait` (capped) and answers empty), committed offsets (OffsetFetch; OffsetCommit
 //! updates them), a heartbeat error until the next JoinGroup ([`FakeBroker::rebalance`] uses
-//! REBALANCE_IN_PROGRESS), a JoinGroup error. Heartbeats and commits with a generation other
-//! than the current one get ILLEGAL_GENERATION, as a real coordinator answers them.
+//! REBALANCE_IN_PROGRESS), a JoinGroup error, JoinGroups held unanswered (the coordinator
+//! waiting for the other members: the generation moves on only when one is answered), a delay
+//! before OffsetCommits are answered (applied when read). Heartbeats and commits with a
+//! generation other than the current one get ILLEGAL_GENERATION, as a real coordinator answers
+//! them.
 //! Every request is recorded ([`Seen`]). Dropping the fake closes every connection.
 //!
 //! [`FakeBroker::start_cluster`] serves several brokers (node ids 0..n, one listener each, one
@@ -81,7 +84,7 @@ pub struct Seen {
     pub api: ApiKey,
     pub version: i16,
     pub conn: usize,
-    /// When the whole request had been read.
+    /// When the whole request had been read (a held JoinGroup: when it was let through).
     pub at: Instant,
     /// Heartbeat, OffsetCommit, SyncGroup: the generation sent; JoinGroup: the generation
     /// answered (when the join succeeded).
@@ -151,6 +154,11 @@ struct State {
     heartbeat_error: Option<ResponseError>,
     join_error: Option<ResponseError>,
     join_errors_once: std::collections::VecDeque<ResponseError>,
+    /// True: JoinGroups wait (unread, unanswered) until it turns false.
+    hold_joins: tokio::sync::watch::Sender<bool>,
+    /// JoinGroups waiting on `hold_joins` now.
+    joins_held: usize,
+    commit_delay: Duration,
     seen: Vec<Seen>,
     connections: usize,
 }
@@ -212,6 +220,9 @@ impl FakeBroker {
             heartbeat_error: None,
             join_error: None,
             join_errors_once: Default::default(),
+            hold_joins: tokio::sync::watch::Sender::new(false),
+            joins_held: 0,
+            commit_delay: Duration::ZERO,
             seen: Vec::new(),
             connections: 0,
         })));
@@ -296,6 +307,21 @@ impl FakeBroker {
     /// The next JoinGroups answer these errors, one each, in order.
     pub fn fail_next_joins(&self, errors: &[ResponseError]) {
         self.shared.lock().join_errors_once.extend(errors);
+    }
+
+    /// On: JoinGroups are held unanswered (and the generation stays) until it is turned off.
+    pub fn hold_joins(&self, on: bool) {
+        self.shared.lock().hold_joins.send_replace(on);
+    }
+
+    /// How many JoinGroups are held now.
+    pub fn joins_held(&self) -> usize {
+        self.shared.lock().joins_held
+    }
+
+    /// OffsetCommits are applied when read and answered this long after.
+    pub fn commit_delay(&self, d: Duration) {
+        self.shared.lock().commit_delay = d;
     }
 
     pub fn set_partitions(&self, topic: &str, n: i32) {
@@ -412,7 +438,6 @@ async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
         if stream.read_exact(&mut frame).await.is_err() {
             break;
         }
-        let at = Instant::now();
         let mut buf = Bytes::from(frame);
         let Ok(header) = decode_request_header_from_buffer(&mut buf) else {
             break;
@@ -420,6 +445,18 @@ async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
         let Ok(api) = ApiKey::try_from(header.request_api_key) else {
             break;
         };
+        if api == ApiKey::JoinGroup {
+            let mut hold = shared.lock().hold_joins.subscribe();
+            if *hold.borrow_and_update() {
+                shared.lock().joins_held += 1;
+                let released = hold.wait_for(|on| !*on).await.is_ok();
+                shared.lock().joins_held -= 1;
+                if !released {
+                    break;
+                }
+            }
+        }
+        let at = Instant::now();
         let version = header.request_api_version;
         let corr = header.correlation_id;
         let mut seen = Seen {
@@ -457,7 +494,7 @@ async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
 
 enum Answer {
     Now(Bytes),
-    /// Written after a wait (an empty Fetch waits its max_wait, capped).
+    /// Written after a wait (an empty Fetch waits its max_wait, capped; a delayed commit).
     After(Duration, Bytes),
 }
 
@@ -682,11 +719,15 @@ fn answer(
                         )
                 })
                 .collect();
-            encode::<OffsetCommitRequest>(
+            let b = encode::<OffsetCommitRequest>(
                 corr,
                 version,
                 OffsetCommitResponse::default().with_topics(topics),
-            )
+            );
+            if !st.commit_delay.is_zero() {
+                return Ok(Answer::After(st.commit_delay, b));
+            }
+            b
         }
         ApiKey::OffsetFetch => {
             let req = OffsetFetchRequest::decode(buf, version).map_err(|_| ())?;

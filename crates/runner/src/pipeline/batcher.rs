@@ -12,11 +12,12 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
-use futures::{StreamExt, stream::FuturesUnordered};
-use tokio::sync::{Notify, mpsc, oneshot};
+use futures::{StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use super::{Ctx, Item, Outcome, process_batch};
 
@@ -69,13 +70,44 @@ pub(super) fn channel() -> (Batcher, mpsc::UnboundedReceiver<Pending>) {
     mpsc::unbounded_channel()
 }
 
-/// The batcher; it ends once the workers are stopped and it holds nothing.
-pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+/// The batcher; once the workers are stopped it answers what was handed in, and it ends when it
+/// holds nothing (refusing what comes later).
+pub(super) async fn run(ctx: Arc<Ctx>, rx: mpsc::UnboundedReceiver<Pending>) {
+    let (stop, metrics) = (ctx.stop.clone(), ctx.metrics.clone());
+    let batches = Batches {
+        size: ctx.batch_size,
+        linger: ctx.batch_linger,
+    };
+    serve(
+        batches,
+        stop,
+        rx,
+        |n| metrics.batch_size.observe(n as f64),
+        move |batch, alone| Box::pin(run_batch(ctx.clone(), batch, alone)),
+    )
+    .await
+}
+
+/// How records are merged.
+struct Batches {
+    /// Records in one model request at most.
+    size: usize,
+    /// How long a partial batch may wait for more while calls run.
+    linger: Duration,
+}
+
+/// [`run`], with what it needs of the context: `observe` is told each batch's size,
+/// `run_batch` makes a batch's model request.
+async fn serve(
+    batches: Batches,
+    mut stop: watch::Receiver<bool>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    observe: impl Fn(usize),
+    run_batch: impl Fn(Vec<Pending>, Arc<Alone>) -> BoxFuture<'static, ()>,
+) {
     let alone_calls = Arc::new(Alone::default());
     let mut waiting: VecDeque<Pending> = VecDeque::new();
-    let mut running: FuturesUnordered<futures::future::BoxFuture<'static, ()>> =
-        FuturesUnordered::new();
-    let mut stop = ctx.stop.clone();
+    let mut running: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     let mut open = true;
     loop {
         // Records of a revoked partition: nobody waits for them any more.
@@ -88,11 +120,11 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Pending>)
                 .enumerate()
                 .filter(|(_, p)| p.part.merges_with(&first.part))
                 .map(|(i, _)| i)
-                .take(ctx.batch_size)
+                .take(batches.size)
                 .collect();
             let busy = !running.is_empty() || alone_calls.running.load(Ordering::Relaxed) > 0;
-            let deadline = first.arrived + ctx.batch_linger;
-            if unit.len() < ctx.batch_size
+            let deadline = first.arrived + batches.linger;
+            if unit.len() < batches.size
                 && busy
                 && !stopping
                 && tokio::time::Instant::now() < deadline
@@ -105,17 +137,23 @@ pub(super) async fn run(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Pending>)
                 batch.push(waiting.remove(i).expect("an index of waiting"));
             }
             batch.reverse();
-            ctx.metrics.batch_size.observe(batch.len() as f64);
+            observe(batch.len());
             if batch.len() == 1 {
                 let p = batch.pop().expect("one");
                 let _ = p.reply.send(alone(&alone_calls));
                 continue;
             }
-            running.push(Box::pin(run_batch(ctx.clone(), batch, alone_calls.clone())));
+            running.push(run_batch(batch, alone_calls.clone()));
         }
         if stopping && waiting.is_empty() && running.is_empty() {
-            // Stopped: what the workers still send is left uncommitted (redone later).
-            return;
+            if !open {
+                return;
+            }
+            // Stopped and idle: closed to new records (a worker's send fails, and it abandons
+            // the record: uncommitted, redone later). Those already handed in are still read
+            // below and batched at once (no linger), so each gets its answer or runs alone;
+            // none is dropped unanswered.
+            rx.close();
         }
         tokio::select! {
             p = rx.recv(), if open => match p {
@@ -164,5 +202,106 @@ async fn run_batch(ctx: Arc<Ctx>, batch: Vec<Pending>, alone_calls: Arc<Alone>) 
                 let _ = reply.send(alone(&alone_calls));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use codec::Protocol;
+
+    use super::*;
+    use crate::{
+        graph::Msg,
+        meta::{HeaderPolicy, RecordMeta},
+    };
+
+    /// A record handed in (a Seldon ndarray request of one row: they all merge), and where its
+    /// reply comes.
+    fn pending(offset: i64) -> (Pending, oneshot::Receiver<Reply>) {
+        let part = codec::batch::part(Protocol::Seldon, br#"{"data":{"ndarray":[[1]]}}"#)
+            .expect("a batch part");
+        let (reply, rx) = oneshot::channel();
+        let p = Pending {
+            partition: 0,
+            offset,
+            headers: Vec::new(),
+            part,
+            arrived: tokio::time::Instant::now(),
+            reply,
+        };
+        (p, rx)
+    }
+
+    /// SIGTERM while records are handed in (sent, not yet read by the batcher): each still gets
+    /// its reply (its batch's answer, or run alone), none is dropped unanswered; then the
+    /// batcher ends, and a record handed in after that is refused at once (its worker abandons
+    /// it: left uncommitted, redone).
+    #[tokio::test]
+    async fn shutdown_answers_every_record_handed_in_before_it() {
+        let (tx, rx) = channel();
+        let (stop_tx, stop) = watch::channel(false);
+        let mut replies = Vec::new();
+        for o in 0..3 {
+            let (p, r) = pending(o);
+            tx.send(p)
+                .map_err(|_| "send")
+                .expect("the batcher takes records");
+            replies.push(r);
+        }
+        stop_tx.send_replace(true);
+        let batched = Arc::new(Mutex::new(Vec::new()));
+        let b = batched.clone();
+        let batcher = tokio::spawn(serve(
+            Batches {
+                size: 2,
+                linger: Duration::from_secs(10),
+            },
+            stop,
+            rx,
+            |_| {},
+            move |batch, _alone| {
+                b.lock()
+                    .unwrap()
+                    .push(batch.iter().map(|p| p.offset).collect::<Vec<_>>());
+                Box::pin(async move {
+                    for p in batch {
+                        let answer = Msg::Json(Bytes::from(format!("{{\"offset\":{}}}", p.offset)));
+                        let meta = RecordMeta::of_record(
+                            &[],
+                            Protocol::Seldon,
+                            &HeaderPolicy::parse("none"),
+                            None,
+                        );
+                        let _ = p
+                            .reply
+                            .send(Reply::Done(Box::new(Outcome::Answer(answer, meta))));
+                    }
+                })
+            },
+        ));
+        let mut got = Vec::new();
+        for (o, r) in replies.into_iter().enumerate() {
+            let reply = tokio::time::timeout(Duration::from_secs(5), r)
+                .await
+                .expect("a reply within 5 s");
+            got.push(match reply {
+                Ok(Reply::Done(o)) => match *o {
+                    Outcome::Answer(Msg::Json(b), _) => String::from_utf8_lossy(&b).into_owned(),
+                    _ => "another outcome".to_owned(),
+                },
+                Ok(Reply::Alone(_)) => "alone".to_owned(),
+                Err(_) => format!("record {o} dropped unanswered"),
+            });
+        }
+        assert_eq!(got, [r#"{"offset":0}"#, r#"{"offset":1}"#, "alone"]);
+        assert_eq!(*batched.lock().unwrap(), [vec![0, 1]]);
+        tokio::time::timeout(Duration::from_secs(5), batcher)
+            .await
+            .expect("the batcher ends within 5 s")
+            .expect("the batcher task");
+        let (late, _) = pending(3);
+        assert!(tx.send(late).is_err(), "refused once the batcher ended");
     }
 }
