@@ -92,7 +92,7 @@ impl ConsumerConfig {
             fetch_max_bytes: 50 << 20,
             max_partition_fetch_bytes: 1 << 20,
             fetch_buffer_bytes: DEFAULT_FETCH_BUFFER_BYTES,
-            commit_interval: Duration::from_millis(5),
+            commit_interval: Duration::from_secs(1),
             metadata_refresh: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
         }
@@ -188,6 +188,8 @@ struct Shared {
     drained: Notify,
     /// Told on every completion: the group task commits soon after.
     completed: Notify,
+    /// Told when a worker waits for a commit: the session commits at once.
+    urgent: Notify,
     /// The coordinator answers within the session timeout.
     group_ok: AtomicBool,
     /// When the coordinator last answered (ms since `born`).
@@ -253,6 +255,9 @@ impl crate::session::Positions for Shared {
     fn completed(&self) -> impl Future<Output = ()> + Send {
         self.completed.notified()
     }
+    fn urgent(&self) -> impl Future<Output = ()> + Send {
+        self.urgent.notified()
+    }
     fn set_group_ok(&self, ok: bool) {
         if ok {
             self.last_answer_ms
@@ -295,6 +300,12 @@ impl Acker {
                 self.0.drained.notify_waiters();
             }
         }
+    }
+
+    /// Asks for a commit now rather than within the commit interval (the caller waits for its
+    /// acknowledged records to be committed, e.g. to bound what a crash redoes).
+    pub fn urge_commit(&self) {
+        self.0.urgent.notify_one();
     }
 
     /// Gives the record up (no result will be written): commits stop before it, so the

@@ -60,8 +60,12 @@ pub trait Positions: Send + Sync + 'static {
     /// a position at or below what was committed.
     fn to_commit(&self, only: Option<&[crate::assignor::Tp]>) -> Vec<(crate::assignor::Tp, i64)>;
     fn committed(&self, done: &[(crate::assignor::Tp, i64)]);
-    /// Resolves on a completion (a commit is due soon).
+    /// Resolves on a completion (a commit is due within the commit interval).
     fn completed(&self) -> impl Future<Output = ()> + Send;
+    /// Resolves when a commit is wanted now (a worker waits for one: `--max-uncommitted`).
+    fn urgent(&self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
     fn set_group_ok(&self, ok: bool);
 }
 
@@ -164,7 +168,7 @@ async fn run<P: Positions>(
     let mut heartbeat = tokio::time::interval(group.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A slow sweep in case a completion's notice was missed.
-    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut sweep = tokio::time::interval(commit_interval.max(Duration::from_secs(1)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = Instant::now();
     let mut last_commit = tokio::time::Instant::now();
@@ -205,12 +209,17 @@ async fn run<P: Positions>(
                 commit_at = Some(at.max(last_commit + commit_interval));
                 continue;
             }
+            _ = positions.urgent(), if generation >= 0 => {
+                commit_at = Some(tokio::time::Instant::now());
+                continue;
+            }
             _ = tokio::time::sleep_until(at), if commit_at.is_some() && generation >= 0 => {
                 commit_at = None;
                 last_commit = tokio::time::Instant::now();
                 ("OffsetCommit", commit(&mut member, after, &*positions, None).await)
             }
-            _ = sweep.tick(), if generation >= 0 => {
+            _ = sweep.tick(), if generation >= 0 && commit_at.is_none() => {
+                last_commit = tokio::time::Instant::now();
                 ("OffsetCommit", commit(&mut member, after, &*positions, None).await)
             }
             req = commits.recv() => {

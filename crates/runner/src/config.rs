@@ -119,10 +119,10 @@ pub struct RunArgs {
     /// fails every record (refused, 503) is waited for instead. Default 3.
     #[arg(long, env = "KAFKA_INFER_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
-    /// How soon finished records are committed (the longest a commit waits after one
-    /// completes). Records written but not yet committed count against --max-in-flight (so a
-    /// crash redoes at most that many per partition): a shorter interval frees the window
-    /// sooner, at the cost of more commit requests. Default 5ms.
+    /// How soon finished records are committed: one OffsetCommit for every partition at most
+    /// this often (Kafka's auto.commit.interval.ms is 5s). A crash (SIGKILL) redoes what was
+    /// answered since the last commit, so up to this long of answers; --max-uncommitted bounds
+    /// that in records instead (a worker at its bound asks for a commit at once). Default 1s.
     #[arg(long, env = "KAFKA_COMMIT_INTERVAL")]
     pub commit_interval: Option<String>,
     /// Partition assignment strategies offered to the group, in preference order (as librdkafka's
@@ -133,7 +133,7 @@ pub struct RunArgs {
     /// How long an output partition's writer waits for more answers before it produces a batch
     /// (Kafka's linger.ms); one produce request per partition is in flight at a time, so
     /// batches also grow while the previous one is written (and while records wait for the
-    /// model: --linger-max). Default 2ms.
+    /// model: --linger-max). Default 5ms (as the Java client and librdkafka).
     #[arg(long, env = "KAFKA_LINGER")]
     pub linger: Option<String>,
     /// The writer's linger while records wait for the model (every model slot of a partition
@@ -798,7 +798,7 @@ impl Config {
             batch_size
         };
         let linger = parse_duration(
-            &pick(&args.linger, "KAFKA_LINGER").unwrap_or_else(|| "2ms".into()),
+            &pick(&args.linger, "KAFKA_LINGER").unwrap_or_else(|| "5ms".into()),
             "KAFKA_LINGER",
         )?;
         let linger_max = parse_duration(
@@ -904,7 +904,7 @@ impl Config {
                 Some(n) => n,
                 None => 3,
             },
-            commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "5ms")?,
+            commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "1s")?,
             linger,
             linger_max,
             metadata_max_age: dur(&args.metadata_max_age, "KAFKA_METADATA_MAX_AGE", "30s")?,

@@ -436,6 +436,10 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             // buffer: wait for acknowledgements (unless nothing is out, e.g. one huge record).
             let full = stream.over_budget() && !(running.is_empty() && deliveries.is_empty());
             if room == 0 || full {
+                if held >= ctx.max_uncommitted && !acked.is_empty() {
+                    // Waiting for a commit: ask for it now, not within --commit-interval.
+                    ctx.acker.urge_commit();
+                }
                 break;
             }
             let Some(mut q) = queue.pop_front() else {
