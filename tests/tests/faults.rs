@@ -297,6 +297,10 @@ async fn a_blackholed_replica_turns_not_ready_within_the_session_timeout_and_rec
     wait_for(Duration::from_secs(20), "first 100 answered", || {
         (ok_count(&ki) >= 100.0).then_some(())
     })?;
+    // And committed (within --commit-interval): what is lost below is what was not.
+    wait_for(Duration::from_secs(15), "first 100 committed", || {
+        (committed_sum(&broker.bootstrap(), &group, &input) == 100).then_some(())
+    })?;
     // The network goes silent: nothing forwarded, nothing closed.
     proxy.set_mode(Mode::Blackhole);
     let silent = Instant::now();

@@ -135,7 +135,30 @@ pub fn part(protocol: Protocol, json: &[u8]) -> Option<Part> {
     (rows > 0).then_some(Part { key, rows, value })
 }
 
+/// The memory a parsed JSON value takes (its nodes and their heap parts; allocator slack not
+/// counted).
+pub fn value_size(v: &Value) -> usize {
+    let node = std::mem::size_of::<Value>();
+    node + match v {
+        Value::String(s) => s.capacity(),
+        Value::Array(a) => {
+            a.iter().map(value_size).sum::<usize>() + (a.capacity() - a.len()) * node
+        }
+        // A map entry: its key, its value and about two words of the map's own.
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, v)| 16 + std::mem::size_of::<String>() + k.capacity() + value_size(v))
+            .sum(),
+        _ => 0,
+    }
+}
+
 impl Part {
+    /// The memory this part holds (its parsed request).
+    pub fn size(&self) -> usize {
+        std::mem::size_of::<Self>() + self.key.capacity() + value_size(&self.value)
+    }
+
     /// Whether `self` and `other` can go in one request.
     pub fn merges_with(&self, other: &Part) -> bool {
         self.key == other.key

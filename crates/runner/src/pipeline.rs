@@ -448,6 +448,10 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             // Parsed now, not on arrival: a queue of fetched records pins only their bytes.
             if ctx.batch_size > 1 {
                 q.part = batch_part(&ctx, &q.rec);
+                // The parsed request counts against the partition's share of the fetch buffer.
+                if let Some(p) = &q.part {
+                    q.rec.charge.add(p.size());
+                }
             }
             ctx.metrics.in_flight.inc();
             running.push_back(Box::pin(run_record(ctx.clone(), input_partition, q)));

@@ -87,13 +87,16 @@ struct Part {
     backoff: Backoff,
 }
 
+/// What a fetch session holds of a partition: its fetch offset and max bytes.
+type Sent = (i64, i32);
+
 /// A KIP-227 fetch session with one broker (id 0: none).
 #[derive(Default)]
 struct Session {
     id: i32,
     epoch: i32,
     /// What the broker holds for each partition in the session: fetch offset, max bytes.
-    sent: HashMap<Key, (i64, i32)>,
+    sent: HashMap<Key, Sent>,
 }
 
 struct Broker {
@@ -350,7 +353,7 @@ impl Fetcher {
             .min(self.share)
             .clamp(1, i32::MAX as usize) as i32;
         let mut asked = Vec::with_capacity(keys.len());
-        let mut want: HashMap<Key, (i64, i32)> = HashMap::with_capacity(keys.len());
+        let mut want: HashMap<Key, Sent> = HashMap::with_capacity(keys.len());
         for k in keys {
             let Some(p) = self.parts.get_mut(k) else {
                 continue;
@@ -369,7 +372,7 @@ impl Fetcher {
             .get_mut(&id)
             .expect("dispatch checked the broker");
         let sessions = version >= SESSION_MIN_VERSION;
-        let (send, forget): (Vec<(Key, (i64, i32))>, Vec<Key>) = if sessions && b.session.id != 0 {
+        let (send, forget): (Vec<(Key, Sent)>, Vec<Key>) = if sessions && b.session.id != 0 {
             // Incremental: what changed or is new, and what left (paused or gone).
             let send = want
                 .iter()
@@ -405,10 +408,11 @@ impl Fetcher {
             forgotten.entry(t).or_default().push(p);
         }
         let wait_ms = i32::try_from(self.cfg.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
+        // Never more than the budget has room for (a broker sends at least one batch anyway).
         let max_bytes = self
             .cfg
             .fetch_max_bytes
-            .min(self.budget.limit())
+            .min(self.budget.free().max(part_max as usize))
             .clamp(1, i32::MAX as usize) as i32;
         let mut req = FetchRequest::default()
             .with_max_wait_ms(wait_ms)
@@ -635,13 +639,11 @@ impl Fetcher {
             return; // removed and added again, or reset meanwhile
         }
         let k = &a.key;
-        if r.error == 0 || r.error == ResponseError::OffsetOutOfRange.code() {
-            if let Some(s) = self.shared.lock().get_mut(k)
-                && s.epoch == p.epoch
-                && r.error == 0
-            {
-                s.high_watermark = r.high_watermark;
-            }
+        if r.error == 0
+            && let Some(s) = self.shared.lock().get_mut(k)
+            && s.epoch == p.epoch
+        {
+            s.high_watermark = r.high_watermark;
         }
         match ResponseError::try_from_code(r.error) {
             None => {}
@@ -836,12 +838,8 @@ async fn fetch(
                 let Some(a) = by_key.get(&(t.topic.0.as_str(), part.partition_index)) else {
                     continue;
                 };
-                let mut data = part.records.unwrap_or_default();
-                // Records are slices of what they were decoded from: one partition's records
-                // must not keep the whole response alive.
-                if several && !data.is_empty() {
-                    data = bytes::Bytes::copy_from_slice(&data);
-                }
+                let data = part.records.unwrap_or_default();
+                tracing::trace!(topic = %a.key.0, partition = a.key.1, bytes = data.len(), allowance = a.allowance, "fetch: partition data");
                 let aborted: Vec<AbortedTxn> = part
                     .aborted_transactions
                     .unwrap_or_default()
@@ -878,6 +876,12 @@ async fn fetch(
                 let decoded = decoded
                     .map(|mut d| {
                         d.next_offset = d.next_offset.max(offset);
+                        // Records are slices of what they were decoded from: one partition's
+                        // records must not keep the whole response alive (nor the part of
+                        // their own data that was not handed out).
+                        if several || d.cut {
+                            records::compact(&mut d.records);
+                        }
                         d
                     })
                     .map_err(|why| format!("offset {offset}: {why}"));

@@ -583,7 +583,7 @@ fn decode_records(
 
 /// Copies the records' keys, values and header values into one buffer of their own (they were
 /// slices of a whole batch's bytes, most of which is not handed out).
-fn compact(records: &mut [FetchedRecord]) {
+pub(crate) fn compact(records: &mut [FetchedRecord]) {
     let total: usize = records
         .iter()
         .map(|r| {

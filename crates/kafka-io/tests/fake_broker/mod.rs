@@ -864,7 +864,7 @@ fn answer(
             for ((name, partition), fetch_offset) in wanted {
                 let d = PartitionData::default().with_partition_index(partition);
                 let k = (name.clone(), partition);
-                let d = if !st.topics.get(&name).is_some_and(|c| partition < *c) {
+                let d = if st.topics.get(&name).is_none_or(|c| partition >= *c) {
                     Some(d.with_error_code(ResponseError::UnknownTopicOrPartition.code()))
                 } else if st.leaders.get(&k).copied().unwrap_or(0) != node {
                     Some(d.with_error_code(ResponseError::NotLeaderOrFollower.code()))
