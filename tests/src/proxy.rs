@@ -58,6 +58,45 @@ const QUEUED_CHUNKS: usize = 16;
 struct Stats {
     accepted: AtomicU64,
     open: AtomicUsize,
+    /// Kafka requests seen from clients, by API key.
+    requests: std::sync::Mutex<std::collections::BTreeMap<i16, u64>>,
+}
+
+/// Splits a client's byte stream into Kafka request frames (4-byte size, then the 2-byte API
+/// key) and counts them by API key.
+#[derive(Default)]
+struct FrameCounter {
+    head: Vec<u8>,
+    skip: usize,
+}
+
+impl FrameCounter {
+    fn feed(&mut self, mut data: &[u8], stats: &Stats) {
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let take = (6 - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.head.len() == 6 {
+                let size =
+                    i32::from_be_bytes([self.head[0], self.head[1], self.head[2], self.head[3]]);
+                let key = i16::from_be_bytes([self.head[4], self.head[5]]);
+                *stats
+                    .requests
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key)
+                    .or_default() += 1;
+                self.skip = usize::try_from(size).unwrap_or(0).saturating_sub(2);
+                self.head.clear();
+            }
+        }
+    }
 }
 
 /// Counts a connection as open while it lives.
@@ -167,6 +206,16 @@ impl FaultProxy {
         self.stats.accepted.load(Ordering::SeqCst)
     }
 
+    /// Kafka requests forwarded from clients so far, by API key (e.g. 1 = Fetch, 0 = Produce,
+    /// 8 = OffsetCommit, 12 = Heartbeat).
+    pub fn requests(&self) -> std::collections::BTreeMap<i16, u64> {
+        self.stats
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Connections accepted and not yet closed.
     pub fn open(&self) -> usize {
         self.stats.open.load(Ordering::SeqCst)
@@ -226,6 +275,7 @@ async fn accept_loop(
             target,
             mode.clone(),
             OpenGuard::new(&stats),
+            stats.clone(),
         ));
     }
 }
@@ -241,6 +291,7 @@ async fn connection(
     target: SocketAddr,
     mut mode: watch::Receiver<Mode>,
     _open: OpenGuard,
+    stats: Arc<Stats>,
 ) {
     // A silent network: the target hears nothing of this client until the blackhole lifts.
     let now = match mode.wait_for(|m| *m != Mode::Blackhole).await {
@@ -265,7 +316,7 @@ async fn connection(
         tokio::select! {
             biased;
             _ = mode.wait_for(|m| *m == Mode::Reset) => false,
-            r = async { tokio::try_join!(pipe(cr, uw, m1), pipe(ur, cw, m2)) } => r.is_ok(),
+            r = async { tokio::try_join!(pipe(cr, uw, m1, Some(stats)), pipe(ur, cw, m2, None)) } => r.is_ok(),
         }
     };
     if !clean {
@@ -295,7 +346,9 @@ async fn pipe(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     mode: watch::Receiver<Mode>,
+    count: Option<Arc<Stats>>,
 ) -> std::io::Result<()> {
+    let mut frames = FrameCounter::default();
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUED_CHUNKS);
     let mut rmode = mode.clone();
     let reader = async move {
@@ -307,6 +360,9 @@ async fn pipe(
                 return Ok::<_, std::io::Error>(()); // drops tx: the writer finishes the queue
             }
             buf.truncate(n);
+            if let Some(stats) = &count {
+                frames.feed(&buf, stats);
+            }
             if tx.send((Instant::now(), buf)).await.is_err() {
                 return Ok(());
             }

@@ -599,3 +599,63 @@ async fn producer_lingers_longer_under_pressure() -> Result<()> {
     p.close(Duration::from_secs(5)).await?;
     Ok(())
 }
+
+/// The fetch shape against the test broker, counted by the tests' TCP proxy (it sees every
+/// request frame): an idle member of 16 partitions sends one Fetch per broker per max-wait,
+/// not one per partition, and records still arrive on every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_fetch_per_broker_for_sixteen_partitions_against_the_test_broker() -> Result<()> {
+    init_log();
+    let pb = kafka_infer_tests::proxy::ProxiedBroker::start()?;
+    let topic = unique("shape");
+    pb.create_topic(&topic, 16)?;
+    let (broker, proxy) = pb.into_parts();
+    let settings = kafka_io::ConnectionSettings::plaintext(&proxy.bootstrap())?;
+    let cluster = Cluster::connect(settings).await?;
+    let mut cfg = consumer_config(&unique("g"), &topic);
+    let wait = Duration::from_millis(100);
+    cfg.fetch_max_wait = wait;
+    let mut c = Consumer::start(cluster.clone(), cfg, None);
+    let mut streams = Vec::new();
+    while streams.len() < 16 {
+        let s = timeout(Duration::from_secs(30), c.next_stream())
+            .await?
+            .expect("consumer open");
+        streams.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    const FETCH: i16 = 1;
+    let before = proxy.requests().get(&FETCH).copied().unwrap_or(0);
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let fetches = proxy.requests().get(&FETCH).copied().unwrap_or(0) - before;
+    eprintln!("idle on 16 partitions: {fetches} Fetch requests in {window:?} at max-wait {wait:?}");
+    // One broker: 3 s / 100 ms = 30 (one per partition would be 480).
+    assert!(
+        (10..=45).contains(&fetches),
+        "{fetches} Fetch requests in {window:?}: one per broker per max-wait is 30"
+    );
+    // Records on a few partitions still come through.
+    produce_n(&cluster, &topic, 64, CompressionCodec::None).await?;
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let acker = c.acker();
+    while got < 64 {
+        assert!(
+            Instant::now() < deadline,
+            "only {got} of 64 records within 20 s"
+        );
+        for s in streams.iter_mut() {
+            if let Ok(Some(b)) = timeout(Duration::from_millis(20), s.recv()).await {
+                for r in &b.records {
+                    acker.complete(&b.token(r.offset));
+                }
+                got += b.records.len();
+            }
+        }
+    }
+    drop(streams);
+    c.close().await;
+    drop(broker);
+    Ok(())
+}

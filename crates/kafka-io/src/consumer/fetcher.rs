@@ -134,8 +134,7 @@ enum Done {
         broker: i32,
         conn: Option<(BrokerConn, i16)>,
         asked: Vec<Asked>,
-        /// The session this request used (id, epoch), and the response's session id.
-        result: Result<(i32, Vec<PartResult>)>,
+        result: Result<FetchOutcome>,
     },
     Reset {
         key: Key,
@@ -143,6 +142,14 @@ enum Done {
         result: Result<i64>,
     },
     Leaders(Result<Leaders>),
+}
+
+/// A Fetch response, read.
+struct FetchOutcome {
+    session_id: i32,
+    /// The broker's quota says: send it nothing for this long.
+    throttle: Duration,
+    parts: Vec<PartResult>,
 }
 
 /// Partition leaders and broker addresses, from Metadata.
@@ -576,7 +583,7 @@ impl Fetcher {
         broker: i32,
         conn: Option<(BrokerConn, i16)>,
         asked: Vec<Asked>,
-        result: Result<(i32, Vec<PartResult>)>,
+        result: Result<FetchOutcome>,
     ) {
         for a in &asked {
             if let Some(p) = self.parts.get_mut(&a.key)
@@ -591,8 +598,16 @@ impl Fetcher {
         b.busy = false;
         b.conn = conn;
         let results = match result {
-            Ok((session_id, results)) => {
+            Ok(FetchOutcome {
+                session_id,
+                throttle,
+                parts: results,
+            }) => {
                 b.backoff.reset();
+                if !throttle.is_zero() {
+                    // KIP-219: the broker answered at once and expects us to wait.
+                    b.not_before = Some(Instant::now() + throttle);
+                }
                 if session_id == 0 {
                     b.session = Session::default();
                 } else if b.session.id == session_id {
@@ -816,7 +831,6 @@ async fn fetch(
     asked: Vec<Asked>,
     timeout: Duration,
 ) -> Done {
-    let session = req.session_id;
     let result = async {
         let resp = conn
             .send_with_timeout(req, version, "Fetch", timeout)
@@ -893,12 +907,20 @@ async fn fetch(
                 });
             }
         }
-        Ok((resp.session_id, out))
+        Ok(FetchOutcome {
+            session_id: resp.session_id,
+            throttle: Duration::from_millis(u64::try_from(resp.throttle_time_ms).unwrap_or(0)),
+            parts: out,
+        })
     }
     .await;
-    let _ = session;
-    let conn = result.is_ok().then_some((conn, version));
-    // A session error keeps the connection (the next request starts a new session).
+    // A broker's error code keeps the connection (e.g. a fetch session error: the next request
+    // starts a new session); a failed call drops it (no half-read responses).
+    let conn = match &result {
+        Ok(_) => Some((conn, version)),
+        Err(e) if e.broker_error().is_some() => Some((conn, version)),
+        Err(_) => None,
+    };
     Done::Fetched {
         broker,
         conn,
