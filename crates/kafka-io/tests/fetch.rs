@@ -309,3 +309,30 @@ async fn an_offset_reset_with_records_in_flight_lets_commits_go_on() {
     }
     c.close().await;
 }
+
+#[tokio::test]
+async fn a_record_larger_than_the_whole_budget_stalls_its_partition_and_says_so() {
+    let fake = cluster(1, 2).await;
+    // 200 bytes: less than one record's bookkeeping (256), so no record of the fake fits.
+    let mut c = start(&fake, 200).await;
+    let mut streams = streams(&mut c, 2).await;
+    fake.log_end(TOPIC, 1, 3);
+    let deadline = Instant::now() + ms(5000);
+    while c.stalled().is_empty() {
+        assert!(Instant::now() < deadline, "no stall reported within 5 s");
+        tokio::time::sleep(ms(20)).await;
+    }
+    let stalled = c.stalled();
+    assert_eq!(stalled.len(), 1, "{stalled:?}");
+    assert_eq!(stalled[0].0, (TOPIC.to_owned(), 1));
+    assert!(
+        stalled[0].1.contains("--fetch-buffer-bytes") && stalled[0].1.contains("offset 0"),
+        "names the flag to raise and the record: {}",
+        stalled[0].1
+    );
+    // Nothing skipped: the partition hands out nothing past the record it cannot take.
+    let r = tokio::time::timeout(ms(300), streams[1].recv()).await;
+    assert!(r.is_err(), "no records handed out: {r:?}");
+    assert_eq!(c.budget().held(), 0);
+    c.close().await;
+}
