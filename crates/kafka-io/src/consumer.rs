@@ -165,6 +165,9 @@ struct PartitionState {
     epoch: u64,
     /// The epoch it was assigned in (its stream's).
     assigned: u64,
+    /// The epoch the position being committed was read in: a commit read before an offset
+    /// reset does not count for the tracker made by the reset.
+    commit_epoch: u64,
     high_watermark: i64,
     /// The committed position, for the stream's worker (it bounds uncommitted work by it).
     committed_tx: watch::Sender<i64>,
@@ -219,16 +222,22 @@ impl Shared {
 
     fn positions_to_commit(&self, only: Option<&[Key]>) -> Vec<(Tp, i64)> {
         self.lock()
-            .iter()
+            .iter_mut()
             .filter(|(k, _)| only.is_none_or(|o| o.contains(k)))
-            .filter_map(|(k, s)| s.offsets.to_commit().map(|o| (tp(k), o)))
+            .filter_map(|(k, s)| {
+                let o = s.offsets.to_commit()?;
+                s.commit_epoch = s.epoch;
+                Some((tp(k), o))
+            })
             .collect()
     }
 
     fn mark_committed(&self, done: &[(Tp, i64)]) {
         let mut parts = self.lock();
         for (t, o) in done {
-            if let Some(s) = parts.get_mut(&key(t)) {
+            if let Some(s) = parts.get_mut(&key(t))
+                && s.commit_epoch == s.epoch
+            {
                 s.offsets.mark_committed(*o);
                 s.committed_tx.send_replace(*o);
             }
@@ -409,6 +418,8 @@ impl PartitionStream {
         self.state.clone()
     }
 
+    /// A token in the stream's assigned epoch. After an offset reset the records carry a new
+    /// epoch: complete them with [`Batch::token`], which is always right.
     pub fn token(&self, offset: i64) -> Token {
         Token {
             topic: self.topic.clone(),
@@ -851,6 +862,7 @@ impl GroupTask {
                     offsets: PartitionOffsets::new(start, c),
                     epoch,
                     assigned: epoch,
+                    commit_epoch: epoch,
                     high_watermark: start,
                     committed_tx,
                 },

@@ -336,3 +336,40 @@ async fn a_record_larger_than_the_whole_budget_stalls_its_partition_and_says_so(
     assert_eq!(c.budget().held(), 0);
     c.close().await;
 }
+
+#[tokio::test]
+async fn records_larger_than_a_share_but_within_the_budget_all_come_through() {
+    let fake = cluster(1, 4).await;
+    // 4 partitions share 1000 bytes: 250 each, less than one record (~262); the whole budget
+    // takes three at a time.
+    let mut c = start(&fake, 1000).await;
+    let mut streams = streams(&mut c, 4).await;
+    for p in 0..4 {
+        fake.log_end(TOPIC, p, 20);
+    }
+    let budget = c.budget();
+    let deadline = Instant::now() + ms(20_000);
+    let mut next = [0i64; 4];
+    while next.iter().any(|n| *n < 20) {
+        assert!(
+            Instant::now() < deadline,
+            "every record within 20 s: next offsets {next:?}"
+        );
+        for (i, s) in streams.iter_mut().enumerate() {
+            if let Ok(Some(b)) = tokio::time::timeout(ms(10), s.recv()).await {
+                for r in &b.records {
+                    assert_eq!(r.offset, next[i], "partition {i} in order");
+                    next[i] += 1;
+                }
+                assert!(
+                    budget.held() <= budget.limit(),
+                    "held {} of {}",
+                    budget.held(),
+                    budget.limit()
+                );
+            }
+        }
+    }
+    assert!(c.stalled().is_empty());
+    c.close().await;
+}

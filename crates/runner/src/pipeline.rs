@@ -468,7 +468,11 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             Some(d) = deliveries.next(), if !deliveries.is_empty() => {
                 match d.result {
                     Ok(_) => {
-                        acked.push_back(d.token.offset);
+                        // Records from before an offset reset are never committed: they do not
+                        // count against --max-uncommitted.
+                        if last_epoch == Some(d.token.epoch) {
+                            acked.push_back(d.token.offset);
+                        }
                         ctx.acker.complete(&d.token);
                     }
                     // The broker refused the answer for good: an error record takes its place.

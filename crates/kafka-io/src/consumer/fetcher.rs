@@ -59,8 +59,10 @@ const METADATA_MAX_VERSION: i16 = 12;
 const READ_COMMITTED: i8 = 1;
 /// Fetch sessions need Fetch v7.
 const SESSION_MIN_VERSION: i16 = 7;
-/// Responses with more record bytes than this are decoded on a blocking thread.
-const DECODE_INLINE_MAX: usize = 1 << 20;
+/// Responses with more record bytes than this are decoded on blocking threads (a compressed
+/// batch can decompress to 64 MiB: that must not hold up the runtime thread, which also runs
+/// heartbeats).
+const DECODE_INLINE_MAX: usize = 64 << 10;
 /// How often a partition whose next record cannot fit looks again.
 const STALLED_RETRY: Duration = Duration::from_secs(5);
 
@@ -85,6 +87,11 @@ struct Part {
     busy: bool,
     not_before: Option<Instant>,
     backoff: Backoff,
+    /// Its next record needs this much room, more than its share: it is fetched again once it
+    /// holds nothing and the budget has that much free (reserved meanwhile).
+    waiting: Option<usize>,
+    /// The high watermark of its last fetch (a paused partition with records behind it).
+    high_watermark: i64,
 }
 
 /// What a fetch session holds of a partition: its fetch offset and max bytes.
@@ -103,6 +110,8 @@ struct Broker {
     addr: BrokerAddr,
     conn: Option<(BrokerConn, i16)>,
     busy: bool,
+    /// Its address changed while a request was out: that request's connection is not kept.
+    stale: bool,
     session: Session,
     not_before: Option<Instant>,
     backoff: Backoff,
@@ -171,6 +180,8 @@ pub(super) struct Fetcher {
     leaders_backoff: Backoff,
     /// Each partition's share of the budget.
     share: usize,
+    /// Room kept for partitions waiting to take a record larger than their share.
+    reserved: usize,
     running: FuturesUnordered<BoxFuture<'static, Done>>,
 }
 
@@ -191,6 +202,7 @@ pub(super) fn start(
         cfg,
         shared,
         share: budget.limit(),
+        reserved: 0,
         budget,
         parts: HashMap::new(),
         brokers: HashMap::new(),
@@ -230,6 +242,14 @@ fn leadership_error(e: ResponseError) -> bool {
 
 impl Fetcher {
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+        // If this task ends (a panic, or the consumer closing), the member stops being ready.
+        struct Ended(Arc<Shared>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                self.0.fetch_ok.store(false, Ordering::Relaxed);
+            }
+        }
+        let _ended = Ended(self.shared.clone());
         loop {
             self.dispatch();
             let wake = self.next_wake();
@@ -266,12 +286,16 @@ impl Fetcher {
                         busy: false,
                         not_before: None,
                         backoff: backoff(),
+                        waiting: None,
+                        high_watermark: offset,
                     },
                 );
             }
             Cmd::Remove(keys) => {
                 for k in keys {
-                    self.parts.remove(&k);
+                    if let Some(p) = self.parts.remove(&k) {
+                        self.reserved -= p.waiting.unwrap_or(0);
+                    }
                     self.shared.set_stalled(&k, None);
                 }
             }
@@ -285,10 +309,27 @@ impl Fetcher {
     /// The partition may go into the next request of its leader.
     fn fetchable(&self, p: &Part, now: Instant) -> bool {
         let held = p.budget.held();
-        p.leader.is_some()
-            && !p.busy
-            && due(p.not_before, now)
-            && (held == 0 || held < self.share / 2)
+        let room = match p.waiting {
+            // Its big record: once it holds nothing and the budget has room for it.
+            Some(need) => held == 0 && self.budget.free() >= need,
+            None => (held == 0 || held < self.share / 2) && self.allowance(p) > 0,
+        };
+        p.leader.is_some() && !p.busy && due(p.not_before, now) && room
+    }
+
+    /// What a partition's records may cost in its next fetch: what is left of its share, and
+    /// never the room kept for a partition waiting to take a big record.
+    fn allowance(&self, p: &Part) -> usize {
+        let left = self.share.saturating_sub(p.budget.held());
+        match p.waiting {
+            Some(need) => need,
+            None => left.min(self.budget.free().saturating_sub(self.reserved)),
+        }
+    }
+
+    /// Paused, with records waiting behind it at the broker.
+    fn backlogged(&self, p: &Part) -> bool {
+        !p.busy && p.high_watermark > p.offset && p.budget.held() >= self.share / 2
     }
 
     /// Starts what can start: Metadata for partitions without a leader, connections, one
@@ -370,10 +411,28 @@ impl Fetcher {
                 key: k.clone(),
                 offset: p.offset,
                 epoch: p.epoch,
-                allowance: self.share.saturating_sub(p.budget.held()),
+                allowance: 0,
             });
             want.insert(k.clone(), (p.offset, part_max));
         }
+        for a in &mut asked {
+            if let Some(p) = self.parts.get(&a.key) {
+                a.allowance = self.allowance(p).max(1);
+            }
+        }
+        // A paused partition of this broker has records waiting: ask for a short wait, so it
+        // is fetched soon after it resumes rather than after a long poll of the others.
+        let backlog = self
+            .parts
+            .values()
+            .any(|p| p.leader == Some(id) && self.backlogged(p));
+        let max_wait = if backlog {
+            self.cfg
+                .fetch_max_wait
+                .min((self.cfg.fetch_max_wait / 10).max(Duration::from_millis(10)))
+        } else {
+            self.cfg.fetch_max_wait
+        };
         let b = self
             .brokers
             .get_mut(&id)
@@ -414,7 +473,7 @@ impl Fetcher {
         for (t, p) in forget {
             forgotten.entry(t).or_default().push(p);
         }
-        let wait_ms = i32::try_from(self.cfg.fetch_max_wait.as_millis()).unwrap_or(i32::MAX);
+        let wait_ms = i32::try_from(max_wait.as_millis()).unwrap_or(i32::MAX);
         // Never more than the budget has room for (a broker sends at least one batch anyway).
         let max_bytes = self
             .cfg
@@ -477,6 +536,10 @@ impl Fetcher {
         }
         if !self.leaders_busy && self.parts.values().any(|p| p.leader.is_none()) {
             consider(self.leaders_not_before);
+        }
+        if self.parts.values().any(|p| p.waiting.is_some()) {
+            // Room for a big record comes from any partition's records finishing.
+            consider(Some(Instant::now() + Duration::from_millis(20)));
         }
         at
     }
@@ -541,6 +604,7 @@ impl Fetcher {
                     b.addr = addr;
                     b.conn = None;
                     b.session = Session::default();
+                    b.stale = b.busy;
                 }
                 None => {
                     self.brokers.insert(
@@ -549,6 +613,7 @@ impl Fetcher {
                             addr,
                             conn: None,
                             busy: false,
+                            stale: false,
                             session: Session::default(),
                             not_before: None,
                             backoff: backoff(),
@@ -596,7 +661,14 @@ impl Fetcher {
             return;
         };
         b.busy = false;
-        b.conn = conn;
+        if std::mem::take(&mut b.stale) {
+            // The broker moved while this request was out: its answer still counts, its
+            // connection and session do not.
+            b.conn = None;
+            b.session = Session::default();
+        } else {
+            b.conn = conn;
+        }
         let results = match result {
             Ok(FetchOutcome {
                 session_id,
@@ -654,11 +726,13 @@ impl Fetcher {
             return; // removed and added again, or reset meanwhile
         }
         let k = &a.key;
-        if r.error == 0
-            && let Some(s) = self.shared.lock().get_mut(k)
-            && s.epoch == p.epoch
-        {
-            s.high_watermark = r.high_watermark;
+        if r.error == 0 {
+            p.high_watermark = r.high_watermark;
+            if let Some(s) = self.shared.lock().get_mut(k)
+                && s.epoch == p.epoch
+            {
+                s.high_watermark = r.high_watermark;
+            }
         }
         match ResponseError::try_from_code(r.error) {
             None => {}
@@ -718,35 +792,66 @@ impl Fetcher {
             .iter()
             .map(|r| record_cost(r.key.as_ref(), r.value.as_ref(), &r.headers))
             .collect();
-        let total: usize = costs.iter().sum();
-        if total > a.allowance {
-            // One record over what is left of the share (decode always gives the first).
-            let held = p.budget.held();
-            if total > self.budget.limit() {
-                let why = format!(
-                    "the record at offset {} needs {total} bytes of fetch buffer, more than the \
-                     whole budget ({} bytes): raise --fetch-buffer-bytes (KAFKA_INFER_FETCH_BUFFER_BYTES)",
-                    a.offset,
-                    self.budget.limit()
-                );
-                if self.shared.set_stalled(k, Some(why.clone())) {
-                    tracing::error!(topic = %k.0, partition = k.1, "{why}");
+        let first = costs[0];
+        if first > self.budget.limit() {
+            let why = format!(
+                "the record at offset {} needs {first} bytes of fetch buffer, more than the \
+                 whole budget ({} bytes): raise --fetch-buffer-bytes (KAFKA_INFER_FETCH_BUFFER_BYTES)",
+                a.offset,
+                self.budget.limit()
+            );
+            if self.shared.set_stalled(k, Some(why.clone())) {
+                tracing::error!(topic = %k.0, partition = k.1, "{why}");
+            }
+            p.not_before = Some(Instant::now() + STALLED_RETRY);
+            return;
+        }
+        // What fits now: the budget may have less room than when the request went out (other
+        // partitions' records of the same response), and room kept for others stays free.
+        let own = p.waiting.unwrap_or(0);
+        let room = self
+            .budget
+            .free()
+            .saturating_sub(self.reserved.saturating_sub(own));
+        let mut fit = 0;
+        let mut sum = 0usize;
+        for c in &costs {
+            if sum + c > room {
+                break;
+            }
+            sum += c;
+            fit += 1;
+        }
+        if fit == 0 || (first > self.share && p.budget.held() > 0) {
+            if first > self.share {
+                // Larger than its share: waits until it holds nothing and the budget has room,
+                // which is kept free for it meanwhile (the others' fetches leave it).
+                if p.waiting.is_none() {
+                    p.waiting = Some(first);
+                    self.reserved += first;
                 }
-                p.not_before = Some(Instant::now() + STALLED_RETRY);
-                return;
-            }
-            if held > 0 || self.budget.free() < total {
-                // Waits for room: its own records to finish, or others'.
+            } else {
                 p.not_before = Some(Instant::now() + Duration::from_millis(20));
-                return;
             }
+            return;
+        }
+        let mut d = d;
+        if fit < d.records.len() {
+            // The rest comes with the next fetch.
+            d.next_offset = d.records[fit].offset;
+            d.records.truncate(fit);
+            records::compact(&mut d.records);
+        }
+        let costs = &costs[..fit];
+        if let Some(need) = p.waiting.take() {
+            self.reserved -= need;
         }
         self.shared.set_stalled(k, None);
         p.offset = d.next_offset;
         let records: Vec<InRecord> = d
             .records
             .into_iter()
-            .zip(costs)
+            .zip(costs.iter().copied())
             .map(|(r, c)| InRecord {
                 offset: r.offset,
                 key: r.key,
@@ -788,9 +893,14 @@ impl Fetcher {
                 s.epoch = new_epoch;
                 s.offsets = PartitionOffsets::new(to, None);
                 s.high_watermark = s.high_watermark.max(to);
+                // The worker's view of what is committed starts again at the new position.
+                s.committed_tx.send_replace(to);
                 drop(parts);
                 p.epoch = new_epoch;
                 p.offset = to;
+                if let Some(need) = p.waiting.take() {
+                    self.reserved -= need;
+                }
                 // Commits may move (also backwards, to the new position).
                 self.shared.completed.notify_one();
             }
@@ -846,6 +956,13 @@ async fn fetch(
             .map(|t| t.partitions.len())
             .sum::<usize>()
             > 1;
+        let inline = resp
+            .responses
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+            .sum::<usize>()
+            <= DECODE_INLINE_MAX;
         let mut out = Vec::new();
         for t in resp.responses {
             for part in t.partitions {
@@ -866,7 +983,7 @@ async fn fetch(
                 let (offset, allowance) = (a.offset, a.allowance);
                 let decoded = if part.error_code != 0 {
                     Ok(Decoded::default())
-                } else if data.len() <= DECODE_INLINE_MAX {
+                } else if inline {
                     records::decode_limited(
                         &data,
                         offset,
@@ -893,7 +1010,8 @@ async fn fetch(
                         // Records are slices of what they were decoded from: one partition's
                         // records must not keep the whole response alive (nor the part of
                         // their own data that was not handed out).
-                        if several || d.cut {
+                        // (A cut batch's records were copied out by the decoder already.)
+                        if several && !d.cut {
                             records::compact(&mut d.records);
                         }
                         d

@@ -233,6 +233,9 @@ pub fn decode_limited(
         // Decoded into a side vector: a batch that fails halfway gives nothing.
         let mut got = Vec::new();
         let first = out.records.is_empty();
+        // Entered mid-batch (the rest of a batch cut by an earlier call): the records taken
+        // would keep the skipped part of its bytes alive.
+        let entered_midway = keep_from > b.base_offset;
         let cut = match decode_records(b, &records, keep_from, &mut got, max_cost, &mut cost, first)
         {
             Ok(cut) => cut,
@@ -244,8 +247,10 @@ pub fn decode_limited(
         if let Some(last) = got.last() {
             keep_from = last.offset + 1;
         }
-        if cut {
+        if cut || entered_midway {
             compact(&mut got);
+        }
+        if cut {
             out.records.append(&mut got);
             out.next_offset = out.next_offset.max(keep_from);
             out.cut = true;
