@@ -1010,8 +1010,9 @@ async fn fetch(
                         // Records are slices of what they were decoded from: one partition's
                         // records must not keep the whole response alive (nor the part of
                         // their own data that was not handed out).
-                        // (A cut batch's records were copied out by the decoder already.)
-                        if several && !d.cut {
+                        // (The decoder copied out the records of a cut batch, not those of the
+                        // whole batches before it.)
+                        if several || d.cut {
                             records::compact(&mut d.records);
                         }
                         d
