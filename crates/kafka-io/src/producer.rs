@@ -27,7 +27,8 @@
 //!
 //! Sizes: a batch never exceeds the topic's limit (the broker's `max.message.bytes` where it
 //! reports it, capped by `max_request_size` as Java's `max.request.size`; asked again every
-//! [`LIMIT_REFRESH`], and after a failed DescribeConfigs within [`LIMIT_RETRY`]); a single
+//! [`LIMIT_REFRESH`], after a failed DescribeConfigs within [`LIMIT_RETRY`], and after the
+//! broker refused a batch as too large); a single
 //! record above that limit is refused by [`Producer::send`] before it is queued
 //! (`Error::Produce`), so the caller can put something else in its place, in order. A
 //! multi-record batch the broker still refuses as MESSAGE_TOO_LARGE or RECORD_LIST_TOO_LARGE
@@ -186,6 +187,11 @@ pub struct ProducerConfig {
     /// Idempotent producing (producer id and sequence numbers): a resent batch is not written
     /// twice. On by default, as in the Java client (3.0+).
     pub idempotent: bool,
+    /// How often a topic's `max.message.bytes` is asked again (default [`LIMIT_REFRESH`]).
+    pub limit_refresh: Duration,
+    /// When a failed DescribeConfigs is tried again (default [`LIMIT_RETRY`]); meanwhile the
+    /// last known limit (at first `max_request_size`) holds.
+    pub limit_retry: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -199,6 +205,8 @@ impl Default for ProducerConfig {
             queue_per_partition: 10_000,
             max_backoff: Duration::from_secs(5),
             idempotent: true,
+            limit_refresh: LIMIT_REFRESH,
+            limit_retry: LIMIT_RETRY,
         }
     }
 }
@@ -412,11 +420,11 @@ impl Producer {
         }
         let max = self.config.max_request_size;
         let (n, next) = match self.cluster.topic_max_message_bytes(topic).await {
-            Ok(Some(m)) => (Some(m.min(max)), LIMIT_REFRESH),
-            Ok(None) => (Some(max), LIMIT_REFRESH),
+            Ok(Some(m)) => (Some(m.min(max)), self.config.limit_refresh),
+            Ok(None) => (Some(max), self.config.limit_refresh),
             Err(e) => {
                 tracing::debug!(%topic, error = %e, "max.message.bytes unknown; asking again later");
-                (None, LIMIT_RETRY)
+                (None, self.config.limit_retry)
             }
         };
         let entry = limits

@@ -248,3 +248,43 @@ async fn a_broker_refusing_idempotence_names_the_flag_to_turn_it_off() {
     p.close(BOUND).await.unwrap();
     plain.close(BOUND).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_topic_limit_is_asked_again_and_a_failed_describe_configs_is_not_kept() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.describe_configs_fails(true);
+    let cluster = fake.cluster().await;
+    let p = Producer::new(
+        cluster,
+        ProducerConfig {
+            limit_refresh: Duration::from_millis(400),
+            limit_retry: Duration::from_millis(200),
+            ..Default::default()
+        },
+    );
+    // Unknown: max_request_size holds meanwhile.
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 1024 * 1024);
+    fake.describe_configs_fails(false);
+    fake.max_message_bytes(Some(5_000));
+    // Within the retry time the failure is not asked again...
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 1024 * 1024);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...after it, the broker's limit is learnt.
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 5_000);
+    let big = rec("x".repeat(6_000));
+    assert!(matches!(
+        p.check_size(TOPIC, &big).await,
+        Err(ProduceError::TooLarge { max: 5_000, .. })
+    ));
+    // A lowered limit is seen at the next refresh; a failed refresh keeps the last one.
+    fake.max_message_bytes(Some(3_000));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 3_000);
+    fake.describe_configs_fails(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 3_000);
+    let asked = fake
+        .of(kafka_protocol::messages::ApiKey::DescribeConfigs)
+        .len();
+    assert!(asked >= 4, "DescribeConfigs asked {asked} times");
+}

@@ -1220,6 +1220,22 @@ spec:
     }
 
     #[test]
+    fn idempotence_is_on_by_default_and_turned_off_by_flag_or_env() {
+        let f = tmp(CIFAR);
+        let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
+        assert!(c.idempotence);
+        let env = |k: &str| (k == "KAFKA_INFER_IDEMPOTENCE").then(|| "false".to_string());
+        let c = Config::resolve(&args_with(&f.0), &env).unwrap();
+        assert!(!c.idempotence);
+        let mut a = args_with(&f.0);
+        a.idempotence = Some("TRUE".into());
+        assert!(Config::resolve(&a, &env).unwrap().idempotence);
+        a.idempotence = Some("maybe".into());
+        let e = Config::resolve(&a, &env).unwrap_err().to_string();
+        assert!(e.contains("--idempotence") && e.contains("maybe"), "{e}");
+    }
+
+    #[test]
     fn flags_beat_env_beat_yaml() {
         let f = tmp(CIFAR);
         let env = |k: &str| (k == "KAFKA_INPUT_TOPIC").then(|| "from-env".to_string());

@@ -38,7 +38,9 @@
 //! an unknown producer id UNKNOWN_PRODUCER_ID ([`FakeBroker::forget_producers`]). Scripts: a
 //! `throttle_time_ms` in every Produce answer, batches above N bytes refused with
 //! MESSAGE_TOO_LARGE, and the next N Produce responses dropped after the batch was appended
-//! (the connection is closed instead of answering).
+//! (the connection is closed instead of answering). DescribeConfigs answers a topic's
+//! `max.message.bytes` when one is set ([`FakeBroker::max_message_bytes`]), or closes the
+//! connection while [`FakeBroker::describe_configs_fails`] is on.
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -52,14 +54,16 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::{
     error::ResponseError,
     messages::{
-        ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse,
-        FindCoordinatorRequest, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
-        InitProducerIdRequest, InitProducerIdResponse, JoinGroupRequest, JoinGroupResponse,
-        LeaveGroupRequest, LeaveGroupResponse, ListOffsetsRequest, ListOffsetsResponse,
-        MetadataRequest, MetadataResponse, OffsetCommitRequest, OffsetCommitResponse,
-        OffsetFetchRequest, OffsetFetchResponse, ProduceRequest, ProduceResponse, ProducerId,
-        ResponseHeader, SyncGroupRequest, SyncGroupResponse, TopicName,
+        ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, DescribeConfigsRequest,
+        DescribeConfigsResponse, FetchRequest, FetchResponse, FindCoordinatorRequest,
+        FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse, InitProducerIdRequest,
+        InitProducerIdResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
+        LeaveGroupResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+        MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
+        OffsetFetchResponse, ProduceRequest, ProduceResponse, ProducerId, ResponseHeader,
+        SyncGroupRequest, SyncGroupResponse, TopicName,
         api_versions_response::ApiVersion,
+        describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult},
         fetch_response::{FetchableTopicResponse, PartitionData},
         list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse},
         metadata_response::{
@@ -155,6 +159,7 @@ const ADVERTISED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 8),
     (ApiKey::Produce, 3, 9),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::DescribeConfigs, 0, 1),
 ];
 
 /// A fetch session: its next epoch and its partitions' fetch offsets.
@@ -197,6 +202,8 @@ struct State {
     produce_throttle_ms: i32,
     produce_max_bytes: Option<usize>,
     drop_produce_responses: usize,
+    max_message_bytes: Option<usize>,
+    describe_configs_fails: bool,
 }
 
 #[derive(Clone)]
@@ -268,6 +275,8 @@ impl FakeBroker {
             produce_throttle_ms: 0,
             produce_max_bytes: None,
             drop_produce_responses: 0,
+            max_message_bytes: None,
+            describe_configs_fails: false,
         })));
         let servers = listeners
             .into_iter()
@@ -304,6 +313,16 @@ impl FakeBroker {
     /// The next `n` Produce requests are appended but not answered: the connection closes.
     pub fn drop_produce_responses(&self, n: usize) {
         self.shared.lock().drop_produce_responses = n;
+    }
+
+    /// DescribeConfigs of any topic answers this `max.message.bytes` (None: no such config).
+    pub fn max_message_bytes(&self, n: Option<usize>) {
+        self.shared.lock().max_message_bytes = n;
+    }
+
+    /// While on, a DescribeConfigs closes the connection unanswered.
+    pub fn describe_configs_fails(&self, on: bool) {
+        self.shared.lock().describe_configs_fails = on;
     }
 
     /// InitProducerId answers `e` from now on (None: a new producer id).
@@ -699,6 +718,36 @@ fn answer(
                 corr,
                 version,
                 ListOffsetsResponse::default().with_topics(topics),
+            )
+        }
+        ApiKey::DescribeConfigs => {
+            let req = DescribeConfigsRequest::decode(buf, version).map_err(|_| ())?;
+            if st.describe_configs_fails {
+                return Ok(Answer::Drop);
+            }
+            let results = req
+                .resources
+                .iter()
+                .map(|r| {
+                    DescribeConfigsResult::default()
+                        .with_resource_type(r.resource_type)
+                        .with_resource_name(r.resource_name.clone())
+                        .with_configs(
+                            st.max_message_bytes
+                                .iter()
+                                .map(|n| {
+                                    DescribeConfigsResourceResult::default()
+                                        .with_name(s("max.message.bytes"))
+                                        .with_value(Some(s(&n.to_string())))
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            encode::<DescribeConfigsRequest>(
+                corr,
+                version,
+                DescribeConfigsResponse::default().with_results(results),
             )
         }
         ApiKey::InitProducerId => {
