@@ -602,6 +602,8 @@ impl Writer {
         let mut seq_generation: Option<u64> = None;
         // The producer id generation the broker refused (a new id is asked for).
         let mut stale: Option<u64> = None;
+        // A lost connection was reconnected at once since the last answer (the next loss waits).
+        let mut reconnected = false;
         let mut batch = InFlight {
             records: Vec::new(),
             encoded: None,
@@ -728,6 +730,7 @@ impl Writer {
             match outcome {
                 Outcome::Written(base) => {
                     backoff.reset();
+                    reconnected = false;
                     seq = next_sequence(seq, n);
                     for (i, (_, done)) in batch.records.drain(..).enumerate() {
                         let _ = done.send(Ok(base + i as i64));
@@ -735,6 +738,7 @@ impl Writer {
                 }
                 Outcome::Duplicate => {
                     backoff.reset();
+                    reconnected = false;
                     tracing::info!(%topic, partition, sequence = seq, "producer: batch already written (duplicate sequence)");
                     seq = next_sequence(seq, n);
                     for (_, done) in batch.records.drain(..) {
@@ -778,10 +782,17 @@ impl Writer {
                     }
                 }
                 Outcome::Retry(e) => {
-                    let wait = backoff.next_wait();
-                    tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: batch failed, retrying");
                     // The batch is resent as it is (same sequence); the leader is looked up again.
                     conn = None;
+                    if matches!(e, Error::Io { .. }) && !reconnected {
+                        // A connection the broker closed (idle, restarted): reconnect at once,
+                        // once; a second loss in a row backs off.
+                        reconnected = true;
+                        tracing::info!(%topic, partition, error = %e, "producer: connection lost, resending");
+                        continue;
+                    }
+                    let wait = backoff.next_wait();
+                    tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: batch failed, retrying");
                     if matches!(
                         e.broker_error(),
                         Some(ResponseError::UnknownTopicOrPartition)
