@@ -2,6 +2,12 @@
 //! connection to a target, and can be switched at any time, for current and new connections
 //! alike, between [`Mode`]s: pass, delay, blackhole (a silent network), reset.
 //!
+//! Independently of the mode, [`FaultProxy::cut_responses`] loses responses: every n-th
+//! request of one API key (e.g. 0 = Produce) is forwarded to the broker, which handles it, and
+//! the connection is then closed before its response reaches the client (a response lost on
+//! the way, as after a network failure). This needs clients that wait for each response before
+//! the next request on a connection, as kafka-io's producer does.
+//!
 //! It runs on a thread of its own with a private single-thread tokio runtime, so it works the
 //! same from plain and from `#[tokio::test]` tests. Dropping it stops the thread (joined) and
 //! closes every socket it holds.
@@ -21,6 +27,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use std::io::ErrorKind;
+
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -60,6 +68,37 @@ struct Stats {
     open: AtomicUsize,
     /// Kafka requests seen from clients, by API key.
     requests: std::sync::Mutex<std::collections::BTreeMap<i16, u64>>,
+    cut: std::sync::Mutex<Option<Cut>>,
+    /// Responses lost so far (connections closed by `cut`).
+    cuts: AtomicU64,
+}
+
+/// Lose the response of every `every`-th request of `api_key`, `left` more times.
+#[derive(Clone, Copy, Debug)]
+struct Cut {
+    api_key: i16,
+    every: u64,
+    left: u64,
+    seen: u64,
+}
+
+impl Stats {
+    /// A request of `key` starts: true when its response is to be lost.
+    fn cut_this(&self, key: i16) -> bool {
+        let mut cut = self.cut.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(c) = cut.as_mut() else {
+            return false;
+        };
+        if c.api_key != key || c.left == 0 {
+            return false;
+        }
+        c.seen += 1;
+        if c.seen % c.every != 0 {
+            return false;
+        }
+        c.left -= 1;
+        true
+    }
 }
 
 /// Splits a client's byte stream into Kafka request frames (4-byte size, then the 2-byte API
@@ -71,7 +110,9 @@ struct FrameCounter {
 }
 
 impl FrameCounter {
-    fn feed(&mut self, mut data: &[u8], stats: &Stats) {
+    /// Counts the frames starting in `data`; true when one of them is to lose its response.
+    fn feed(&mut self, mut data: &[u8], stats: &Stats) -> bool {
+        let mut cut = false;
         while !data.is_empty() {
             if self.skip > 0 {
                 let n = self.skip.min(data.len());
@@ -94,8 +135,10 @@ impl FrameCounter {
                     .or_default() += 1;
                 self.skip = usize::try_from(size).unwrap_or(0).saturating_sub(2);
                 self.head.clear();
+                cut |= stats.cut_this(key);
             }
         }
+        cut
     }
 }
 
@@ -216,6 +259,23 @@ impl FaultProxy {
             .clone()
     }
 
+    /// From now on, the response of every `every`-th request with `api_key` (counted across
+    /// connections) is lost `times` times: the request reaches the broker, then the connection
+    /// closes before its response reaches the client. `times` 0 turns it off.
+    pub fn cut_responses(&self, api_key: i16, every: u64, times: u64) {
+        *self.stats.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(Cut {
+            api_key,
+            every: every.max(1),
+            left: times,
+            seen: 0,
+        });
+    }
+
+    /// Responses lost by [`FaultProxy::cut_responses`] so far.
+    pub fn cuts(&self) -> u64 {
+        self.stats.cuts.load(Ordering::SeqCst)
+    }
+
     /// Connections accepted and not yet closed.
     pub fn open(&self) -> usize {
         self.stats.open.load(Ordering::SeqCst)
@@ -310,13 +370,21 @@ async fn connection(
     let _ = upstream.set_nodelay(true);
     let (mut client, mut upstream) = (client, upstream);
     let (m1, m2) = (mode.clone(), mode.clone());
+    // Set when a request whose response is to be lost went upstream: the next bytes from the
+    // broker (its response) close the connection instead.
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clean = {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
+        let up = Side {
+            count: Some(stats.clone()),
+            cut: cut.clone(),
+        };
+        let down = Side { count: None, cut };
         tokio::select! {
             biased;
             _ = mode.wait_for(|m| *m == Mode::Reset) => false,
-            r = async { tokio::try_join!(pipe(cr, uw, m1, Some(stats)), pipe(ur, cw, m2, None)) } => r.is_ok(),
+            r = async { tokio::try_join!(pipe(cr, uw, m1, up), pipe(ur, cw, m2, down)) } => r.is_ok(),
         }
     };
     if !clean {
@@ -339,15 +407,25 @@ async fn passable(mode: &mut watch::Receiver<Mode>) -> Mode {
     }
 }
 
+/// What one direction of a connection does besides forwarding.
+struct Side {
+    /// Client to broker: count request frames, and mark `cut` for a request to lose.
+    count: Option<Arc<Stats>>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// One direction: a reader that queues chunks with their read time, and a writer that writes
 /// each when the mode lets it (after the delay, in Delay mode). EOF is passed on as a shutdown
-/// of the write side.
+/// of the write side. Broker to client: bytes arriving while `cut` is set end the connection
+/// unwritten (the response is lost).
 async fn pipe(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     mode: watch::Receiver<Mode>,
-    count: Option<Arc<Stats>>,
+    side: Side,
 ) -> std::io::Result<()> {
+    let Side { count, cut } = side;
+    let downstream = count.is_none();
     let mut frames = FrameCounter::default();
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(QUEUED_CHUNKS);
     let mut rmode = mode.clone();
@@ -360,8 +438,17 @@ async fn pipe(
                 return Ok::<_, std::io::Error>(()); // drops tx: the writer finishes the queue
             }
             buf.truncate(n);
-            if let Some(stats) = &count {
-                frames.feed(&buf, stats);
+            if let Some(stats) = &count
+                && frames.feed(&buf, stats)
+            {
+                cut.store(true, Ordering::SeqCst);
+                stats.cuts.fetch_add(1, Ordering::SeqCst);
+            }
+            if downstream && cut.load(Ordering::SeqCst) {
+                return Err(std::io::Error::new(
+                    ErrorKind::ConnectionAborted,
+                    "fault proxy: response lost on purpose",
+                ));
             }
             if tx.send((Instant::now(), buf)).await.is_err() {
                 return Ok(());

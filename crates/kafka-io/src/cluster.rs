@@ -1,5 +1,6 @@
-//! The cluster handle: rskafka's client (data path, metadata) plus our connector (group APIs),
-//! both built once from the same settings. Every rskafka call here is bounded in time.
+//! The cluster handle: rskafka's client (partition counts, ListOffsets, CreateTopics) plus our
+//! connector (group APIs, fetch, produce, partition leaders, DescribeConfigs), both built once
+//! from the same settings. Every rskafka call here is bounded in time.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -138,6 +139,79 @@ impl Cluster {
             .lock()
             .await
             .remove(&(topic.to_owned(), partition));
+    }
+
+    /// The address of the leader of `topic`/`partition`, from Metadata on our own connection
+    /// (any bootstrap broker). A topic the broker does not know is `Error::UnknownTopic`; a
+    /// partition without a leader is a retryable broker error.
+    pub async fn leader(
+        &self,
+        connector: &Connector,
+        topic: &str,
+        partition: i32,
+    ) -> Result<crate::settings::BrokerAddr> {
+        use kafka_protocol::{
+            error::ResponseError,
+            messages::{MetadataRequest, TopicName, metadata_request::MetadataRequestTopic},
+            protocol::StrBytes,
+        };
+        let call = async {
+            let mut conn = connector.connect_any().await?;
+            let v = conn.version::<MetadataRequest>("Metadata", 12)?;
+            let mut req = MetadataRequest::default()
+                .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(
+                    TopicName(StrBytes::from_string(topic.to_owned())),
+                ))]));
+            if v >= 4 {
+                req = req.with_allow_auto_topic_creation(false);
+            }
+            let resp = conn.send(req, v, "Metadata").await?;
+            let t = resp
+                .topics
+                .iter()
+                .find(|t| t.name.as_ref().is_some_and(|n| n.0.as_str() == topic))
+                .ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+            if t.error_code == ResponseError::UnknownTopicOrPartition.code() {
+                return Err(Error::UnknownTopic(topic.to_owned()));
+            }
+            if t.error_code != 0 {
+                return Err(crate::conn::broker_error("Metadata", t.error_code, None));
+            }
+            let p = t
+                .partitions
+                .iter()
+                .find(|p| p.partition_index == partition)
+                .ok_or_else(|| Error::UnknownTopic(format!("{topic}/{partition}")))?;
+            if p.error_code != 0 && p.leader_id.0 < 0 {
+                return Err(crate::conn::broker_error("Metadata", p.error_code, None));
+            }
+            let b = resp
+                .brokers
+                .iter()
+                .find(|b| b.node_id == p.leader_id)
+                .ok_or_else(|| {
+                    crate::conn::broker_error(
+                        "Metadata",
+                        ResponseError::LeaderNotAvailable.code(),
+                        None,
+                    )
+                })?;
+            Ok(crate::settings::BrokerAddr {
+                host: b.host.to_string(),
+                port: u16::try_from(b.port).map_err(|_| Error::Protocol {
+                    call: "Metadata",
+                    why: format!("broker port {}", b.port),
+                })?,
+            })
+        };
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                call: "Metadata (partition leader)",
+                broker: self.bootstrap(),
+                after: self.request_timeout,
+            }),
+        }
     }
 
     /// The topic's `max.message.bytes` (DescribeConfigs); None when the broker does not say.

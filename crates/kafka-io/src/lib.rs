@@ -4,10 +4,12 @@
 //! (classic protocol), partition fetchers, the producer, offset tracking and commits, lag.
 //! Knows nothing of models, payloads or protocols above Kafka: records are bytes.
 //!
-//! Produce, metadata and ListOffsets run on rskafka. The group APIs rskafka lacks, the session
-//! (heartbeats, commits) and the read_committed Fetch ([`fetch`]: rskafka drops transaction
-//! markers without advancing and keeps aborted records) run on our own connection ([`conn`])
-//! with kafka-protocol's message types.
+//! Partition counts, ListOffsets and CreateTopics run on rskafka. Everything on the record path
+//! runs on our own connection ([`conn`]) with kafka-protocol's message types: the group APIs
+//! rskafka lacks, the session (heartbeats, commits), the read_committed Fetch ([`fetch`]:
+//! rskafka drops transaction markers without advancing and keeps aborted records) and the
+//! idempotent producer ([`producer`]: rskafka writes producer id -1, copies every record and
+//! resends throttled batches).
 
 pub mod assignor;
 pub mod backoff;

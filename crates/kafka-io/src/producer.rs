@@ -1,45 +1,95 @@
-//! The producer: one task per target partition that batches queued records (linger, size cap;
-//! a longer linger while the caller signals pressure: more records on their way), sends one
-//! batch at a time with acks=all, and retries a failed batch with capped backoff before
-//! any later one, so records land in the order they were queued. Each record gets a
-//! [`Delivery`] that resolves to its offset once the broker has acknowledged it, or to a
-//! [`ProduceError`] that says why it never will be (too large, rejected, topic missing).
+//! The producer, on our own broker connection ([`crate::conn`], kafka-protocol's Produce and
+//! InitProducerId): one task per target partition that batches queued records (linger, size
+//! cap; a longer linger while the caller signals pressure: more records on their way), encodes
+//! them as one record batch v2 ([`batch`]: the records' bytes go straight into the batch
+//! buffer), and sends it with acks=all to the partition's leader (found through Metadata,
+//! looked up again after a leadership error or a lost connection). One Produce request per
+//! partition is in flight at a time, and a failed batch is retried before any later one, so
+//! records land in the order they were queued. Each record gets a [`Delivery`] that resolves to
+//! its offset once the broker has acknowledged it, or to a [`ProduceError`] that says why it
+//! never will be (too large, rejected, topic missing).
+//!
+//! Idempotence (on by default, [`ProducerConfig::idempotent`]): one producer id for the whole
+//! producer (InitProducerId v3+, producer id and epoch -1, no transactional id), a sequence
+//! number per partition (from 0, += the batch's record count, wrapping at i32::MAX to 0). A
+//! retried batch is resent byte for byte, with its sequence, so a Produce whose response was
+//! lost is not written twice: the broker answers DUPLICATE_SEQUENCE_NUMBER, which counts as
+//! written (its offset is unknown then: the deliveries resolve to -1). OUT_OF_ORDER_SEQUENCE_NUMBER,
+//! UNKNOWN_PRODUCER_ID, INVALID_PRODUCER_EPOCH and PRODUCER_FENCED get a new producer id and
+//! start every partition's sequence again at 0, then resend: a batch whose earlier write the
+//! broker forgot may then be written twice (as with the Java client's reset). A broker that
+//! refuses InitProducerId (no such API, CLUSTER_AUTHORIZATION_FAILED) fails each record with an
+//! error naming the runner's flag to turn idempotence off.
+//!
+//! Throttling: a `throttle_time_ms` above zero in a Produce response never causes a resend (the
+//! broker has appended the batch); it delays the next request to that broker by that long, and
+//! adds to [`Producer::throttled_ms`].
 //!
 //! Sizes: a batch never exceeds the topic's limit (the broker's `max.message.bytes` where it
-//! reports it, capped by `max_request_size` as Java's `max.request.size`); a single record above
-//! that limit is refused by [`Producer::send`] before it is queued (`Error::Produce`), so the
-//! caller can put something else in its place, in order.
+//! reports it, capped by `max_request_size` as Java's `max.request.size`; asked again every
+//! [`LIMIT_REFRESH`], after a failed DescribeConfigs within [`LIMIT_RETRY`], and after the
+//! broker refused a batch as too large); a single
+//! record above that limit is refused by [`Producer::send`] before it is queued
+//! (`Error::Produce`), so the caller can put something else in its place, in order. A
+//! multi-record batch the broker still refuses as MESSAGE_TOO_LARGE or RECORD_LIST_TOO_LARGE
+//! (the topic's limit was lowered) is split in halves and retried, in order; only a record
+//! refused alone becomes [`ProduceError::TooLarge`].
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{HashMap, VecDeque},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use bytes::Bytes;
-use rskafka::{chrono::Utc, client::partition::Compression, record::Record as RsRecord};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use kafka_protocol::{
+    error::ResponseError,
+    messages::{
+        InitProducerIdRequest, ProduceRequest, ProducerId, TopicName,
+        produce_request::{PartitionProduceData, TopicProduceData},
+    },
+    protocol::StrBytes,
+};
+use tokio::{
+    sync::{Mutex, mpsc, oneshot},
+    time::Instant,
+};
 
 use crate::{
     backoff::Backoff,
-    cluster::{Cluster, bounded},
+    cluster::Cluster,
+    conn::{BrokerConn, Connector, broker_error},
     error::{Error, Result},
 };
+
+pub mod batch;
 
 /// A record to write.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OutRecord {
     pub key: Option<Bytes>,
     pub value: Option<Bytes>,
-    /// Header names are unique per record (rskafka keeps headers in a map).
+    /// In order; written as given (duplicate names are kept).
     pub headers: Vec<(String, Bytes)>,
 }
 
 /// Bytes of a record batch header (magic v2), before its records.
-const BATCH_OVERHEAD: usize = 61;
+const BATCH_OVERHEAD: usize = batch::BATCH_HEADER;
+/// Produce v3 is the first with record batches v2; v9 the last before topic ids (v13) that
+/// every broker we meet speaks (tansu advertises 0-11).
+const PRODUCE_MIN_VERSION: i16 = 3;
+const PRODUCE_MAX_VERSION: i16 = 9;
+/// InitProducerId v3+ sends producer id and epoch (-1 for a new id; tansu needs v3+).
+const INIT_PID_MAX_VERSION: i16 = 4;
+/// How often the topic's `max.message.bytes` is asked again.
+pub const LIMIT_REFRESH: Duration = Duration::from_secs(300);
+/// When a failed DescribeConfigs is tried again.
+pub const LIMIT_RETRY: Duration = Duration::from_secs(30);
+/// What the runner calls the switch (named in the error when the broker refuses idempotence).
+const IDEMPOTENCE_FLAG: &str = "--idempotence false (KAFKA_INFER_IDEMPOTENCE=false)";
 
 impl OutRecord {
     /// An upper bound of the record's encoded size inside a batch (varints at their widest).
@@ -117,18 +167,6 @@ impl std::str::FromStr for CompressionCodec {
     }
 }
 
-impl From<CompressionCodec> for Compression {
-    fn from(c: CompressionCodec) -> Self {
-        match c {
-            CompressionCodec::None => Compression::NoCompression,
-            CompressionCodec::Gzip => Compression::Gzip,
-            CompressionCodec::Snappy => Compression::Snappy,
-            CompressionCodec::Lz4 => Compression::Lz4,
-            CompressionCodec::Zstd => Compression::Zstd,
-        }
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct ProducerConfig {
     pub linger: Duration,
@@ -146,6 +184,14 @@ pub struct ProducerConfig {
     pub queue_per_partition: usize,
     /// Longest wait between retries of a failed batch.
     pub max_backoff: Duration,
+    /// Idempotent producing (producer id and sequence numbers): a resent batch is not written
+    /// twice. On by default, as in the Java client (3.0+).
+    pub idempotent: bool,
+    /// How often a topic's `max.message.bytes` is asked again (default [`LIMIT_REFRESH`]).
+    pub limit_refresh: Duration,
+    /// When a failed DescribeConfigs is tried again (default [`LIMIT_RETRY`]); meanwhile the
+    /// last known limit (at first `max_request_size`) holds.
+    pub limit_retry: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -158,11 +204,15 @@ impl Default for ProducerConfig {
             compression: CompressionCodec::None,
             queue_per_partition: 10_000,
             max_backoff: Duration::from_secs(5),
+            idempotent: true,
+            limit_refresh: LIMIT_REFRESH,
+            limit_retry: LIMIT_RETRY,
         }
     }
 }
 
-/// Resolves to the record's offset once the broker acknowledged it (acks=all).
+/// Resolves to the record's offset once the broker acknowledged it (acks=all); -1 when the
+/// broker said the batch was already written (DUPLICATE_SEQUENCE_NUMBER: offset unknown).
 pub struct Delivery(oneshot::Receiver<Result<i64, ProduceError>>);
 
 impl Delivery {
@@ -176,20 +226,162 @@ impl Delivery {
 
 type Queued = (OutRecord, oneshot::Sender<Result<i64, ProduceError>>);
 
+/// A topic's batch size limit, shared with its writers.
+#[derive(Debug)]
+struct Limit {
+    bytes: AtomicUsize,
+    /// A writer saw the broker refuse a batch under it: ask again at the next send.
+    stale: AtomicBool,
+}
+
+struct TopicLimit {
+    limit: Arc<Limit>,
+    /// When to ask the broker again.
+    refresh_at: Instant,
+}
+
+/// The producer id and epoch batches carry; `generation` counts InitProducerId answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Pid {
+    id: i64,
+    epoch: i16,
+    generation: u64,
+}
+
+/// What every partition writer shares: the producer id, the brokers' throttles.
+struct Shared {
+    connector: Connector,
+    idempotent: bool,
+    pid: Mutex<Option<Pid>>,
+    generations: AtomicU64,
+    /// Broker address -> no request before.
+    throttled_until: std::sync::Mutex<HashMap<String, Instant>>,
+    throttled_ms: AtomicU64,
+    /// Produce requests sent (retries included).
+    requests: AtomicU64,
+}
+
+/// Why a producer id could not be had.
+enum PidError {
+    /// The broker refuses idempotent producing: stop and say how to turn it off.
+    Refused(String),
+    Retry(Error),
+}
+
+impl Shared {
+    /// The current producer id; a new one when `stale` names the current generation (the
+    /// broker forgot or fenced it).
+    async fn producer_id(&self, stale: Option<u64>) -> Result<Pid, PidError> {
+        let mut cur = self.pid.lock().await;
+        if let Some(p) = *cur
+            && stale != Some(p.generation)
+        {
+            return Ok(p);
+        }
+        let p = self.init_producer_id().await?;
+        tracing::info!(
+            producer_id = p.id,
+            epoch = p.epoch,
+            "producer: idempotent producer id"
+        );
+        *cur = Some(p);
+        Ok(p)
+    }
+
+    async fn init_producer_id(&self) -> Result<Pid, PidError> {
+        let refused = |why: String| {
+            PidError::Refused(format!(
+                "the broker refuses idempotent producing ({why}); turn idempotence off with {IDEMPOTENCE_FLAG}"
+            ))
+        };
+        let mut conn = self
+            .connector
+            .connect_any()
+            .await
+            .map_err(PidError::Retry)?;
+        let v = match conn.version::<InitProducerIdRequest>("InitProducerId", INIT_PID_MAX_VERSION)
+        {
+            Ok(v) => v,
+            Err(e) => return Err(refused(e.to_string())),
+        };
+        let mut req = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000);
+        if v >= 3 {
+            req = req.with_producer_id(ProducerId(-1)).with_producer_epoch(-1);
+        }
+        let resp = conn
+            .send(req, v, "InitProducerId")
+            .await
+            .map_err(PidError::Retry)?;
+        if resp.error_code != 0 {
+            let e = broker_error("InitProducerId", resp.error_code, None);
+            return Err(match e.broker_error() {
+                Some(
+                    ResponseError::ClusterAuthorizationFailed
+                    | ResponseError::TransactionalIdAuthorizationFailed
+                    | ResponseError::UnsupportedVersion
+                    | ResponseError::UnsupportedForMessageFormat,
+                ) => refused(e.to_string()),
+                _ => PidError::Retry(e),
+            });
+        }
+        Ok(Pid {
+            id: resp.producer_id.0,
+            epoch: resp.producer_epoch,
+            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
+        })
+    }
+
+    /// Waits while `broker` throttles us.
+    async fn wait_throttle(&self, broker: &str) {
+        let until = self.throttled_until.lock().unwrap().get(broker).copied();
+        if let Some(t) = until
+            && t > Instant::now()
+        {
+            tokio::time::sleep_until(t).await;
+        }
+    }
+
+    fn throttle(&self, broker: &str, ms: i32) {
+        if ms <= 0 {
+            return;
+        }
+        let until = Instant::now() + Duration::from_millis(ms as u64);
+        let mut m = self.throttled_until.lock().unwrap();
+        let e = m.entry(broker.to_owned()).or_insert(until);
+        *e = (*e).max(until);
+        self.throttled_ms.fetch_add(ms as u64, Ordering::Relaxed);
+    }
+}
+
 pub struct Producer {
     cluster: Arc<Cluster>,
     config: ProducerConfig,
+    shared: Arc<Shared>,
     /// topic -> partition -> that partition's writer (looked up without allocating).
     queues: Mutex<HashMap<String, HashMap<i32, mpsc::Sender<Queued>>>>,
     counts: Mutex<HashMap<String, i32>>,
     /// topic -> largest batch it accepts.
-    limits: Mutex<HashMap<String, usize>>,
+    limits: Mutex<HashMap<String, TopicLimit>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Producer {
     pub fn new(cluster: Arc<Cluster>, config: ProducerConfig) -> Self {
+        let mut connector = cluster.connector.clone();
+        connector.request_timeout = cluster.request_timeout;
+        connector.connect_timeout = connector.connect_timeout.min(cluster.request_timeout);
         Self {
+            shared: Arc::new(Shared {
+                connector,
+                idempotent: config.idempotent,
+                pid: Mutex::new(None),
+                generations: AtomicU64::new(0),
+                throttled_until: std::sync::Mutex::new(HashMap::new()),
+                throttled_ms: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+            }),
             cluster,
             config,
             queues: Mutex::new(HashMap::new()),
@@ -199,22 +391,57 @@ impl Producer {
         }
     }
 
+    /// Milliseconds the brokers' quotas have throttled us (the sum of `throttle_time_ms` in
+    /// Produce responses): a counter for metrics.
+    pub fn throttled_ms(&self) -> u64 {
+        self.shared.throttled_ms.load(Ordering::Relaxed)
+    }
+
+    /// Produce requests sent so far, retries included.
+    pub fn produce_requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
     /// The largest batch `topic` accepts: `max_request_size`, lowered by the topic's
-    /// `max.message.bytes` when the broker reports it (asked once per topic).
+    /// `max.message.bytes` when the broker reports it (asked again every [`LIMIT_REFRESH`];
+    /// after a failure, within [`LIMIT_RETRY`], keeping the last known value meanwhile).
     pub async fn max_batch_bytes(&self, topic: &str) -> usize {
-        if let Some(n) = self.limits.lock().await.get(topic) {
-            return *n;
+        self.limit(topic).await.bytes.load(Ordering::Relaxed)
+    }
+
+    async fn limit(&self, topic: &str) -> Arc<Limit> {
+        let mut limits = self.limits.lock().await;
+        let now = Instant::now();
+        if let Some(l) = limits.get(topic)
+            && l.refresh_at > now
+            && !l.limit.stale.load(Ordering::Relaxed)
+        {
+            return l.limit.clone();
         }
-        let n = match self.cluster.topic_max_message_bytes(topic).await {
-            Ok(Some(m)) => m.min(self.config.max_request_size),
-            Ok(None) => self.config.max_request_size,
+        let max = self.config.max_request_size;
+        let (n, next) = match self.cluster.topic_max_message_bytes(topic).await {
+            Ok(Some(m)) => (Some(m.min(max)), self.config.limit_refresh),
+            Ok(None) => (Some(max), self.config.limit_refresh),
             Err(e) => {
-                tracing::debug!(%topic, error = %e, "max.message.bytes unknown; using max_request_size");
-                self.config.max_request_size
+                tracing::debug!(%topic, error = %e, "max.message.bytes unknown; asking again later");
+                (None, self.config.limit_retry)
             }
         };
-        self.limits.lock().await.insert(topic.to_owned(), n);
-        n
+        let entry = limits
+            .entry(topic.to_owned())
+            .or_insert_with(|| TopicLimit {
+                limit: Arc::new(Limit {
+                    bytes: AtomicUsize::new(max),
+                    stale: AtomicBool::new(false),
+                }),
+                refresh_at: now,
+            });
+        if let Some(n) = n {
+            entry.limit.bytes.store(n, Ordering::Relaxed);
+        }
+        entry.limit.stale.store(false, Ordering::Relaxed);
+        entry.refresh_at = now + next;
+        entry.limit.clone()
     }
 
     /// Refuses a record that cannot fit in a batch for `topic` (before it is queued).
@@ -273,15 +500,16 @@ impl Producer {
             return q.clone();
         }
         let (tx, rx) = mpsc::channel(self.config.queue_per_partition);
-        let max_batch = self.max_batch_bytes(topic).await;
-        let task = tokio::spawn(partition_writer(
-            self.cluster.clone(),
-            self.config.clone(),
-            topic.to_owned(),
+        let limit = self.limit(topic).await;
+        let writer = Writer {
+            cluster: self.cluster.clone(),
+            shared: self.shared.clone(),
+            cfg: self.config.clone(),
+            topic: topic.to_owned(),
             partition,
-            max_batch,
-            rx,
-        ));
+            limit,
+        };
+        let task = tokio::spawn(writer.run(rx));
         self.tasks.lock().await.push(task);
         queues
             .entry(topic.to_owned())
@@ -311,193 +539,408 @@ async fn futures_join(tasks: Vec<tokio::task::JoinHandle<()>>) {
     }
 }
 
-async fn partition_writer(
+/// Java's `DefaultRecordBatch.incrementSequence`: wraps at i32::MAX to 0.
+pub fn next_sequence(seq: i32, records: i32) -> i32 {
+    if seq > i32::MAX - records {
+        records - (i32::MAX - seq) - 1
+    } else {
+        seq + records
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The batch being written: its records and, once encoded, its bytes (resent as they are).
+struct InFlight {
+    records: Vec<Queued>,
+    /// The encoded batch and the producer id generation it carries.
+    encoded: Option<(Bytes, Option<u64>)>,
+    timestamp_ms: i64,
+}
+
+/// What one Produce attempt gave.
+enum Outcome {
+    Written(i64),
+    /// Already written (DUPLICATE_SEQUENCE_NUMBER).
+    Duplicate,
+    /// The broker lost or fenced our producer id.
+    NewProducerId,
+    TooLarge,
+    /// Look the leader up again and resend after a backoff.
+    Retry(Error),
+    Fatal(Error),
+}
+
+struct Writer {
     cluster: Arc<Cluster>,
+    shared: Arc<Shared>,
     cfg: ProducerConfig,
     topic: String,
     partition: i32,
-    max_batch: usize,
-    mut rx: mpsc::Receiver<Queued>,
-) {
-    let mut client = None;
-    let mut backoff = Backoff::new(Duration::from_millis(50), cfg.max_backoff);
-    let mut batch: Vec<Queued> = Vec::new();
-    // A record taken from the queue that did not fit in the last batch: it starts the next one.
-    let mut carry: Option<Queued> = None;
-    // Since when the partition's leader cannot be found (a deleted topic ends the wait).
-    let mut leaderless_since: Option<tokio::time::Instant> = None;
-    loop {
-        if batch.is_empty() {
-            let first = match carry.take() {
-                Some(q) => q,
-                None => match rx.recv().await {
-                    Some(q) => q,
-                    None => return,
-                },
-            };
-            // Linger for more, up to the batch size (never past it); up to `linger_max` while
-            // the caller says more records are on their way, looking again every `linger`
-            // (pressure that ends sends the batch then).
-            let pressed = || {
-                cfg.pressure
-                    .as_ref()
-                    .is_some_and(|p| p.load(Ordering::Relaxed) > 0)
-            };
-            let start = tokio::time::Instant::now();
-            let short = start + cfg.linger;
-            let long = start + cfg.linger_max.max(cfg.linger);
-            let step = cfg.linger.max(Duration::from_millis(1));
-            let mut bytes = BATCH_OVERHEAD + first.0.size();
-            batch.push(first);
-            loop {
-                let next = match rx.try_recv() {
-                    Ok(q) => Some(q),
-                    Err(mpsc::error::TryRecvError::Disconnected) => None,
-                    Err(mpsc::error::TryRecvError::Empty) => loop {
-                        let now = tokio::time::Instant::now();
-                        let until = if now < short {
-                            short
-                        } else if now < long && pressed() {
-                            long.min(now + step)
-                        } else {
-                            break None;
-                        };
-                        match tokio::time::timeout_at(until, rx.recv()).await {
-                            Ok(q) => break q,
-                            Err(_) => continue,
+    limit: Arc<Limit>,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Queued>) {
+        let cfg = &self.cfg;
+        let topic = &self.topic;
+        let partition = self.partition;
+        let mut conn: Option<(BrokerConn, i16)> = None;
+        let mut backoff = Backoff::new(Duration::from_millis(50), cfg.max_backoff);
+        // Records taken out of a refused batch (split): they go before anything queued.
+        let mut pending: VecDeque<Queued> = VecDeque::new();
+        // A record taken from the queue that did not fit in the last batch: it starts the next one.
+        let mut carry: Option<Queued> = None;
+        // Since when the partition's leader cannot be found (a deleted topic ends the wait).
+        let mut leaderless_since: Option<Instant> = None;
+        // The next sequence number and the producer id generation it counts for.
+        let mut seq: i32 = 0;
+        let mut seq_generation: Option<u64> = None;
+        // The producer id generation the broker refused (a new id is asked for).
+        let mut stale: Option<u64> = None;
+        // A lost connection was reconnected at once since the last answer (the next loss waits).
+        let mut reconnected = false;
+        let mut batch = InFlight {
+            records: Vec::new(),
+            encoded: None,
+            timestamp_ms: 0,
+        };
+        loop {
+            let max_batch = self.limit.bytes.load(Ordering::Relaxed);
+            if batch.records.is_empty() {
+                batch.encoded = None;
+                if !pending.is_empty() {
+                    // What a split left: as many as fit, no linger (they are late already).
+                    let mut bytes = BATCH_OVERHEAD;
+                    while let Some(q) = pending.pop_front() {
+                        let size = q.0.size();
+                        if !batch.records.is_empty() && bytes + size > max_batch {
+                            pending.push_front(q);
+                            break;
                         }
-                    },
-                };
-                let Some(q) = next else { break };
-                let size = q.0.size();
-                if bytes + size > max_batch {
-                    carry = Some(q);
-                    break;
+                        bytes += size;
+                        batch.records.push(q);
+                    }
+                } else {
+                    let first = match carry.take() {
+                        Some(q) => q,
+                        None => match rx.recv().await {
+                            Some(q) => q,
+                            None => return,
+                        },
+                    };
+                    carry = linger(cfg, &mut rx, first, max_batch, &mut batch.records).await;
                 }
-                bytes += size;
-                batch.push(q);
+                batch.timestamp_ms = now_ms();
             }
-        }
-        let pc = match &client {
-            Some(c) => Arc::clone(c),
-            None => match cluster.partition(&topic, partition).await {
-                Ok(c) => {
-                    leaderless_since = None;
-                    client = Some(c.clone());
-                    c
-                }
-                Err(e) => {
-                    let since = *leaderless_since.get_or_insert_with(tokio::time::Instant::now);
-                    if matches!(e, Error::UnknownTopic(_))
-                        || (is_unknown_topic(&e) && since.elapsed() >= cluster.request_timeout)
-                    {
-                        tracing::error!(%topic, partition, error = %e, "producer: topic does not exist");
-                        for (_, done) in batch.drain(..) {
-                            let _ = done.send(Err(ProduceError::UnknownTopic(topic.clone())));
+            // The producer id, and the sequence the batch starts at.
+            let pid = if self.shared.idempotent {
+                match self.shared.producer_id(stale.take()).await {
+                    Ok(p) => Some(p),
+                    Err(PidError::Refused(why)) => {
+                        tracing::error!(%topic, partition, %why, "producer: idempotence refused");
+                        for (_, done) in batch.records.drain(..) {
+                            let _ = done.send(Err(ProduceError::Rejected {
+                                topic: topic.clone(),
+                                why: why.clone(),
+                            }));
                         }
                         continue;
                     }
-                    tracing::warn!(%topic, partition, error = %e, "producer: partition leader unknown, retrying");
-                    tokio::time::sleep(backoff.next_wait()).await;
-                    continue;
+                    Err(PidError::Retry(e)) => {
+                        let wait = backoff.next_wait();
+                        tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: InitProducerId failed, retrying");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
                 }
-            },
-        };
-        let now = Utc::now();
-        let records: Vec<RsRecord> = batch
-            .iter()
-            .map(|(r, _)| RsRecord {
-                key: r.key.as_ref().map(|k| k.to_vec()),
-                value: r.value.as_ref().map(|v| v.to_vec()),
-                headers: r
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.to_vec()))
-                    .collect::<BTreeMap<_, _>>(),
-                timestamp: now,
-            })
-            .collect();
-        match bounded(
-            "Produce",
-            &topic,
-            cluster.request_timeout,
-            pc.produce(records, cfg.compression.into()),
-        )
-        .await
-        {
-            Ok(offsets) => {
-                backoff.reset();
-                for ((_, done), o) in batch.drain(..).zip(offsets) {
-                    let _ = done.send(Ok(o));
+            } else {
+                None
+            };
+            if let Some(p) = pid
+                && seq_generation != Some(p.generation)
+            {
+                seq = 0;
+                seq_generation = Some(p.generation);
+            }
+            let generation = pid.map(|p| p.generation);
+            if batch.encoded.as_ref().is_none_or(|(_, g)| *g != generation) {
+                let meta = match pid {
+                    Some(p) => batch::BatchMeta {
+                        producer_id: p.id,
+                        producer_epoch: p.epoch,
+                        base_sequence: seq,
+                        timestamp_ms: batch.timestamp_ms,
+                    },
+                    None => batch::BatchMeta::plain(batch.timestamp_ms),
+                };
+                match batch::encode(batch.records.iter().map(|q| &q.0), cfg.compression, meta) {
+                    Ok(b) => batch.encoded = Some((b, generation)),
+                    Err(e) => {
+                        tracing::error!(%topic, partition, error = %e, "producer: cannot encode the batch");
+                        for (_, done) in batch.records.drain(..) {
+                            let _ = done.send(Err(ProduceError::Rejected {
+                                topic: topic.clone(),
+                                why: format!("cannot encode the batch: {e}"),
+                            }));
+                        }
+                        continue;
+                    }
                 }
             }
-            Err(e) if is_fatal_produce(&e) => {
-                tracing::error!(%topic, partition, error = %e, "producer: batch rejected");
-                let too_large = is_too_large(&e);
-                for (r, done) in batch.drain(..) {
-                    let err = if too_large {
-                        ProduceError::TooLarge {
+            // The leader's connection.
+            if conn.is_none() {
+                match self.connect().await {
+                    Ok(c) => {
+                        leaderless_since = None;
+                        conn = Some(c);
+                    }
+                    Err(e) => {
+                        let since = *leaderless_since.get_or_insert_with(Instant::now);
+                        if matches!(e, Error::UnknownTopic(_))
+                            && since.elapsed() >= self.cluster.request_timeout
+                        {
+                            tracing::error!(%topic, partition, error = %e, "producer: topic does not exist");
+                            for (_, done) in batch.records.drain(..) {
+                                let _ = done.send(Err(ProduceError::UnknownTopic(topic.clone())));
+                            }
+                            continue;
+                        }
+                        let wait = backoff.next_wait();
+                        tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: partition leader unknown, retrying");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
+            let Some((c, version)) = conn.as_mut() else {
+                continue;
+            };
+            let bytes = batch
+                .encoded
+                .as_ref()
+                .map(|(b, _)| b.clone())
+                .unwrap_or_default();
+            let outcome = self.produce(c, *version, bytes).await;
+            let n = batch.records.len() as i32;
+            match outcome {
+                Outcome::Written(base) => {
+                    backoff.reset();
+                    reconnected = false;
+                    seq = next_sequence(seq, n);
+                    for (i, (_, done)) in batch.records.drain(..).enumerate() {
+                        let _ = done.send(Ok(base + i as i64));
+                    }
+                }
+                Outcome::Duplicate => {
+                    backoff.reset();
+                    reconnected = false;
+                    tracing::info!(%topic, partition, sequence = seq, "producer: batch already written (duplicate sequence)");
+                    seq = next_sequence(seq, n);
+                    for (_, done) in batch.records.drain(..) {
+                        let _ = done.send(Ok(-1));
+                    }
+                }
+                Outcome::NewProducerId => {
+                    tracing::warn!(%topic, partition, "producer: the broker lost or fenced our producer id; asking for a new one (a batch may be written twice)");
+                    stale = generation;
+                    batch.encoded = None;
+                    tokio::time::sleep(backoff.next_wait()).await;
+                }
+                Outcome::TooLarge if batch.records.len() > 1 => {
+                    // Split in halves, in order: the first half goes now, the rest waits.
+                    let rest = batch.records.split_off(batch.records.len() / 2);
+                    for q in rest.into_iter().rev() {
+                        pending.push_front(q);
+                    }
+                    batch.encoded = None;
+                    self.limit.stale.store(true, Ordering::Relaxed);
+                    tracing::info!(%topic, partition, records = n, "producer: batch too large for the broker; split in halves");
+                }
+                Outcome::TooLarge => {
+                    self.limit.stale.store(true, Ordering::Relaxed);
+                    let max = self.limit.bytes.load(Ordering::Relaxed);
+                    for (r, done) in batch.records.drain(..) {
+                        let _ = done.send(Err(ProduceError::TooLarge {
                             topic: topic.clone(),
                             size: r.batch_size(),
-                            max: max_batch,
-                        }
-                    } else {
-                        ProduceError::Rejected {
+                            max,
+                        }));
+                    }
+                }
+                Outcome::Fatal(e) => {
+                    tracing::error!(%topic, partition, error = %e, "producer: batch rejected");
+                    for (_, done) in batch.records.drain(..) {
+                        let _ = done.send(Err(ProduceError::Rejected {
                             topic: topic.clone(),
                             why: e.to_string(),
+                        }));
+                    }
+                }
+                Outcome::Retry(e) => {
+                    // The batch is resent as it is (same sequence); the leader is looked up again.
+                    conn = None;
+                    if matches!(e, Error::Io { .. }) && !reconnected {
+                        // A connection the broker closed (idle, restarted): reconnect at once,
+                        // once; a second loss in a row backs off.
+                        reconnected = true;
+                        tracing::info!(%topic, partition, error = %e, "producer: connection lost, resending");
+                        continue;
+                    }
+                    let wait = backoff.next_wait();
+                    tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: batch failed, retrying");
+                    if matches!(
+                        e.broker_error(),
+                        Some(ResponseError::UnknownTopicOrPartition)
+                    ) {
+                        let since = *leaderless_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.cluster.request_timeout {
+                            for (_, done) in batch.records.drain(..) {
+                                let _ = done.send(Err(ProduceError::UnknownTopic(topic.clone())));
+                            }
+                            continue;
                         }
-                    };
-                    let _ = done.send(Err(err));
+                    }
+                    tokio::time::sleep(wait).await;
                 }
             }
-            Err(e) => {
-                let wait = backoff.next_wait();
-                tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: batch failed, retrying");
-                client = None;
-                cluster.forget_partition(&topic, partition).await;
-                tokio::time::sleep(wait).await;
-            }
+        }
+    }
+
+    /// A connection to the partition's leader and the Produce version it speaks.
+    async fn connect(&self) -> Result<(BrokerConn, i16)> {
+        let addr = self
+            .cluster
+            .leader(&self.shared.connector, &self.topic, self.partition)
+            .await?;
+        let conn = self.shared.connector.connect(&addr).await?;
+        let v = conn.version::<ProduceRequest>("Produce", PRODUCE_MAX_VERSION)?;
+        if v < PRODUCE_MIN_VERSION {
+            return Err(Error::Version {
+                call: "Produce",
+                ours: format!("{PRODUCE_MIN_VERSION}..{PRODUCE_MAX_VERSION}"),
+                theirs: format!("..{v}"),
+            });
+        }
+        Ok((conn, v))
+    }
+
+    async fn produce(&self, conn: &mut BrokerConn, version: i16, records: Bytes) -> Outcome {
+        let server_timeout = self.cluster.request_timeout;
+        let req = ProduceRequest::default()
+            .with_transactional_id(None)
+            .with_acks(-1)
+            .with_timeout_ms(server_timeout.as_millis().min(i32::MAX as u128) as i32)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_string(self.topic.clone())))
+                    .with_partition_data(vec![
+                        PartitionProduceData::default()
+                            .with_index(self.partition)
+                            .with_records(Some(records)),
+                    ]),
+            ]);
+        self.shared.wait_throttle(conn.broker()).await;
+        self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        let resp = match conn
+            .send_with_timeout(
+                req,
+                version,
+                "Produce",
+                server_timeout + Duration::from_secs(5),
+            )
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Outcome::Retry(e),
+        };
+        // KIP-219: the broker has answered (and appended); it only asks us to wait.
+        self.shared.throttle(conn.broker(), resp.throttle_time_ms);
+        let Some(p) = resp
+            .responses
+            .iter()
+            .filter(|t| t.name.0.as_str() == self.topic)
+            .flat_map(|t| t.partition_responses.iter())
+            .find(|p| p.index == self.partition)
+        else {
+            return Outcome::Retry(Error::Protocol {
+                call: "Produce",
+                why: format!("no answer for {}/{}", self.topic, self.partition),
+            });
+        };
+        if p.error_code == 0 {
+            return Outcome::Written(p.base_offset);
+        }
+        let e = broker_error("Produce", p.error_code, p.error_message.as_ref());
+        use ResponseError as R;
+        match e.broker_error() {
+            Some(R::DuplicateSequenceNumber) if self.shared.idempotent => Outcome::Duplicate,
+            Some(
+                R::OutOfOrderSequenceNumber
+                | R::UnknownProducerId
+                | R::InvalidProducerEpoch
+                | R::ProducerFenced,
+            ) if self.shared.idempotent => Outcome::NewProducerId,
+            Some(R::MessageTooLarge | R::RecordListTooLarge) => Outcome::TooLarge,
+            Some(R::CorruptMessage | R::InvalidRecord) => Outcome::Fatal(e),
+            Some(r) if r.is_retriable() => Outcome::Retry(e),
+            _ => Outcome::Fatal(e),
         }
     }
 }
 
-fn is_too_large(e: &Error) -> bool {
-    use rskafka::client::error::{Error as RsError, ProtocolError as P};
-    matches!(
-        e,
-        Error::Client(RsError::ServerError {
-            protocol_error: P::MessageTooLarge | P::RecordListTooLarge,
-            ..
-        })
-    )
-}
-
-fn is_unknown_topic(e: &Error) -> bool {
-    use rskafka::client::error::{Error as RsError, ProtocolError as P};
-    match e {
-        Error::Client(RsError::ServerError {
-            protocol_error: P::UnknownTopicOrPartition,
-            ..
-        }) => true,
-        Error::Client(e) => e.to_string().contains("UnknownTopicOrPartition"),
-        _ => false,
+/// Takes `first` and lingers for more, up to the batch size (never past it); up to
+/// `linger_max` while the caller says more records are on their way, looking again every
+/// `linger` (pressure that ends sends the batch then). Returns a record that did not fit.
+async fn linger(
+    cfg: &ProducerConfig,
+    rx: &mut mpsc::Receiver<Queued>,
+    first: Queued,
+    max_batch: usize,
+    batch: &mut Vec<Queued>,
+) -> Option<Queued> {
+    let pressed = || {
+        cfg.pressure
+            .as_ref()
+            .is_some_and(|p| p.load(Ordering::Relaxed) > 0)
+    };
+    let start = Instant::now();
+    let short = start + cfg.linger;
+    let long = start + cfg.linger_max.max(cfg.linger);
+    let step = cfg.linger.max(Duration::from_millis(1));
+    let mut bytes = BATCH_OVERHEAD + first.0.size();
+    batch.push(first);
+    loop {
+        let next = match rx.try_recv() {
+            Ok(q) => Some(q),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) => loop {
+                let now = Instant::now();
+                let until = if now < short {
+                    short
+                } else if now < long && pressed() {
+                    long.min(now + step)
+                } else {
+                    break None;
+                };
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(q) => break q,
+                    Err(_) => continue,
+                }
+            },
+        };
+        let q = next?;
+        let size = q.0.size();
+        if bytes + size > max_batch {
+            return Some(q);
+        }
+        bytes += size;
+        batch.push(q);
     }
-}
-
-fn is_fatal_produce(e: &Error) -> bool {
-    use rskafka::client::error::{Error as RsError, ProtocolError as P};
-    matches!(
-        e,
-        Error::Client(RsError::ServerError {
-            protocol_error: P::MessageTooLarge
-                | P::RecordListTooLarge
-                | P::InvalidRecord
-                | P::CorruptMessage
-                | P::TopicAuthorizationFailed
-                | P::InvalidTopicException,
-            ..
-        })
-    )
 }
 
 /// Java's `Utils.murmur2` (seed 0x9747b28c), as used by the default partitioner.
@@ -549,6 +992,15 @@ pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequences_wrap_at_i32_max_to_zero() {
+        assert_eq!(next_sequence(0, 3), 3);
+        assert_eq!(next_sequence(i32::MAX - 3, 3), i32::MAX);
+        assert_eq!(next_sequence(i32::MAX - 2, 3), 0);
+        assert_eq!(next_sequence(i32::MAX, 1), 0);
+        assert_eq!(next_sequence(i32::MAX - 1, 5), 3);
+    }
 
     #[test]
     fn murmur2_matches_java() {

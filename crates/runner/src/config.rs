@@ -142,6 +142,12 @@ pub struct RunArgs {
     /// Default 25ms; equal to --linger turns it off.
     #[arg(long, env = "KAFKA_INFER_LINGER_MAX")]
     pub linger_max: Option<String>,
+    /// Idempotent producing (as Kafka's enable.idempotence): the output producer gets a
+    /// producer id and numbers its batches, so a batch resent after a lost response is not
+    /// written twice. true or false. Default true; a broker (or ACL) that refuses it stops the
+    /// process with an error naming this flag: set it to false there.
+    #[arg(long, env = "KAFKA_INFER_IDEMPOTENCE")]
+    pub idempotence: Option<String>,
     /// Output compression: none, gzip, snappy, lz4, zstd. Default none.
     #[arg(long, env = "KAFKA_COMPRESSION")]
     pub compression: Option<String>,
@@ -339,6 +345,8 @@ pub struct Config {
     pub retry_max_backoff: Duration,
     pub fetch_max_wait: Duration,
     pub compression: kafka_io::CompressionCodec,
+    /// Idempotent producing (--idempotence).
+    pub idempotence: bool,
     /// The producer's linger (Kafka's linger.ms).
     pub linger: Duration,
     /// The producer's linger while the model is the bottleneck.
@@ -888,6 +896,16 @@ impl Config {
                 Some(n) => n,
                 None => kafka_io::consumer::DEFAULT_FETCH_BUFFER_BYTES,
             },
+            idempotence: match pick(&args.idempotence, "KAFKA_INFER_IDEMPOTENCE")
+                .map(|v| v.trim().to_ascii_lowercase())
+                .as_deref()
+            {
+                None | Some("true") => true,
+                Some("false") => false,
+                Some(o) => {
+                    bail!("--idempotence (KAFKA_INFER_IDEMPOTENCE): `{o}` is not true or false")
+                }
+            },
             compression: pick(&args.compression, "KAFKA_COMPRESSION")
                 .unwrap_or_else(|| "none".into())
                 .parse()
@@ -1002,6 +1020,7 @@ impl Config {
             "max_request_size": self.max_request_size,
             "max_attempts": self.max_attempts,
             "commit_interval_ms": self.commit_interval.as_millis() as u64,
+            "idempotence": self.idempotence,
             "linger_ms": self.linger.as_millis() as u64,
             "linger_max_ms": self.linger_max.as_millis() as u64,
             "assignment_strategy": self.assignors.iter().map(|a| a.name()).collect::<Vec<_>>(),
@@ -1198,6 +1217,22 @@ spec:
         assert_eq!(c.graph.url, "http://127.0.0.1:8501");
         assert_eq!(c.graph.name, "resnet32");
         assert_eq!(c.connection.bootstrap_strings(), ["broker:9092"]);
+    }
+
+    #[test]
+    fn idempotence_is_on_by_default_and_turned_off_by_flag_or_env() {
+        let f = tmp(CIFAR);
+        let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
+        assert!(c.idempotence);
+        let env = |k: &str| (k == "KAFKA_INFER_IDEMPOTENCE").then(|| "false".to_string());
+        let c = Config::resolve(&args_with(&f.0), &env).unwrap();
+        assert!(!c.idempotence);
+        let mut a = args_with(&f.0);
+        a.idempotence = Some("TRUE".into());
+        assert!(Config::resolve(&a, &env).unwrap().idempotence);
+        a.idempotence = Some("maybe".into());
+        let e = Config::resolve(&a, &env).unwrap_err().to_string();
+        assert!(e.contains("--idempotence") && e.contains("maybe"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, PoisonError, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -83,6 +83,10 @@ pub struct Metrics {
     /// Bytes of the fetch buffer held by fetched, unfinished records.
     pub fetch_buffer: Gauge,
     pub ready: AtomicBool,
+    /// Seconds the brokers' quotas throttled the producer (throttle_time_ms of Produce).
+    produce_throttled: Counter<f64, AtomicU64>,
+    /// The producer's throttled milliseconds already counted.
+    produce_throttled_ms: AtomicU64,
     /// The three result series, made once (no allocation per record).
     by_result: [(&'static str, Counter); 3],
     /// Payload-logger events by result: sent, failed, dropped.
@@ -141,6 +145,13 @@ impl Metrics {
              finished, counted per decoded record",
             fetch_buffer.clone(),
         );
+        let produce_throttled = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "kafka_infer_produce_throttled_seconds",
+            "Time the brokers' quotas throttled the output producer (throttle_time_ms in Produce \
+             responses; the next request to that broker waits, nothing is resent)",
+            produce_throttled.clone(),
+        );
         let by_result = ["ok", "error", "retry"].map(|r| {
             let c = records
                 .get_or_create(&ResultLabels {
@@ -176,6 +187,8 @@ impl Metrics {
             stalled,
             fetch_buffer,
             ready: AtomicBool::new(false),
+            produce_throttled,
+            produce_throttled_ms: AtomicU64::new(0),
         }
     }
 
@@ -190,6 +203,15 @@ impl Metrics {
     pub fn logger_event(&self, result: &str) {
         if let Some((_, c)) = self.logger_events.iter().find(|(r, _)| *r == result) {
             c.inc();
+        }
+    }
+
+    /// Brings the throttled-time counter up to the producer's total (`Producer::throttled_ms`).
+    pub fn set_produce_throttled_ms(&self, total_ms: u64) {
+        let before = self.produce_throttled_ms.swap(total_ms, Ordering::Relaxed);
+        if total_ms > before {
+            self.produce_throttled
+                .inc_by((total_ms - before) as f64 / 1000.0);
         }
     }
 
@@ -361,6 +383,23 @@ mod tests {
                     .expect("a value")
             })
             .collect()
+    }
+
+    #[test]
+    fn produce_throttled_seconds_follow_the_producer_total() {
+        let m = Metrics::new();
+        m.set_produce_throttled_ms(1500);
+        m.set_produce_throttled_ms(1500);
+        m.set_produce_throttled_ms(2000);
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE kafka_infer_produce_throttled_seconds counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kafka_infer_produce_throttled_seconds_total 2.0"),
+            "{text}"
+        );
     }
 
     #[test]

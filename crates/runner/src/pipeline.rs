@@ -153,6 +153,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
             cluster.clone(),
             ProducerConfig {
                 compression: cfg.compression,
+                idempotent: cfg.idempotence,
                 max_request_size: cfg.max_request_size,
                 linger: cfg.linger,
                 linger_max: cfg.linger_max,
@@ -197,6 +198,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
                 let stalled = consumer.stalled();
                 metrics.stalled.set(stalled.len() as i64);
                 metrics.fetch_buffer.set(consumer.budget().held() as i64);
+                metrics.set_produce_throttled_ms(ctx.producer.throttled_ms());
                 metrics.ready.store(consumer.is_connected() && stalled.is_empty(), std::sync::atomic::Ordering::Relaxed);
                 metrics.model_bound.set(ctx.pressure.load(Ordering::Relaxed) as i64);
                 tasks.retain(|t| !t.is_finished());

@@ -29,6 +29,18 @@
 //! opens one, incremental requests add, change and forget partitions, and answer only the
 //! partitions with records (or errors). [`FakeBroker::log_start`] moves a log's start: fetches
 //! below it (or past the end) are OFFSET_OUT_OF_RANGE, ListOffsets(earliest) answers it.
+//!
+//! The producer's side: InitProducerId (a new producer id per call, epoch 0; or a scripted
+//! error, [`FakeBroker::init_pid_error`]) and Produce v3-9 (acks ignored). Produced records are
+//! kept per partition ([`FakeBroker::produced`]: their values, in log order), apart from the
+//! Fetch logs above. Idempotent batches are checked as Kafka does: a sequence already written
+//! is DUPLICATE_SEQUENCE_NUMBER (nothing appended), one out of order OUT_OF_ORDER_SEQUENCE_NUMBER,
+//! an unknown producer id UNKNOWN_PRODUCER_ID ([`FakeBroker::forget_producers`]). Scripts: a
+//! `throttle_time_ms` in every Produce answer, batches above N bytes refused with
+//! MESSAGE_TOO_LARGE, and the next N Produce responses dropped after the batch was appended
+//! (the connection is closed instead of answering). DescribeConfigs answers a topic's
+//! `max.message.bytes` when one is set ([`FakeBroker::max_message_bytes`]), or closes the
+//! connection while [`FakeBroker::describe_configs_fails`] is on.
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -42,13 +54,16 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::{
     error::ResponseError,
     messages::{
-        ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, FetchRequest, FetchResponse,
-        FindCoordinatorRequest, FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse,
-        JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse,
-        ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
-        OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, OffsetFetchResponse,
-        ResponseHeader, SyncGroupRequest, SyncGroupResponse, TopicName,
+        ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, DescribeConfigsRequest,
+        DescribeConfigsResponse, FetchRequest, FetchResponse, FindCoordinatorRequest,
+        FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse, InitProducerIdRequest,
+        InitProducerIdResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
+        LeaveGroupResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+        MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
+        OffsetFetchResponse, ProduceRequest, ProduceResponse, ProducerId, ResponseHeader,
+        SyncGroupRequest, SyncGroupResponse, TopicName,
         api_versions_response::ApiVersion,
+        describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult},
         fetch_response::{FetchableTopicResponse, PartitionData},
         list_offsets_response::{ListOffsetsPartitionResponse, ListOffsetsTopicResponse},
         metadata_response::{
@@ -59,6 +74,7 @@ use kafka_protocol::{
             OffsetFetchResponseGroup, OffsetFetchResponsePartition, OffsetFetchResponsePartitions,
             OffsetFetchResponseTopic, OffsetFetchResponseTopics,
         },
+        produce_response::{PartitionProduceResponse, TopicProduceResponse},
     },
     protocol::{
         Decodable, Encodable, HeaderVersion, Request, StrBytes, decode_request_header_from_buffer,
@@ -102,6 +118,19 @@ pub struct Seen {
     pub forgotten: Vec<Tp>,
     /// Fetch: session id and epoch sent.
     pub session: (i32, i32),
+    /// Produce: per batch (topic, partition, records, batch bytes, producer id, base sequence).
+    pub produced: Vec<ProducedBatch>,
+}
+
+/// One batch of a Produce request, as the fake read it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProducedBatch {
+    pub topic: String,
+    pub partition: i32,
+    pub records: usize,
+    pub bytes: usize,
+    pub producer_id: i64,
+    pub base_sequence: i32,
 }
 
 impl Seen {
@@ -128,6 +157,9 @@ const ADVERTISED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::SyncGroup, 0, 5),
     (ApiKey::LeaveGroup, 0, 4),
     (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::Produce, 3, 9),
+    (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::DescribeConfigs, 0, 1),
 ];
 
 /// A fetch session: its next epoch and its partitions' fetch offsets.
@@ -161,6 +193,17 @@ struct State {
     commit_delay: Duration,
     seen: Vec<Seen>,
     connections: usize,
+    /// Produced record values per partition, in log order.
+    produced: BTreeMap<Tp, Vec<Bytes>>,
+    /// (producer id, partition) -> next expected sequence.
+    sequences: BTreeMap<(i64, Tp), i32>,
+    next_pid: i64,
+    init_pid_error: Option<ResponseError>,
+    produce_throttle_ms: i32,
+    produce_max_bytes: Option<usize>,
+    drop_produce_responses: usize,
+    max_message_bytes: Option<usize>,
+    describe_configs_fails: bool,
 }
 
 #[derive(Clone)]
@@ -225,6 +268,15 @@ impl FakeBroker {
             commit_delay: Duration::ZERO,
             seen: Vec::new(),
             connections: 0,
+            produced: BTreeMap::new(),
+            sequences: BTreeMap::new(),
+            next_pid: 1000,
+            init_pid_error: None,
+            produce_throttle_ms: 0,
+            produce_max_bytes: None,
+            drop_produce_responses: 0,
+            max_message_bytes: None,
+            describe_configs_fails: false,
         })));
         let servers = listeners
             .into_iter()
@@ -236,6 +288,59 @@ impl FakeBroker {
             shared,
             servers,
         }
+    }
+
+    /// The values produced to a partition, in log order.
+    pub fn produced(&self, topic: &str, partition: i32) -> Vec<Bytes> {
+        self.shared
+            .lock()
+            .produced
+            .get(&(topic.to_owned(), partition))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every Produce answer carries this throttle_time_ms from now on.
+    pub fn produce_throttle(&self, ms: i32) {
+        self.shared.lock().produce_throttle_ms = ms;
+    }
+
+    /// Batches above `bytes` are refused with MESSAGE_TOO_LARGE from now on.
+    pub fn produce_max_bytes(&self, bytes: Option<usize>) {
+        self.shared.lock().produce_max_bytes = bytes;
+    }
+
+    /// The next `n` Produce requests are appended but not answered: the connection closes.
+    pub fn drop_produce_responses(&self, n: usize) {
+        self.shared.lock().drop_produce_responses = n;
+    }
+
+    /// DescribeConfigs of any topic answers this `max.message.bytes` (None: no such config).
+    pub fn max_message_bytes(&self, n: Option<usize>) {
+        self.shared.lock().max_message_bytes = n;
+    }
+
+    /// While on, a DescribeConfigs closes the connection unanswered.
+    pub fn describe_configs_fails(&self, on: bool) {
+        self.shared.lock().describe_configs_fails = on;
+    }
+
+    /// InitProducerId answers `e` from now on (None: a new producer id).
+    pub fn init_pid_error(&self, e: Option<ResponseError>) {
+        self.shared.lock().init_pid_error = e;
+    }
+
+    /// The broker forgets every producer id (their next batch: UNKNOWN_PRODUCER_ID).
+    pub fn forget_producers(&self) {
+        self.shared.lock().sequences.clear();
+    }
+
+    /// Every batch of every Produce request seen, in order.
+    pub fn produce_batches(&self) -> Vec<ProducedBatch> {
+        self.of(ApiKey::Produce)
+            .into_iter()
+            .flat_map(|s| s.produced)
+            .collect()
     }
 
     /// The partition's leader from now on (Metadata says so; others answer NOT_LEADER).
@@ -431,7 +536,7 @@ fn code(e: Option<ResponseError>) -> i16 {
 /// One connection: requests one at a time (rskafka may pipeline; answering in order is fine).
 async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
     while let Ok(size) = stream.read_i32().await {
-        if !(4..=1 << 20).contains(&size) {
+        if !(4..=64 << 20).contains(&size) {
             break;
         }
         let mut frame = vec![0u8; size as usize];
@@ -472,6 +577,7 @@ async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
             fetched: Vec::new(),
             forgotten: Vec::new(),
             session: (0, -1),
+            produced: Vec::new(),
         };
         let body = match answer(api, version, corr, &mut buf, node, &shared, &mut seen) {
             Ok(Answer::Now(b)) => b,
@@ -482,6 +588,10 @@ async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
                     break;
                 }
                 continue;
+            }
+            Ok(Answer::Drop) => {
+                shared.lock().seen.push(seen);
+                break;
             }
             Err(()) => break,
         };
@@ -496,6 +606,8 @@ enum Answer {
     Now(Bytes),
     /// Written after a wait (an empty Fetch waits its max_wait, capped; a delayed commit).
     After(Duration, Bytes),
+    /// Not answered: the connection closes.
+    Drop,
 }
 
 fn answer(
@@ -606,6 +718,136 @@ fn answer(
                 corr,
                 version,
                 ListOffsetsResponse::default().with_topics(topics),
+            )
+        }
+        ApiKey::DescribeConfigs => {
+            let req = DescribeConfigsRequest::decode(buf, version).map_err(|_| ())?;
+            if st.describe_configs_fails {
+                return Ok(Answer::Drop);
+            }
+            let results = req
+                .resources
+                .iter()
+                .map(|r| {
+                    DescribeConfigsResult::default()
+                        .with_resource_type(r.resource_type)
+                        .with_resource_name(r.resource_name.clone())
+                        .with_configs(
+                            st.max_message_bytes
+                                .iter()
+                                .map(|n| {
+                                    DescribeConfigsResourceResult::default()
+                                        .with_name(s("max.message.bytes"))
+                                        .with_value(Some(s(&n.to_string())))
+                                })
+                                .collect(),
+                        )
+                })
+                .collect();
+            encode::<DescribeConfigsRequest>(
+                corr,
+                version,
+                DescribeConfigsResponse::default().with_results(results),
+            )
+        }
+        ApiKey::InitProducerId => {
+            InitProducerIdRequest::decode(buf, version).map_err(|_| ())?;
+            let mut resp = InitProducerIdResponse::default();
+            match st.init_pid_error {
+                Some(e) => {
+                    resp = resp
+                        .with_error_code(e.code())
+                        .with_producer_id(ProducerId(-1))
+                        .with_producer_epoch(-1);
+                    seen.code = e.code();
+                }
+                None => {
+                    st.next_pid += 1;
+                    resp = resp
+                        .with_producer_id(ProducerId(st.next_pid))
+                        .with_producer_epoch(0);
+                    // A known producer with nothing written yet.
+                    for (t, n) in st.topics.clone() {
+                        for p in 0..n {
+                            st.sequences.insert((st.next_pid, (t.clone(), p)), 0);
+                        }
+                    }
+                }
+            }
+            encode::<InitProducerIdRequest>(corr, version, resp)
+        }
+        ApiKey::Produce => {
+            let req = ProduceRequest::decode(buf, version).map_err(|_| ())?;
+            let mut topics = Vec::new();
+            for t in &req.topic_data {
+                let name = t.name.0.to_string();
+                let mut parts = Vec::new();
+                for p in &t.partition_data {
+                    let k = (name.clone(), p.index);
+                    let records = p.records.clone().unwrap_or_default();
+                    let (pid, seq, values) = read_batch(&records).map_err(|_| ())?;
+                    seen.produced.push(ProducedBatch {
+                        topic: name.clone(),
+                        partition: p.index,
+                        records: values.len(),
+                        bytes: records.len(),
+                        producer_id: pid,
+                        base_sequence: seq,
+                    });
+                    let mut r = PartitionProduceResponse::default()
+                        .with_index(p.index)
+                        .with_base_offset(-1);
+                    let err = if !st.topics.contains_key(&name) {
+                        Some(ResponseError::UnknownTopicOrPartition)
+                    } else if st.produce_max_bytes.is_some_and(|m| records.len() > m) {
+                        Some(ResponseError::MessageTooLarge)
+                    } else if pid >= 0 {
+                        match st.sequences.get(&(pid, k.clone())).copied() {
+                            None => Some(ResponseError::UnknownProducerId),
+                            Some(next) if seq < next => {
+                                Some(ResponseError::DuplicateSequenceNumber)
+                            }
+                            Some(next) if seq > next => {
+                                Some(ResponseError::OutOfOrderSequenceNumber)
+                            }
+                            Some(_) => None,
+                        }
+                    } else {
+                        None
+                    };
+                    match err {
+                        Some(e) => {
+                            r = r.with_error_code(e.code());
+                            seen.code = e.code();
+                        }
+                        None => {
+                            if pid >= 0 {
+                                st.sequences
+                                    .insert((pid, k.clone()), seq + values.len() as i32);
+                            }
+                            let log = st.produced.entry(k).or_default();
+                            r = r.with_base_offset(log.len() as i64);
+                            log.extend(values);
+                        }
+                    }
+                    parts.push(r);
+                }
+                topics.push(
+                    TopicProduceResponse::default()
+                        .with_name(t.name.clone())
+                        .with_partition_responses(parts),
+                );
+            }
+            if st.drop_produce_responses > 0 {
+                st.drop_produce_responses -= 1;
+                return Ok(Answer::Drop);
+            }
+            encode::<ProduceRequest>(
+                corr,
+                version,
+                ProduceResponse::default()
+                    .with_responses(topics)
+                    .with_throttle_time_ms(st.produce_throttle_ms),
             )
         }
         ApiKey::FindCoordinator => {
@@ -995,6 +1237,61 @@ pub fn batch(base: i64, n: i32) -> Vec<u8> {
     b.extend(crc32c::crc32c(&after_crc).to_be_bytes());
     b.extend(after_crc);
     b
+}
+
+/// An uncompressed record batch v2: (producer id, base sequence, record values).
+pub fn read_batch(b: &[u8]) -> Result<(i64, i32, Vec<Bytes>), String> {
+    fn varint(b: &[u8], at: &mut usize) -> Result<i64, String> {
+        let mut u: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let byte = *b.get(*at).ok_or("varint cut short")?;
+            *at += 1;
+            u |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Ok(((u >> 1) as i64) ^ -((u & 1) as i64));
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err("varint too long".into());
+            }
+        }
+    }
+    if b.len() < 61 || b[16] != 2 {
+        return Err("not a record batch v2".into());
+    }
+    let attributes = i16::from_be_bytes([b[21], b[22]]);
+    if attributes & 7 != 0 {
+        return Err("compressed batches are not read here".into());
+    }
+    if crc32c::crc32c(&b[21..]) != u32::from_be_bytes([b[17], b[18], b[19], b[20]]) {
+        return Err("bad CRC".into());
+    }
+    let pid = i64::from_be_bytes(b[43..51].try_into().unwrap());
+    let seq = i32::from_be_bytes(b[53..57].try_into().unwrap());
+    let count = i32::from_be_bytes(b[57..61].try_into().unwrap());
+    let mut at = 61;
+    let mut values = Vec::new();
+    for _ in 0..count {
+        let len = varint(b, &mut at)? as usize;
+        let end = at + len;
+        at += 1; // attributes
+        varint(b, &mut at)?; // timestamp delta
+        varint(b, &mut at)?; // offset delta
+        let kl = varint(b, &mut at)?;
+        if kl > 0 {
+            at += kl as usize;
+        }
+        let vl = varint(b, &mut at)?;
+        if vl >= 0 {
+            let v = b.get(at..at + vl as usize).ok_or("value cut short")?;
+            values.push(Bytes::copy_from_slice(v));
+        } else {
+            values.push(Bytes::new());
+        }
+        at = end;
+    }
+    Ok((pid, seq, values))
 }
 
 /// The partitions as a set, for comparisons.

@@ -1,0 +1,290 @@
+//! The producer against the fake broker (tests/fake_broker): throttled answers are never a
+//! reason to resend and delay the next request; a batch the broker refuses as too large is
+//! split and every record still arrives, in order; only a record refused alone is TooLarge;
+//! idempotence: a batch whose response was lost is resent with its sequence and not written
+//! twice (and is written twice with idempotence off), a forgotten producer id gets a new one,
+//! and a broker refusing InitProducerId fails the records with an error naming the flag.
+//!
+//! Real time, short durations; every wait is bounded.
+
+mod fake_broker;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fake_broker::FakeBroker;
+use kafka_io::{OutRecord, ProduceError, Producer, ProducerConfig};
+use kafka_protocol::error::ResponseError;
+use tokio::time::Instant;
+
+const TOPIC: &str = "out";
+/// The longest any delivery is waited for.
+const BOUND: Duration = Duration::from_secs(20);
+
+fn rec(v: String) -> OutRecord {
+    OutRecord {
+        key: None,
+        value: Some(Bytes::from(v)),
+        headers: vec![("h".into(), Bytes::from_static(b"x"))],
+    }
+}
+
+fn values(n: usize, pad: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{i:05}{}", "x".repeat(pad)))
+        .collect()
+}
+
+async fn producer(fake: &FakeBroker, idempotent: bool, linger_ms: u64) -> Producer {
+    let mut cluster = fake.cluster().await;
+    // Short timeouts: a dropped response is noticed within a second.
+    std::sync::Arc::get_mut(&mut cluster)
+        .expect("sole owner")
+        .request_timeout = Duration::from_secs(1);
+    Producer::new(
+        cluster,
+        ProducerConfig {
+            linger: Duration::from_millis(linger_ms),
+            linger_max: Duration::from_millis(linger_ms),
+            idempotent,
+            max_backoff: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+}
+
+/// Sends every value to partition 0 and waits for every delivery.
+async fn send_all(p: &Producer, vals: &[String]) -> Vec<Result<i64, ProduceError>> {
+    let mut ds = Vec::new();
+    for v in vals {
+        ds.push(
+            p.send(TOPIC, Some(0), rec(v.clone()))
+                .await
+                .expect("queued"),
+        );
+    }
+    let mut out = Vec::new();
+    for d in ds {
+        out.push(
+            tokio::time::timeout(BOUND, d.wait())
+                .await
+                .expect("delivered in time"),
+        );
+    }
+    out
+}
+
+fn strings(b: Vec<Bytes>) -> Vec<String> {
+    b.into_iter()
+        .map(|v| String::from_utf8(v.to_vec()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_throttled_produce_is_not_resent_and_the_next_request_waits() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.produce_throttle(400);
+    let p = producer(&fake, true, 0).await;
+    let first = send_all(&p, &values(1, 0)).await;
+    assert!(first[0].is_ok(), "{first:?}");
+    let answered = Instant::now();
+    let second = send_all(&p, &["second".to_owned()]).await;
+    assert!(second[0].is_ok(), "{second:?}");
+    let batches = fake.of(kafka_protocol::messages::ApiKey::Produce);
+    assert_eq!(
+        batches.len(),
+        2,
+        "one request per record, no resend: {batches:?}"
+    );
+    let waited = batches[1].at.duration_since(answered);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "the second request waited the throttle out: {waited:?}"
+    );
+    assert_eq!(strings(fake.produced(TOPIC, 0)), ["00000", "second"]);
+    assert!(p.throttled_ms() >= 800, "{}", p.throttled_ms());
+    p.close(BOUND).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_refused_as_too_large_is_split_and_every_record_arrives_in_order() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.produce_max_bytes(Some(2_000));
+    let p = producer(&fake, true, 100).await;
+    // 40 records of ~220 bytes: one ~9 KB batch, refused until the halves fit.
+    let vals = values(40, 200);
+    let got = send_all(&p, &vals).await;
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        vals,
+        "every record, in order"
+    );
+    let batches = fake.produce_batches();
+    assert!(batches.iter().any(|b| b.records == 40), "{batches:?}");
+    assert!(
+        batches
+            .iter()
+            .filter(|b| b.bytes <= 2_000)
+            .all(|b| b.records < 40),
+        "{batches:?}"
+    );
+    // Offsets as the broker gave them, in order.
+    let offsets: Vec<i64> = got.into_iter().map(Result::unwrap).collect();
+    assert_eq!(offsets, (0..40).collect::<Vec<i64>>());
+
+    // A record refused alone is TooLarge; the records after it still arrive.
+    let big = "b".repeat(3_000);
+    let mut ds = Vec::new();
+    for v in [big.clone(), "after-1".into(), "after-2".into()] {
+        ds.push(p.send(TOPIC, Some(0), rec(v)).await.expect("queued"));
+    }
+    let mut res = Vec::new();
+    for d in ds {
+        res.push(
+            tokio::time::timeout(BOUND, d.wait())
+                .await
+                .expect("in time"),
+        );
+    }
+    assert!(
+        matches!(&res[0], Err(ProduceError::TooLarge { topic, .. }) if topic == TOPIC),
+        "{res:?}"
+    );
+    assert!(res[1].is_ok() && res[2].is_ok(), "{res:?}");
+    let log = strings(fake.produced(TOPIC, 0));
+    assert_eq!(&log[40..], ["after-1", "after-2"]);
+    p.close(BOUND).await.unwrap();
+}
+
+/// The broker appends a batch, then the connection closes before its response.
+async fn lost_response(idempotent: bool) -> (Vec<String>, Vec<Result<i64, ProduceError>>) {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = producer(&fake, idempotent, 0).await;
+    assert!(send_all(&p, &["warm-up".to_owned()]).await[0].is_ok());
+    fake.drop_produce_responses(1);
+    let got = send_all(&p, &values(3, 0)).await;
+    let log = strings(fake.produced(TOPIC, 0));
+    p.close(BOUND).await.unwrap();
+    (log, got)
+}
+
+#[tokio::test]
+async fn idempotent_a_resent_batch_after_a_lost_response_is_written_once() {
+    let (log, got) = lost_response(true).await;
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    assert_eq!(log, ["warm-up", "00000", "00001", "00002"]);
+    // Already written: the broker said DUPLICATE_SEQUENCE_NUMBER, the offset is unknown.
+    assert!(got.iter().all(|r| *r.as_ref().unwrap() == -1), "{got:?}");
+}
+
+#[tokio::test]
+async fn not_idempotent_a_resent_batch_after_a_lost_response_is_written_twice() {
+    let (log, got) = lost_response(false).await;
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    assert_eq!(
+        log,
+        [
+            "warm-up", "00000", "00001", "00002", "00000", "00001", "00002"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_forgotten_producer_id_is_replaced_and_sequences_start_again() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = producer(&fake, true, 0).await;
+    assert!(send_all(&p, &values(2, 0)).await.iter().all(Result::is_ok));
+    fake.forget_producers();
+    let got = send_all(&p, &["later".to_owned()]).await;
+    assert!(got[0].is_ok(), "{got:?}");
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        ["00000", "00001", "later"]
+    );
+    let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
+    assert_eq!(inits.len(), 2, "{inits:?}");
+    let batches = fake.produce_batches();
+    let last = batches.last().unwrap();
+    assert_eq!(last.base_sequence, 0, "{batches:?}");
+    assert_ne!(last.producer_id, batches[0].producer_id, "{batches:?}");
+    p.close(BOUND).await.unwrap();
+}
+
+#[tokio::test]
+async fn sequences_follow_the_record_count_per_partition() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = producer(&fake, true, 0).await;
+    for n in [1usize, 3, 2] {
+        assert!(send_all(&p, &values(n, 0)).await.iter().all(Result::is_ok));
+    }
+    let seqs: Vec<i32> = fake
+        .produce_batches()
+        .iter()
+        .map(|b| b.base_sequence)
+        .collect();
+    assert_eq!(seqs, [0, 1, 4], "sequence += records of each batch");
+    p.close(BOUND).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broker_refusing_idempotence_names_the_flag_to_turn_it_off() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.init_pid_error(Some(ResponseError::ClusterAuthorizationFailed));
+    let p = producer(&fake, true, 0).await;
+    let got = send_all(&p, &values(1, 0)).await;
+    match &got[0] {
+        Err(ProduceError::Rejected { why, .. }) => {
+            assert!(why.contains("--idempotence false"), "{why}");
+            assert!(why.contains("ClusterAuthorizationFailed"), "{why}");
+        }
+        o => panic!("{o:?}"),
+    }
+    assert!(fake.produced(TOPIC, 0).is_empty());
+    // Without idempotence the same broker takes the record.
+    let plain = producer(&fake, false, 0).await;
+    assert!(send_all(&plain, &values(1, 0)).await[0].is_ok());
+    assert_eq!(strings(fake.produced(TOPIC, 0)), ["00000"]);
+    p.close(BOUND).await.unwrap();
+    plain.close(BOUND).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_topic_limit_is_asked_again_and_a_failed_describe_configs_is_not_kept() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.describe_configs_fails(true);
+    let cluster = fake.cluster().await;
+    let p = Producer::new(
+        cluster,
+        ProducerConfig {
+            limit_refresh: Duration::from_millis(400),
+            limit_retry: Duration::from_millis(200),
+            ..Default::default()
+        },
+    );
+    // Unknown: max_request_size holds meanwhile.
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 1024 * 1024);
+    fake.describe_configs_fails(false);
+    fake.max_message_bytes(Some(5_000));
+    // Within the retry time the failure is not asked again...
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 1024 * 1024);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...after it, the broker's limit is learnt.
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 5_000);
+    let big = rec("x".repeat(6_000));
+    assert!(matches!(
+        p.check_size(TOPIC, &big).await,
+        Err(ProduceError::TooLarge { max: 5_000, .. })
+    ));
+    // A lowered limit is seen at the next refresh; a failed refresh keeps the last one.
+    fake.max_message_bytes(Some(3_000));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 3_000);
+    fake.describe_configs_fails(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 3_000);
+    let asked = fake
+        .of(kafka_protocol::messages::ApiKey::DescribeConfigs)
+        .len();
+    assert!(asked >= 4, "DescribeConfigs asked {asked} times");
+}
