@@ -25,8 +25,9 @@ pub const HEADER_OVERHEAD: usize = 64;
 /// What an answer being written costs besides its bytes: the output record in the producer's
 /// queue, the future waiting for its delivery, the record's metadata.
 pub const ANSWER_OVERHEAD: usize = 512;
-/// How many times an answer's bytes are in memory while it is written: ours, rskafka's owned
-/// copy of the record, and the produce request being encoded (measured: a backlog of 64 KB
+/// How many times an answer's bytes are in memory while it is written: ours (the output
+/// record, until acknowledged), the encoded record batch, and the produce request being sent
+/// (measured with the earlier rskafka producer, which also copied it twice: a backlog of 64 KB
 /// answers took ~3x their charge in RSS when they counted once).
 pub const ANSWER_COPIES: usize = 3;
 
