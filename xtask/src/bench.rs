@@ -9,6 +9,10 @@
 //! Latency: kafka-infer at a steady rate; each request carries its send time in a header that
 //! kafka-infer copies to the answer, so the reader computes produce -> answer latency.
 //! Direct model capacity: a load generator at kafka-infer's concurrency, REST and gRPC.
+//!
+//! Broker cost (BENCH_ONLY item `broker_cost`, issue 17): Kafka requests by API key (counted by
+//! a proxy) and broker CPU, kafka-infer against librdkafka, idle on 16 partitions and at a
+//! steady 100 and 1,000 records/s; see [`broker_cost`].
 
 use std::{
     collections::BTreeMap,
@@ -109,6 +113,8 @@ struct Env {
     cluster: Arc<Cluster>,
     short: bool,
     release: PathBuf,
+    /// What the bridges bootstrap from: the broker, or the counting proxy before it.
+    bootstrap: String,
 }
 
 /// Reads answers from `topic` (a group of its own), recording latency from the `t0` header.
@@ -120,11 +126,16 @@ struct Reader {
 
 impl Reader {
     fn start(env: &Env, topic: &str) -> Self {
+        Self::start_waiting(env, topic, Duration::from_millis(5))
+    }
+
+    /// A reader whose fetches wait up to `fetch_max_wait` for data.
+    fn start_waiting(env: &Env, topic: &str, fetch_max_wait: Duration) -> Self {
         let mut g = GroupConfig::new(fx::unique("bench-reader"), vec![topic.to_owned()]);
         g.session_timeout = Duration::from_secs(4);
         g.heartbeat_interval = Duration::from_millis(500);
         let mut c = ConsumerConfig::new(g);
-        c.fetch_max_wait = Duration::from_millis(5);
+        c.fetch_max_wait = fetch_max_wait;
         c.fetch_buffer_bytes = 256 << 20;
         Self {
             consumer: Consumer::start(env.cluster.clone(), c, None),
@@ -404,7 +415,7 @@ fn kafka_infer_bin(
                 .split_whitespace(),
         )
         .env_clear()
-        .env("KAFKA_BROKER", env.broker.bootstrap())
+        .env("KAFKA_BROKER", &env.bootstrap)
         .env("KAFKA_INPUT_TOPIC", input)
         .env("KAFKA_OUTPUT_TOPIC", output)
         // The test broker holds a Fetch until max-wait even when data arrives (the product's
@@ -418,7 +429,7 @@ fn kafka_infer_bin(
 fn python_bridge(env: &Env, script: &str, args: &[&str]) -> Result<fx::Proc> {
     let mut cmd = Command::new(fx::python());
     cmd.arg(fx::repo_root().join("bench").join(script))
-        .arg(env.broker.bootstrap())
+        .arg(&env.bootstrap)
         .args(args)
         .stdout(Stdio::null());
     fx::Proc::spawn(script, &mut cmd)
@@ -613,6 +624,7 @@ pub fn bench(short: bool) -> Result<()> {
         let broker = fx::Broker::start()?;
         let cluster = Cluster::connect(broker.settings()).await?;
         let env = Env {
+            bootstrap: broker.bootstrap(),
             broker,
             cluster,
             short,
@@ -644,12 +656,17 @@ pub fn bench(short: bool) -> Result<()> {
             }
         };
         let mut f: BTreeMap<&str, Figure> = BTreeMap::new();
-        // BENCH_ONLY=ki_rest,a_copy runs just those (for profiling work); no report then.
+        // BENCH_ONLY=ki_rest,a_copy runs just those (for profiling work); no report then
+        // (`broker_cost` prints its section of the report).
         if let Ok(only) = std::env::var("BENCH_ONLY") {
             // d_* and e_* start MLServer (once, like the full run) on first use.
             let mut ml: Option<fx::models::Server> = None;
             let secs = if short { 3.0 } else { 15.0 };
             for k in only.split(',') {
+                if k == "broker_cost" {
+                    println!("{}", broker_cost(short, &release, &echo.rest_url()).await?);
+                    continue;
+                }
                 if ml.is_none() && (k.starts_with("d_") || k.starts_with("e_")) {
                     ml = Some(mlserver_echo(None)?);
                 }
@@ -928,15 +945,16 @@ pub fn bench(short: bool) -> Result<()> {
             if short { 3.0 } else { 20.0 },
         )
         .await?;
-        Ok::<_, anyhow::Error>(Some((f, lat)))
+        let cost = broker_cost(short, &release, &echo.rest_url()).await?;
+        Ok::<_, anyhow::Error>(Some((f, lat, cost)))
     })?;
     match figures {
-        Some((f, lat)) => report(&f, &lat, short),
+        Some((f, lat, cost)) => report(&f, &lat, &cost, short),
         None => Ok(()),
     }
 }
 
-fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
+fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, cost: &str, short: bool) -> Result<()> {
     let r = |a: &str, b: &str| f[a].per_s / f[b].per_s;
     let mut out = String::new();
     let cmd = if short {
@@ -1034,6 +1052,7 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
             yes(x >= 2.0)
         ));
     }
+    out.push_str(cost);
     println!("{out}");
     let path = if short {
         fx::repo_root().join("target/benchmarks-short.md")
@@ -1048,4 +1067,649 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, short: bool) -> Result<()> {
 
 fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
+}
+
+// Broker cost (issue 17): what a client costs the broker, kafka-infer against librdkafka.
+//
+// A broker of its own sits behind a counting proxy (127.0.0.1) and advertises the proxy's port,
+// so every connection of every client goes through it. The proxy reads the start of every
+// request frame (size, API key, version, correlation id, client id) on its way to the broker and
+// counts requests by client id and API key. The bench's own clients (the paced producer and the
+// answer reader) use the client id `LOAD_CLIENT`; every other request is the measured client's.
+
+/// Partitions of the broker-cost rows' topics (input and output).
+const COST_PARTITIONS: u32 = 16;
+/// Client id of the bench's own clients in the broker-cost rows (not counted as the bridge's).
+const LOAD_CLIENT: &str = "bench-load";
+/// API keys counted apart (in this order); every other key is counted as "other".
+const API_KEYS: [(i16, &str); 4] = [
+    (1, "Fetch"),
+    (0, "Produce"),
+    (8, "OffsetCommit"),
+    (12, "Heartbeat"),
+];
+
+/// Requests seen by the proxy, by (client id, API key).
+type Counts = std::collections::HashMap<(String, i16), u64>;
+
+/// Splits one connection's client -> broker bytes into Kafka request frames (a 4-byte size,
+/// then the request header: 2-byte API key, 2-byte version, 4-byte correlation id, client id as
+/// a 2-byte length and its bytes) and reports each frame's API key and client id.
+#[derive(Default)]
+struct FrameCounter {
+    /// The start of the current frame, up to the end of its client id.
+    head: Vec<u8>,
+    /// Bytes of the current frame still to pass after its head.
+    skip: usize,
+}
+
+impl FrameCounter {
+    /// The frame's length (with its size field), once its size is known.
+    fn frame_len(&self) -> Option<usize> {
+        let h = self.head.get(..4)?;
+        Some(4 + i32::from_be_bytes([h[0], h[1], h[2], h[3]]).max(0) as usize)
+    }
+
+    /// How many bytes of the frame's start `head` must hold to name the frame.
+    fn head_len(&self) -> usize {
+        let Some(frame) = self.frame_len() else {
+            return 4;
+        };
+        let want = match self.head.get(12..14) {
+            Some(l) => 14 + i16::from_be_bytes([l[0], l[1]]).max(0) as usize,
+            None => 14,
+        };
+        want.min(frame)
+    }
+
+    fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(i16, &str)) {
+        loop {
+            if self.skip > 0 {
+                if data.is_empty() {
+                    return;
+                }
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let want = self.head_len();
+            if self.head.len() < want {
+                if data.is_empty() {
+                    return;
+                }
+                let n = (want - self.head.len()).min(data.len());
+                self.head.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                continue;
+            }
+            let h = &self.head;
+            let key = h.get(4..6).map_or(-1, |k| i16::from_be_bytes([k[0], k[1]]));
+            on(
+                key,
+                &String::from_utf8_lossy(h.get(14..).unwrap_or_default()),
+            );
+            self.skip = self.frame_len().unwrap_or(4) - self.head.len();
+            self.head.clear();
+        }
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 (a free port) before 127.0.0.1:`target` that counts request
+/// frames (see [`FrameCounter`]). Runs on a thread of its own; dropping it stops the thread
+/// (joined) and closes every connection.
+struct CountingProxy {
+    port: u16,
+    counts: Arc<std::sync::Mutex<Counts>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CountingProxy {
+    fn start(target: u16) -> Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let counts = Arc::new(std::sync::Mutex::new(Counts::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let c = counts.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("cproxy-{port}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    let accept = async {
+                        loop {
+                            match listener.accept().await {
+                                Ok((s, _)) => {
+                                    tokio::spawn(count_connection(s, target, c.clone()));
+                                }
+                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = stopped => {}
+                        _ = accept => {}
+                    }
+                });
+                // Dropping the runtime drops every connection task, closing its sockets.
+                drop(rt);
+            })?;
+        Ok(Self {
+            port,
+            counts,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn counts(&self) -> Counts {
+        self.counts.lock().expect("counts").clone()
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn count_connection(
+    client: tokio::net::TcpStream,
+    target: u16,
+    counts: Arc<std::sync::Mutex<Counts>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connect = tokio::net::TcpStream::connect(("127.0.0.1", target));
+    let Ok(Ok(mut upstream)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
+        return;
+    };
+    let mut client = client;
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+    let to_broker = async {
+        let mut frames = FrameCounter::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut seen = Vec::new();
+        loop {
+            let n = cr.read(&mut buf).await?;
+            if n == 0 {
+                return uw.shutdown().await;
+            }
+            frames.feed(&buf[..n], &mut |key, id| seen.push((id.to_owned(), key)));
+            if !seen.is_empty() {
+                let mut c = counts.lock().expect("counts");
+                for k in seen.drain(..) {
+                    *c.entry(k).or_default() += 1;
+                }
+            }
+            uw.write_all(&buf[..n]).await?;
+        }
+    };
+    let to_client = async {
+        tokio::io::copy(&mut ur, &mut cw).await?;
+        cw.shutdown().await
+    };
+    let _ = tokio::try_join!(to_broker, to_client);
+}
+
+/// The measured client's requests between two counts: by [`API_KEYS`], then all others.
+fn requests(a: &Counts, b: &Counts) -> [u64; 5] {
+    let mut out = [0; 5];
+    for ((client, key), n) in b {
+        if client == LOAD_CLIENT {
+            continue;
+        }
+        let d = n - a.get(&(client.clone(), *key)).copied().unwrap_or(0);
+        let i = API_KEYS.iter().position(|(k, _)| k == key).unwrap_or(4);
+        out[i] += d;
+    }
+    out
+}
+
+/// Run time (ns) of every thread of `pid` (/proc/PID/task/TID/schedstat, first field).
+fn thread_times(pid: u32) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if let Some(ns) = std::fs::read_to_string(t.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        {
+            out.insert(tid, ns);
+        }
+    }
+    out
+}
+
+/// What the broker-cost rows read at the start and the end of a window.
+struct Snap {
+    at: Instant,
+    counts: Counts,
+    /// The broker's threads' run time (ns), and its CPU seconds by /proc/PID/stat (10 ms ticks).
+    broker_threads: BTreeMap<u32, u64>,
+    broker_ticks: f64,
+    /// CPU seconds of the measured client's process tree.
+    client_cpu: f64,
+}
+
+impl Snap {
+    fn take(proxy: &CountingProxy, broker: u32, client: u32) -> Self {
+        Self {
+            at: Instant::now(),
+            counts: proxy.counts(),
+            broker_threads: thread_times(broker),
+            broker_ticks: usage(broker).0,
+            client_cpu: usage(client).0,
+        }
+    }
+
+    /// The broker's CPU seconds since `a`: its threads' run time (ns precision) when every
+    /// thread of `a` is still there, else from /proc/PID/stat (10 ms ticks).
+    fn broker_cpu_since(&self, a: &Snap) -> f64 {
+        let ticks = self.broker_ticks - a.broker_ticks;
+        if a.broker_threads.is_empty()
+            || a.broker_threads
+                .keys()
+                .any(|t| !self.broker_threads.contains_key(t))
+        {
+            return ticks;
+        }
+        let ns: u64 = self
+            .broker_threads
+            .iter()
+            .map(|(t, ns)| ns - a.broker_threads.get(t).copied().unwrap_or(0))
+            .sum();
+        ns as f64 / 1e9
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct CostRow {
+    name: String,
+    fetch_wait_ms: u64,
+    /// Records/s produced; None: idle (nothing produced).
+    rate: Option<f64>,
+    secs: f64,
+    answers: u64,
+    /// The measured client's requests by [`API_KEYS`], then all other keys.
+    requests: [u64; 5],
+    broker_cpu_s: f64,
+    client_cpu_s: f64,
+}
+
+impl CostRow {
+    fn from_window(name: &str, wait_ms: u64, rate: Option<f64>, a: &Snap, b: &Snap) -> Self {
+        let row = Self {
+            name: name.into(),
+            fetch_wait_ms: wait_ms,
+            rate,
+            secs: b.at.duration_since(a.at).as_secs_f64(),
+            answers: 0,
+            requests: requests(&a.counts, &b.counts),
+            broker_cpu_s: b.broker_cpu_since(a),
+            client_cpu_s: b.client_cpu - a.client_cpu,
+        };
+        eprintln!(
+            "bench: broker cost: {name}, fetch wait {wait_ms} ms: {:.1} s, requests {:?}, broker CPU {:.3} s (by ticks {:.2} s), client CPU {:.2} s",
+            row.secs,
+            row.requests,
+            row.broker_cpu_s,
+            b.broker_ticks - a.broker_ticks,
+            row.client_cpu_s
+        );
+        row
+    }
+
+    fn total(&self) -> u64 {
+        self.requests.iter().sum()
+    }
+
+    /// Requests per 1000 answers, by [`API_KEYS`], other, total.
+    fn per_1000(&self) -> Vec<f64> {
+        let per = |n: u64| n as f64 / self.answers.max(1) as f64 * 1000.0;
+        self.requests
+            .iter()
+            .map(|&n| per(n))
+            .chain([per(self.total())])
+            .collect()
+    }
+
+    /// Requests per second, by [`API_KEYS`], other, total.
+    fn per_s(&self) -> Vec<f64> {
+        self.requests
+            .iter()
+            .chain([&self.total()])
+            .map(|&n| n as f64 / self.secs)
+            .collect()
+    }
+
+    fn broker_cpu_pct(&self) -> f64 {
+        self.broker_cpu_s / self.secs * 100.0
+    }
+}
+
+/// Polls (every 100 ms, at most 60 s) until the measured client has sent a Fetch since `base`.
+async fn until_fetching(proxy: &CountingProxy, base: &Counts, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while requests(base, &proxy.counts())[0] == 0 {
+        if Instant::now() > deadline {
+            bail!("{what}: no Fetch within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// One idle row: the client started on an empty input topic, measured over `secs` once it
+/// fetches (and 2 s more, for its group and fetch loop to settle).
+async fn cost_idle(
+    env: &Env,
+    proxy: &CountingProxy,
+    name: &str,
+    wait_ms: u64,
+    secs: f64,
+    start: impl FnOnce(&str, &str) -> Result<fx::Proc>,
+) -> Result<CostRow> {
+    let (input, output) = (fx::unique("cin"), fx::unique("cout"));
+    env.broker.create_topic(&input, COST_PARTITIONS)?;
+    env.broker.create_topic(&output, COST_PARTITIONS)?;
+    let base = proxy.counts();
+    let proc = start(&input, &output)?;
+    until_fetching(proxy, &base, name).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let a = Snap::take(proxy, env.broker.pid(), proc.pid());
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let b = Snap::take(proxy, env.broker.pid(), proc.pid());
+    drop(proc);
+    Ok(CostRow::from_window(name, wait_ms, None, &a, &b))
+}
+
+/// One row at a steady rate: once the client answers a warm-up of 20 records, `rate * secs`
+/// records produced at `rate`; the window ends when the reader has every answer.
+async fn cost_rate(
+    env: &Env,
+    proxy: &CountingProxy,
+    name: &str,
+    wait_ms: u64,
+    rate: f64,
+    secs: f64,
+    start: impl FnOnce(&str, &str) -> Result<fx::Proc>,
+) -> Result<CostRow> {
+    let (input, output) = (fx::unique("cin"), fx::unique("cout"));
+    env.broker.create_topic(&input, COST_PARTITIONS)?;
+    env.broker.create_topic(&output, COST_PARTITIONS)?;
+    let proc = start(&input, &output)?;
+    let p = Producer::new(env.cluster.clone(), ProducerConfig::default());
+    // The reader's fetches wait 100 ms: it costs the broker little, and the same in every row.
+    let mut reader = Reader::start_waiting(env, &output, Duration::from_millis(100));
+    let warm = 20;
+    produce(env, &p, &input, 0..warm, None, &[]).await?;
+    reader
+        .until(warm, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("{name}: warm-up"))?;
+    let n = (rate * secs) as u64;
+    let a = Snap::take(proxy, env.broker.pid(), proc.pid());
+    let prod = produce(env, &p, &input, warm..warm + n, Some(rate), &[]);
+    let read = reader.until(warm + n, Duration::from_secs_f64(secs + 60.0));
+    let (x, y) = tokio::join!(prod, read);
+    x?;
+    y?;
+    let b = Snap::take(proxy, env.broker.pid(), proc.pid());
+    drop(proc);
+    reader.consumer.close().await;
+    let mut row = CostRow::from_window(name, wait_ms, Some(rate), &a, &b);
+    row.answers = n;
+    Ok(row)
+}
+
+/// A librdkafka group member (tests/py/rdkafka_copy.py): a consume -> produce copy to
+/// `output`, or a consumer only when `output` is "-".
+fn rdkafka_member(env: &Env, input: &str, output: &str, wait_ms: u64) -> Result<fx::Proc> {
+    let mut cmd = Command::new(fx::python());
+    cmd.arg(fx::repo_root().join("tests/py/rdkafka_copy.py"))
+        .args([&env.bootstrap, input, output, &fx::unique("rdk")])
+        .arg(wait_ms.to_string())
+        .stdout(Stdio::null());
+    fx::Proc::spawn("rdkafka_copy.py", &mut cmd)
+}
+
+/// The broker-cost rows (BENCH_ONLY item `broker_cost`); returns the report's section.
+async fn broker_cost(short: bool, release: &Path, echo_url: &str) -> Result<String> {
+    let began = Instant::now();
+    let broker_port = fx::free_port();
+    let proxy = CountingProxy::start(broker_port)?;
+    let broker = fx::Broker::start_on(broker_port, proxy.port)?;
+    let mut settings = kafka_io::ConnectionSettings::plaintext(&proxy.bootstrap())?;
+    settings.client_id = LOAD_CLIENT.into();
+    let env = Env {
+        cluster: Cluster::connect(settings).await?,
+        broker,
+        short,
+        release: release.to_path_buf(),
+        bootstrap: proxy.bootstrap(),
+    };
+    // The product's and librdkafka's default fetch wait; the full run adds the bench's 20 ms.
+    let waits: &[u64] = if short { &[500] } else { &[500, 20] };
+    let (idle_secs, rate_secs) = if short { (5.0, 5.0) } else { (20.0, 20.0) };
+    let e = &env;
+    let ki = move |wait: u64| {
+        let flag = format!("{wait}ms");
+        move |i: &str, o: &str| kafka_infer(e, i, o, echo_url, "rest", &["--fetch-max-wait", &flag])
+    };
+    // The broker with no client at all (its own timers): what the idle rows are above.
+    let alone = {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let a = Snap::take(&proxy, e.broker.pid(), 0);
+        tokio::time::sleep(Duration::from_secs_f64(idle_secs)).await;
+        let b = Snap::take(&proxy, e.broker.pid(), 0);
+        CostRow::from_window("no client (the broker alone)", 0, None, &a, &b)
+    };
+    let mut idle = Vec::new();
+    let mut rated = Vec::new();
+    for &w in waits {
+        idle.push(cost_idle(e, &proxy, "kafka-infer", w, idle_secs, ki(w)).await?);
+        idle.push(
+            cost_idle(e, &proxy, "librdkafka consumer", w, idle_secs, |i, _| {
+                rdkafka_member(e, i, "-", w)
+            })
+            .await?,
+        );
+    }
+    for &w in waits {
+        for rate in [100.0, 1000.0] {
+            rated.push(
+                cost_rate(
+                    e,
+                    &proxy,
+                    "kafka-infer -> echo model, REST",
+                    w,
+                    rate,
+                    rate_secs,
+                    ki(w),
+                )
+                .await?,
+            );
+            rated.push(
+                cost_rate(
+                    e,
+                    &proxy,
+                    "librdkafka consume -> produce copy",
+                    w,
+                    rate,
+                    rate_secs,
+                    |i, o| rdkafka_member(e, i, o, w),
+                )
+                .await?,
+            );
+        }
+    }
+    drop(env); // the broker stops, then the proxy
+    drop(proxy);
+    eprintln!(
+        "bench: broker cost rows took {:.0} s",
+        began.elapsed().as_secs_f64()
+    );
+    Ok(cost_section(&alone, &idle, &rated, short))
+}
+
+fn cost_section(alone: &CostRow, idle: &[CostRow], rated: &[CostRow], short: bool) -> String {
+    let keys: Vec<&str> = API_KEYS.iter().map(|(_, k)| *k).collect();
+    let mut out = format!(
+        "\n## Broker cost (issue 17)\n\n\
+         Made by `{}`: a broker of its own (tansu, memory storage) behind a counting TCP proxy that \
+         reads the API key and client id of every request; input and output topics of \
+         {COST_PARTITIONS} partitions; one group member, session timeout 4 s and heartbeat 1 s for \
+         both (kafka-infer `--session-timeout 4s`, its heartbeat a quarter of that; librdkafka \
+         `session.timeout.ms`, `heartbeat.interval.ms`); the same fetch max-wait for both (kafka-infer \
+         `--fetch-max-wait`, librdkafka `fetch.wait.max.ms`); kafka-infer commits every 1 s \
+         (`--commit-interval` default), librdkafka auto-commits every 5 s (its default); both \
+         producers linger 5 ms. Requests are the measured client's only (the bench's paced \
+         producer and answer reader are told apart by client id). Broker CPU is the broker \
+         process's (its threads' run time): at a steady rate it includes producing the requests \
+         and reading the answers (fetch wait 100 ms), the same in both rows.\n\n",
+        if short {
+            "cargo xtask bench --short"
+        } else {
+            "BENCH_ONLY=broker_cost cargo xtask bench"
+        }
+    );
+    out.push_str(&format!(
+        "| idle on {COST_PARTITIONS} partitions, nothing produced | fetch wait | window s | broker CPU % | {} | other/s | requests/s |\n|---|---:|---:|---:|{}---:|---:|\n",
+        keys.iter().map(|k| format!("{k}/s")).collect::<Vec<_>>().join(" | "),
+        "---:|".repeat(keys.len())
+    ));
+    for r in std::iter::once(alone).chain(idle) {
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.3} | {} |\n",
+            r.name,
+            if r.fetch_wait_ms == 0 {
+                "-".to_string()
+            } else {
+                format!("{} ms", r.fetch_wait_ms)
+            },
+            r.secs,
+            r.broker_cpu_pct(),
+            r.per_s()
+                .iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ));
+    }
+    out.push_str(&format!(
+        "\n| steady rate, per 1000 answers | fetch wait | records/s | answers | {} | other | requests | broker CPU s | client CPU s |\n|---|---:|---:|---:|{}---:|---:|---:|---:|\n",
+        keys.join(" | "),
+        "---:|".repeat(keys.len())
+    ));
+    for r in rated {
+        out.push_str(&format!(
+            "| {} | {} ms | {:.0} | {} | {} | {:.3} | {:.3} |\n",
+            r.name,
+            r.fetch_wait_ms,
+            r.rate.unwrap_or(0.0),
+            r.answers,
+            r.per_1000()
+                .iter()
+                .map(|x| format!("{x:.1}"))
+                .collect::<Vec<_>>()
+                .join(" | "),
+            r.broker_cpu_s / r.answers.max(1) as f64 * 1000.0,
+            r.client_cpu_s / r.answers.max(1) as f64 * 1000.0,
+        ));
+    }
+    out.push_str("\n| target (issue 17) | measured | met |\n|---|---|---|\n");
+    // Rows come in pairs: kafka-infer, then librdkafka, under the same conditions.
+    for p in idle.chunks(2) {
+        let [k, l] = p else { continue };
+        let x = k.broker_cpu_s / l.broker_cpu_s;
+        out.push_str(&format!(
+            "| idle broker CPU, kafka-infer <= 1.5x the librdkafka consumer's, fetch wait {} ms | {:.3}% against {:.3}%: {x:.2}x (the broker alone: {:.3}%) | {} |\n",
+            k.fetch_wait_ms,
+            k.broker_cpu_pct(),
+            l.broker_cpu_pct(),
+            alone.broker_cpu_pct(),
+            yes(x <= 1.5)
+        ));
+    }
+    for p in rated.chunks(2) {
+        let [k, l] = p else { continue };
+        let (a, b) = (k.per_1000()[5], l.per_1000()[5]);
+        out.push_str(&format!(
+            "| requests per answer at {:.0}/s, kafka-infer <= 1.5x the librdkafka copy's, fetch wait {} ms | {:.1} against {:.1} per 1000: {:.2}x | {} |\n",
+            k.rate.unwrap_or(0.0),
+            k.fetch_wait_ms,
+            a,
+            b,
+            a / b,
+            yes(a / b <= 1.5)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(key: i16, client: &str, body: usize) -> Vec<u8> {
+        let mut f = Vec::new();
+        let size = 2 + 2 + 4 + 2 + client.len() + body;
+        f.extend_from_slice(&(size as i32).to_be_bytes());
+        f.extend_from_slice(&key.to_be_bytes());
+        f.extend_from_slice(&3i16.to_be_bytes());
+        f.extend_from_slice(&7i32.to_be_bytes());
+        f.extend_from_slice(&(client.len() as i16).to_be_bytes());
+        f.extend_from_slice(client.as_bytes());
+        f.extend(std::iter::repeat_n(0xAB, body));
+        f
+    }
+
+    #[test]
+    fn frames_are_counted_however_the_stream_is_cut() {
+        let mut stream = Vec::new();
+        let want = [
+            (1, "kafka-infer", 300),
+            (0, "bench-load", 0),
+            (12, "", 5),
+            (8, "x", 70_000),
+        ];
+        for (k, c, b) in want {
+            stream.extend(frame(k, c, b));
+        }
+        for cut in [1, 2, 3, 5, 13, 14, 15, 1000, 1 << 20] {
+            let mut fc = FrameCounter::default();
+            let mut seen = Vec::new();
+            for chunk in stream.chunks(cut) {
+                fc.feed(chunk, &mut |k, c| seen.push((k, c.to_owned())));
+            }
+            let expect: Vec<(i16, String)> =
+                want.iter().map(|(k, c, _)| (*k, c.to_string())).collect();
+            assert_eq!(seen, expect, "chunks of {cut}");
+            assert!(fc.head.is_empty() && fc.skip == 0);
+        }
+    }
 }
