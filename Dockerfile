@@ -13,7 +13,8 @@ RUN cargo build --release --locked --target x86_64-unknown-linux-musl -p runner 
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /kafka-infer /kafka-infer
-USER nonroot:nonroot
+# Numeric (distroless' nonroot is 65532): kubelet can check runAsNonRoot only for a numeric user.
+USER 65532:65532
 EXPOSE 8000
 ENTRYPOINT ["/kafka-infer"]
 CMD ["run", "--help"]
