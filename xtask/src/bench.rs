@@ -712,6 +712,19 @@ pub fn bench(short: bool) -> Result<()> {
                         })
                         .await?
                     }
+                    "ki_rest_baseline" => {
+                        let bin = std::env::var_os("BENCH_BASELINE_BIN")
+                            .map(PathBuf::from)
+                            .context("ki_rest_baseline needs BENCH_BASELINE_BIN")?;
+                        measure(
+                            &env,
+                            "kafka-infer baseline build -> echo model, REST",
+                            n,
+                            &[],
+                            |i, o| kafka_infer_bin(&env, &bin, i, o, &echo.rest_url(), "rest", &[]),
+                        )
+                        .await?
+                    }
                     "ki_grpc" => {
                         measure(&env, "kafka-infer -> echo model, gRPC", n, &[], |i, o| {
                             kafka_infer(&env, i, o, &echo.grpc_url(), "grpc", &[])
