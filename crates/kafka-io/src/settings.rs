@@ -226,6 +226,16 @@ impl ConnectionSettings {
         })
     }
 
+    /// SASL PLAIN without TLS (SASL_PLAINTEXT): the password crosses the network as it is, on
+    /// every connection.
+    pub fn sends_password_in_clear(&self) -> bool {
+        self.security == SecurityProtocol::SaslPlaintext
+            && self
+                .sasl
+                .as_ref()
+                .is_some_and(|s| s.mechanism == SaslMechanism::Plain)
+    }
+
     pub fn bootstrap_strings(&self) -> Vec<String> {
         self.bootstrap.iter().map(ToString::to_string).collect()
     }

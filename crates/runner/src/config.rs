@@ -828,6 +828,14 @@ impl Config {
         let max_in_flight = args.max_in_flight.unwrap_or(16.max(2 * batch_size)).max(1);
         let mut warnings = warnings_early;
         graph_warnings(&graph, &mut warnings);
+        if connection.sends_password_in_clear() {
+            warnings.push(
+                "KAFKA_SASL_MECHANISM PLAIN (the default) with KAFKA_SECURITY_PROTOCOL=\
+                 SASL_PLAINTEXT sends the Kafka password in clear text on every connection: use \
+                 SASL_SSL, or SCRAM-SHA-256/512 (metric kafka_infer_sasl_plaintext_credentials)"
+                    .into(),
+            );
+        }
         if let Some(v) = lookup("KAFKA_AUTO_COMMIT") {
             warnings.push(format!(
                 "KAFKA_AUTO_COMMIT={v} is ignored: kafka-infer commits an offset only after the \
@@ -1598,6 +1606,42 @@ mod duration_tests {
         let c = Config::resolve(&a, &|_| None).unwrap();
         assert_eq!(c.model_timeout, Duration::from_secs(90));
         assert_eq!(c.drain_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn sasl_plain_without_tls_is_warned_about() {
+        let base = RunArgs {
+            broker: Some("b:1".into()),
+            input_topic: Some("i".into()),
+            output_topic: Some("o".into()),
+            model: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let warned = |protocol: &str, mechanism: Option<&str>| {
+            let env = |k: &str| {
+                match k {
+                    "KAFKA_SECURITY_PROTOCOL" => Some(protocol),
+                    "KAFKA_SASL_MECHANISM" => mechanism,
+                    "KAFKA_SASL_USERNAME" => Some("alice"),
+                    "KAFKA_SASL_PASSWORD" => Some("pw-in-the-clear"),
+                    _ => None,
+                }
+                .map(String::from)
+            };
+            let c = Config::resolve(&base, &env).unwrap();
+            assert!(!format!("{:?}", c.warnings).contains("pw-in-the-clear"));
+            assert_eq!(
+                c.connection.sends_password_in_clear(),
+                c.warnings.iter().any(|w| w.contains("clear text")),
+                "{:?}",
+                c.warnings
+            );
+            c.connection.sends_password_in_clear()
+        };
+        assert!(warned("SASL_PLAINTEXT", None));
+        assert!(warned("SASL_PLAINTEXT", Some("PLAIN")));
+        assert!(!warned("SASL_PLAINTEXT", Some("SCRAM-SHA-256")));
+        assert!(!warned("SASL_SSL", None));
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct Metrics {
     /// Bytes of the fetch buffer held by fetched, unfinished records.
     pub fetch_buffer: Gauge,
     pub ready: AtomicBool,
+    /// 1 when SASL PLAIN runs without TLS (the password crosses the network as it is).
+    pub sasl_plaintext_credentials: Gauge,
     /// Seconds the brokers' quotas throttled the producer (throttle_time_ms of Produce).
     produce_throttled: Counter<f64, AtomicU64>,
     /// The producer's throttled milliseconds already counted.
@@ -145,6 +147,14 @@ impl Metrics {
              finished, counted per decoded record",
             fetch_buffer.clone(),
         );
+        let sasl_plaintext_credentials = Gauge::default();
+        registry.register(
+            "kafka_infer_sasl_plaintext_credentials",
+            "1 when the Kafka password is sent in clear text: SASL PLAIN (the default \
+             KAFKA_SASL_MECHANISM) with KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT; use SASL_SSL or \
+             SCRAM",
+            sasl_plaintext_credentials.clone(),
+        );
         let produce_throttled = Counter::<f64, AtomicU64>::default();
         registry.register(
             "kafka_infer_produce_throttled_seconds",
@@ -187,6 +197,7 @@ impl Metrics {
             stalled,
             fetch_buffer,
             ready: AtomicBool::new(false),
+            sasl_plaintext_credentials,
             produce_throttled,
             produce_throttled_ms: AtomicU64::new(0),
         }

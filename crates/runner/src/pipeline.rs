@@ -75,6 +75,9 @@ struct Ctx {
 /// Runs until SIGTERM/SIGINT (or `stop` turns true), then drains, commits, leaves, returns.
 pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .sasl_plaintext_credentials
+        .set(i64::from(cfg.connection.sends_password_in_clear()));
     let _server = crate::metrics::serve(cfg.metrics_addr, metrics.clone()).await?;
 
     let mut pool = Pool::builtin();
