@@ -73,7 +73,7 @@ struct Ctx {
 }
 
 /// Runs until SIGTERM/SIGINT (or `stop` turns true), then drains, commits, leaves, returns.
-pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     metrics
         .sasl_plaintext_credentials
@@ -87,6 +87,9 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         pool.add_descriptor_set(&bytes, &p.display().to_string())?;
     }
 
+    // The TLS configuration, built once for every connection (reconnects included): the
+    // client key PEM and its password are zeroed now rather than kept for the process's life.
+    cfg.connection.build_tls()?;
     let cluster = connect(&cfg, &mut stop).await?;
     let Some(cluster) = cluster else {
         return Ok(());
