@@ -185,7 +185,7 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
     }
 
     tracing::info!(group = %cfg.group_id, input = %cfg.input_topic, output = %cfg.output_topic,
-        protocol = %cfg.protocol, model = %cfg.graph.url, "kafka-infer running");
+        protocol = %cfg.protocol, model = %crate::config::without_userinfo(&cfg.graph.url), "kafka-infer running");
 
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
