@@ -113,6 +113,35 @@ async fn mutual_tls_with_pem_strings_files_and_encrypted_keys() -> Result<()> {
     Ok(())
 }
 
+/// The client key (an encrypted PEM in the variable, and its password) is needed only to build
+/// the TLS configuration: `build_tls` forgets both, and every connection made afterwards (as
+/// a reconnect would) uses the built configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inline_client_key_is_forgotten_once_the_tls_config_is_built() -> Result<()> {
+    let b = TlsBroker::start(true)?;
+    let m = &b.material;
+    let mut env = base(&b);
+    env.push(("KAFKA_SSL_CA_CERT", m.read("ca.pem")));
+    env.push(("KAFKA_SSL_CLIENT_CERT", m.read("client.pem")));
+    env.push((
+        "KAFKA_SSL_CLIENT_KEY",
+        m.encrypted_pkcs8("client.key", "s3cret")?,
+    ));
+    env.push(("KAFKA_SSL_CLIENT_KEY_PASS", "s3cret".into()));
+    let mut s = settings(&env)?;
+    assert!(s.tls.client_key.is_some() && s.tls.key_password.is_some());
+    s.build_tls()?;
+    assert!(s.built_tls.is_some());
+    assert_eq!(s.tls.client_key, None);
+    assert_eq!(s.tls.key_password, None);
+    round_trip(s.clone(), &b).await?;
+    // Another connection from the same settings, as after a broker restart.
+    kafka_io::conn::Connector::new(std::sync::Arc::new(s))?
+        .connect_any()
+        .await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_only_tls_with_a_ca_and_no_client_certificate() -> Result<()> {
     let b = TlsBroker::start(false)?;

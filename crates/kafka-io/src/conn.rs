@@ -48,10 +48,10 @@ impl std::fmt::Debug for Connector {
 
 impl Connector {
     pub fn new(settings: Arc<ConnectionSettings>) -> Result<Self> {
-        let tls = if settings.security.uses_tls() {
-            Some(crate::tls::client_config(&settings.tls)?)
-        } else {
-            None
+        let tls = match &settings.built_tls {
+            _ if !settings.security.uses_tls() => None,
+            Some(built) => Some(built.0.clone()),
+            None => Some(crate::tls::client_config(&settings.tls)?),
         };
         Ok(Self {
             settings,

@@ -65,6 +65,19 @@ pub enum Error {
         mechanism: &'static str,
         why: String,
     },
+    /// A SCRAM server asked for a PBKDF2 iteration count outside what we accept (see
+    /// [`crate::sasl::SCRAM_ITERATIONS`]); nothing was derived.
+    #[error(
+        "SASL {mechanism} authentication refused: the broker asks for {count} PBKDF2 iterations; \
+         kafka-infer accepts {min} to {max} (fewer make the password cheap to crack offline, more \
+         would stall the process)"
+    )]
+    ScramIterations {
+        mechanism: &'static str,
+        count: u64,
+        min: u64,
+        max: u64,
+    },
     #[error("{call}: broker supports no common version (ours {ours}, its {theirs})")]
     Version {
         call: &'static str,

@@ -19,7 +19,37 @@ pub fn rskafka_config(s: &SaslSettings) -> rskafka::client::SaslConfig {
     }
 }
 
-/// Runs the SASL exchange over `conn` (rsasl does the mechanism's work).
+/// The PBKDF2 iteration counts a SCRAM server may ask for. Fewer make a captured exchange
+/// cheap to crack offline (RFC 7677 asks for at least 4096); more would keep a CPU busy for
+/// minutes per connection (the count is the server's to choose, up to 2^32-1).
+pub const SCRAM_ITERATIONS: std::ops::RangeInclusive<u64> = 4096..=1_000_000;
+
+/// The iteration count (`i=`) of a SCRAM server-first message, checked against
+/// [`SCRAM_ITERATIONS`] before any key derivation. A message without a readable count is left
+/// for rsasl to refuse.
+pub(crate) fn check_scram_iterations(mechanism: &'static str, server_first: &[u8]) -> Result<()> {
+    let Some(count) = std::str::from_utf8(server_first)
+        .ok()
+        .and_then(|m| m.split(',').find_map(|a| a.strip_prefix("i=")))
+        .and_then(|i| i.parse::<u64>().ok())
+    else {
+        return Ok(());
+    };
+    if SCRAM_ITERATIONS.contains(&count) {
+        Ok(())
+    } else {
+        Err(Error::ScramIterations {
+            mechanism,
+            count,
+            min: *SCRAM_ITERATIONS.start(),
+            max: *SCRAM_ITERATIONS.end(),
+        })
+    }
+}
+
+/// Runs the SASL exchange over `conn` (rsasl does the mechanism's work). Each step runs on
+/// tokio's blocking pool: SCRAM's PBKDF2 derivation would otherwise hold the runtime thread
+/// (and with it /live) for as long as the server's iteration count makes it take.
 pub(crate) async fn authenticate(conn: &mut BrokerConn, s: &SaslSettings) -> Result<()> {
     use rsasl::prelude::{Mechname, SASLClient, SASLConfig};
     let mech = s.mechanism.name();
@@ -35,14 +65,27 @@ pub(crate) async fn authenticate(conn: &mut BrokerConn, s: &SaslSettings) -> Res
     let mut session = client
         .start_suggested(&[name])
         .map_err(|e| fail(e.to_string()))?;
+    let scram = s.mechanism != SaslMechanism::Plain;
     let mut received: Option<Vec<u8>> = None;
-    for _ in 0..8 {
-        let mut out = Cursor::new(Vec::new());
-        let state = session
-            .step(received.as_deref(), &mut out)
-            .map_err(|e| fail(e.to_string()))?;
+    for step in 0..8 {
+        // SCRAM's second step derives the key from the server-first message's count.
+        if scram
+            && step == 1
+            && let Some(first) = &received
+        {
+            check_scram_iterations(mech, first)?;
+        }
+        let (back, input, stepped) = tokio::task::spawn_blocking(move || {
+            let mut out = Cursor::new(Vec::new());
+            let state = session.step(received.as_deref(), &mut out);
+            (session, received, state.map(|st| (st, out.into_inner())))
+        })
+        .await
+        .map_err(|e| fail(format!("the SASL step did not finish: {e}")))?;
+        (session, received) = (back, input);
+        let (state, out) = stepped.map_err(|e| fail(e.to_string()))?;
         if state.has_sent_message() {
-            received = Some(conn.sasl_authenticate(mech, out.into_inner()).await?);
+            received = Some(conn.sasl_authenticate(mech, out).await?);
         }
         if state.is_finished() {
             return Ok(());
@@ -56,7 +99,10 @@ mod tests {
     //! Our SASL client against a mock broker whose SCRAM server side is written here from
     //! RFC 5802 / RFC 7677 (independent of rsasl), over real Kafka framing.
 
-    use std::sync::Arc;
+    use std::{
+        sync::Arc,
+        time::{Duration, Instant},
+    };
 
     use base64::{Engine, engine::general_purpose::STANDARD as B64};
     use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -76,6 +122,7 @@ mod tests {
 
     use crate::{
         conn::Connector,
+        error::Error,
         settings::{ConnectionSettings, SaslMechanism, SaslSettings, SecurityProtocol},
     };
 
@@ -152,11 +199,11 @@ mod tests {
             Ok(self.server_first.clone())
         }
 
-        fn last(&mut self, msg: &str) -> Result<String, String> {
+        /// `salted`: the salted password (derived off the runtime, as the client's is).
+        fn last(&mut self, msg: &str, salted: &[u8]) -> Result<String, String> {
             let (without_proof, proof) = msg.rsplit_once(",p=").ok_or("no proof")?;
             let proof = B64.decode(proof).map_err(|e| e.to_string())?;
-            let salted = salted(self.mech, PASSWORD, &self.salt, self.iterations);
-            let client_key = hmac(self.mech, &salted, b"Client Key");
+            let client_key = hmac(self.mech, salted, b"Client Key");
             let stored_key = hash(self.mech, &client_key);
             let auth = format!(
                 "{},{},{}",
@@ -167,7 +214,7 @@ mod tests {
             if hash(self.mech, &recovered) != stored_key {
                 return Err("Authentication failed during authentication due to invalid credentials with SASL mechanism".into());
             }
-            let server_key = hmac(self.mech, &salted, b"Server Key");
+            let server_key = hmac(self.mech, salted, b"Server Key");
             Ok(format!(
                 "v={}",
                 B64.encode(hmac(self.mech, &server_key, auth.as_bytes()))
@@ -202,6 +249,11 @@ mod tests {
 
     /// A one-connection broker that speaks ApiVersions, SaslHandshake and SaslAuthenticate.
     async fn mock_broker(mech: SaslMechanism) -> u16 {
+        mock_broker_with(mech, 4096).await
+    }
+
+    /// The same, its SCRAM side asking for `iterations`.
+    async fn mock_broker_with(mech: SaslMechanism, iterations: u32) -> u16 {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         tokio::spawn(async move {
@@ -209,7 +261,7 @@ mod tests {
             let mut scram = ScramServer {
                 mech,
                 salt: b"pinch of salt".to_vec(),
-                iterations: 4096,
+                iterations,
                 client_first_bare: String::new(),
                 server_first: String::new(),
             };
@@ -258,7 +310,15 @@ mod tests {
                                 }
                             }
                             _ if step == 0 => scram.first(&msg),
-                            _ => scram.last(&msg),
+                            _ => {
+                                let (m, salt, i) = (mech, scram.salt.clone(), iterations);
+                                let key = tokio::task::spawn_blocking(move || {
+                                    salted(m, PASSWORD, &salt, i)
+                                })
+                                .await
+                                .unwrap();
+                                scram.last(&msg, &key)
+                            }
                         };
                         step += 1;
                         let resp = match out {
@@ -330,6 +390,108 @@ mod tests {
         assert!(
             e.contains("SCRAM-SHA-256") && e.contains("SCRAM-SHA-512"),
             "{e}"
+        );
+    }
+
+    /// A server (or anyone in the middle of SASL_PLAINTEXT) picks the PBKDF2 count: 1 makes
+    /// the exchange cheap to crack offline, 4e9 would derive for hours and block the runtime.
+    /// Both are refused with the count and the limits named, before any derivation (the
+    /// 4e9 one would not finish otherwise); counts inside the limits still authenticate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scram_iteration_counts_outside_the_limits_are_refused_before_deriving() {
+        for mech in [SaslMechanism::ScramSha256, SaslMechanism::ScramSha512] {
+            for count in [1, 4095, 1_000_001, 4_000_000_000] {
+                let port = mock_broker_with(mech, count).await;
+                let c = Connector::new(settings(port, mech, PASSWORD)).unwrap();
+                let attempt = tokio::spawn(async move { c.connect_any().await.err() });
+                let e = tokio::time::timeout(Duration::from_secs(10), attempt)
+                    .await
+                    .unwrap_or_else(|_| panic!("{mech:?} i={count}: still deriving after 10 s"))
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("{mech:?} i={count}: authenticated"));
+                assert!(
+                    matches!(e, Error::ScramIterations { count: c, min: 4096, max: 1_000_000, .. } if c == u64::from(count)),
+                    "{e:?}"
+                );
+                assert!(!e.is_retryable());
+                let text = e.to_string();
+                assert!(
+                    text.contains(mech.name())
+                        && text.contains(&format!("{count} PBKDF2 iterations"))
+                        && text.contains("4096 to 1000000"),
+                    "{text}"
+                );
+            }
+            for count in [4096, 10_000] {
+                let port = mock_broker_with(mech, count).await;
+                let c = Connector::new(settings(port, mech, PASSWORD)).unwrap();
+                c.connect_any()
+                    .await
+                    .unwrap_or_else(|e| panic!("{mech:?} i={count}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn scram_iteration_limits_are_inclusive() {
+        let check = |i: &str| super::check_scram_iterations("SCRAM-SHA-256", i.as_bytes());
+        assert!(check("r=abc,s=c2FsdA==,i=4096").is_ok());
+        assert!(check("r=abc,s=c2FsdA==,i=1000000").is_ok());
+        assert!(check("r=abc,s=c2FsdA==,i=4095").is_err());
+        assert!(check("r=abc,s=c2FsdA==,i=1000001").is_err());
+        assert!(
+            check("r=abc,s=c2FsdA==,i=99999999999999999999").is_ok(),
+            "unreadable: rsasl's"
+        );
+    }
+
+    /// The key derivation runs off the runtime: on one runtime thread (kafka-infer's default)
+    /// other tasks, the /live server among them, keep running while SCRAM derives.
+    #[test]
+    fn scram_derivation_leaves_the_runtime_thread_free() {
+        // A count whose derivation takes a second or more on this build (at most 1,000,000).
+        let mut count = 50_000u32;
+        let took = loop {
+            let t = Instant::now();
+            salted(
+                SaslMechanism::ScramSha256,
+                PASSWORD,
+                b"pinch of salt",
+                count,
+            );
+            let took = t.elapsed();
+            if took >= Duration::from_secs(1) || count >= 1_000_000 {
+                break took;
+            }
+            count = (count * 2).min(1_000_000);
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let longest_pause = rt.block_on(async {
+            let port = mock_broker_with(SaslMechanism::ScramSha256, count).await;
+            let c = Connector::new(settings(port, SaslMechanism::ScramSha256, PASSWORD)).unwrap();
+            let longest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+            let ticker = {
+                let longest = longest.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let t = Instant::now();
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        let mut l = longest.lock().unwrap();
+                        *l = (*l).max(t.elapsed());
+                    }
+                })
+            };
+            c.connect_any().await.expect("authenticates");
+            ticker.abort();
+            *longest.lock().unwrap()
+        });
+        assert!(
+            longest_pause < took / 2,
+            "a task waited {longest_pause:?} for the runtime thread during a {count}-iteration \
+             derivation ({took:?})"
         );
     }
 }

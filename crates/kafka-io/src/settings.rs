@@ -1,7 +1,7 @@
 //! Connection settings: bootstrap servers, security protocol, TLS material and SASL credentials,
 //! read from the same `KAFKA_*` names Seldon's orchestrator uses.
 
-use std::{fmt, path::PathBuf, str::FromStr};
+use std::{fmt, path::PathBuf, str::FromStr, sync::Arc};
 
 use crate::{error::ConfigError, secret::Secret};
 
@@ -150,6 +150,25 @@ pub struct SaslSettings {
     pub password: Secret,
 }
 
+/// A TLS client configuration built from [`TlsSettings`] by [`ConnectionSettings::build_tls`].
+/// Two are equal when they are the same configuration.
+#[derive(Clone)]
+pub struct BuiltTls(pub Arc<rustls::ClientConfig>);
+
+impl fmt::Debug for BuiltTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BuiltTls")
+    }
+}
+
+impl PartialEq for BuiltTls {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for BuiltTls {}
+
 /// Everything needed to open a connection to the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionSettings {
@@ -158,6 +177,24 @@ pub struct ConnectionSettings {
     pub tls: TlsSettings,
     pub sasl: Option<SaslSettings>,
     pub client_id: String,
+    /// The TLS configuration once built ([`ConnectionSettings::build_tls`]); every connection
+    /// uses it, so the client key need not be kept.
+    pub built_tls: Option<BuiltTls>,
+}
+
+/// Reads a secret from the file a `*_FILE` setting names (a mounted Kubernetes Secret, say):
+/// its whole content less trailing line ends. An empty file is an error.
+fn read_secret_file(setting: &'static str, path: &str) -> Result<Secret, ConfigError> {
+    let bad = |why: String| ConfigError::Invalid { setting, why };
+    let mut text = std::fs::read_to_string(path)
+        .map(Secret::new)
+        .map_err(|e| bad(format!("cannot read {path}: {e}")))?;
+    let len = text.expose().trim_end_matches(['\n', '\r']).len();
+    if len == 0 {
+        return Err(bad(format!("{path} is empty")));
+    }
+    text.truncate(len);
+    Ok(text)
 }
 
 impl ConnectionSettings {
@@ -169,13 +206,29 @@ impl ConnectionSettings {
             tls: TlsSettings::default(),
             sasl: None,
             client_id: "kafka-infer".into(),
+            built_tls: None,
         })
+    }
+
+    /// Builds the TLS client configuration (reading and checking the TLS material) once, for
+    /// every connection made with these settings from now on, and forgets the client key and
+    /// its password: an inline key PEM (and the password) are zeroed here rather than kept for
+    /// the life of the process. Does nothing without TLS or when already built.
+    pub fn build_tls(&mut self) -> Result<(), crate::error::TlsError> {
+        if !self.security.uses_tls() || self.built_tls.is_some() {
+            return Ok(());
+        }
+        self.built_tls = Some(BuiltTls(crate::tls::client_config(&self.tls)?));
+        self.tls.client_key = None;
+        self.tls.key_password = None;
+        Ok(())
     }
 
     /// Reads Seldon's names through `get` (e.g. `|k| std::env::var(k).ok()`): KAFKA_BROKER,
     /// KAFKA_SECURITY_PROTOCOL, KAFKA_SSL_CA_CERT[_FILE], KAFKA_SSL_CLIENT_CERT[_FILE],
-    /// KAFKA_SSL_CLIENT_KEY[_FILE], KAFKA_SSL_CLIENT_KEY_PASS, KAFKA_SASL_MECHANISM,
-    /// KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD. Empty values count as unset.
+    /// KAFKA_SSL_CLIENT_KEY[_FILE], KAFKA_SSL_CLIENT_KEY_PASS[_FILE], KAFKA_SASL_MECHANISM,
+    /// KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD[_FILE]. Empty values count as unset. A `_FILE`
+    /// password is the file's content less trailing line ends.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         let brokers = get("KAFKA_BROKER").ok_or(ConfigError::Missing("KAFKA_BROKER"))?;
@@ -194,11 +247,25 @@ impl ConnectionSettings {
                 (None, None) => Ok(None),
             }
         };
+        let secret = |inline: &'static str, file: &'static str| -> Result<_, ConfigError> {
+            match (get(inline), get(file)) {
+                (Some(_), Some(_)) => Err(ConfigError::Invalid {
+                    setting: inline,
+                    why: format!("set either {inline} or {file}, not both"),
+                }),
+                (Some(v), None) => Ok(Some(Secret::new(v))),
+                (None, Some(f)) => read_secret_file(file, &f).map(Some),
+                (None, None) => Ok(None),
+            }
+        };
         let tls = TlsSettings {
             ca: pem("KAFKA_SSL_CA_CERT", "KAFKA_SSL_CA_CERT_FILE")?,
             client_cert: pem("KAFKA_SSL_CLIENT_CERT", "KAFKA_SSL_CLIENT_CERT_FILE")?,
             client_key: pem("KAFKA_SSL_CLIENT_KEY", "KAFKA_SSL_CLIENT_KEY_FILE")?,
-            key_password: get("KAFKA_SSL_CLIENT_KEY_PASS").map(Secret::new),
+            key_password: secret(
+                "KAFKA_SSL_CLIENT_KEY_PASS",
+                "KAFKA_SSL_CLIENT_KEY_PASS_FILE",
+            )?,
         };
         let sasl = if security.uses_sasl() {
             let mechanism = get("KAFKA_SASL_MECHANISM")
@@ -209,10 +276,9 @@ impl ConnectionSettings {
                 mechanism,
                 username: get("KAFKA_SASL_USERNAME")
                     .ok_or(ConfigError::Missing("KAFKA_SASL_USERNAME"))?,
-                password: Secret::new(
-                    get("KAFKA_SASL_PASSWORD")
-                        .ok_or(ConfigError::Missing("KAFKA_SASL_PASSWORD"))?,
-                ),
+                password: secret("KAFKA_SASL_PASSWORD", "KAFKA_SASL_PASSWORD_FILE")?.ok_or(
+                    ConfigError::Missing("KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)"),
+                )?,
             })
         } else {
             None
@@ -223,7 +289,18 @@ impl ConnectionSettings {
             tls,
             sasl,
             client_id: "kafka-infer".into(),
+            built_tls: None,
         })
+    }
+
+    /// SASL PLAIN without TLS (SASL_PLAINTEXT): the password crosses the network as it is, on
+    /// every connection.
+    pub fn sends_password_in_clear(&self) -> bool {
+        self.security == SecurityProtocol::SaslPlaintext
+            && self
+                .sasl
+                .as_ref()
+                .is_some_and(|s| s.mechanism == SaslMechanism::Plain)
     }
 
     pub fn bootstrap_strings(&self) -> Vec<String> {
@@ -306,5 +383,85 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(e.to_string().contains("KAFKA_SASL_PASSWORD"), "{e}");
+    }
+
+    /// A file of its own under the temp dir, removed when dropped.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn with(name: &str, content: &str) -> Self {
+            let p = std::env::temp_dir().join(format!("kafka-io-{}-{name}", std::process::id()));
+            std::fs::write(&p, content).unwrap();
+            Self(p)
+        }
+        fn path(&self) -> String {
+            self.0.display().to_string()
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn secrets_from_files_lose_their_trailing_line_end() {
+        let pw = TempFile::with("sasl", "hunter2\n");
+        let kp = TempFile::with("keypass", "s3 cret \r\n");
+        let s = ConnectionSettings::from_lookup(lookup(&[
+            ("KAFKA_BROKER", "k:9093"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_USERNAME", "alice"),
+            ("KAFKA_SASL_PASSWORD_FILE", &pw.path()),
+            ("KAFKA_SSL_CLIENT_KEY_PASS_FILE", &kp.path()),
+        ]))
+        .unwrap();
+        assert_eq!(s.sasl.as_ref().unwrap().password.expose(), "hunter2");
+        assert_eq!(s.tls.key_password.as_ref().unwrap().expose(), "s3 cret ");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_file_mistakes_are_named_without_the_secret() {
+        let pw = TempFile::with("both", "hunter2\n");
+        let empty = TempFile::with("empty", "\n");
+        let base = [
+            ("KAFKA_BROKER", "k:1"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+            ("KAFKA_SASL_USERNAME", "u"),
+        ];
+        let err = |extra: &[(&str, &str)]| {
+            let pairs: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+            ConnectionSettings::from_lookup(lookup(&pairs))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&[
+            ("KAFKA_SASL_PASSWORD", "other"),
+            ("KAFKA_SASL_PASSWORD_FILE", &pw.path()),
+        ]);
+        assert!(
+            e.contains("KAFKA_SASL_PASSWORD or KAFKA_SASL_PASSWORD_FILE, not both"),
+            "{e}"
+        );
+        let e = err(&[("KAFKA_SASL_PASSWORD_FILE", "/no/such/file")]);
+        assert!(
+            e.starts_with("KAFKA_SASL_PASSWORD_FILE: cannot read /no/such/file"),
+            "{e}"
+        );
+        let e = err(&[("KAFKA_SASL_PASSWORD_FILE", &empty.path())]);
+        assert!(
+            e.contains("KAFKA_SASL_PASSWORD_FILE") && e.contains("empty"),
+            "{e}"
+        );
+        let e = err(&[]);
+        assert!(e.contains("KAFKA_SASL_PASSWORD_FILE"), "{e}");
+        let e = err(&[("KAFKA_SSL_CLIENT_KEY_PASS_FILE", "/no/such/pass")]);
+        assert!(
+            e.starts_with("KAFKA_SSL_CLIENT_KEY_PASS_FILE: cannot read"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"));
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use zeroize::Zeroizing;
 
 use crate::{
     error::TlsError,
@@ -32,12 +33,13 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read(source: &PemSource, setting: &'static str) -> Result<Vec<u8>, TlsError> {
+/// The PEM text; zeroed when dropped (it may be a private key).
+fn read(source: &PemSource, setting: &'static str) -> Result<Zeroizing<Vec<u8>>, TlsError> {
     match source {
-        PemSource::Inline(s) => Ok(s.expose().as_bytes().to_vec()),
-        PemSource::File(p) => {
-            std::fs::read(p).map_err(|e| err(setting, format!("cannot read {}: {e}", p.display())))
-        }
+        PemSource::Inline(s) => Ok(Zeroizing::new(s.expose().as_bytes().to_vec())),
+        PemSource::File(p) => std::fs::read(p)
+            .map(Zeroizing::new)
+            .map_err(|e| err(setting, format!("cannot read {}: {e}", p.display()))),
     }
 }
 

@@ -50,7 +50,7 @@ pub struct RunArgs {
     #[arg(long, env = "KAFKA_INFER_TRANSPORT")]
     pub transport: Option<String>,
     /// The model's base URL (a one-model graph without a YAML), e.g. http://127.0.0.1:8080.
-    #[arg(long, env = "KAFKA_INFER_MODEL")]
+    #[arg(long, env = "KAFKA_INFER_MODEL", hide_env_values = true)]
     pub model: Option<String>,
     /// The model's name (TF and v2 paths), with --model. Default: model.
     #[arg(long, env = "KAFKA_INFER_MODEL_NAME")]
@@ -187,7 +187,7 @@ pub struct RunArgs {
     /// http://127.0.0.1:4318 (`/v1/traces` is added). Off by default; also on when
     /// OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set.
     /// OTEL_EXPORTER_OTLP_PROTOCOL=http/json sends JSON instead of protobuf.
-    #[arg(long, env = "KAFKA_INFER_OTLP_ENDPOINT")]
+    #[arg(long, env = "KAFKA_INFER_OTLP_ENDPOINT", hide_env_values = true)]
     pub otlp_endpoint: Option<String>,
     /// Records of a partition merged into one model request at most (adaptive micro-batching:
     /// batches form from what is queued; a partial one waits for more only while calls run,
@@ -204,6 +204,18 @@ pub struct RunArgs {
     /// Print the resolved configuration as JSON (no secrets) and exit.
     #[arg(long)]
     pub print_config: bool,
+}
+
+/// `url` without its userinfo, for what is printed or logged: `http://user:pass@h:1/x` becomes
+/// `http://***@h:1/x`. Other URLs come back as they are.
+pub fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &rest[at..]).into(),
+        None => url.into(),
+    }
 }
 
 /// One node of the inference graph, with the SeldonDeployment fields Seldon's executor uses.
@@ -828,6 +840,14 @@ impl Config {
         let max_in_flight = args.max_in_flight.unwrap_or(16.max(2 * batch_size)).max(1);
         let mut warnings = warnings_early;
         graph_warnings(&graph, &mut warnings);
+        if connection.sends_password_in_clear() {
+            warnings.push(
+                "KAFKA_SASL_MECHANISM PLAIN (the default) with KAFKA_SECURITY_PROTOCOL=\
+                 SASL_PLAINTEXT sends the Kafka password in clear text on every connection: use \
+                 SASL_SSL, or SCRAM-SHA-256/512 (metric kafka_infer_sasl_plaintext_credentials)"
+                    .into(),
+            );
+        }
         if let Some(v) = lookup("KAFKA_AUTO_COMMIT") {
             warnings.push(format!(
                 "KAFKA_AUTO_COMMIT={v} is ignored: kafka-infer commits an offset only after the \
@@ -988,7 +1008,7 @@ impl Node {
             "type": self.node_type.map(|t| format!("{t:?}")),
             "methods": (!self.methods.is_empty()).then(|| self.methods.iter().map(|m| format!("{m:?}")).collect::<Vec<_>>()),
             "implementation": self.implementation,
-            "url": (!self.url.is_empty()).then_some(&self.url),
+            "url": (!self.url.is_empty()).then(|| without_userinfo(&self.url)),
             "transport": self.transport.to_string(),
             "children": self.children.iter().map(Node::summary).collect::<Vec<_>>(),
         })
@@ -1598,6 +1618,69 @@ mod duration_tests {
         let c = Config::resolve(&a, &|_| None).unwrap();
         assert_eq!(c.model_timeout, Duration::from_secs(90));
         assert_eq!(c.drain_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn userinfo_is_stripped_from_printed_urls() {
+        for (url, shown) in [
+            ("http://alice:pw@h:1/x", "http://***@h:1/x"),
+            ("https://token@h", "https://***@h"),
+            ("http://a:b@c@h:1", "http://***@h:1"),
+            ("alice:pw@h:1", "***@h:1"),
+            ("http://h:1/p@th?q=a@b#f@g", "http://h:1/p@th?q=a@b#f@g"),
+            ("http://[::1]:8080", "http://[::1]:8080"),
+        ] {
+            assert_eq!(without_userinfo(url), shown, "{url}");
+        }
+        let a = RunArgs {
+            broker: Some("b:1".into()),
+            input_topic: Some("i".into()),
+            output_topic: Some("o".into()),
+            model: Some("http://alice:pw-in-url@127.0.0.1:9000".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&a, &|_| None).unwrap();
+        let printed = c.summary().to_string();
+        assert!(!printed.contains("pw-in-url"), "{printed}");
+        assert!(printed.contains("http://***@127.0.0.1:9000"), "{printed}");
+        // The client still gets the URL as given.
+        assert_eq!(c.graph.url, "http://alice:pw-in-url@127.0.0.1:9000");
+    }
+
+    #[test]
+    fn sasl_plain_without_tls_is_warned_about() {
+        let base = RunArgs {
+            broker: Some("b:1".into()),
+            input_topic: Some("i".into()),
+            output_topic: Some("o".into()),
+            model: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let warned = |protocol: &str, mechanism: Option<&str>| {
+            let env = |k: &str| {
+                match k {
+                    "KAFKA_SECURITY_PROTOCOL" => Some(protocol),
+                    "KAFKA_SASL_MECHANISM" => mechanism,
+                    "KAFKA_SASL_USERNAME" => Some("alice"),
+                    "KAFKA_SASL_PASSWORD" => Some("pw-in-the-clear"),
+                    _ => None,
+                }
+                .map(String::from)
+            };
+            let c = Config::resolve(&base, &env).unwrap();
+            assert!(!format!("{:?}", c.warnings).contains("pw-in-the-clear"));
+            assert_eq!(
+                c.connection.sends_password_in_clear(),
+                c.warnings.iter().any(|w| w.contains("clear text")),
+                "{:?}",
+                c.warnings
+            );
+            c.connection.sends_password_in_clear()
+        };
+        assert!(warned("SASL_PLAINTEXT", None));
+        assert!(warned("SASL_PLAINTEXT", Some("PLAIN")));
+        assert!(!warned("SASL_PLAINTEXT", Some("SCRAM-SHA-256")));
+        assert!(!warned("SASL_SSL", None));
     }
 
     #[test]

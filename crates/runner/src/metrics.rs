@@ -83,6 +83,8 @@ pub struct Metrics {
     /// Bytes of the fetch buffer held by fetched, unfinished records.
     pub fetch_buffer: Gauge,
     pub ready: AtomicBool,
+    /// 1 when SASL PLAIN runs without TLS (the password crosses the network as it is).
+    pub sasl_plaintext_credentials: Gauge,
     /// Seconds the brokers' quotas throttled the producer (throttle_time_ms of Produce).
     produce_throttled: Counter<f64, AtomicU64>,
     /// The producer's throttled milliseconds already counted.
@@ -145,6 +147,14 @@ impl Metrics {
              finished, counted per decoded record",
             fetch_buffer.clone(),
         );
+        let sasl_plaintext_credentials = Gauge::default();
+        registry.register(
+            "kafka_infer_sasl_plaintext_credentials",
+            "1 when the Kafka password is sent in clear text: SASL PLAIN (the default \
+             KAFKA_SASL_MECHANISM) with KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT; use SASL_SSL or \
+             SCRAM",
+            sasl_plaintext_credentials.clone(),
+        );
         let produce_throttled = Counter::<f64, AtomicU64>::default();
         registry.register(
             "kafka_infer_produce_throttled_seconds",
@@ -187,6 +197,7 @@ impl Metrics {
             stalled,
             fetch_buffer,
             ready: AtomicBool::new(false),
+            sasl_plaintext_credentials,
             produce_throttled,
             produce_throttled_ms: AtomicU64::new(0),
         }
@@ -258,7 +269,9 @@ struct Limits {
     /// within `grace`), idle keep-alive connections included.
     life: Duration,
     grace: Duration,
-    /// Connections served at once; more are closed at once.
+    /// Connections served at once. A new one past this closes the oldest connection not in
+    /// the middle of a request, so idle connections held open cannot lock out the kubelet's
+    /// probes; the new one is closed only when every connection is mid-request.
     connections: usize,
 }
 
@@ -284,9 +297,55 @@ pub async fn serve(
     Ok(tokio::spawn(accept_loop(listener, metrics, LIMITS)))
 }
 
+/// One open connection, as the accept loop sees it.
+struct Open {
+    id: u64,
+    /// A request is being answered on it.
+    busy: Arc<AtomicBool>,
+    /// Dropped to close the connection at once.
+    _close: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The open connections, oldest first.
+#[derive(Default)]
+struct Slots(std::sync::Mutex<std::collections::VecDeque<Open>>);
+
+impl Slots {
+    /// Makes room for a new connection: below the limit there is room; at it, the oldest
+    /// connection not mid-request is closed. None: every connection is mid-request.
+    fn admit(
+        &self,
+        id: u64,
+        limit: usize,
+    ) -> Option<(Arc<AtomicBool>, tokio::sync::oneshot::Receiver<()>)> {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.len() >= limit {
+            let idle = open.iter().position(|c| !c.busy.load(Ordering::Acquire))?;
+            // Dropping its sender closes it.
+            open.remove(idle);
+        }
+        let busy = Arc::new(AtomicBool::new(false));
+        let (close, closed) = tokio::sync::oneshot::channel();
+        open.push_back(Open {
+            id,
+            busy: busy.clone(),
+            _close: close,
+        });
+        Some((busy, closed))
+    }
+
+    fn release(&self, id: u64) {
+        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = open.iter().position(|c| c.id == id) {
+            open.remove(i);
+        }
+    }
+}
+
 async fn accept_loop(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, limits: Limits) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let slots = Arc::new(Slots::default());
     let mut backoff = ACCEPT_BACKOFF.0;
+    let mut next_id = 0u64;
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
@@ -300,22 +359,51 @@ async fn accept_loop(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, l
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("metrics server: too many connections; closing a new one");
+        next_id += 1;
+        let id = next_id;
+        let Some((busy, closed)) = slots.admit(id, limits.connections) else {
+            tracing::debug!("metrics server: every connection is mid-request; closing a new one");
             continue;
         };
-        let m = metrics.clone();
+        let (m, slots) = (metrics.clone(), slots.clone());
         tokio::spawn(async move {
-            serve_connection(stream, m, limits).await;
-            drop(slot);
+            tokio::select! {
+                _ = serve_connection(stream, m, limits, busy) => {}
+                // Closed to make room for a newer connection.
+                _ = closed => {}
+            }
+            slots.release(id);
         });
     }
 }
 
-async fn serve_connection(stream: tokio::net::TcpStream, m: Arc<Metrics>, limits: Limits) {
+/// Marks a connection busy while a request is answered (cleared however the answer ends).
+struct Busy(Arc<AtomicBool>);
+
+impl Busy {
+    fn start(flag: &Arc<AtomicBool>) -> Self {
+        flag.store(true, Ordering::Release);
+        Self(flag.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    m: Arc<Metrics>,
+    limits: Limits,
+    busy: Arc<AtomicBool>,
+) {
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let m = m.clone();
+        let busy = Busy::start(&busy);
         async move {
+            let _busy = busy;
             let (status, ctype, body) = match req.uri().path() {
                 "/metrics" => (
                     StatusCode::OK,
@@ -513,6 +601,37 @@ mod tests {
             "closed after {closed:?}"
         );
         assert!(!text.contains("200"), "{text}");
+        server.abort();
+    }
+
+    /// Anyone who can reach the port can hold connections open without a word: the kubelet's
+    /// probes must still get answers (else liveness fails and the pod restarts in a loop).
+    /// Production limits, 100 idle connections (64 slots), then /live and /ready.
+    #[tokio::test]
+    async fn probes_answer_while_more_idle_connections_than_slots_are_held() {
+        const IDLE: usize = 100;
+        let (addr, server) = start(LIMITS).await;
+        let mut idle = Vec::with_capacity(IDLE);
+        for _ in 0..IDLE {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        for (path, status) in [("/live", "200"), ("/ready", "503")] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let (text, closed) = read_until_closed(&mut s, Duration::from_secs(2)).await;
+            assert!(
+                text.starts_with(&format!("HTTP/1.0 {status}")) && closed.is_some(),
+                "{path} with {IDLE} idle connections open: {text:?}"
+            );
+        }
+        // The oldest idle connections made room; the newest are still open.
+        let (_, oldest) = read_until_closed(&mut idle[0], Duration::from_secs(1)).await;
+        assert!(oldest.is_some(), "the oldest idle connection is closed");
+        let (_, newest) = read_until_closed(&mut idle[IDLE - 1], Duration::from_millis(200)).await;
+        assert!(newest.is_none(), "the newest idle connection is still open");
+        drop(idle);
         server.abort();
     }
 

@@ -135,6 +135,8 @@ fn webpki_roots() -> impl Iterator<Item = rustls::pki_types::TrustAnchor<'static
 pub struct RestClient {
     client: HttpClient,
     base: String,
+    /// `base` without its userinfo, for errors (they are logged and put in error records).
+    shown: String,
     timeout: Duration,
 }
 
@@ -148,9 +150,11 @@ impl RestClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
             .build(https_connector(tls, false));
+        let base = base.trim_end_matches('/').to_owned();
         Self {
             client,
-            base: base.trim_end_matches('/').to_owned(),
+            shown: crate::config::without_userinfo(&base).into_owned(),
+            base,
             timeout,
         }
     }
@@ -175,12 +179,13 @@ impl RestClient {
         headers: &HeaderMap,
     ) -> Result<Reply, ModelError> {
         let url = format!("{}{}", self.base, path);
+        let shown = || format!("{}{}", self.shown, path);
         let mut req = Request::post(url.as_str())
             .header(header::CONTENT_TYPE, content_type)
             .header(header::ACCEPT, "application/json")
             .body(Full::new(body))
             .map_err(|e| ModelError::Unreachable {
-                url: url.clone(),
+                url: shown(),
                 why: e.to_string(),
             })?;
         for (k, v) in headers {
@@ -192,7 +197,7 @@ impl RestClient {
                 .request(req)
                 .await
                 .map_err(|e| ModelError::Unreachable {
-                    url: url.clone(),
+                    url: shown(),
                     why: error_chain(&e),
                 })?;
             let status = resp.status();
@@ -201,7 +206,7 @@ impl RestClient {
                 .collect()
                 .await
                 .map_err(|e| ModelError::Unreachable {
-                    url: url.clone(),
+                    url: shown(),
                     why: format!("reading the response: {e}"),
                 })?
                 .to_bytes();
@@ -212,7 +217,7 @@ impl RestClient {
                 })
             } else {
                 Err(ModelError::Http {
-                    url: url.clone(),
+                    url: shown(),
                     status: status.as_u16(),
                     body: String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned(),
                 })
@@ -222,7 +227,7 @@ impl RestClient {
             .await
             .unwrap_or_else(|_| {
                 Err(ModelError::Timeout {
-                    url: url.clone(),
+                    url: shown(),
                     after: self.timeout,
                 })
             })
@@ -280,7 +285,8 @@ type GrpcHttp = Client<hyper_rustls::HttpsConnector<HttpConnector>, tonic::body:
 #[derive(Clone)]
 pub struct GrpcClient {
     inner: tonic::client::Grpc<GrpcHttp>,
-    base: String,
+    /// The base URL without its userinfo (errors only: the origin is in `inner`).
+    shown: String,
     timeout: Duration,
 }
 
@@ -298,7 +304,7 @@ impl GrpcClient {
         Ok(Self {
             inner: tonic::client::Grpc::with_origin(client, origin)
                 .max_decoding_message_size(256 * 1024 * 1024),
-            base: base.trim_end_matches('/').to_owned(),
+            shown: crate::config::without_userinfo(base.trim_end_matches('/')).into_owned(),
             timeout,
         })
     }
@@ -311,7 +317,7 @@ impl GrpcClient {
         body: Bytes,
         headers: &HeaderMap,
     ) -> Result<Reply, ModelError> {
-        let url = format!("{}{}", self.base, path);
+        let url = format!("{}{}", self.shown, path);
         let mut grpc = self.inner.clone();
         let call = async {
             grpc.ready().await.map_err(|e| ModelError::Unreachable {
@@ -364,5 +370,39 @@ fn classify_status(url: &str, s: &tonic::Status) -> ModelError {
             s.code(),
             C::Unavailable | C::ResourceExhausted | C::DeadlineExceeded | C::Aborted
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Model errors are logged and put in error records: a URL's userinfo never shows there.
+    #[tokio::test]
+    async fn errors_name_the_url_without_its_userinfo() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free); // nothing listens there now: refused
+        let base = format!("http://alice:pw-in-url@127.0.0.1:{port}");
+        let rest = RestClient::new(&base, Duration::from_secs(5), None);
+        let e = rest
+            .post_json("/predict", Bytes::from_static(b"{}"), &HeaderMap::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains("pw-in-url") && e.contains(&format!("http://***@127.0.0.1:{port}/predict")),
+            "{e}"
+        );
+        let grpc = GrpcClient::new(&base, Duration::from_secs(5), None).unwrap();
+        let e = grpc
+            .unary("/a.B/C", Bytes::new(), &HeaderMap::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            !e.contains("pw-in-url") && e.contains(&format!("http://***@127.0.0.1:{port}/a.B/C")),
+            "{e}"
+        );
     }
 }

@@ -102,7 +102,15 @@ impl Tracing {
         if let Some(e) = endpoint {
             b = b.with_endpoint(format!("{}/v1/traces", e.trim_end_matches('/')));
         }
-        let exporter = b.build()?;
+        // The builder's errors may quote the endpoint: never its userinfo.
+        let exporter = b.build().map_err(|e| {
+            let text = e.to_string();
+            let text = match endpoint {
+                Some(u) => text.replace(u, &crate::config::without_userinfo(u)),
+                None => text,
+            };
+            anyhow::anyhow!("OTLP exporter: {text}")
+        })?;
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(exporter)
             .with_resource(

@@ -73,8 +73,11 @@ struct Ctx {
 }
 
 /// Runs until SIGTERM/SIGINT (or `stop` turns true), then drains, commits, leaves, returns.
-pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    metrics
+        .sasl_plaintext_credentials
+        .set(i64::from(cfg.connection.sends_password_in_clear()));
     let _server = crate::metrics::serve(cfg.metrics_addr, metrics.clone()).await?;
 
     let mut pool = Pool::builtin();
@@ -84,6 +87,9 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         pool.add_descriptor_set(&bytes, &p.display().to_string())?;
     }
 
+    // The TLS configuration, built once for every connection (reconnects included): the
+    // client key PEM and its password are zeroed now rather than kept for the process's life.
+    cfg.connection.build_tls()?;
     let cluster = connect(&cfg, &mut stop).await?;
     let Some(cluster) = cluster else {
         return Ok(());
@@ -179,7 +185,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
     }
 
     tracing::info!(group = %cfg.group_id, input = %cfg.input_topic, output = %cfg.output_topic,
-        protocol = %cfg.protocol, model = %cfg.graph.url, "kafka-infer running");
+        protocol = %cfg.protocol, model = %crate::config::without_userinfo(&cfg.graph.url), "kafka-infer running");
 
     let mut tasks: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));

@@ -1,0 +1,135 @@
+//! Secrets and credentials as a user of the binary sees them: `run --help` and
+//! `--print-config` never show a secret or a URL's userinfo, and SASL PLAIN without TLS is
+//! warned about and shown in the metrics. No broker needed: nothing here gets as far as Kafka.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::Result;
+use kafka_infer_tests::{Proc, free_port, http_get, models::kafka_infer_bin, wait_for};
+
+/// Runs the binary to completion with only `env` set; its stdout and stderr together.
+fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> Result<String> {
+    let out = Command::new(kafka_infer_bin())
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// clap prints `[env: NAME=value]` for flags read from the environment: the URLs (which may
+/// carry credentials) and secrets must not be among the values shown.
+#[test]
+fn run_help_shows_no_secret_or_url_values() -> Result<()> {
+    let help = run_to_end(
+        &["run", "--help"],
+        &[
+            ("KAFKA_INFER_MODEL", "http://alice:pw-model@127.0.0.1:9000"),
+            (
+                "KAFKA_INFER_OTLP_ENDPOINT",
+                "https://tok-otlp@collector:4318",
+            ),
+            ("KAFKA_SASL_PASSWORD", "pw-sasl"),
+            ("KAFKA_SSL_CLIENT_KEY_PASS", "pw-key"),
+            ("KAFKA_INPUT_TOPIC", "topic-shown"),
+        ],
+    )?;
+    for secret in ["pw-model", "tok-otlp", "pw-sasl", "pw-key"] {
+        assert!(!help.contains(secret), "{secret} in:\n{help}");
+    }
+    assert!(help.contains("[env: KAFKA_INFER_MODEL]"), "{help}");
+    assert!(help.contains("[env: KAFKA_INFER_OTLP_ENDPOINT]"), "{help}");
+    // Other values still show (so the check above can fail).
+    assert!(
+        help.contains("[env: KAFKA_INPUT_TOPIC=topic-shown]"),
+        "{help}"
+    );
+    Ok(())
+}
+
+#[test]
+fn print_config_shows_no_url_userinfo_or_password() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pw_file = dir.path().join("password");
+    std::fs::write(&pw_file, "pw-from-file\n")?;
+    let pw_file = pw_file.display().to_string();
+    let printed = run_to_end(
+        &["run", "--print-config"],
+        &[
+            ("KAFKA_BROKER", "127.0.0.1:9092"),
+            ("KAFKA_INPUT_TOPIC", "in"),
+            ("KAFKA_OUTPUT_TOPIC", "out"),
+            ("KAFKA_INFER_MODEL", "http://alice:pw-model@127.0.0.1:9000"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_USERNAME", "alice"),
+            ("KAFKA_SASL_PASSWORD_FILE", &pw_file),
+        ],
+    )?;
+    let cfg: serde_json::Value = serde_json::from_str(&printed)
+        .unwrap_or_else(|e| panic!("--print-config is JSON ({e}):\n{printed}"));
+    assert_eq!(
+        cfg["graph"]["url"], "http://***@127.0.0.1:9000",
+        "{printed}"
+    );
+    assert_eq!(cfg["sasl_mechanism"], "PLAIN", "{printed}");
+    for secret in ["pw-model", "pw-from-file"] {
+        assert!(!printed.contains(secret), "{secret} in:\n{printed}");
+    }
+    Ok(())
+}
+
+/// PLAIN (the default mechanism) over SASL_PLAINTEXT sends the password as it is: a warning at
+/// start and kafka_infer_sasl_plaintext_credentials 1, while it waits for the (absent) broker.
+#[test]
+fn sasl_plain_without_tls_is_warned_about_and_shown_in_the_metrics() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pw_file = dir.path().join("password");
+    std::fs::write(&pw_file, "pw-from-file\n")?;
+    let log = tempfile::NamedTempFile::new()?;
+    let metrics_port = free_port();
+    let broker = format!("127.0.0.1:{}", free_port()); // nothing listens: it keeps retrying
+    let _ki = Proc::spawn(
+        "kafka-infer",
+        Command::new(kafka_infer_bin())
+            .args([
+                "run",
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+            ])
+            .env_clear()
+            .env("NO_COLOR", "1")
+            .env("KAFKA_BROKER", &broker)
+            .env("KAFKA_INPUT_TOPIC", "in")
+            .env("KAFKA_OUTPUT_TOPIC", "out")
+            .env("KAFKA_INFER_MODEL", "http://127.0.0.1:1")
+            .env("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+            .env("KAFKA_SASL_USERNAME", "alice")
+            .env("KAFKA_SASL_PASSWORD_FILE", &pw_file)
+            .stdout(log.as_file().try_clone()?)
+            .stderr(log.as_file().try_clone()?),
+    )?;
+    let gauge = wait_for(Duration::from_secs(20), "the metrics", || {
+        let (status, body) = http_get(metrics_port, "/metrics").ok()?;
+        (status == 200).then(|| {
+            body.lines()
+                .find(|l| l.starts_with("kafka_infer_sasl_plaintext_credentials "))
+                .map(str::to_owned)
+        })?
+    })?;
+    assert_eq!(gauge, "kafka_infer_sasl_plaintext_credentials 1");
+    let text = std::fs::read_to_string(log.path())?;
+    assert!(
+        text.contains("WARN") && text.contains("sends the Kafka password in clear text"),
+        "{text}"
+    );
+    assert!(!text.contains("pw-from-file"), "{text}");
+    Ok(())
+}
