@@ -913,3 +913,63 @@ fn call_name(kind: NodeType) -> &'static str {
 fn memfind(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn walk(sem: &Arc<tokio::sync::Semaphore>) -> impl Future<Output = Walk> {
+        let sem = sem.clone();
+        async move {
+            Walk {
+                place: Some(Place::take(sem).await),
+                batch: false,
+            }
+        }
+    }
+
+    /// `--max-concurrency 1`: a record waiting out a backoff gives its place to another, and
+    /// queues for it again when it resumes.
+    #[tokio::test]
+    async fn a_place_is_given_up_while_its_record_waits_out_a_backoff() {
+        let sem = Arc::new(tokio::sync::Semaphore::new(1));
+        let a = walk(&sem).await;
+        assert_eq!(sem.available_permits(), 0, "a holds the place");
+        a.pause();
+        assert_eq!(sem.available_permits(), 1, "given up during the backoff");
+        let b = walk(&sem).await;
+        let resumed = tokio::spawn(async move {
+            a.resume().await;
+            a
+        });
+        tokio::task::yield_now().await;
+        assert!(!resumed.is_finished(), "a waits for b's place");
+        drop(b);
+        let a = resumed.await.expect("a resumes once b is done");
+        assert_eq!(sem.available_permits(), 0, "a holds it again");
+        drop(a);
+        assert_eq!(sem.available_permits(), 1, "freed at the end of the walk");
+    }
+
+    /// Children called at once: the record gives its place up only while every running branch
+    /// waits out a backoff.
+    #[tokio::test]
+    async fn a_forked_walk_keeps_its_place_while_one_branch_still_runs() {
+        let sem = Arc::new(tokio::sync::Semaphore::new(1));
+        let w = walk(&sem).await;
+        w.fork(2);
+        w.pause();
+        assert_eq!(sem.available_permits(), 0, "the other branch still runs");
+        w.pause();
+        assert_eq!(sem.available_permits(), 1, "both branches back off");
+        w.resume().await;
+        w.resume().await;
+        assert_eq!(sem.available_permits(), 0, "one place for both branches");
+        w.branch_done();
+        w.branch_done();
+        w.join();
+        assert_eq!(sem.available_permits(), 0, "the walk goes on in its place");
+        w.pause();
+        assert_eq!(sem.available_permits(), 1);
+    }
+}
