@@ -153,7 +153,7 @@ pub fn test_model_on(
     })
 }
 
-/// [`test_model`] whose REST answer never comes for a body containing `hang_on`.
+/// [`test_model`] whose answer (REST or gRPC) never comes for a body containing `hang_on`.
 pub fn test_model_hanging_on(protocol: &str, name: &str, hang_on: &str) -> Result<Server> {
     test_model_hanging_on_with(protocol, name, hang_on, &[])
 }

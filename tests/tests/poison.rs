@@ -9,7 +9,7 @@
 //! - Two partitions with batching: partition A's answers do not wait for partition B's poison.
 //! - A lone poison record with nothing else running is given up because the model answers its
 //!   health check; while the health check fails too (the model is down for everyone) it waits,
-//!   and nothing is committed past it.
+//!   and nothing is committed past it. The same over gRPC (v2 `ServerReady`).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -243,6 +243,11 @@ async fn on_a_quiet_topic_a_batch_with_a_hanging_record_is_split_and_its_batch_m
         .filter(|a| !is_error(a) && a.offset < poison.offset)
         .collect();
     assert_eq!(before.len(), 3);
+    eprintln!(
+        "batch-mates answered after {:?} ms, the poison record's error after {} ms",
+        before.iter().map(|a| a.ts - produced).collect::<Vec<_>>(),
+        poison.ts - produced
+    );
     for a in &before {
         assert!(
             a.ts - produced < 3000,
@@ -312,6 +317,11 @@ async fn with_batching_one_partitions_answers_do_not_wait_for_anothers_hanging_r
         .filter(|x| !is_error(x) && x.partition == i64::from(a))
         .collect();
     assert_eq!(from_a.len(), 3, "partition A's three answers");
+    eprintln!(
+        "partition A answered after {:?} ms, B's first poison record given up after {} ms",
+        from_a.iter().map(|x| x.ts - produced).collect::<Vec<_>>(),
+        first_error - produced
+    );
     for x in &from_a {
         assert!(
             x.ts - produced < 3500,
@@ -391,5 +401,35 @@ async fn a_lone_hanging_record_is_given_up_when_the_model_answers_its_health_che
         );
         assert_all_answered(&answers, &["r0".to_owned()]);
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_grpc_a_lone_hanging_record_is_given_up_when_the_model_server_says_it_is_ready()
+-> Result<()> {
+    let broker = Broker::start()?;
+    let (input, output) = (unique("in"), unique("out"));
+    broker.create_topic(&input, 1)?;
+    broker.create_topic(&output, 1)?;
+    let model = models::test_model_hanging_on("v2", "m", "HANG")?;
+    let (ki, group) = start(
+        &broker,
+        &model.grpc_url(),
+        &input,
+        &output,
+        &["--transport", "grpc", "--max-attempts", "2"],
+    )?;
+    wait_assigned(&ki, 1)?;
+    produce(&broker, &input, &[("k".to_owned(), "HANG".to_owned())]).await?;
+    let answers = kafka_infer_tests::read_topic(&broker.bootstrap(), &output, 1, 30)?;
+    let e = the_poison_error(&answers, "k", Some(2));
+    assert!(
+        e.headers["kafka-infer-error"].contains("answered its health check"),
+        "{:?}",
+        e.headers
+    );
+    wait_for(Duration::from_secs(15), "committed past it", || {
+        (committed_sum(&broker.bootstrap(), &group, &input) == 1).then_some(())
+    })?;
     Ok(())
 }

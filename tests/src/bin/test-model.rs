@@ -4,8 +4,8 @@
 //! test-model --protocol tensorflow|v2|seldon --http-port P --grpc-port Q [--name M]
 //!            [--fn echo|resnet] [--delay-ms N] [--hang-on TEXT] [--unready]
 //!
-//! `--hang-on TEXT`: a REST request whose body contains TEXT never gets an answer (a payload
-//! that hangs the model); every other request is answered as usual.
+//! `--hang-on TEXT`: a request (REST, or gRPC predict) whose body contains TEXT never gets an
+//! answer (a payload that hangs the model); every other request is answered as usual.
 //! `--unready`: the health checks answer 503 (by default 200): REST `GET /v2/health/ready`,
 //! `/v2/health/live`, `/v2/models/<M>/ready` (v2), `GET /v1/models/<M>` (tensorflow),
 //! `GET /health/ping` (seldon); gRPC `ServerReady` (v2).
@@ -278,6 +278,12 @@ impl Model {
             return grpc_reply(Err((3, "short frame".into())));
         }
         body.advance(5);
+        if let Some(h) = &self.hang_on
+            && body.windows(h.len()).any(|w| w == h.as_bytes())
+        {
+            // Bounded: an hour is past every timeout a test sets.
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
         let r = match (self.protocol, path.as_str()) {
             (Protocol::Seldon, _) => Ok(body),
             (Protocol::V2, "/inference.GRPCInferenceService/ModelInfer") => Ok(v2_echo(&body)),
