@@ -153,28 +153,40 @@ pub fn test_model_on(
     })
 }
 
-/// [`test_model`] whose REST answer never comes for a body containing `hang_on`.
+/// [`test_model`] whose answer (REST or gRPC) never comes for a body containing `hang_on`.
 pub fn test_model_hanging_on(protocol: &str, name: &str, hang_on: &str) -> Result<Server> {
+    test_model_hanging_on_with(protocol, name, hang_on, &[])
+}
+
+/// [`test_model_hanging_on`] with more flags (e.g. `--unready`: its health checks answer 503).
+pub fn test_model_hanging_on_with(
+    protocol: &str,
+    name: &str,
+    hang_on: &str,
+    more: &[&str],
+) -> Result<Server> {
     let (http_port, grpc_port) = (free_port(), free_port());
     let bin = std::env::var_os("KAFKA_INFER_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target/debug/test-model"));
     let proc = Proc::spawn(
         "test-model",
-        Command::new(bin).args([
-            "--protocol",
-            protocol,
-            "--name",
-            name,
-            "--fn",
-            "echo",
-            "--http-port",
-            &http_port.to_string(),
-            "--grpc-port",
-            &grpc_port.to_string(),
-            "--hang-on",
-            hang_on,
-        ]),
+        Command::new(bin)
+            .args([
+                "--protocol",
+                protocol,
+                "--name",
+                name,
+                "--fn",
+                "echo",
+                "--http-port",
+                &http_port.to_string(),
+                "--grpc-port",
+                &grpc_port.to_string(),
+                "--hang-on",
+                hang_on,
+            ])
+            .args(more),
     )?;
     crate::wait_port(http_port, Duration::from_secs(10))?;
     crate::wait_port(grpc_port, Duration::from_secs(10))?;

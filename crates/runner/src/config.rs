@@ -114,9 +114,11 @@ pub struct RunArgs {
     /// above it gets an error record (kind answer-too-large). Default 1048576.
     #[arg(long, env = "KAFKA_MAX_REQUEST_SIZE")]
     pub max_request_size: Option<usize>,
-    /// Attempts of a record whose model call times out or loses its connection while other
-    /// records get answers (a poison payload) before it gets an error record. A model that
-    /// fails every record (refused, 503) is waited for instead. Default 3.
+    /// Attempts of a record whose model call times out, loses its connection or gets 502/504
+    /// (a poison payload) before it gets an error record, if meanwhile the model answered
+    /// other records or answers its health check. A model that fails every record and its
+    /// health check (or refuses, 503) is waited for instead. A batch is not retried: it is
+    /// split at its first such failure. Default 3.
     #[arg(long, env = "KAFKA_INFER_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
     /// How soon finished records are committed: one OffsetCommit for every partition at most
@@ -179,8 +181,9 @@ pub struct RunArgs {
     #[arg(long, env = "KAFKA_INFER_FORWARD_HEADERS")]
     pub forward_headers: Option<String>,
     /// Records in the graph at once across all partitions (Seldon's KAFKA_WORKERS: the
-    /// executor's number of workers; a record holds its place through its retries and all its
-    /// graph's calls). Default: unlimited (each partition still runs at most --max-in-flight).
+    /// executor's number of workers; a record holds its place through all its graph's calls,
+    /// but not while it waits out a retry backoff). Default: unlimited (each partition still
+    /// runs at most --max-in-flight).
     #[arg(long, env = "KAFKA_INFER_MAX_CONCURRENCY")]
     pub max_concurrency: Option<usize>,
     /// Export a span per record (and per model call) over OTLP/HTTP to this collector URL, e.g.

@@ -46,8 +46,13 @@ pub enum CallError {
     BadRoute { node: String, branch: i64 },
     #[error("stopped while retrying: {0}")]
     Stopped(ModelError),
-    #[error("gave up after {attempts} attempts while the model answered other records: {last}")]
-    GaveUp { attempts: u32, last: ModelError },
+    #[error("gave up after {attempts} attempts while the model {alive}: {last}")]
+    GaveUp {
+        attempts: u32,
+        /// What showed the model alive meanwhile (or that a batch is split).
+        alive: &'static str,
+        last: ModelError,
+    },
 }
 
 impl CallError {
@@ -97,6 +102,8 @@ pub struct Graph {
     max_attempts: u32,
     /// Successful model calls so far: evidence that the model is up while a record keeps failing.
     successes: std::sync::atomic::AtomicU64,
+    /// Records (or batches) in the graph at once (`--max-concurrency`), if limited.
+    concurrency: Option<Arc<tokio::sync::Semaphore>>,
     metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -177,6 +184,9 @@ impl Graph {
             retry_max_backoff: cfg.retry_max_backoff,
             max_attempts: cfg.max_attempts,
             successes: std::sync::atomic::AtomicU64::new(0),
+            concurrency: cfg
+                .max_concurrency
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             metrics,
             stop,
         })
@@ -190,15 +200,34 @@ impl Graph {
         &self.transcoder
     }
 
-    /// Runs the graph; the answer has the input's form (JSON in, JSON out; protobuf in,
-    /// protobuf out with its message name).
+    /// Runs the graph for one record; the answer has the input's form (JSON in, JSON out;
+    /// protobuf in, protobuf out with its message name).
     pub async fn infer(&self, input: Msg, rm: &RecordMeta) -> Result<Msg, CallError> {
+        self.walk(input, rm, false).await
+    }
+
+    /// Runs the graph for a merged batch: a failure that may be a record's fault (a timeout, a
+    /// lost connection, 502/504) ends it at once with [`CallError::GaveUp`], so its records can
+    /// run alone (the healthy ones answered, the suspect isolated) instead of the whole batch
+    /// retrying.
+    pub async fn infer_batch(&self, input: Msg, rm: &RecordMeta) -> Result<Msg, CallError> {
+        self.walk(input, rm, true).await
+    }
+
+    async fn walk(&self, input: Msg, rm: &RecordMeta, batch: bool) -> Result<Msg, CallError> {
+        let w = Walk {
+            place: match &self.concurrency {
+                Some(sem) => Some(Place::take(sem.clone()).await),
+                None => None,
+            },
+            batch,
+        };
         let row_format = self.protocol == Protocol::Tensorflow
             && matches!(&input, Msg::Json(b) if memfind(b, b"\"instances\""));
         let hints = &self.root.hints[usize::from(row_format)];
         let want_json = matches!(input, Msg::Json(_));
         let (out, resp_name) = self
-            .predict(&self.root, (input, None), rm, row_format)
+            .predict(&self.root, (input, None), rm, &w, row_format)
             .await?;
         Ok(match (out, want_json) {
             (Msg::Json(b), true) => Msg::Json(b),
@@ -233,6 +262,7 @@ impl Graph {
         node: &'a NodeRt,
         msg: Answer,
         rm: &'a RecordMeta,
+        w: &'a Walk,
         row: bool,
     ) -> BoxFuture<'a, Result<Answer, CallError>> {
         Box::pin(async move {
@@ -241,14 +271,14 @@ impl Graph {
                 Some(kind) => {
                     rm.routed(&node.cfg.name, -1);
                     let m = self.chain(msg, node)?;
-                    self.call(node, kind, m, rm, row).await?
+                    self.call(node, kind, m, rm, w, row).await?
                 }
                 None => msg,
             };
-            let msg = self.children(node, msg, rm, row).await?;
+            let msg = self.children(node, msg, rm, w, row).await?;
             let msg = if node.cfg.calls_transform_output() {
                 let m = self.chain(msg, node)?;
-                self.call(node, NodeType::OutputTransformer, m, rm, row)
+                self.call(node, NodeType::OutputTransformer, m, rm, w, row)
                     .await?
             } else {
                 msg
@@ -340,6 +370,7 @@ impl Graph {
         node: &NodeRt,
         msg: Answer,
         rm: &RecordMeta,
+        w: &Walk,
         row: bool,
     ) -> Result<Answer, CallError> {
         if node.children.is_empty() {
@@ -347,7 +378,7 @@ impl Graph {
         }
         let route = if node.cfg.calls_route() {
             let (r, _) = self
-                .call(node, NodeType::Router, msg.0.clone(), rm, row)
+                .call(node, NodeType::Router, msg.0.clone(), rm, w, row)
                 .await?;
             self.route_of(node, &r)?
         } else if let Some(ratio) = node.ab_ratio {
@@ -358,13 +389,18 @@ impl Graph {
         rm.routed(&node.cfg.name, route);
         let answers = match route {
             -1 => {
-                // All children at once; the first failure in child order is the answer.
-                let all = futures::future::join_all(
-                    node.children
-                        .iter()
-                        .map(|c| self.predict(c, msg.clone(), rm, row)),
-                )
+                // All children at once; the first failure in child order is the answer. Each
+                // branch holds a share of the record's place (given up only while every
+                // running branch waits out a retry backoff).
+                let n = node.children.len();
+                w.fork(n);
+                let all = futures::future::join_all(node.children.iter().map(|c| async {
+                    let r = self.predict(c, msg.clone(), rm, w, row).await;
+                    w.branch_done();
+                    r
+                }))
                 .await;
+                w.join();
                 all.into_iter().collect::<Result<Vec<_>, _>>()?
             }
             -2 => return Ok(msg),
@@ -376,12 +412,12 @@ impl Graph {
                         node: node.cfg.name.clone(),
                         branch: i,
                     })?;
-                vec![self.predict(child, msg, rm, row).await?]
+                vec![self.predict(child, msg, rm, w, row).await?]
             }
         };
         if node.cfg.calls_aggregate() {
             rm.routed(&node.cfg.name, -1);
-            self.aggregate(node, answers, rm, row).await
+            self.aggregate(node, answers, rm, w, row).await
         } else {
             Ok(answers.into_iter().next().expect("at least one child"))
         }
@@ -394,6 +430,7 @@ impl Graph {
         node: &NodeRt,
         answers: Vec<Answer>,
         rm: &RecordMeta,
+        w: &Walk,
         row: bool,
     ) -> Result<Answer, CallError> {
         let list = match node.client {
@@ -427,7 +464,7 @@ impl Graph {
                 Msg::Json(Bytes::from(out))
             }
         };
-        self.call(node, NodeType::Combiner, list, rm, row).await
+        self.call(node, NodeType::Combiner, list, rm, w, row).await
     }
 
     fn as_json(&self, m: Msg) -> Result<Bytes, CallError> {
@@ -495,6 +532,7 @@ impl Graph {
         kind: NodeType,
         msg: Msg,
         rm: &RecordMeta,
+        w: &Walk,
         row: bool,
     ) -> Result<Answer, CallError> {
         let hints = &node.hints[usize::from(row)];
@@ -516,7 +554,9 @@ impl Graph {
             }
             None => &rm.to_model,
         };
-        let out = self.send(node, client, kind, msg, rm, headers, hints).await;
+        let out = self
+            .send(node, client, kind, msg, rm, w, headers, hints)
+            .await;
         if let Some(s) = span {
             s.end(out.as_ref().err().map(|e| e.to_string()).as_deref());
         }
@@ -531,6 +571,7 @@ impl Graph {
         kind: NodeType,
         msg: Msg,
         rm: &RecordMeta,
+        w: &Walk,
         headers: &http::HeaderMap,
         hints: &Hints,
     ) -> Result<Answer, CallError> {
@@ -558,7 +599,9 @@ impl Graph {
                 };
                 let resp_name = grpc_method(p, kind, &req).ok().map(|m| m.response);
                 let reply = self
-                    .retrying(|| c.post_json(&path, json.clone(), headers))
+                    .retrying(node, client, w, || {
+                        c.post_json(&path, json.clone(), headers)
+                    })
                     .await?;
                 rm.answered_with(&reply.headers);
                 Ok((Msg::Json(reply.body), resp_name))
@@ -580,7 +623,9 @@ impl Graph {
                 let bytes =
                     name_model(&req, &bytes, &node.cfg.name, !self.multi_node)?.unwrap_or(bytes);
                 let reply = self
-                    .retrying(|| c.unary(method.path, bytes.clone(), headers))
+                    .retrying(node, client, w, || {
+                        c.unary(method.path, bytes.clone(), headers)
+                    })
                     .await?;
                 rm.answered_with(&reply.headers);
                 Ok((
@@ -595,11 +640,20 @@ impl Graph {
     }
 
     /// Retries retryable failures with capped exponential backoff until success, a final
-    /// error, or shutdown. Poison isolation: failures that may be this request's fault (see
-    /// [`ModelError::may_be_the_request`]) count as attempts; after `max_attempts` of them, if
-    /// the model answered other calls since this one started, the record gets a final error. Otherwise the
-    /// model is down for everyone and the call keeps waiting.
-    async fn retrying<F, Fut>(&self, mut f: F) -> Result<Reply, CallError>
+    /// error, or shutdown; the record's place among `--max-concurrency` is given up while it
+    /// waits out a backoff. Poison isolation: failures that may be this request's fault (see
+    /// [`ModelError::may_be_the_request`]) count as attempts. A batch gives up at the first
+    /// (its records then run alone). A record gives up after `max_attempts` of them if the
+    /// model showed it is alive meanwhile: it answered another call since this one started, or
+    /// it answers its health check ([`Graph::probe`]). Otherwise the model is down for
+    /// everyone and the call keeps waiting (nothing is lost).
+    async fn retrying<F, Fut>(
+        &self,
+        node: &NodeRt,
+        client: &Client,
+        w: &Walk,
+        mut f: F,
+    ) -> Result<Reply, CallError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Reply, ModelError>>,
@@ -623,12 +677,33 @@ impl Graph {
                     return Ok(b);
                 }
                 Err(e) if e.is_retryable() => {
-                    if e.may_be_the_request() {
+                    let suspect = e.may_be_the_request();
+                    if suspect {
                         attempts += 1;
-                        if attempts >= self.max_attempts
-                            && self.successes.load(Relaxed) > successes_at_start
-                        {
-                            return Err(CallError::GaveUp { attempts, last: e });
+                        if w.batch {
+                            return Err(CallError::GaveUp {
+                                attempts,
+                                alive: "may hang on one of the batch's records (split)",
+                                last: e,
+                            });
+                        }
+                    }
+                    // Others may run meanwhile (the probe and the backoff need no place).
+                    w.pause();
+                    if suspect && attempts >= self.max_attempts {
+                        let alive = if self.successes.load(Relaxed) > successes_at_start {
+                            Some("answered other records")
+                        } else if self.probe(node, client).await {
+                            Some("answered its health check")
+                        } else {
+                            None
+                        };
+                        if let Some(alive) = alive {
+                            return Err(CallError::GaveUp {
+                                attempts,
+                                alive,
+                                last: e,
+                            });
                         }
                     }
                     self.metrics.record("retry");
@@ -641,10 +716,186 @@ impl Graph {
                         _ = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => return Err(CallError::Stopped(e)),
                     }
+                    w.resume().await;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Whether the node's model server says it is ready (within `--model-timeout`): REST
+    /// `GET /v2/health/ready` (v2), `GET /v1/models/<name>` (tensorflow), `GET /health/ping`
+    /// (seldon); gRPC `ServerReady` (v2), `ModelService/GetModelStatus` (tensorflow),
+    /// `grpc.health.v1.Health/Check` (seldon). A server that does not serve it counts as not
+    /// ready.
+    async fn probe(&self, node: &NodeRt, client: &Client) -> bool {
+        let ok = match client {
+            Client::Rest(c) => {
+                let path = match self.protocol {
+                    Protocol::V2 => "/v2/health/ready".to_owned(),
+                    Protocol::Tensorflow => format!("/v1/models/{}", node.cfg.name),
+                    Protocol::Seldon => "/health/ping".to_owned(),
+                };
+                c.get(&path).await.is_ok()
+            }
+            Client::Grpc(c) => {
+                let none = http::HeaderMap::new();
+                let (path, body, want): (&'static str, Bytes, Option<&[u8]>) = match self.protocol {
+                    // ServerReadyResponse { ready: true }
+                    Protocol::V2 => (
+                        "/inference.GRPCInferenceService/ServerReady",
+                        Bytes::new(),
+                        Some(&[0x08, 0x01]),
+                    ),
+                    // GetModelStatusRequest { model_spec: { name } }: any answer is a status.
+                    Protocol::Tensorflow => {
+                        let name = node.cfg.name.as_bytes();
+                        let mut b = Vec::with_capacity(name.len() + 6);
+                        b.push(0x0a);
+                        put_varint(&mut b, name.len() + 1 + varint_len(name.len()));
+                        b.push(0x0a);
+                        put_varint(&mut b, name.len());
+                        b.extend_from_slice(name);
+                        (
+                            "/tensorflow.serving.ModelService/GetModelStatus",
+                            Bytes::from(b),
+                            None,
+                        )
+                    }
+                    // HealthCheckResponse { status: SERVING }
+                    Protocol::Seldon => (
+                        "/grpc.health.v1.Health/Check",
+                        Bytes::new(),
+                        Some(&[0x08, 0x01]),
+                    ),
+                };
+                match c.unary(path, body, &none).await {
+                    Ok(r) => want.is_none_or(|w| r.body[..] == *w),
+                    Err(_) => false,
+                }
+            }
+        };
+        tracing::info!(model = %node.cfg.name, ready = ok, "health check of a model that keeps failing one record");
+        ok
+    }
+}
+
+fn put_varint(b: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        b.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    b.push(n as u8);
+}
+
+fn varint_len(n: usize) -> usize {
+    let mut b = Vec::new();
+    put_varint(&mut b, n);
+    b.len()
+}
+
+/// One walk of the graph (a record, or a merged batch): its place among the records in the
+/// graph at once, and how its calls give up.
+struct Walk {
+    place: Option<Place>,
+    /// A merged batch: the first failure that may be a record's fault ends it.
+    batch: bool,
+}
+
+impl Walk {
+    fn pause(&self) {
+        if let Some(p) = &self.place {
+            p.pause();
+        }
+    }
+
+    async fn resume(&self) {
+        if let Some(p) = &self.place {
+            p.resume().await;
+        }
+    }
+
+    fn fork(&self, n: usize) {
+        if let Some(p) = &self.place {
+            p.state().busy += n.saturating_sub(1);
+        }
+    }
+
+    fn branch_done(&self) {
+        if let Some(p) = &self.place {
+            let mut s = p.state();
+            s.busy = s.busy.saturating_sub(1);
+        }
+    }
+
+    fn join(&self) {
+        if let Some(p) = &self.place {
+            p.state().busy += 1;
+        }
+    }
+}
+
+/// A walk's place among the records in the graph at once (`--max-concurrency`): held from
+/// the start of the walk to its end, except while every one of its running calls waits out a
+/// retry backoff (then another record may run; the place is queued for again, behind those
+/// already waiting).
+struct Place {
+    sem: Arc<tokio::sync::Semaphore>,
+    state: std::sync::Mutex<PlaceState>,
+}
+
+struct PlaceState {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The walk's branches not waiting out a backoff (finished branches of a fork included
+    /// until it joins).
+    busy: usize,
+}
+
+impl Place {
+    async fn take(sem: Arc<tokio::sync::Semaphore>) -> Self {
+        let permit = sem.clone().acquire_owned().await.expect("never closed");
+        Self {
+            sem,
+            state: std::sync::Mutex::new(PlaceState {
+                permit: Some(permit),
+                busy: 1,
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PlaceState> {
+        self.state.lock().expect("not poisoned")
+    }
+
+    /// A branch starts waiting out a backoff: the last one gives the place up.
+    fn pause(&self) {
+        let mut s = self.state();
+        s.busy = s.busy.saturating_sub(1);
+        if s.busy == 0 {
+            s.permit = None;
+        }
+    }
+
+    /// A branch is done waiting: it needs the place again.
+    async fn resume(&self) {
+        {
+            let mut s = self.state();
+            if s.permit.is_some() {
+                s.busy += 1;
+                return;
+            }
+        }
+        let p = self
+            .sem
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let mut s = self.state();
+        if s.permit.is_none() {
+            s.permit = Some(p);
+        }
+        s.busy += 1;
     }
 }
 
@@ -661,4 +912,64 @@ fn call_name(kind: NodeType) -> &'static str {
 
 fn memfind(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn walk(sem: &Arc<tokio::sync::Semaphore>) -> impl Future<Output = Walk> {
+        let sem = sem.clone();
+        async move {
+            Walk {
+                place: Some(Place::take(sem).await),
+                batch: false,
+            }
+        }
+    }
+
+    /// `--max-concurrency 1`: a record waiting out a backoff gives its place to another, and
+    /// queues for it again when it resumes.
+    #[tokio::test]
+    async fn a_place_is_given_up_while_its_record_waits_out_a_backoff() {
+        let sem = Arc::new(tokio::sync::Semaphore::new(1));
+        let a = walk(&sem).await;
+        assert_eq!(sem.available_permits(), 0, "a holds the place");
+        a.pause();
+        assert_eq!(sem.available_permits(), 1, "given up during the backoff");
+        let b = walk(&sem).await;
+        let resumed = tokio::spawn(async move {
+            a.resume().await;
+            a
+        });
+        tokio::task::yield_now().await;
+        assert!(!resumed.is_finished(), "a waits for b's place");
+        drop(b);
+        let a = resumed.await.expect("a resumes once b is done");
+        assert_eq!(sem.available_permits(), 0, "a holds it again");
+        drop(a);
+        assert_eq!(sem.available_permits(), 1, "freed at the end of the walk");
+    }
+
+    /// Children called at once: the record gives its place up only while every running branch
+    /// waits out a backoff.
+    #[tokio::test]
+    async fn a_forked_walk_keeps_its_place_while_one_branch_still_runs() {
+        let sem = Arc::new(tokio::sync::Semaphore::new(1));
+        let w = walk(&sem).await;
+        w.fork(2);
+        w.pause();
+        assert_eq!(sem.available_permits(), 0, "the other branch still runs");
+        w.pause();
+        assert_eq!(sem.available_permits(), 1, "both branches back off");
+        w.resume().await;
+        w.resume().await;
+        assert_eq!(sem.available_permits(), 0, "one place for both branches");
+        w.branch_done();
+        w.branch_done();
+        w.join();
+        assert_eq!(sem.available_permits(), 0, "the walk goes on in its place");
+        w.pause();
+        assert_eq!(sem.available_permits(), 1);
+    }
 }

@@ -64,7 +64,12 @@ impl ModelError {
             Self::Http { status, .. } => matches!(status, 502 | 504),
             Self::Grpc {
                 code, retryable, ..
-            } => *retryable && !matches!(code.as_str(), "Unavailable" | "ResourceExhausted"),
+            } => {
+                // Codes are stored upper-cased (`UNAVAILABLE`, `RESOURCEEXHAUSTED`).
+                *retryable
+                    && !code.eq_ignore_ascii_case("Unavailable")
+                    && !code.eq_ignore_ascii_case("ResourceExhausted")
+            }
         }
     }
 
@@ -168,6 +173,47 @@ impl RestClient {
         headers: &HeaderMap,
     ) -> Result<Reply, ModelError> {
         self.post(path, body, "application/json", headers).await
+    }
+
+    /// GETs `path` (a health endpoint): Ok for a 2xx answer within the timeout.
+    pub async fn get(&self, path: &str) -> Result<(), ModelError> {
+        let url = format!("{}{}", self.base, path);
+        let req = Request::get(url.as_str())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ModelError::Unreachable {
+                url: url.clone(),
+                why: e.to_string(),
+            })?;
+        let call = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| ModelError::Unreachable {
+                    url: url.clone(),
+                    why: error_chain(&e),
+                })?;
+            let status = resp.status();
+            // Read to the end, so the connection goes back to the pool.
+            let _ = resp.into_body().collect().await;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(ModelError::Http {
+                    url: url.clone(),
+                    status: status.as_u16(),
+                    body: String::new(),
+                })
+            }
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ModelError::Timeout {
+                    url: url.clone(),
+                    after: self.timeout,
+                })
+            })
     }
 
     /// POSTs `body` of `content_type` to `path` with `headers`.

@@ -50,8 +50,6 @@ struct Ctx {
     batch_linger: Duration,
     input_topic: String,
     forward: HeaderPolicy,
-    /// Records in the graph at once across all partitions (`--max-concurrency`, KAFKA_WORKERS).
-    concurrency: Option<tokio::sync::Semaphore>,
     pool: Pool,
     protocol: Protocol,
     producer: Producer,
@@ -152,7 +150,6 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
         batch_linger: cfg.batch_linger,
         input_topic: cfg.input_topic.clone(),
         forward: cfg.forward_headers.clone(),
-        concurrency: cfg.max_concurrency.map(tokio::sync::Semaphore::new),
         pool,
         protocol: cfg.protocol,
         producer: Producer::new(
@@ -337,14 +334,6 @@ impl Ctx {
         }
         rm
     }
-
-    /// A place among the records in the graph at once (`--max-concurrency`), if limited.
-    async fn permit(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        match &self.concurrency {
-            Some(s) => Some(s.acquire().await.expect("never closed")),
-            None => None,
-        }
-    }
 }
 
 async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
@@ -370,7 +359,6 @@ async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
             bytes,
         },
     };
-    let _permit = ctx.permit().await;
     match ctx.graph.infer(msg, &rm).await {
         Ok(m) => Outcome::Answer(m, rm),
         Err(CallError::Stopped(_)) => Outcome::Abandoned,
@@ -646,10 +634,7 @@ async fn process_batch(
         .cloned()
         .collect();
     let batch_meta = ctx.record_meta(&common, recs[0].partition, recs[0].offset, false);
-    let answer = {
-        let _permit = ctx.permit().await;
-        ctx.graph.infer(Msg::Json(merged), &batch_meta).await
-    };
+    let answer = ctx.graph.infer_batch(Msg::Json(merged), &batch_meta).await;
     match answer {
         Ok(Msg::Json(b)) => match codec::batch::split(ctx.protocol, &b, parts) {
             Ok(answers) => Some(

@@ -2,10 +2,13 @@
 //! installed (TensorFlow Serving) or where the model must not be the bottleneck (echo).
 //!
 //! test-model --protocol tensorflow|v2|seldon --http-port P --grpc-port Q [--name M]
-//!            [--fn echo|resnet] [--delay-ms N] [--hang-on TEXT]
+//!            [--fn echo|resnet] [--delay-ms N] [--hang-on TEXT] [--unready]
 //!
-//! `--hang-on TEXT`: a REST request whose body contains TEXT never gets an answer (a payload
-//! that hangs the model); every other request is answered as usual.
+//! `--hang-on TEXT`: a request (REST, or gRPC predict) whose body contains TEXT never gets an
+//! answer (a payload that hangs the model); every other request is answered as usual.
+//! `--unready`: the health checks answer 503 (by default 200): REST `GET /v2/health/ready`,
+//! `/v2/health/live`, `/v2/models/<M>/ready` (v2), `GET /v1/models/<M>` (tensorflow),
+//! `GET /health/ping` (seldon); gRPC `ServerReady` (v2).
 //!
 //! - tensorflow: REST `/v1/models/<M>[/versions/<v>]:predict` and gRPC
 //!   `tensorflow.serving.PredictionService/Predict`. `--fn resnet` (a cifar10 stand-in) answers
@@ -35,6 +38,8 @@ struct Model {
     delay: std::time::Duration,
     /// A REST body containing this never gets an answer.
     hang_on: Option<String>,
+    /// Health checks answer 503.
+    unready: bool,
     transcoder: Arc<Transcoder>,
 }
 
@@ -72,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
                 .parse()?,
         ),
         hang_on: arg(&args, "--hang-on"),
+        unready: args.iter().any(|a| a == "--unready"),
         transcoder: Arc::new(Transcoder::default()),
     };
     let http: u16 = arg(&args, "--http-port")
@@ -128,6 +134,9 @@ async fn serve(addr: SocketAddr, model: Model, grpc: bool) -> anyhow::Result<()>
 impl Model {
     async fn rest(&self, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_owned();
+        if req.method() == http::Method::GET {
+            return self.health(&path);
+        }
         let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
             return full(StatusCode::BAD_REQUEST, "{\"error\":\"body\"}");
         };
@@ -190,6 +199,35 @@ impl Model {
         }
     }
 
+    /// The protocol's REST health check, answered at once (also while a request hangs).
+    fn health(&self, path: &str) -> Response<Body> {
+        let known = match self.protocol {
+            Protocol::V2 => {
+                path == "/v2/health/ready"
+                    || path == "/v2/health/live"
+                    || path == format!("/v2/models/{}/ready", self.name)
+            }
+            Protocol::Tensorflow => path == format!("/v1/models/{}", self.name),
+            Protocol::Seldon => path == "/health/ping",
+        };
+        if !known {
+            return full(StatusCode::NOT_FOUND, "{\"error\":\"not found\"}");
+        }
+        if self.unready {
+            return full(StatusCode::SERVICE_UNAVAILABLE, "{\"error\":\"unready\"}");
+        }
+        match self.protocol {
+            Protocol::Tensorflow => full(
+                StatusCode::OK,
+                json!({"model_version_status": [{"version": "1", "state": "AVAILABLE",
+                    "status": {"error_code": "OK", "error_message": ""}}]})
+                .to_string(),
+            ),
+            Protocol::Seldon => full(StatusCode::OK, "pong"),
+            Protocol::V2 => full(StatusCode::OK, "{}"),
+        }
+    }
+
     /// TF REST semantics: row format in -> `predictions`, columnar in -> `outputs`.
     fn tf_predict(&self, v: &Value) -> Result<Value, String> {
         let (rows, row_format) = match (v.get("instances"), v.get("inputs")) {
@@ -240,9 +278,23 @@ impl Model {
             return grpc_reply(Err((3, "short frame".into())));
         }
         body.advance(5);
+        if let Some(h) = &self.hang_on
+            && body.windows(h.len()).any(|w| w == h.as_bytes())
+        {
+            // Bounded: an hour is past every timeout a test sets.
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
         let r = match (self.protocol, path.as_str()) {
             (Protocol::Seldon, _) => Ok(body),
             (Protocol::V2, "/inference.GRPCInferenceService/ModelInfer") => Ok(v2_echo(&body)),
+            // ServerReadyResponse { ready }
+            (Protocol::V2, "/inference.GRPCInferenceService/ServerReady") => {
+                Ok(Bytes::from_static(if self.unready {
+                    &[]
+                } else {
+                    &[0x08, 0x01]
+                }))
+            }
             (Protocol::Tensorflow, "/tensorflow.serving.PredictionService/Predict") => {
                 self.tf_grpc(&body)
             }

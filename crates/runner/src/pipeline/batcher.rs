@@ -3,8 +3,10 @@
 //! partition (a record's answer still goes back to its own worker, which writes answers in
 //! input order). Adaptive: an idle model gets a record at once; while calls run, a partial
 //! batch waits for more, never past `--batch-linger`. A batch of one, and every record of a
-//! batch that failed for good, is sent back to run alone (so only a bad record gets an error
-//! record); a record run alone counts as a running call until it ends.
+//! batch that failed for good or timed out (a batch is split at its first timeout, never
+//! retried whole: [`crate::graph::Graph::infer_batch`]), is sent back to run alone (so only a
+//! bad record gets an error record, and a record that hangs the model holds up no batch-mate
+//! past one model timeout); a record run alone counts as a running call until it ends.
 
 use std::{
     collections::VecDeque,
