@@ -18,19 +18,27 @@ pub const INTERVAL: Duration = Duration::from_secs(10);
 pub static RECORD_FAILED: RateLog = RateLog::new("records failed");
 /// Model calls retried ("model call failed, retrying").
 pub static CALL_RETRIED: RateLog = RateLog::new("model calls failed and were retried");
+/// Payload-logger events not delivered ("payload logger: event not delivered").
+pub static LOGGER_FAILED: RateLog = RateLog::new("payload logger events not delivered");
+
+fn all() -> [&'static RateLog; 3] {
+    [&RECORD_FAILED, &CALL_RETRIED, &LOGGER_FAILED]
+}
 
 /// Logs the summaries whose interval is over (called about every 250 ms by the runner).
 pub fn flush_due() {
     let now = Instant::now();
-    RECORD_FAILED.flush(now, false);
-    CALL_RETRIED.flush(now, false);
+    for l in all() {
+        l.flush(now, false);
+    }
 }
 
 /// Logs every summary pending (at shutdown).
 pub fn flush_all() {
     let now = Instant::now();
-    RECORD_FAILED.flush(now, true);
-    CALL_RETRIED.flush(now, true);
+    for l in all() {
+        l.flush(now, true);
+    }
 }
 
 /// One kind of per-record line.
@@ -68,28 +76,31 @@ pub struct Summary {
 }
 
 impl Summary {
-    fn log(&self) {
+    /// The summary line: `1990 more records failed in the last 10s, not logged one by one
+    /// (unknown-proto-name: 1990); first partition 0 offset 5, last partition 1 offset 1142`.
+    pub fn text(&self) -> String {
         let kinds = self
             .kinds
             .iter()
             .map(|(k, n)| format!("{k}: {n}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let at = |p: Option<(i32, i64)>| {
-            p.map_or_else(
-                || "-".to_owned(),
-                |(p, o)| format!("partition {p} offset {o}"),
-            )
-        };
-        tracing::warn!(
-            held_back = self.total,
-            "{} more {} in the last {}s, not logged one by one ({kinds}); first {}, last {}",
+        let mut s = format!(
+            "{} more {} in the last {}s, not logged one by one ({kinds})",
             self.total,
             self.what,
             self.over.as_secs(),
-            at(self.first),
-            at(self.last),
         );
+        if let (Some((fp, fo)), Some((lp, lo))) = (self.first, self.last) {
+            s.push_str(&format!(
+                "; first partition {fp} offset {fo}, last partition {lp} offset {lo}"
+            ));
+        }
+        s
+    }
+
+    fn log(&self) {
+        tracing::warn!(held_back = self.total, "{}", self.text());
     }
 }
 
@@ -229,6 +240,12 @@ mod tests {
             "{s:?}"
         );
         assert_eq!((s.first, s.last), (Some((1, 103)), Some((1, 109))));
+        assert_eq!(
+            s.text(),
+            "7 more records failed in the last 10s, not logged one by one \
+             (unknown-proto-name: 5, model-timeout: 2); first partition 1 offset 103, \
+             last partition 1 offset 109"
+        );
         // Said once; the next line starts a new interval, logged in full again.
         assert_eq!(log.flush_at(at(20_000), false), None);
         assert!(log.admit_at(at(30_000), "empty", None).0);
