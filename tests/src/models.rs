@@ -27,14 +27,21 @@ impl Server {
 }
 
 fn log_file(name: &str) -> Stdio {
+    log_file_at(name).0
+}
+
+/// [`log_file`] and its path.
+fn log_file_at(name: &str) -> (Stdio, PathBuf) {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = repo_root().join("target/test-logs");
     let _ = std::fs::create_dir_all(&dir);
     // One file per process started (test process id, then a counter).
-    std::fs::File::create(dir.join(format!("{name}-{}-{n}.log", std::process::id())))
+    let path = dir.join(format!("{name}-{}-{n}.log", std::process::id()));
+    let file = std::fs::File::create(&path)
         .map(Stdio::from)
-        .unwrap_or_else(|_| Stdio::null())
+        .unwrap_or_else(|_| Stdio::null());
+    (file, path)
 }
 
 /// MLServer (PyPI) serving tests/models/mlserver (model `doubler`), in-process inference.
@@ -208,6 +215,9 @@ pub fn kafka_infer_bin() -> PathBuf {
 pub struct KafkaInfer {
     pub proc: Proc,
     pub metrics_port: u16,
+    /// Where its stdout (the log: tracing writes there) and its stderr go.
+    pub stdout_path: PathBuf,
+    pub stderr_path: PathBuf,
 }
 
 impl KafkaInfer {
@@ -221,6 +231,8 @@ impl KafkaInfer {
             bin.display()
         );
         let mut cmd = Command::new(bin);
+        let (stdout, stdout_path) = log_file_at("kafka-infer");
+        let (stderr, stderr_path) = log_file_at("kafka-infer-err");
         cmd.arg("run")
             .args(args)
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
@@ -228,8 +240,8 @@ impl KafkaInfer {
                 "RUST_LOG",
                 std::env::var("KAFKA_INFER_LOG").unwrap_or_else(|_| "info,rskafka=warn".into()),
             )
-            .stdout(log_file("kafka-infer"))
-            .stderr(log_file("kafka-infer-err"));
+            .stdout(stdout)
+            .stderr(stderr);
         for (k, _) in std::env::vars() {
             if k.starts_with("KAFKA_") && k != "KAFKA_INFER_LOG" {
                 cmd.env_remove(k);
@@ -243,7 +255,20 @@ impl KafkaInfer {
             cmd.env(k, v);
         }
         let proc = Proc::spawn("kafka-infer", &mut cmd)?;
-        Ok(Self { proc, metrics_port })
+        Ok(Self {
+            proc,
+            metrics_port,
+            stdout_path,
+            stderr_path,
+        })
+    }
+
+    /// What it has written so far to stdout (its log) and stderr, ANSI colours removed.
+    pub fn output(&self) -> String {
+        let read = |p: &PathBuf| std::fs::read(p).unwrap_or_default();
+        let mut all = read(&self.stdout_path);
+        all.extend(read(&self.stderr_path));
+        strip_ansi(&String::from_utf8_lossy(&all))
     }
 
     pub fn metrics(&self) -> String {
@@ -282,4 +307,22 @@ impl KafkaInfer {
             matches!(http_get(self.metrics_port, "/ready"), Ok((200, _))).then_some(())
         })
     }
+}
+
+/// `s` without ANSI colour sequences (ESC [ ... m), as the text log writes them.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -48,7 +48,10 @@ impl CodecError {
 impl From<crate::pool::PoolError> for CodecError {
     fn from(e: crate::pool::PoolError) -> Self {
         match e {
-            crate::pool::PoolError::UnknownMessage(n) => Self::UnknownMessage(n),
+            // The name may come from a record's proto-name header.
+            crate::pool::PoolError::UnknownMessage(n) => {
+                Self::UnknownMessage(crate::text::printable(&n, crate::text::MAX_SUPPLIED))
+            }
             other => Self::Transcode(other.to_string()),
         }
     }

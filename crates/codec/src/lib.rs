@@ -12,6 +12,7 @@ pub mod payload;
 pub mod pool;
 pub mod protocol;
 pub mod tensor;
+pub mod text;
 pub mod transcode;
 
 pub use error::CodecError;

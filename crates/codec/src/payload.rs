@@ -53,9 +53,13 @@ pub fn detect(
     headers: &[(String, Bytes)],
 ) -> Result<Payload, CodecError> {
     if let Some(name) = header(headers, PROTO_NAME) {
-        let name = std::str::from_utf8(name)
-            .map_err(|_| CodecError::UnknownMessage(String::from_utf8_lossy(name).into_owned()))?
-            .trim();
+        let unknown = || {
+            CodecError::UnknownMessage(crate::text::printable(
+                &String::from_utf8_lossy(name),
+                crate::text::MAX_SUPPLIED,
+            ))
+        };
+        let name = std::str::from_utf8(name).map_err(|_| unknown())?.trim();
         let message = pool.message(name)?;
         decode(&message, &value)?;
         return Ok(Payload::Proto {
@@ -64,7 +68,10 @@ pub fn detect(
         });
     }
     if let Some(ct) = header(headers, CONTENT_TYPE) {
-        let ct = String::from_utf8_lossy(ct).to_ascii_lowercase();
+        let ct = crate::text::printable(
+            &String::from_utf8_lossy(ct).to_ascii_lowercase(),
+            crate::text::MAX_SUPPLIED,
+        );
         if ct.contains("protobuf") || ct.contains("grpc") || ct.contains("octet-stream") {
             return Err(CodecError::UnknownMessage(format!(
                 "(none: content-type is `{ct}` but there is no proto-name header)"
@@ -118,6 +125,15 @@ mod tests {
         let e = detect(&pool, Bytes::new(), &h("proto-name", "no.Such")).unwrap_err();
         assert_eq!(e.kind(), "unknown-proto-name");
         assert!(e.to_string().contains("no.Such"));
+        // A record's proto-name reaches logs and error records escaped and cut.
+        let forged = format!("no.Such\nWARN forged{}", "x".repeat(400));
+        let e = detect(&pool, Bytes::new(), &h("proto-name", &forged)).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("no.Such\\nWARN forged"), "{text}");
+        assert!(
+            !text.contains('\n') && text.contains("more chars cut]"),
+            "{text}"
+        );
 
         let e = detect(
             &pool,

@@ -174,10 +174,14 @@ pub struct RunArgs {
     #[arg(long, env = "KAFKA_INFER_MAX_TENSOR_BYTES")]
     pub max_tensor_bytes: Option<u64>,
     /// Which input record headers are sent to the model as HTTP headers / gRPC metadata: `*`
-    /// (every header, as Seldon's executor does), `none`, or a comma-separated list of names
-    /// and prefixes (`tenant,x-*`). Headers describing the payload (proto-name, content-type),
-    /// HTTP connection headers, binary values and kafka-infer's own are never sent; the request
-    /// id and trace context always are. Default `*`.
+    /// (every header, as Seldon's executor does, except credential and proxy headers), `none`,
+    /// or a comma-separated list of names and prefixes (`tenant,x-*`; `*,authorization` adds
+    /// one to the default). Names compare case-insensitively with `_` read as `-`. Credential
+    /// and proxy headers (authorization, cookie, forwarded, x-forwarded-*, x-real-ip,
+    /// x-envoy-*, ...) are sent only when named (`x-forwarded-*` names its family, `x-*` does
+    /// not). Headers describing the payload (proto-name, content-type), HTTP connection and
+    /// framing headers, binary values, the request id and kafka-infer's own are never sent;
+    /// the request id and trace context always go, set by kafka-infer. Default `*`.
     #[arg(long, env = "KAFKA_INFER_FORWARD_HEADERS")]
     pub forward_headers: Option<String>,
     /// Records in the graph at once across all partitions (Seldon's KAFKA_WORKERS: the

@@ -708,7 +708,9 @@ impl Graph {
                     }
                     self.metrics.record("retry");
                     let wait = backoff.next_wait();
-                    tracing::warn!(error = %e, retry_in = ?wait, "model call failed, retrying");
+                    if crate::ratelog::CALL_RETRIED.admit(e.kind(), None) {
+                        tracing::warn!(error = %crate::pipeline::printable(&e), retry_in = ?wait, "model call failed, retrying");
+                    }
                     if *stop.borrow() {
                         return Err(CallError::Stopped(e));
                     }

@@ -62,7 +62,9 @@ impl PayloadLogger {
                         Ok(_) => metrics.logger_event("sent"),
                         Err(err) => {
                             metrics.logger_event("failed");
-                            tracing::warn!(error = %err, "payload logger: event not delivered");
+                            if crate::ratelog::LOGGER_FAILED.admit(err.kind(), None) {
+                                tracing::warn!(error = %crate::pipeline::printable(&err), "payload logger: event not delivered");
+                            }
                         }
                     }
                 }

@@ -8,8 +8,10 @@ use bytes::Bytes;
 use codec::Protocol;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-/// Record headers never forwarded to a model: they describe the Kafka payload (its form, our
-/// error headers) or are HTTP/2 connection-level, reserved by gRPC, or set by us.
+/// Record headers never sent to a model, even when `--forward-headers` names them: they
+/// describe the Kafka payload (its form, our error headers), are HTTP connection-level or
+/// framing (hop-by-hop), reserved by gRPC, or set by us (the request id, trace context).
+/// Compared after [`normalize`].
 const NEVER_FORWARDED: &[&str] = &[
     "proto-name",
     "content-type",
@@ -25,6 +27,8 @@ const NEVER_FORWARDED: &[&str] = &[
     "te",
     "trailer",
     "upgrade",
+    "http2-settings",
+    "expect",
     "user-agent",
     "traceparent",
     "tracestate",
@@ -32,18 +36,58 @@ const NEVER_FORWARDED: &[&str] = &[
     "x-request-id",
 ];
 
+/// Prefixes of names never sent (ours, gRPC's).
+const NEVER_FORWARDED_PREFIXES: &[&str] = &["kafka-infer-", "grpc-"];
+
+/// Record headers not sent unless `--forward-headers` names them: credentials, and what
+/// proxies and servers trust about the client or the route (anyone who can write to the input
+/// topic could otherwise impersonate a user or steer a proxy in front of the model). Compared
+/// after [`normalize`].
+const WITHHELD: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "x-auth-token",
+    "forwarded",
+    "via",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-http-method-override",
+];
+
+/// Prefixes of names not sent unless named (`x-forwarded-for`, `x-envoy-retry-on`, ...); a
+/// pattern names them only if it is itself within the prefix (`x-forwarded-*`, not `x-*`).
+const WITHHELD_PREFIXES: &[&str] = &["x-forwarded-", "x-envoy-", "x-original-"];
+
+/// A header name as servers compare it: lower case, `_` read as `-` (WSGI servers such as
+/// gunicorn, and CGI, turn both into the same `HTTP_X_REQUEST_ID`).
+pub fn normalize(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'_' => '-',
+            b => char::from(b.to_ascii_lowercase()),
+        })
+        .collect()
+}
+
 /// Which record headers go to the model (`--forward-headers`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HeaderPolicy {
-    /// Every header (as Seldon's executor does), except [`NEVER_FORWARDED`] ones (and names
-    /// ending in `-bin`, binary gRPC metadata).
+    /// Every header (as Seldon's executor does), except [`NEVER_FORWARDED`] and
+    /// [`WITHHELD`] ones (and names ending in `-bin`, binary gRPC metadata).
     All,
-    /// Names (case-insensitive), or prefixes ending in `*` (e.g. `x-*`).
+    /// Names, or prefixes ending in `*` (e.g. `x-*`), compared after [`normalize`]. A
+    /// [`WITHHELD`] header is sent when named here (a prefix names it only from within its
+    /// family: `x-forwarded-*`, not `x-*` or `*`).
     Only(Vec<String>),
 }
 
 impl HeaderPolicy {
-    /// `*` (all), `none` (only the request id and trace context), or a comma-separated list.
+    /// `*` (all), `none` (only the request id and trace context), or a comma-separated list
+    /// (which may hold `*`: `*,authorization` is everything sent by default plus
+    /// `authorization`).
     pub fn parse(s: &str) -> Self {
         let s = s.trim();
         if s == "*" {
@@ -54,25 +98,29 @@ impl HeaderPolicy {
         }
         Self::Only(
             s.split(',')
-                .map(|p| p.trim().to_ascii_lowercase())
+                .map(|p| normalize(p.trim()))
                 .filter(|p| !p.is_empty())
                 .collect(),
         )
     }
 
     fn allows(&self, name: &str) -> bool {
-        let name = name.to_ascii_lowercase();
+        let name = normalize(name);
         if NEVER_FORWARDED.contains(&name.as_str())
-            || name.starts_with("kafka-infer-")
-            || name.starts_with("grpc-")
+            || NEVER_FORWARDED_PREFIXES.iter().any(|p| name.starts_with(p))
             || name.ends_with("-bin")
         {
             return false;
         }
+        let withheld = WITHHELD.contains(&name.as_str())
+            || WITHHELD_PREFIXES.iter().any(|p| name.starts_with(p));
         match self {
-            Self::All => true,
+            Self::All => !withheld,
             Self::Only(list) => list.iter().any(|p| match p.strip_suffix('*') {
-                Some(prefix) => name.starts_with(prefix),
+                Some(prefix) => {
+                    name.starts_with(prefix)
+                        && (!withheld || WITHHELD_PREFIXES.iter().any(|w| prefix.starts_with(w)))
+                }
                 None => name == *p,
             }),
         }
@@ -542,6 +590,80 @@ mod tests {
         assert_eq!(names, ["x-user", "x-request-id"]);
         let none = RecordMeta::of_record(&rec, Protocol::V2, &HeaderPolicy::parse("none"), None);
         assert_eq!(none.to_model.len(), 1);
+    }
+
+    #[test]
+    fn credentials_and_proxy_headers_are_sent_only_when_named() {
+        let rec = h(&[
+            ("tenant", b"t1"),
+            ("Authorization", b"Bearer secret"),
+            ("proxy_authorization", b"Basic x"),
+            ("cookie", b"session=1"),
+            ("Forwarded", b"for=1.2.3.4"),
+            ("X-Forwarded-For", b"1.2.3.4"),
+            ("x_forwarded_host", b"evil"),
+            ("x-real-ip", b"1.2.3.4"),
+            ("x-envoy-retry-on", b"5xx"),
+            ("x_request_id", b"spoofed"),
+            ("seldon_puid", b"spoofed"),
+            ("Content_Length", b"0"),
+            ("kafka_infer_error", b"old"),
+            ("x-user", b"u"),
+        ]);
+        let sent = |policy: &str, p: Protocol| -> Vec<String> {
+            RecordMeta::of_record(&rec, p, &HeaderPolicy::parse(policy), None)
+                .to_model
+                .keys()
+                .map(|k| k.as_str().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            sent("*", Protocol::V2),
+            ["tenant", "x-user", "x-request-id"]
+        );
+        assert_eq!(
+            sent("*", Protocol::Seldon),
+            ["tenant", "x-user", "seldon-puid"]
+        );
+        // The request id is ours, whatever the spelling.
+        let m = RecordMeta::of_record(&rec, Protocol::V2, &HeaderPolicy::All, None);
+        assert_ne!(m.to_model.get("x-request-id").unwrap(), "spoofed");
+        // A wide pattern does not name them; a name or the family's own pattern does.
+        assert_eq!(sent("x-*", Protocol::V2), ["x-user", "x-request-id"]);
+        assert_eq!(
+            sent("*,AUTHORIZATION,x-forwarded-*", Protocol::V2),
+            [
+                "tenant",
+                "authorization",
+                "x-forwarded-for",
+                "x_forwarded_host",
+                "x-user",
+                "x-request-id"
+            ]
+        );
+        assert_eq!(
+            sent(
+                "proxy-authorization,cookie,x-envoy-*,x-real-ip,forwarded",
+                Protocol::V2
+            ),
+            [
+                "proxy_authorization",
+                "cookie",
+                "forwarded",
+                "x-real-ip",
+                "x-envoy-retry-on",
+                "x-request-id"
+            ]
+        );
+        // Never sent, even when named (any spelling).
+        assert_eq!(
+            sent(
+                "x_request_id,seldon-puid,content-length,kafka-infer-*",
+                Protocol::V2
+            ),
+            ["x-request-id"]
+        );
+        assert_eq!(normalize("X_Request-ID"), "x-request-id");
     }
 
     #[test]

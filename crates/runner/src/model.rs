@@ -13,6 +13,10 @@ use hyper_util::{
 };
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
+/// How many characters of a model's error body (or gRPC message) are kept, escaped
+/// ([`codec::text::printable`]): it goes into logs and error records.
+pub const MAX_MODEL_TEXT: usize = 1024;
+
 /// Why a model call failed, and whether trying again may help.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ModelError {
@@ -265,7 +269,7 @@ impl RestClient {
                 Err(ModelError::Http {
                     url: shown(),
                     status: status.as_u16(),
-                    body: String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned(),
+                    body: codec::text::printable(&String::from_utf8_lossy(&body), MAX_MODEL_TEXT),
                 })
             }
         };
@@ -411,7 +415,7 @@ fn classify_status(url: &str, s: &tonic::Status) -> ModelError {
     ModelError::Grpc {
         url: url.to_owned(),
         code: format!("{:?}", s.code()).to_uppercase(),
-        message: s.message().to_owned(),
+        message: codec::text::printable(s.message(), MAX_MODEL_TEXT),
         retryable: matches!(
             s.code(),
             C::Unavailable | C::ResourceExhausted | C::DeadlineExceeded | C::Aborted

@@ -205,6 +205,7 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
                 metrics.ready.store(consumer.is_connected() && stalled.is_empty(), std::sync::atomic::Ordering::Relaxed);
                 metrics.model_bound.set(ctx.pressure.load(Ordering::Relaxed) as i64);
                 tasks.retain(|t| !t.is_finished());
+                crate::ratelog::flush_due();
                 if last_log.elapsed() >= Duration::from_secs(5) {
                     let ok = metrics.ok_total() as i64;
                     let rate = (ok - last_ok) as f64 / last_log.elapsed().as_secs_f64();
@@ -245,6 +246,7 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
         tracing::warn!("drain timeout: some records stay uncommitted and will be redone");
     }
     consumer.closed().await;
+    crate::ratelog::flush_all();
     if let Err(e) = ctx.producer.close(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "producer flush on close");
     }
@@ -347,7 +349,7 @@ async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
         Ok(p) => p,
         Err(e) => {
             if let Some(s) = rm.span.as_mut() {
-                s.failed(&e.to_string());
+                s.failed(&printable(&e));
             }
             return Outcome::Failed(e.into(), Some(rm));
         }
@@ -364,7 +366,7 @@ async fn process(ctx: Arc<Ctx>, partition: i32, rec: &InRecord) -> Outcome {
         Err(CallError::Stopped(_)) => Outcome::Abandoned,
         Err(e) => {
             if let Some(s) = rm.span.as_mut() {
-                s.failed(&e.to_string());
+                s.failed(&printable(&e));
             }
             Outcome::Failed(e, Some(rm))
         }
@@ -648,14 +650,14 @@ async fn process_batch(
                     .collect(),
             ),
             Err(e) => {
-                tracing::warn!(records = recs.len(), error = %e, "batch answer does not split: running its records alone");
+                tracing::warn!(records = recs.len(), error = %printable(&e), "batch answer does not split: running its records alone");
                 None
             }
         },
         Ok(Msg::Proto { .. }) => None,
         Err(CallError::Stopped(_)) => Some(recs.iter().map(|_| Outcome::Abandoned).collect()),
         Err(e) => {
-            tracing::info!(records = recs.len(), error = %e, "batch failed: running its records alone");
+            tracing::info!(records = recs.len(), error = %printable(&e), "batch failed: running its records alone");
             None
         }
     }
@@ -710,11 +712,21 @@ pub(crate) struct Failure {
     status: u16,
 }
 
+/// How many characters of an error's text go into a log line or an error record (the
+/// record- or model-supplied parts in it are cut shorter where they are read).
+pub(crate) const MAX_MESSAGE: usize = 2048;
+
+/// Error text fit for a log line or an error record: control characters escaped, length
+/// bounded (it may carry what a record or a model sent).
+pub(crate) fn printable(e: &impl std::fmt::Display) -> String {
+    codec::text::printable(&e.to_string(), MAX_MESSAGE)
+}
+
 impl From<&CallError> for Failure {
     fn from(e: &CallError) -> Self {
         Self {
             kind: e.kind(),
-            message: e.to_string(),
+            message: printable(e),
             status: match e {
                 CallError::Model(m) => m.status(),
                 _ => 400,
@@ -728,12 +740,12 @@ impl Failure {
         match e {
             ProduceError::TooLarge { .. } => Self {
                 kind: "answer-too-large",
-                message: format!("the answer cannot be written: {e}"),
+                message: printable(&format!("the answer cannot be written: {e}")),
                 status: 413,
             },
             _ => Self {
                 kind: "answer-rejected",
-                message: format!("the answer cannot be written: {e}"),
+                message: printable(&format!("the answer cannot be written: {e}")),
                 status: 500,
             },
         }
@@ -828,7 +840,10 @@ async fn write_error(
     rm: Option<&RecordMeta>,
 ) -> Option<Written> {
     ctx.metrics.record("error");
-    tracing::warn!(partition = input_partition, offset = rec.offset, kind = f.kind, error = %f.message, "record failed");
+    // A burst of bad records writes a few lines and a summary, not a line each.
+    if crate::ratelog::RECORD_FAILED.admit(f.kind, Some((input_partition, rec.offset))) {
+        tracing::warn!(partition = input_partition, offset = rec.offset, kind = f.kind, error = %f.message, "record failed");
+    }
     let error_headers = [
         (ERROR_HEADER.to_owned(), Bytes::from(f.message.clone())),
         (
