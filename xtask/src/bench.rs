@@ -39,6 +39,16 @@ const CONCURRENCY: usize = PARTITIONS as usize * MAX_IN_FLIGHT;
 /// batches in flight per partition.
 const BATCH_8: &[&str] = &["--batch-size", "8", "--max-in-flight", "16"];
 const BATCH_32: &[&str] = &["--batch-size", "32", "--max-in-flight", "64"];
+/// Issue 18: the same rows with the producer not idempotent (the default is idempotent).
+const NO_IDEMPOTENCE: &[&str] = &["--idempotence", "false"];
+const BATCH_32_NO_IDEMPOTENCE: &[&str] = &[
+    "--batch-size",
+    "32",
+    "--max-in-flight",
+    "64",
+    "--idempotence",
+    "false",
+];
 
 fn request(i: u64) -> Bytes {
     Bytes::from(format!(
@@ -741,6 +751,23 @@ pub fn bench(short: bool) -> Result<()> {
                         )
                         .await?
                     }
+                    "ki_rest_noidem" | "ki_rest_b32_noidem" => {
+                        let (name, extra) = if k == "ki_rest_noidem" {
+                            (
+                                "kafka-infer, not idempotent -> echo model, REST",
+                                NO_IDEMPOTENCE,
+                            )
+                        } else {
+                            (
+                                "kafka-infer, not idempotent -> echo model, REST, batch 32",
+                                BATCH_32_NO_IDEMPOTENCE,
+                            )
+                        };
+                        measure(&env, name, n, &[], |i, o| {
+                            kafka_infer(&env, i, o, &echo.rest_url(), "rest", extra)
+                        })
+                        .await?
+                    }
                     "a_copy" => {
                         measure(&env, "(a) Python copy", n, &[], |i, o| {
                             python_bridge(&env, "copy.py", &[i, o, &fx::unique("copy")])
@@ -832,6 +859,16 @@ pub fn bench(short: bool) -> Result<()> {
                 "ki_rest_b32",
                 "kafka-infer -> echo model, REST, batch 32",
                 BATCH_32,
+            ),
+            (
+                "ki_rest_noidem",
+                "kafka-infer, producer not idempotent -> echo model, REST",
+                NO_IDEMPOTENCE,
+            ),
+            (
+                "ki_rest_b32_noidem",
+                "kafka-infer, producer not idempotent -> echo model, REST, batch 32",
+                BATCH_32_NO_IDEMPOTENCE,
             ),
         ] {
             f.insert(
@@ -988,6 +1025,8 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, cost: &str, short: bool) -> 
         "ki_rest_static",
         "ki_rest_b8",
         "ki_rest_b32",
+        "ki_rest_noidem",
+        "ki_rest_b32_noidem",
         "ki_grpc",
         "a_copy",
         "b_py",
@@ -1057,6 +1096,19 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, cost: &str, short: bool) -> 
         f["ki_rest"].cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000,
         yes(f["ki_rest"].cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000 >= 2.0),
     ));
+    for (idem, not) in [
+        ("ki_rest", "ki_rest_noidem"),
+        ("ki_rest_b32", "ki_rest_b32_noidem"),
+    ] {
+        if f.contains_key(not) {
+            out.push_str(&format!(
+                "| idempotent producer (the default) >= 0.95x not idempotent, {} | {:.2}x | {} |\n",
+                f[idem].name.trim_start_matches("kafka-infer -> "),
+                r(idem, not),
+                yes(r(idem, not) >= 0.95)
+            ));
+        }
+    }
     if let Some(b) = f.get("ki_rest_baseline") {
         let x = b.cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000;
         out.push_str(&format!(
