@@ -41,6 +41,12 @@ struct Cli {
 enum Cmd {
     /// Run the bridge (configured like a SeldonDeployment with serverType: kafka).
     Run(config::RunArgs),
+    /// Produce requests to the input topic and print their answers from the output (or error)
+    /// topic, with latency: curl for a Kafka-served model. Exit 1 on an error record or a timeout.
+    Send(runner::tool::send::SendArgs),
+    /// Copy error records from the error topic back to the input topic (filter by kind and
+    /// time; --dry-run shows what would be copied).
+    Redrive(runner::tool::redrive::RedriveArgs),
 }
 
 fn init_logging(format: config::LogFormat) {
@@ -58,7 +64,11 @@ fn init_logging(format: config::LogFormat) {
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    let Cmd::Run(args) = cli.cmd;
+    let args = match cli.cmd {
+        Cmd::Run(args) => args,
+        Cmd::Send(args) => return runner::tool::send::main(args),
+        Cmd::Redrive(args) => return runner::tool::redrive::main(args),
+    };
     let cfg = match config::Config::resolve(&args, &|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
