@@ -290,12 +290,16 @@ async fn redrive(cfg: &mut Config, args: &RedriveArgs, filter: &Filter) -> Resul
                     let delivery = match (&producer, action) {
                         (Some(prod), Action::Copy) => {
                             let out = redriven_record(&rec);
-                            let to = out.key.is_none().then_some(p % input_partitions.max(1));
-                            Some(
-                                prod.send(&cfg.input_topic, to, out)
-                                    .await
-                                    .map_err(|e| e.to_string()),
-                            )
+                            // By key as kafka-infer's producer does; a record without one goes
+                            // back to the partition its error record came from (kafka-infer
+                            // writes it on the input's partition number).
+                            let n = input_partitions.max(1);
+                            let to = match &out.key {
+                                Some(k) => kafka_io::producer::partition_for_key(k, n),
+                                None => p % n,
+                            };
+                            let sent = prod.send(&cfg.input_topic, Some(to), out).await;
+                            Some(sent.map(|d| (to, d)).map_err(|e| e.to_string()))
                         }
                         _ => None,
                     };
@@ -306,7 +310,9 @@ async fn redrive(cfg: &mut Config, args: &RedriveArgs, filter: &Filter) -> Resul
             for (rec, action, delivery) in shown {
                 let written = match delivery {
                     None => None,
-                    Some(Ok(d)) => Some(d.wait().await.map_err(|e| e.to_string())),
+                    Some(Ok((to, d))) => {
+                        Some(d.wait().await.map(|o| (to, o)).map_err(|e| e.to_string()))
+                    }
                     Some(Err(e)) => Some(Err(e)),
                 };
                 progress.clear();
@@ -337,7 +343,7 @@ fn print_row(
     partition: i32,
     rec: &FetchedRecord,
     action: Action,
-    written: Option<&Result<i64, String>>,
+    written: Option<&Result<(i32, i64), String>>,
     c: &mut Counts,
 ) {
     let kind = header(&rec.headers, ERROR_KIND_HEADER)
@@ -347,9 +353,9 @@ fn print_row(
     let n = redriven(rec);
     let (name, what) = match (action, written) {
         (Action::Copy, None) => ("would-copy", "would copy".to_owned()),
-        (Action::Copy, Some(Ok(off))) => {
+        (Action::Copy, Some(Ok((to, off)))) => {
             c.copied += 1;
-            ("copied", format!("copied (offset {off})"))
+            ("copied", format!("copied to {to}@{off}"))
         }
         (Action::Copy, Some(Err(e))) => {
             c.failed += 1;
@@ -379,7 +385,8 @@ fn print_row(
             "redriven": n,
             "action": name,
         });
-        if let Some(Ok(off)) = written {
+        if let Some(Ok((to, off))) = written {
+            line["to_partition"] = json!(to);
             line["to_offset"] = json!(off);
         }
         if let Some(Err(e)) = written {
@@ -439,7 +446,7 @@ fn print_summary(args: &RedriveArgs, filter: &Filter, from: &str, to: &str, c: &
     let mut why = Vec::new();
     if c.max_redrives > 0 {
         why.push(format!(
-            "{} redriven {} time(s) already",
+            "{} already redriven --max-redrives ({}) times",
             c.max_redrives, filter.max_redrives
         ));
     }
