@@ -11,7 +11,7 @@
 //! - "cursed" fails again: its new error record keeps the mark, and the next redrive skips it
 //!   (--max-redrives 1) and says so. Piped, redrive prints no progress.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Result;
 use kafka_infer_tests::{
@@ -32,13 +32,6 @@ fn tool(sub: &str, args: &[&str], env: &[(&str, String)], stdin: Option<&str>) -
         r.code, r.took, r.stdout, r.stderr
     );
     Ok(r)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as i64
 }
 
 fn rid(a: &Answer) -> &str {
@@ -152,16 +145,24 @@ fn redrive_round_trips_a_poison_batch_after_the_model_is_fixed() -> Result<()> {
     );
     assert!(r.stderr.is_empty(), "no progress when piped: {}", r.stderr);
     assert_eq!(read_topic(&broker.bootstrap(), &input, 7, 3)?.len(), 6);
+    // Where a later run goes on: after the newest error record read.
+    let next = s["next_since_ms"].as_i64().expect("next_since_ms");
+    assert!(
+        next > lines[..3]
+            .iter()
+            .map(|l| l["timestamp_ms"].as_i64().unwrap())
+            .max()
+            .unwrap()
+    );
 
     // The model is fixed for "poison", not for "cursed".
     drop(model);
     let _model =
         models::test_model_with("v2", "m", &["--fn", "echo", "--fail-on", "cursed"], ports)?;
-    let t1 = now_ms();
     let r = tool("redrive", &["--kind", "model-rejected"], &env, None)?;
     assert_eq!(r.code, Some(0));
     let rows: Vec<&str> = r.stdout.lines().collect();
-    assert_eq!(rows.len(), 5, "header, 3 rows, summary");
+    assert_eq!(rows.len(), 6, "header, 3 rows, summary, where to go on");
     assert!(
         rows[1..4]
             .iter()
@@ -173,6 +174,7 @@ fn redrive_round_trips_a_poison_batch_after_the_model_is_fixed() -> Result<()> {
             "copied 3 of 4 error records read from `{error}` to `{input}`; skipped: 1 of other kinds"
         )
     );
+    assert!(rows[5].starts_with("to go on after these records next time: --since 20"));
     assert!(r.stderr.is_empty(), "no progress when piped: {}", r.stderr);
 
     // The copies: the input as it was, marked, without kafka-infer's error headers.
@@ -221,14 +223,14 @@ fn redrive_round_trips_a_poison_batch_after_the_model_is_fixed() -> Result<()> {
     assert_eq!(again.headers["kafka-infer-error-kind"], "model-rejected");
     assert_eq!(again.headers["kafka-infer-redriven"], "1");
 
-    // Redriven once already: skipped, and said so.
+    // Redriven once already: skipped, and said so (the next run, from where the first ended).
     let r = tool(
         "redrive",
         &[
             "--kind",
             "model-rejected",
             "--since",
-            &t1.to_string(),
+            &next.to_string(),
             "--json",
         ],
         &env,
@@ -246,7 +248,7 @@ fn redrive_round_trips_a_poison_batch_after_the_model_is_fixed() -> Result<()> {
         (&s["copied"], &s["skipped_max_redrives"], &s["outside_time"]),
         (&json!(0), &json!(1), &json!(4))
     );
-    let r = tool("redrive", &["--since", &t1.to_string()], &env, None)?;
+    let r = tool("redrive", &["--since", &next.to_string()], &env, None)?;
     assert!(
         r.stdout
             .contains("skipped: redriven 1 time already (--max-redrives 1)"),

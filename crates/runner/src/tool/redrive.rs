@@ -219,6 +219,8 @@ struct Counts {
     other_kind: u64,
     outside_time: u64,
     not_error_records: u64,
+    /// The newest write time of the records read within --since/--until.
+    newest_ms: Option<i64>,
 }
 
 const WIDTHS: [usize; 5] = [12, 24, 18, 36, 0];
@@ -275,6 +277,9 @@ async fn redrive(cfg: &mut Config, args: &RedriveArgs, filter: &Filter) -> Resul
             for rec in records.into_iter().filter(|r| r.offset < end) {
                 c.read += 1;
                 let action = filter.action(&rec);
+                if action != Action::OutsideTime {
+                    c.newest_ms = c.newest_ms.max(Some(rec.timestamp_ms));
+                }
                 match action {
                     Action::OtherKind => c.other_kind += 1,
                     Action::OutsideTime => c.outside_time += 1,
@@ -426,6 +431,7 @@ fn print_summary(args: &RedriveArgs, filter: &Filter, from: &str, to: &str, c: &
                 "outside_time": c.outside_time,
                 "not_error_records": c.not_error_records,
                 "dry_run": args.dry_run,
+                "next_since_ms": c.newest_ms.map(|t| t + 1),
             }})
         );
         return;
@@ -475,6 +481,15 @@ fn print_summary(args: &RedriveArgs, filter: &Filter, from: &str, to: &str, c: &
         s.push_str(&format!("; skipped: {}", why.join(", ")));
     }
     println!("{s}");
+    // Each run copies what matches in its range: this is where the next one can start.
+    if let Some(t) = c.newest_ms {
+        println!(
+            "to go on after these records next time: --since {}",
+            humantime::format_rfc3339_millis(
+                UNIX_EPOCH + Duration::from_millis((t + 1).max(0) as u64)
+            )
+        );
+    }
 }
 
 #[cfg(test)]

@@ -407,9 +407,22 @@ async fn exchange(
     drop(tx);
     let mut done = 0;
     while done < total {
-        let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
+        // Woken at least every 200 ms to redraw the progress line (on a terminal).
+        let wake = deadline.min(Instant::now() + Duration::from_millis(200));
+        let ev = match tokio::time::timeout_at(wake, rx.recv()).await {
             Ok(Some(ev)) => ev,
-            Ok(None) | Err(_) => break,
+            Ok(None) => break,
+            Err(_) if Instant::now() >= deadline => break,
+            Err(_) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                progress.show(|| {
+                    format!(
+                        "answered {done}/{total}, waiting {:.0}s more",
+                        left.as_secs_f64()
+                    )
+                });
+                continue;
+            }
         };
         let (i, outcome) = match ev {
             Event::NotSent(i, why) => (
