@@ -256,6 +256,16 @@ fn redrive_round_trips_a_poison_batch_after_the_model_is_fixed() -> Result<()> {
         r.stdout
     );
     assert_eq!(read_topic(&broker.bootstrap(), &input, 10, 3)?.len(), 9);
+
+    // Without an error topic there is nothing to redrive: a settings error (exit 2).
+    let no_error_topic: Vec<(&str, String)> = env
+        .iter()
+        .filter(|(k, _)| *k != "KAFKA_ERROR_TOPIC")
+        .cloned()
+        .collect();
+    let r = tool("redrive", &[], &no_error_topic, None)?;
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("no error topic (KAFKA_ERROR_TOPIC"), "{}", r.stderr);
     drop(ki);
     Ok(())
 }
