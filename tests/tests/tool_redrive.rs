@@ -265,7 +265,11 @@ fn redrive_round_trips_a_poison_batch_after_the_model_is_fixed() -> Result<()> {
         .collect();
     let r = tool("redrive", &[], &no_error_topic, None)?;
     assert_eq!(r.code, Some(2));
-    assert!(r.stderr.contains("no error topic (KAFKA_ERROR_TOPIC"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("no error topic (KAFKA_ERROR_TOPIC"),
+        "{}",
+        r.stderr
+    );
     drop(ki);
     Ok(())
 }

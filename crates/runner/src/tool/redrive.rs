@@ -270,8 +270,21 @@ async fn redrive(cfg: &mut Config, args: &RedriveArgs, filter: &Filter) -> Resul
     for (mut reader, start, end) in ranges {
         let p = reader.partition;
         let mut offset = start;
+        let mut empty = 0;
         while offset < end {
             let (records, next) = reader.read(offset, Duration::from_millis(100)).await?;
+            // Bounded: a range the broker keeps giving nothing of is an error, not a hang.
+            empty = if records.is_empty() && next <= offset {
+                empty + 1
+            } else {
+                0
+            };
+            if empty >= 50 {
+                bail!(
+                    "{error_topic}/{p}: the broker gives no records from offset {offset} though \
+                     its end offset was {end}"
+                );
+            }
             offset = next.max(offset);
             let mut shown = Vec::new();
             for rec in records.into_iter().filter(|r| r.offset < end) {

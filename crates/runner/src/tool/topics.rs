@@ -66,7 +66,8 @@ impl Reader {
         .await?)
     }
 
-    /// The partition's end offset now: the high watermark of a Fetch, which is right where some
+    /// The partition's end offset for a read_committed reader now: the last stable offset
+    /// (the high watermark unless a transaction is open) of a Fetch, which is right where some
     /// brokers' ListOffsets(latest) is not (the test broker answers one past the newest batch's
     /// base offset; see the notes on the test broker).
     pub async fn end_offset(&mut self) -> Result<i64> {
@@ -76,7 +77,11 @@ impl Reader {
             .fetch(latest.max(0), Duration::from_millis(1), 1)
             .await
             .with_context(|| format!("reading {}/{}", self.topic, self.partition))?;
-        Ok(f.high_watermark.max(latest))
+        let end = match f.last_stable_offset {
+            lso if (0..=f.high_watermark).contains(&lso) => lso,
+            _ => f.high_watermark,
+        };
+        Ok(end)
     }
 
     /// The partition's first offset still kept.
