@@ -43,9 +43,21 @@ enum Cmd {
     Run(config::RunArgs),
     /// Produce requests to the input topic and print their answers from the output (or error)
     /// topic, with latency: curl for a Kafka-served model. Exit 1 on an error record or a timeout.
+    ///
+    /// Answers are matched by request id (x-request-id or Seldon-Puid). The output and error
+    /// topics are read from their end offsets taken before producing, partition by partition,
+    /// outside the deployment's group and without commits. Exit 0 when every request was
+    /// answered; 1 on an error record, a timeout or a request that could not be written; 2 for
+    /// bad settings or input. Progress goes to stderr when it is a terminal.
     Send(runner::tool::send::SendArgs),
     /// Copy error records from the error topic back to the input topic (filter by kind and
     /// time; --dry-run shows what would be copied).
+    ///
+    /// A copy keeps the error record's value, key and headers, less kafka-infer-* headers, and
+    /// is marked kafka-infer-redriven: N; records redriven --max-redrives times are skipped.
+    /// Each partition of the error topic is read from its start to its end offset taken at
+    /// start, outside the deployment's group and without commits. Exit 0; 1 when a copy could
+    /// not be written; 2 for bad settings. Progress goes to stderr when it is a terminal.
     Redrive(runner::tool::redrive::RedriveArgs),
 }
 
