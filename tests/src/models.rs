@@ -128,6 +128,21 @@ pub fn test_model_on(
     name: &str,
     func: &str,
     delay_ms: u64,
+    ports: (u16, u16),
+) -> Result<Server> {
+    test_model_with(
+        protocol,
+        name,
+        &["--fn", func, "--delay-ms", &delay_ms.to_string()],
+        ports,
+    )
+}
+
+/// [`test_model`] with its flags (`--fn`, `--fail-on`, ...) on given ports.
+pub fn test_model_with(
+    protocol: &str,
+    name: &str,
+    more: &[&str],
     (http_port, grpc_port): (u16, u16),
 ) -> Result<Server> {
     let bin = repo_root().join("target/debug/test-model");
@@ -136,20 +151,18 @@ pub fn test_model_on(
         .unwrap_or(bin);
     let proc = Proc::spawn(
         "test-model",
-        Command::new(bin).args([
-            "--protocol",
-            protocol,
-            "--name",
-            name,
-            "--fn",
-            func,
-            "--http-port",
-            &http_port.to_string(),
-            "--grpc-port",
-            &grpc_port.to_string(),
-            "--delay-ms",
-            &delay_ms.to_string(),
-        ]),
+        Command::new(bin)
+            .args([
+                "--protocol",
+                protocol,
+                "--name",
+                name,
+                "--http-port",
+                &http_port.to_string(),
+                "--grpc-port",
+                &grpc_port.to_string(),
+            ])
+            .args(more),
     )?;
     crate::wait_port(http_port, Duration::from_secs(10))?;
     crate::wait_port(grpc_port, Duration::from_secs(10))?;
@@ -325,4 +338,90 @@ pub fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// What a `kafka-infer` tool run (send, redrive, ...) gave.
+#[derive(Debug)]
+pub struct ToolRun {
+    /// None: killed at the test's limit.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub took: Duration,
+}
+
+impl ToolRun {
+    /// stdout's lines parsed as JSON (the tools' --json output).
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+}
+
+/// Runs `kafka-infer SUB ARGS` with `env` on top of a clean KAFKA_* environment and `stdin`
+/// (none: empty), killing it (by its PID) if it runs past `limit`.
+pub fn kafka_infer_tool(
+    sub: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    stdin: Option<&str>,
+    limit: Duration,
+) -> Result<ToolRun> {
+    use std::io::{Read, Write};
+    let mut cmd = Command::new(kafka_infer_bin());
+    cmd.arg(sub)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KAFKA_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    // As for `run` in the tests: the test broker holds a Fetch until its max-wait.
+    cmd.env("KAFKA_FETCH_MAX_WAIT", "10ms");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let start = std::time::Instant::now();
+    let mut child = cmd.spawn()?;
+    let mut input = child.stdin.take().expect("piped");
+    let text = stdin.unwrap_or_default().to_owned();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(text.as_bytes());
+    });
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let code = loop {
+        if let Some(status) = child.try_wait()? {
+            break status.code();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = start.elapsed();
+    let _ = writer.join();
+    Ok(ToolRun {
+        code,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+        took,
+    })
 }

@@ -268,13 +268,11 @@ fn demo() -> Result<()> {
         file.display(),
         ki.metrics_port
     );
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async {
-        let cluster = kafka_io::Cluster::connect(broker.settings()).await?;
-        let producer =
-            kafka_io::Producer::new(cluster.clone(), kafka_io::ProducerConfig::default());
-        for i in 0..5u32 {
-            // One 32x32x3 image per request, as Seldon's cifar10 example sends them.
+    // Ready (joined), so the latencies below are the answers' own, not the group join's.
+    ki.wait_ready(Duration::from_secs(60))?;
+    // Five requests, one 32x32x3 image each (as Seldon's cifar10 example sends them), keyed.
+    let requests: String = (0..5u32)
+        .map(|i| {
             let img: Vec<Vec<Vec<f32>>> = (0..32)
                 .map(|r| {
                     (0..32)
@@ -289,40 +287,28 @@ fn demo() -> Result<()> {
                         .collect()
                 })
                 .collect();
-            let body = serde_json::json!({ "instances": [img] }).to_string();
-            let rec = kafka_io::OutRecord {
-                key: Some(bytes::Bytes::from(format!("image-{i}"))),
-                value: Some(bytes::Bytes::from(body)),
-                headers: vec![],
-            };
-            producer.send(input, None, rec).await?.wait().await?;
-        }
-        println!("demo: produced 5 requests to {input}; answers from {output}:");
-        let mut group = kafka_io::GroupConfig::new("demo-reader", vec![output.to_owned()]);
-        group.session_timeout = Duration::from_secs(4);
-        let mut cc = kafka_io::ConsumerConfig::new(group);
-        // The test broker holds a Fetch until max-wait even when data arrives.
-        cc.fetch_max_wait = Duration::from_millis(10);
-        let mut consumer = kafka_io::Consumer::start(cluster, cc, None);
-        let mut seen = 0;
-        while seen < 5 {
-            let batch = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
-                .await
-                .map_err(|_| anyhow::anyhow!("no answers within 60 s (see target/test-logs/)"))?
-                .context("consumer closed")?;
-            for r in &batch.records {
-                let key =
-                    String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned();
-                let value =
-                    String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned();
-                println!("  {key}: {value}");
-                consumer.acker().complete(&batch.token(r.offset));
-                seen += 1;
-            }
-        }
-        consumer.close().await;
-        anyhow::Ok(())
-    })?;
+            let line =
+                serde_json::json!({"value": {"instances": [img]}, "key": format!("image-{i}")});
+            format!("{line}\n")
+        })
+        .collect();
+    let reqs = dir.join("requests.jsonl");
+    std::fs::write(&reqs, requests)?;
+    let args = [
+        "-f",
+        file.to_str().unwrap_or_default(),
+        "--file",
+        reqs.to_str().unwrap_or_default(),
+        "--timeout",
+        "60s",
+    ];
+    println!("demo: kafka-infer send {}", args.join(" "));
+    let sent = fx::models::kafka_infer_tool("send", &args, &[], None, Duration::from_secs(90))?;
+    print!("{}", sent.stdout);
+    eprint!("{}", sent.stderr);
+    if sent.code != Some(0) {
+        anyhow::bail!("send exited {:?} (see target/test-logs/)", sent.code);
+    }
     std::thread::sleep(Duration::from_millis(1500)); // one metrics refresh
     println!("demo: kafka-infer's /metrics (lag, records, in flight):");
     for l in ki.metrics().lines().filter(|l| {

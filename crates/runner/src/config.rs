@@ -721,6 +721,21 @@ fn parse_deployment(text: &str, want: Option<&str>, transport: Option<&str>) -> 
 impl Config {
     /// Resolves flags > `env` (the process environment) > the deployment file.
     pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        Self::resolve_with(args, env, true)
+    }
+
+    /// [`Config::resolve`] for the tools that talk to Kafka only (`send`, `redrive`): the same
+    /// settings, but no model is needed (without --model or -f the graph is a placeholder
+    /// node with no URL, never called).
+    pub fn resolve_kafka(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        Self::resolve_with(args, env, false)
+    }
+
+    fn resolve_with(
+        args: &RunArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+        need_model: bool,
+    ) -> Result<Self> {
         let dep = match &args.deployment {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
@@ -771,6 +786,7 @@ impl Config {
                 transport,
             ),
             (None, Some(g)) => g,
+            (None, None) if !need_model => Node::model("model", "", transport),
             (None, None) => bail!("no model: give --model URL or a SeldonDeployment with -f"),
         };
         check_graph(&graph, protocol)?;

@@ -41,6 +41,24 @@ struct Cli {
 enum Cmd {
     /// Run the bridge (configured like a SeldonDeployment with serverType: kafka).
     Run(config::RunArgs),
+    /// Produce requests to the input topic and print their answers from the output (or error)
+    /// topic, with latency: curl for a Kafka-served model. Exit 1 on an error record or a timeout.
+    ///
+    /// Answers are matched by request id (x-request-id or Seldon-Puid). The output and error
+    /// topics are read from their end offsets taken before producing, partition by partition,
+    /// outside the deployment's group and without commits. Exit 0 when every request was
+    /// answered; 1 on an error record, a timeout or a request that could not be written; 2 for
+    /// bad settings or input. Progress goes to stderr when it is a terminal.
+    Send(runner::tool::send::SendArgs),
+    /// Copy error records from the error topic back to the input topic (filter by kind and
+    /// time; --dry-run shows what would be copied).
+    ///
+    /// A copy keeps the error record's value, key and headers, less kafka-infer-* headers, and
+    /// is marked kafka-infer-redriven: N; records redriven --max-redrives times are skipped.
+    /// Each partition of the error topic is read from its start to its end offset taken at
+    /// start, outside the deployment's group and without commits. Exit 0; 1 when a copy could
+    /// not be written; 2 for bad settings. Progress goes to stderr when it is a terminal.
+    Redrive(runner::tool::redrive::RedriveArgs),
 }
 
 fn init_logging(format: config::LogFormat) {
@@ -58,7 +76,11 @@ fn init_logging(format: config::LogFormat) {
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    let Cmd::Run(args) = cli.cmd;
+    let args = match cli.cmd {
+        Cmd::Run(args) => args,
+        Cmd::Send(args) => return runner::tool::send::main(args),
+        Cmd::Redrive(args) => return runner::tool::redrive::main(args),
+    };
     let cfg = match config::Config::resolve(&args, &|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {

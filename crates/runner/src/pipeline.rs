@@ -691,6 +691,8 @@ fn delivered(
     })
 }
 
+/// The input's headers for its output or error record. Others of ours stay, such as `redrive`'s
+/// `kafka-infer-redriven` mark: a redriven record that fails again keeps its count.
 fn copy_headers(rec: &InRecord) -> Vec<(String, Bytes)> {
     rec.headers
         .iter()

@@ -2,8 +2,11 @@
 //! installed (TensorFlow Serving) or where the model must not be the bottleneck (echo).
 //!
 //! test-model --protocol tensorflow|v2|seldon --http-port P --grpc-port Q [--name M]
-//!            [--fn echo|resnet] [--delay-ms N] [--hang-on TEXT] [--unready]
+//!            [--fn echo|resnet] [--delay-ms N] [--hang-on TEXT] [--fail-on TEXT[,TEXT]] [--unready]
 //!
+//! `--fail-on TEXT,...`: a REST request whose body contains one of the texts is refused with
+//! 400 (a model that rejects some payloads; the same body is answered by a model started
+//! without it).
 //! `--hang-on TEXT`: a request (REST, or gRPC predict) whose body contains TEXT never gets an
 //! answer (a payload that hangs the model); every other request is answered as usual.
 //! `--unready`: the health checks answer 503 (by default 200): REST `GET /v2/health/ready`,
@@ -38,6 +41,8 @@ struct Model {
     delay: std::time::Duration,
     /// A REST body containing this never gets an answer.
     hang_on: Option<String>,
+    /// A REST body containing one of these gets 400.
+    fail_on: Vec<String>,
     /// Health checks answer 503.
     unready: bool,
     transcoder: Arc<Transcoder>,
@@ -77,6 +82,14 @@ async fn main() -> anyhow::Result<()> {
                 .parse()?,
         ),
         hang_on: arg(&args, "--hang-on"),
+        fail_on: arg(&args, "--fail-on")
+            .map(|l| {
+                l.split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
         unready: args.iter().any(|a| a == "--unready"),
         transcoder: Arc::new(Transcoder::default()),
     };
@@ -145,6 +158,16 @@ impl Model {
         {
             // Bounded: an hour is past every timeout a test sets.
             tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        }
+        if let Some(t) = self
+            .fail_on
+            .iter()
+            .find(|t| body.windows(t.len()).any(|w| w == t.as_bytes()))
+        {
+            return full(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("refused: the request contains `{t}`")}).to_string(),
+            );
         }
         match self.protocol {
             // The message echoed, with the path it came to in meta.tags.path.
