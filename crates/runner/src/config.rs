@@ -121,6 +121,11 @@ pub struct RunArgs {
     /// split at its first such failure. Default 3.
     #[arg(long, env = "KAFKA_INFER_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
+    /// A deadline for real-time requests: a record older than this (by its Kafka timestamp)
+    /// when its turn comes gets an error record of kind `expired` instead of a model call
+    /// (counted in kafka_infer_records_total{result="expired"}), e.g. 30s or 5m. Default: off.
+    #[arg(long, env = "KAFKA_INFER_MAX_RECORD_AGE")]
+    pub max_record_age: Option<String>,
     /// How soon finished records are committed: one OffsetCommit for every partition at most
     /// this often (Kafka's auto.commit.interval.ms is 5s). A crash (SIGKILL) redoes what was
     /// answered since the last commit, so up to this long of answers; --max-uncommitted bounds
@@ -368,6 +373,8 @@ pub struct Config {
     pub linger_max: Duration,
     pub max_request_size: usize,
     pub max_attempts: u32,
+    /// Records older than this when their turn comes get an `expired` error record.
+    pub max_record_age: Option<Duration>,
     pub assignors: Vec<kafka_io::assignor::Assignor>,
     pub commit_interval: Duration,
     pub metadata_max_age: Duration,
@@ -945,6 +952,9 @@ impl Config {
                 Some(n) => n,
                 None => 3,
             },
+            max_record_age: pick(&args.max_record_age, "KAFKA_INFER_MAX_RECORD_AGE")
+                .map(|v| parse_duration(&v, "KAFKA_INFER_MAX_RECORD_AGE"))
+                .transpose()?,
             commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "1s")?,
             linger,
             linger_max,
@@ -1042,6 +1052,7 @@ impl Config {
             "drain_timeout_ms": self.drain_timeout.as_millis() as u64,
             "max_request_size": self.max_request_size,
             "max_attempts": self.max_attempts,
+            "max_record_age_ms": self.max_record_age.map(|d| d.as_millis() as u64),
             "commit_interval_ms": self.commit_interval.as_millis() as u64,
             "idempotence": self.idempotence,
             "linger_ms": self.linger.as_millis() as u64,

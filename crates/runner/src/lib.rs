@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod otel;
 pub mod pipeline;
+pub mod tool;
 
 /// A SeldonDeployment text as `-f` reads it, for the fuzzer (fuzz/) and its stable smoke test:
 /// any bytes must give a configuration or an error, never a panic or a hang.
