@@ -219,5 +219,5 @@ pub async fn peek(
         connector.request_timeout,
     );
     // 1 byte: the first batch comes whole anyway, nothing more.
-    f.fetch(offset, Duration::ZERO, 1).await
+    f.fetch(offset, Duration::from_millis(1), 1).await
 }

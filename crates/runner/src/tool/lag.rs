@@ -79,8 +79,8 @@ impl LagReport {
     pub fn to_json(&self) -> Value {
         let (state, protocol, members, error) = match &self.group_description {
             Ok(d) => (
-                Some(d.state.clone()),
-                Some(d.protocol.clone()),
+                Some(d.state.clone()).filter(|s| !s.is_empty()),
+                Some(d.protocol.clone()).filter(|s| !s.is_empty()),
                 d.members
                     .iter()
                     .map(|m| {
