@@ -76,9 +76,7 @@ fn tool(args: &[&str], env: &[(&str, String)], within: Duration) -> Result<Out> 
 /// Starts `kafka-infer ARGS` with `env` on a clean KAFKA_* environment.
 fn start_tool(args: &[&str], env: &[(&str, String)]) -> Result<Running> {
     let mut cmd = Command::new(kafka_infer_bin());
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     for (k, _) in std::env::vars() {
         if k.starts_with("KAFKA_") {
             cmd.env_remove(k);
@@ -161,8 +159,8 @@ fn failed(v: &Value) -> Vec<(String, String, String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lag_matches_what_was_produced_and_committed_and_its_limits_set_the_exit_code()
--> Result<()> {
+async fn lag_matches_what_was_produced_and_committed_and_its_limits_set_the_exit_code() -> Result<()>
+{
     let broker = Broker::start()?;
     let (input, output, group) = (unique("in"), unique("out"), unique("g"));
     broker.create_topic(&input, 2)?;
@@ -179,7 +177,8 @@ async fn lag_matches_what_was_produced_and_committed_and_its_limits_set_the_exit
     )?;
     let produced = read_topic(&broker.bootstrap(), &input, 12, 20)?;
     assert_eq!(produced.len(), 12);
-    let admin: Value = serde_json::from_str(&py("admin.py", &[&broker.bootstrap(), &group, &input])?)?;
+    let admin: Value =
+        serde_json::from_str(&py("admin.py", &[&broker.bootstrap(), &group, &input])?)?;
     std::thread::sleep(Duration::from_millis(1200));
 
     let mut e = env(&broker.bootstrap(), &input, &output);
@@ -209,7 +208,10 @@ async fn lag_matches_what_was_produced_and_committed_and_its_limits_set_the_exit
             Some(oldest.ts),
             "{v}"
         );
-        assert!(p["oldest_unprocessed_age_seconds"].as_f64().unwrap() >= 1.0, "{v}");
+        assert!(
+            p["oldest_unprocessed_age_seconds"].as_f64().unwrap() >= 1.0,
+            "{v}"
+        );
     }
     assert_eq!(v["total_lag"].as_i64(), Some(total));
     assert_eq!(total, 12 - 3);
@@ -237,7 +239,11 @@ async fn lag_matches_what_was_produced_and_committed_and_its_limits_set_the_exit
     assert_eq!(lim(&["--max-lag", &total.to_string()])?, 0);
     assert_eq!(lim(&["--max-lag-age", "1h"])?, 0);
     assert_eq!(lim(&["--max-lag-age", "500ms"])?, 1);
-    let over = tool(&["lag", "--json", "--max-lag", "0"], &e, Duration::from_secs(60))?;
+    let over = tool(
+        &["lag", "--json", "--max-lag", "0"],
+        &e,
+        Duration::from_secs(60),
+    )?;
     assert_eq!(over.code, 1);
     assert!(
         over.json()["over_limits"][0]
@@ -256,8 +262,7 @@ async fn lag_matches_what_was_produced_and_committed_and_its_limits_set_the_exit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_passes_on_a_good_setup_and_names_the_step_and_setting_of_each_fault() -> Result<()>
-{
+async fn check_passes_on_a_good_setup_and_names_the_step_and_setting_of_each_fault() -> Result<()> {
     let broker = Broker::start()?;
     let (input, output, errors) = (unique("in"), unique("out"), unique("err"));
     for t in [&input, &output, &errors] {
@@ -447,7 +452,14 @@ fn summary(out: &Out) -> Result<(u64, u64)> {
         .find(|l| l.starts_with("caught up: "))
         .with_context(|| format!("no summary in:\n{}", out.stdout))?;
     let num = |after: &str| -> u64 {
-        line.split(after).next().unwrap().rsplit(' ').next().unwrap().parse().unwrap()
+        line.split(after)
+            .next()
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     Ok((num(" answered"), num(" error records")))
 }
@@ -472,11 +484,17 @@ async fn two_replicas_until_caught_up_both_exit_0_with_every_record_answered_onc
     let b = b.finish(Duration::from_secs(30))?;
     let took = started.elapsed();
     let (sa, sb) = (summary(&a)?, summary(&b)?);
-    eprintln!("replica a {sa:?} exit {}, replica b {sb:?} exit {}, {took:?}", a.code, b.code);
+    eprintln!(
+        "replica a {sa:?} exit {}, replica b {sb:?} exit {}, {took:?}",
+        a.code, b.code
+    );
     assert_eq!(a.code, 0, "{}", a.stderr);
     assert_eq!(b.code, 0, "{}", b.stderr);
     assert_eq!(sa.0 + sb.0, 120, "each record answered by one replica");
-    assert!(sa.0 > 0 && sb.0 > 0, "both replicas took part: {sa:?} {sb:?}");
+    assert!(
+        sa.0 > 0 && sb.0 > 0,
+        "both replicas took part: {sa:?} {sb:?}"
+    );
     let answers = kafka_infer_tests::read_topic_settled(&broker.bootstrap(), &output, 120, 30)?;
     let mut got: Vec<String> = answers.iter().filter_map(id_of).collect();
     got.sort();
@@ -584,7 +602,10 @@ async fn max_record_age_expires_old_records_and_answers_fresh_ones() -> Result<(
     wait_for(Duration::from_secs(10), "expired counted", || {
         (ki.metric("kafka_infer_records_total{result=\"expired\"}") == Some(4.0)).then_some(())
     })?;
-    assert_eq!(ki.metric("kafka_infer_records_total{result=\"ok\"}"), Some(4.0));
+    assert_eq!(
+        ki.metric("kafka_infer_records_total{result=\"ok\"}"),
+        Some(4.0)
+    );
     assert_eq!(
         ki.metric("kafka_infer_records_total{result=\"error\"}"),
         Some(0.0)

@@ -166,7 +166,11 @@ pub async fn brokers(connector: &Connector) -> Result<Vec<BrokerAddr>> {
         let mut c = connector.connect_any().await?;
         let v = c.version::<MetadataRequest>("Metadata", 12)?;
         let resp = c
-            .send(MetadataRequest::default().with_topics(Some(vec![])), v, "Metadata")
+            .send(
+                MetadataRequest::default().with_topics(Some(vec![])),
+                v,
+                "Metadata",
+            )
             .await?;
         resp.brokers
             .iter()

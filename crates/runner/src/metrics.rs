@@ -64,11 +64,13 @@ impl LagSet {
 impl Collector for LagSet {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let lags = self.snapshot();
-        let mut series = encoder.encode_descriptor(LAG_NAME, LAG_HELP, None, MetricType::Gauge)?;
-        for (labels, lag, _) in lags.iter() {
-            ConstGauge::new(*lag).encode(series.encode_family(labels)?)?;
+        {
+            let mut series =
+                encoder.encode_descriptor(LAG_NAME, LAG_HELP, None, MetricType::Gauge)?;
+            for (labels, lag, _) in lags.iter() {
+                ConstGauge::new(*lag).encode(series.encode_family(labels)?)?;
+            }
         }
-        drop(series);
         let mut series = encoder.encode_descriptor(
             LAG_SECONDS_NAME,
             LAG_SECONDS_HELP,

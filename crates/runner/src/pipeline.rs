@@ -574,7 +574,11 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     loop {
         unfinished.publish();
         if let (Some(e), Some(until)) = (end, &ctx.until) {
-            until.set(&stream.topic, input_partition, Some(*committed.borrow() >= e));
+            until.set(
+                &stream.topic,
+                input_partition,
+                Some(*committed.borrow() >= e),
+            );
         }
         let now = *state.borrow();
         if now == StreamState::Revoked {
@@ -777,8 +781,7 @@ impl Unfinished {
     fn publish(&mut self) {
         let oldest = self.records.first_key_value().map(|(_, t)| *t);
         if oldest != self.published {
-            self.metrics
-                .set_oldest(&self.topic, self.partition, oldest);
+            self.metrics.set_oldest(&self.topic, self.partition, oldest);
             self.published = oldest;
         }
     }
@@ -1111,8 +1114,11 @@ async fn write_error(
     not_to: Option<&str>,
     rm: Option<&RecordMeta>,
 ) -> Option<Written> {
-    ctx.metrics
-        .record(if f.kind == "expired" { "expired" } else { "error" });
+    ctx.metrics.record(if f.kind == "expired" {
+        "expired"
+    } else {
+        "error"
+    });
     tracing::warn!(partition = input_partition, offset = rec.offset, kind = f.kind, error = %f.message, "record failed");
     let error_headers = [
         (ERROR_HEADER.to_owned(), Bytes::from(f.message.clone())),

@@ -205,33 +205,44 @@ async fn kafka_checks(cfg: &Config, out: &mut Vec<Check>) {
             "KAFKA_BROKER",
         )),
     }
-    let cluster = match tokio::time::timeout(Duration::from_secs(30), Cluster::connect(settings))
-        .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            out.push(Check::new(
-                "cluster",
-                Err(e.to_string()),
-                "KAFKA_BROKER, KAFKA_SECURITY_PROTOCOL",
-            ));
-            return;
-        }
-        Err(_) => {
-            out.push(Check::new(
-                "cluster",
-                Err("no answer within 30s".into()),
-                "KAFKA_BROKER",
-            ));
-            return;
-        }
-    };
+    let cluster =
+        match tokio::time::timeout(Duration::from_secs(30), Cluster::connect(settings)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                out.push(Check::new(
+                    "cluster",
+                    Err(e.to_string()),
+                    "KAFKA_BROKER, KAFKA_SECURITY_PROTOCOL",
+                ));
+                return;
+            }
+            Err(_) => {
+                out.push(Check::new(
+                    "cluster",
+                    Err("no answer within 30s".into()),
+                    "KAFKA_BROKER",
+                ));
+                return;
+            }
+        };
     let mut topics = vec![
-        ("input topic", cfg.input_topic.clone(), "KAFKA_INPUT_TOPIC (--input-topic)"),
-        ("output topic", cfg.output_topic.clone(), "KAFKA_OUTPUT_TOPIC (--output-topic)"),
+        (
+            "input topic",
+            cfg.input_topic.clone(),
+            "KAFKA_INPUT_TOPIC (--input-topic)",
+        ),
+        (
+            "output topic",
+            cfg.output_topic.clone(),
+            "KAFKA_OUTPUT_TOPIC (--output-topic)",
+        ),
     ];
     if let Some(t) = &cfg.error_topic {
-        topics.push(("error topic", t.clone(), "KAFKA_ERROR_TOPIC (--error-topic)"));
+        topics.push((
+            "error topic",
+            t.clone(),
+            "KAFKA_ERROR_TOPIC (--error-topic)",
+        ));
     }
     let mut input_partitions = None;
     for (what, topic, setting) in topics {
@@ -360,7 +371,10 @@ pub fn main(args: CheckArgs) -> std::process::ExitCode {
                 ]
             })
             .collect();
-        print!("{}", table(&["CHECK", "RESULT", "DETAIL", "SETTING"], &rows));
+        print!(
+            "{}",
+            table(&["CHECK", "RESULT", "DETAIL", "SETTING"], &rows)
+        );
         if failed == 0 {
             println!("\nall {} checks passed", checks.len());
         } else {
