@@ -541,6 +541,62 @@ mod tests {
         );
     }
 
+    /// The value of `series` (a full series name with labels) in a scrape.
+    fn value_of(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn lag_seconds_is_the_age_of_the_oldest_unfinished_record_while_there_is_lag() {
+        let m = Metrics::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        m.set_oldest("in", 0, Some(now - 5_000));
+        m.set_lag(&lags(3, 2));
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE kafka_infer_consumer_lag_seconds gauge"),
+            "{text}"
+        );
+        let age = value_of(
+            &text,
+            r#"kafka_infer_consumer_lag_seconds{topic="in",partition="0"}"#,
+        )
+        .expect("partition 0");
+        assert!((5.0..60.0).contains(&age), "{text}");
+        // Nothing held of partition 1: no age known, 0.
+        assert_eq!(
+            value_of(
+                &text,
+                r#"kafka_infer_consumer_lag_seconds{topic="in",partition="1"}"#
+            ),
+            Some(0.0)
+        );
+        // No lag: 0, whatever is held.
+        m.set_lag(&lags(0, 1));
+        assert_eq!(
+            value_of(
+                &m.render(),
+                r#"kafka_infer_consumer_lag_seconds{topic="in",partition="0"}"#
+            ),
+            Some(0.0)
+        );
+        // Withdrawn (the worker ended).
+        m.set_oldest("in", 0, None);
+        m.set_lag(&lags(3, 1));
+        assert_eq!(
+            value_of(
+                &m.render(),
+                r#"kafka_infer_consumer_lag_seconds{topic="in",partition="0"}"#
+            ),
+            Some(0.0)
+        );
+    }
+
     #[test]
     fn lag_series_are_the_last_set_given() {
         let m = Metrics::new();
