@@ -449,7 +449,7 @@ fn summary(out: &Out) -> Result<(u64, u64)> {
         .stdout
         .lines()
         .rev()
-        .find(|l| l.starts_with("caught up: "))
+        .find(|l| l.starts_with("caught up: ") || l.starts_with("stopped before catching up: "))
         .with_context(|| format!("no summary in:\n{}", out.stdout))?;
     let num = |after: &str| -> u64 {
         line.split(after)
@@ -544,6 +544,38 @@ async fn until_caught_up_exits_3_when_it_wrote_an_error_record_and_stops_at_the_
         .finish(Duration::from_secs(60))?;
     assert_eq!(third.code, 0, "{}", third.stderr);
     assert_eq!(summary(&third)?, (3, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_caught_up_stopped_by_sigterm_first_exits_4_and_a_rerun_finishes() -> Result<()> {
+    let broker = Broker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    broker.create_topic(&input, 1)?;
+    broker.create_topic(&output, 1)?;
+    let ids: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+    produce(&broker, &input, &ids).await?;
+    // 20 records one at a time, 300 ms each: ~6 s of work.
+    let model = models::test_model_on("v2", "m", "echo", 300, (free_port(), free_port()))?;
+    let url = model.rest_url();
+    let one = ["--max-in-flight", "1"];
+    let run = until_caught_up(&broker, &url, &input, &output, &group, &one)?;
+    std::thread::sleep(Duration::from_millis(3500));
+    run.proc.signal("TERM")?;
+    let out = run.finish(Duration::from_secs(30))?;
+    assert_eq!(out.code, 4, "not caught up: {}", out.stderr);
+    assert!(
+        out.stdout.contains("stopped before catching up: "),
+        "{}",
+        out.stdout
+    );
+    let first = summary(&out)?.0;
+    assert!(first > 0 && first < 20, "{first}");
+    // What it answered is committed: the rerun does the rest only.
+    let rest = until_caught_up(&broker, &url, &input, &output, &group, &[])?
+        .finish(Duration::from_secs(60))?;
+    assert_eq!(rest.code, 0, "{}", rest.stderr);
+    assert_eq!(summary(&rest)?.0, 20 - first);
     Ok(())
 }
 

@@ -67,13 +67,16 @@ struct RunCmd {
     /// assigned, process up to it, then drain, commit, leave the group and exit with a summary
     /// on stdout (answered, error records, duration, records/s). Several replicas may run it at
     /// once: each stops when its partitions are done. Exit 0; 3 when error records were
-    /// written (expired ones included); 1 on a fatal error.
+    /// written (expired ones included); 4 when stopped (SIGTERM/SIGINT) before catching up;
+    /// 1 on a fatal error. Progress is shown when stderr is a terminal.
     #[arg(long)]
     until_caught_up: bool,
 }
 
 /// `run --until-caught-up`: the exit code when error records were written.
 const EXIT_ERROR_RECORDS: u8 = 3;
+/// `run --until-caught-up`: the exit code when a signal stopped it before it caught up.
+const EXIT_NOT_CAUGHT_UP: u8 = 4;
 
 fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -142,7 +145,9 @@ fn main() -> std::process::ExitCode {
             Ok(summary) if until_caught_up => {
                 tracing::info!("{summary}");
                 println!("{summary}");
-                if summary.error_records > 0 {
+                if !summary.caught_up {
+                    std::process::ExitCode::from(EXIT_NOT_CAUGHT_UP)
+                } else if summary.error_records > 0 {
                     std::process::ExitCode::from(EXIT_ERROR_RECORDS)
                 } else {
                     std::process::ExitCode::SUCCESS

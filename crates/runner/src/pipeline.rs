@@ -76,19 +76,40 @@ struct Ctx {
     until: Option<Arc<Until>>,
 }
 
-/// `run --until-caught-up`: the partitions whose end offset (read when they were assigned) is
-/// committed.
+/// `run --until-caught-up`: where each partition the member runs started, ends (read when it
+/// was assigned) and is committed.
 struct Until {
     connector: kafka_io::conn::Connector,
-    done: std::sync::Mutex<std::collections::HashMap<(String, i32), bool>>,
+    parts: std::sync::Mutex<std::collections::HashMap<(String, i32), UntilProgress>>,
+}
+
+/// One partition's way to its end offset.
+#[derive(Clone, Copy, Debug)]
+struct UntilProgress {
+    from: i64,
+    /// None until read.
+    end: Option<i64>,
+    committed: i64,
+}
+
+impl UntilProgress {
+    fn is_done(&self) -> bool {
+        self.end.is_some_and(|e| self.committed >= e)
+    }
 }
 
 impl Until {
-    fn set(&self, topic: &str, partition: i32, done: Option<bool>) {
-        let mut m = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        match done {
-            Some(d) => {
-                m.insert((topic.to_owned(), partition), d);
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, i32), UntilProgress>> {
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, topic: &str, partition: i32, progress: Option<UntilProgress>) {
+        let mut m = self.lock();
+        match progress {
+            Some(p) => {
+                m.insert((topic.to_owned(), partition), p);
             }
             None => {
                 m.remove(&(topic.to_owned(), partition));
@@ -97,8 +118,19 @@ impl Until {
     }
 
     fn is_done(&self, tp: &(String, i32)) -> bool {
-        let m = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(tp).copied().unwrap_or(false)
+        self.lock().get(tp).is_some_and(UntilProgress::is_done)
+    }
+
+    /// Records committed since the partitions' ends were read, and records to go to the ends.
+    fn progress(&self) -> (i64, i64) {
+        self.lock()
+            .values()
+            .filter_map(|p| {
+                let end = p.end?;
+                let done = (p.committed.min(end) - p.from).max(0);
+                Some((done, (end - p.from).max(0)))
+            })
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
     }
 
     /// The partition's end: its last stable offset (the group reads read_committed), read
@@ -128,6 +160,8 @@ impl Until {
 /// What `run --until-caught-up` did.
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// Every partition reached its end offset (false: stopped by a signal first).
+    pub caught_up: bool,
     /// Records answered (written to the output topic).
     pub answered: u64,
     /// Error records written (including expired ones).
@@ -147,7 +181,12 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "caught up: {} answered, {} error records ({} expired), {:.1} s, {:.1} records/s",
+            "{}: {} answered, {} error records ({} expired), {:.1} s, {:.1} records/s",
+            if self.caught_up {
+                "caught up"
+            } else {
+                "stopped before catching up"
+            },
             self.answered,
             self.error_records,
             self.expired,
@@ -190,7 +229,7 @@ pub async fn run_mode(
     cfg.connection.build_tls()?;
     let cluster = connect(&cfg, &mut stop).await?;
     let Some(cluster) = cluster else {
-        return Ok(summary(&metrics, started));
+        return Ok(summary(&metrics, started, false));
     };
     check_topics(&cluster, &cfg).await?;
 
@@ -279,7 +318,7 @@ pub async fn run_mode(
         until: until_caught_up.then(|| {
             Arc::new(Until {
                 connector: cluster.connector.clone(),
-                done: Default::default(),
+                parts: Default::default(),
             })
         }),
     });
@@ -300,6 +339,10 @@ pub async fn run_mode(
     let mut assignment = consumer.assignment();
     let mut joined = false;
     let mut empty_since: Option<std::time::Instant> = None;
+    let mut caught_up = false;
+    // Progress on a terminal (quiet when stderr is piped).
+    let progress = until_caught_up && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_progress = std::time::Instant::now();
     loop {
         tokio::select! {
             stream = consumer.next_stream() => {
@@ -332,9 +375,16 @@ pub async fn run_mode(
                         };
                         if done {
                             tracing::info!(partitions = owned.len(), "caught up: every assigned partition is committed up to its end offset");
+                            caught_up = true;
                             let _ = ctx.stop_tx.send(true);
                             break;
                         }
+                    }
+                    if progress && last_progress.elapsed() >= Duration::from_secs(1) {
+                        let (done, total) = until.progress();
+                        eprint!("\r{done}/{total} records, {} partitions, {} answered, {} error records   ",
+                            owned.len(), metrics.total("ok"), metrics.total("error") + metrics.total("expired"));
+                        last_progress = std::time::Instant::now();
                     }
                 }
                 if last_log.elapsed() >= Duration::from_secs(5) {
@@ -360,6 +410,9 @@ pub async fn run_mode(
         let _ = ctx.stop_tx.send(true);
     }
 
+    if progress {
+        eprintln!();
+    }
     tracing::info!("stopping: no new records; finishing in-flight ones");
     metrics
         .ready
@@ -389,12 +442,13 @@ pub async fn run_mode(
         anyhow::bail!("stopped: {why}");
     }
     tracing::info!("stopped cleanly");
-    Ok(summary(&metrics, started))
+    Ok(summary(&metrics, started, caught_up))
 }
 
-fn summary(metrics: &Metrics, started: std::time::Instant) -> Summary {
+fn summary(metrics: &Metrics, started: std::time::Instant, caught_up: bool) -> Summary {
     let expired = metrics.total("expired");
     Summary {
+        caught_up,
         answered: metrics.total("ok"),
         error_records: metrics.total("error") + expired,
         expired,
@@ -550,11 +604,16 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     };
     let _until_entry = UntilEntry(ctx.until.clone(), stream.topic.clone(), input_partition);
     // --until-caught-up: where this partition ends (read now, as it is assigned).
+    let from = *committed.borrow();
     let end = match &ctx.until {
         None => None,
         Some(until) => {
-            let from = *committed.borrow();
-            until.set(&stream.topic, input_partition, Some(false));
+            let mut p = UntilProgress {
+                from,
+                end: None,
+                committed: from,
+            };
+            until.set(&stream.topic, input_partition, Some(p));
             let end = tokio::select! {
                 e = until.end_offset(&stream.topic, input_partition, from) => e,
                 _ = ctx.stop_changed() => return,
@@ -562,6 +621,8 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             match end {
                 Ok(e) => {
                     tracing::info!(topic = %stream.topic, partition = input_partition, from, end = e, "processing up to the end offset");
+                    p.end = Some(e);
+                    until.set(&stream.topic, input_partition, Some(p));
                     Some(e)
                 }
                 Err(e) => {
@@ -574,11 +635,12 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
     loop {
         unfinished.publish();
         if let (Some(e), Some(until)) = (end, &ctx.until) {
-            until.set(
-                &stream.topic,
-                input_partition,
-                Some(*committed.borrow() >= e),
-            );
+            let p = UntilProgress {
+                from,
+                end: Some(e),
+                committed: *committed.borrow(),
+            };
+            until.set(&stream.topic, input_partition, Some(p));
         }
         let now = *state.borrow();
         if now == StreamState::Revoked {
