@@ -653,6 +653,7 @@ async fn lag_seconds_gauge_grows_under_a_backlog() -> Result<()> {
     broker.create_topic(&output, 1)?;
     // One call at a time, 300 ms each: 15 records take ~4.5 s.
     let model = models::test_model_on("v2", "m", "echo", 300, (free_port(), free_port()))?;
+    let group = unique("g");
     let ki = KafkaInfer::start(
         &[
             "--protocol",
@@ -662,7 +663,7 @@ async fn lag_seconds_gauge_grows_under_a_backlog() -> Result<()> {
             "--model-name",
             "m",
             "--group-id",
-            &unique("g"),
+            &group,
             "--session-timeout",
             "3s",
             "--max-in-flight",
@@ -683,6 +684,25 @@ async fn lag_seconds_gauge_grows_under_a_backlog() -> Result<()> {
     })?;
     eprintln!("kafka_infer_consumer_lag_seconds under backlog: {age}");
     assert!(ki.metric("kafka_infer_consumer_lag{").unwrap_or(0.0) > 0.0);
+    // `lag` sees the running member and its backlog in time too.
+    let mut e = env(&broker.bootstrap(), &input, &output);
+    e.extend([
+        ("KAFKA_GROUP_ID", group.clone()),
+        ("KAFKA_INFER_MODEL", model.rest_url()),
+    ]);
+    let v = tool(&["lag", "--json"], &e, Duration::from_secs(60))?.json();
+    assert_eq!(v["group_state"], "Stable", "{v:#}");
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "{v:#}");
+    assert!(
+        members[0]["member_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("kafka-infer-"),
+        "{v:#}"
+    );
+    assert!(v["total_lag"].as_i64().unwrap() > 0, "{v:#}");
+    assert!(v["max_age_seconds"].as_f64().unwrap() > 1.0, "{v:#}");
     // Once the backlog is done, back to 0.
     read_topic(&broker.bootstrap(), &output, 15, 30)?;
     wait_for(Duration::from_secs(10), "lag seconds back to 0", || {
