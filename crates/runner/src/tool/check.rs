@@ -252,14 +252,15 @@ async fn kafka_checks(cfg: &Config, out: &mut Vec<Check>) {
                 if what == "input topic" {
                     input_partitions = Some(n);
                 }
-                let limit = match cluster.topic_max_message_bytes(&topic).await {
+                let max = cluster.topic_max_message_bytes(&topic).await;
+                let limit = match &max {
                     Ok(Some(b)) => format!("max.message.bytes {b}"),
                     Ok(None) => "max.message.bytes not reported".into(),
                     Err(e) => format!("max.message.bytes unreadable: {e}"),
                 };
                 let mut d = format!("`{topic}`: {n} partitions, {limit}");
                 if what != "input topic"
-                    && let Ok(Some(b)) = cluster.topic_max_message_bytes(&topic).await
+                    && let Ok(Some(b)) = max
                     && b < cfg.max_request_size
                 {
                     d.push_str(&format!(
