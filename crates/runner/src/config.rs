@@ -1270,6 +1270,31 @@ spec:
     }
 
     #[test]
+    fn max_record_age_is_off_by_default_and_named_in_its_errors() {
+        let f = tmp(CIFAR);
+        let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
+        assert_eq!(c.max_record_age, None);
+        let env = |k: &str| (k == "KAFKA_INFER_MAX_RECORD_AGE").then(|| "30s".to_string());
+        let c = Config::resolve(&args_with(&f.0), &env).unwrap();
+        assert_eq!(c.max_record_age, Some(Duration::from_secs(30)));
+        assert_eq!(c.summary()["max_record_age_ms"], 30_000);
+        let mut a = args_with(&f.0);
+        a.max_record_age = Some("2m".into());
+        let c = Config::resolve(&a, &env).unwrap();
+        assert_eq!(
+            c.max_record_age,
+            Some(Duration::from_secs(120)),
+            "flag wins"
+        );
+        a.max_record_age = Some("soon".into());
+        let e = Config::resolve(&a, &env).unwrap_err().to_string();
+        assert!(
+            e.contains("--max-record-age (KAFKA_INFER_MAX_RECORD_AGE)") && e.contains("soon"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn flags_beat_env_beat_yaml() {
         let f = tmp(CIFAR);
         let env = |k: &str| (k == "KAFKA_INPUT_TOPIC").then(|| "from-env".to_string());
