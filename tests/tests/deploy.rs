@@ -151,6 +151,60 @@ fn keda_and_kafka_infer_agree() -> Result<()> {
     Ok(())
 }
 
+/// The Prometheus-scaler example: the fields KEDA requires (serverAddress, query, threshold as
+/// strings; a number threshold), the same Deployment and input topic as the record-count
+/// ScaledObject, and a query on the gauge kafka-infer exports.
+#[test]
+fn keda_prometheus_scaler_on_lag_seconds_has_what_keda_requires() -> Result<()> {
+    let app = docs("kafka-infer.yaml")?;
+    let by_count = docs("keda-scaledobject.yaml")?;
+    let by_age = docs("keda-scaledobject-lag-seconds.yaml")?;
+    assert_eq!(by_age.len(), 1, "one ScaledObject");
+    let so = kind(&by_age, "ScaledObject");
+    assert_eq!(s(&so["apiVersion"]), "keda.sh/v1alpha1");
+    assert!(so["metadata"]["name"].is_string());
+    let dep = kind(&app, "Deployment");
+    assert_eq!(
+        s(&so["spec"]["scaleTargetRef"]["name"]),
+        s(&dep["metadata"]["name"])
+    );
+    assert_eq!(
+        s(&so["metadata"]["namespace"]),
+        s(&dep["metadata"]["namespace"])
+    );
+    // A gauge from running replicas: never scaled to zero.
+    assert!(so["spec"]["minReplicaCount"].as_u64().unwrap() >= 1);
+    let trig = &so["spec"]["triggers"][0];
+    assert_eq!(s(&trig["type"]), "prometheus");
+    let m = &trig["metadata"];
+    for field in ["serverAddress", "query", "threshold"] {
+        assert!(
+            m[field].is_string(),
+            "trigger metadata.{field} is required and must be a string"
+        );
+    }
+    assert!(s(&m["serverAddress"]).starts_with("http"));
+    let threshold: f64 = s(&m["threshold"]).parse()?;
+    assert!(threshold > 0.0);
+    if !m["activationThreshold"].is_null() {
+        s(&m["activationThreshold"]).parse::<f64>()?;
+    }
+    let query = s(&m["query"]);
+    assert!(
+        query.contains("kafka_infer_consumer_lag_seconds{"),
+        "{query}"
+    );
+    let topic = s(&kind(&by_count, "ScaledObject")["spec"]["triggers"][0]["metadata"]["topic"]);
+    assert!(
+        query.contains(&format!("topic=\"{topic}\"")),
+        "the input topic: {query}"
+    );
+    // The gauge is one kafka-infer exports.
+    let src = std::fs::read_to_string(repo_root().join("crates/runner/src/metrics.rs"))?;
+    assert!(src.contains("\"kafka_infer_consumer_lag_seconds\""));
+    Ok(())
+}
+
 #[test]
 fn the_sample_seldondeployment_is_read_as_seldon_would() -> Result<()> {
     let out = std::process::Command::new(kafka_infer_bin())

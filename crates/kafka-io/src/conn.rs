@@ -85,6 +85,14 @@ impl Connector {
 
     /// Opens, secures and authenticates one connection, and learns the broker's API versions.
     pub async fn connect(&self, addr: &BrokerAddr) -> Result<BrokerConn> {
+        self.connect_steps(addr).await.map_err(|(_, e)| e)
+    }
+
+    /// [`connect`](Self::connect), saying which step failed (for `kafka-infer check`).
+    pub async fn connect_steps(
+        &self,
+        addr: &BrokerAddr,
+    ) -> std::result::Result<BrokerConn, (ConnectStep, Error)> {
         let name = addr.to_string();
         let tcp = tokio::time::timeout(
             self.connect_timeout,
@@ -95,30 +103,35 @@ impl Connector {
             call: "connect",
             broker: name.clone(),
             after: self.connect_timeout,
-        })?
-        .map_err(|e| Error::Connect {
-            broker: name.clone(),
-            why: e.to_string(),
-        })?;
+        })
+        .and_then(|r| {
+            r.map_err(|e| Error::Connect {
+                broker: name.clone(),
+                why: e.to_string(),
+            })
+        })
+        .map_err(|e| (ConnectStep::Tcp, e))?;
         tcp.set_nodelay(true).ok();
         let stream: Box<dyn Stream> = match &self.tls {
             None => Box::new(tcp),
             Some(cfg) => {
-                let server =
-                    ServerName::try_from(addr.host.clone()).map_err(|e| Error::Connect {
-                        broker: name.clone(),
-                        why: format!("invalid TLS server name: {e}"),
-                    })?;
-                let tls = tokio_rustls::TlsConnector::from(cfg.clone());
-                let s = tokio::time::timeout(self.connect_timeout, tls.connect(server, tcp))
-                    .await
-                    .map_err(|_| Error::Timeout {
-                        call: "TLS handshake",
-                        broker: name.clone(),
-                        after: self.connect_timeout,
-                    })?
-                    .map_err(|e| handshake_error(&name, e))?;
-                Box::new(s)
+                let tls_step = async {
+                    let server =
+                        ServerName::try_from(addr.host.clone()).map_err(|e| Error::Connect {
+                            broker: name.clone(),
+                            why: format!("invalid TLS server name: {e}"),
+                        })?;
+                    let tls = tokio_rustls::TlsConnector::from(cfg.clone());
+                    tokio::time::timeout(self.connect_timeout, tls.connect(server, tcp))
+                        .await
+                        .map_err(|_| Error::Timeout {
+                            call: "TLS handshake",
+                            broker: name.clone(),
+                            after: self.connect_timeout,
+                        })?
+                        .map_err(|e| handshake_error(&name, e))
+                };
+                Box::new(tls_step.await.map_err(|e| (ConnectStep::Tls, e))?)
             }
         };
         let mut conn = BrokerConn {
@@ -129,11 +142,45 @@ impl Connector {
             client_id: StrBytes::from_string(self.settings.client_id.clone()),
             timeout: self.request_timeout,
         };
-        conn.api_versions().await?;
+        conn.api_versions().await.map_err(|e| {
+            // Under TLS 1.3 a refused client certificate shows on the first read.
+            let step = if e.is_certificate_problem() {
+                ConnectStep::Tls
+            } else {
+                ConnectStep::ApiVersions
+            };
+            (step, e)
+        })?;
         if let Some(sasl) = &self.settings.sasl {
-            crate::sasl::authenticate(&mut conn, sasl).await?;
+            crate::sasl::authenticate(&mut conn, sasl)
+                .await
+                .map_err(|e| (ConnectStep::Sasl, e))?;
         }
         Ok(conn)
+    }
+}
+
+/// The steps of opening a connection, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectStep {
+    /// The TCP connection.
+    Tcp,
+    /// The TLS handshake (SSL, SASL_SSL).
+    Tls,
+    /// The first Kafka request (ApiVersions): fails when the broker speaks TLS and we do not.
+    ApiVersions,
+    /// SASL authentication (SASL_PLAINTEXT, SASL_SSL).
+    Sasl,
+}
+
+impl ConnectStep {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Tls => "TLS",
+            Self::ApiVersions => "ApiVersions",
+            Self::Sasl => "SASL",
+        }
     }
 }
 

@@ -125,6 +125,12 @@ impl Error {
         matches!(self, Error::Certificate { .. })
     }
 
+    /// The broker answered OFFSET_OUT_OF_RANGE (the offset is before the log start or past
+    /// its end).
+    pub fn is_offset_out_of_range(&self) -> bool {
+        self.broker_error() == Some(ResponseError::OffsetOutOfRange)
+    }
+
     /// The broker's error code, when the broker answered with one.
     pub fn broker_error(&self) -> Option<ResponseError> {
         match self {

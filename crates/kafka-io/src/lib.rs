@@ -11,6 +11,7 @@
 //! idempotent producer ([`producer`]: rskafka writes producer id -1, copies every record and
 //! resends throttled batches).
 
+pub mod admin;
 pub mod assignor;
 pub mod backoff;
 pub mod cluster;

@@ -121,6 +121,11 @@ pub struct RunArgs {
     /// split at its first such failure. Default 3.
     #[arg(long, env = "KAFKA_INFER_MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
+    /// A deadline for real-time requests: a record older than this (by its Kafka timestamp)
+    /// when its turn comes gets an error record of kind `expired` instead of a model call
+    /// (counted in kafka_infer_records_total{result="expired"}), e.g. 30s or 5m. Default: off.
+    #[arg(long, env = "KAFKA_INFER_MAX_RECORD_AGE")]
+    pub max_record_age: Option<String>,
     /// How soon finished records are committed: one OffsetCommit for every partition at most
     /// this often (Kafka's auto.commit.interval.ms is 5s). A crash (SIGKILL) redoes what was
     /// answered since the last commit, so up to this long of answers; --max-uncommitted bounds
@@ -372,6 +377,8 @@ pub struct Config {
     pub linger_max: Duration,
     pub max_request_size: usize,
     pub max_attempts: u32,
+    /// Records older than this when their turn comes get an `expired` error record.
+    pub max_record_age: Option<Duration>,
     pub assignors: Vec<kafka_io::assignor::Assignor>,
     pub commit_interval: Duration,
     pub metadata_max_age: Duration,
@@ -965,6 +972,9 @@ impl Config {
                 Some(n) => n,
                 None => 3,
             },
+            max_record_age: pick(&args.max_record_age, "KAFKA_INFER_MAX_RECORD_AGE")
+                .map(|v| parse_duration(&v, "KAFKA_INFER_MAX_RECORD_AGE"))
+                .transpose()?,
             commit_interval: dur(&args.commit_interval, "KAFKA_COMMIT_INTERVAL", "1s")?,
             linger,
             linger_max,
@@ -1062,6 +1072,7 @@ impl Config {
             "drain_timeout_ms": self.drain_timeout.as_millis() as u64,
             "max_request_size": self.max_request_size,
             "max_attempts": self.max_attempts,
+            "max_record_age_ms": self.max_record_age.map(|d| d.as_millis() as u64),
             "commit_interval_ms": self.commit_interval.as_millis() as u64,
             "idempotence": self.idempotence,
             "linger_ms": self.linger.as_millis() as u64,
@@ -1276,6 +1287,31 @@ spec:
         a.idempotence = Some("maybe".into());
         let e = Config::resolve(&a, &env).unwrap_err().to_string();
         assert!(e.contains("--idempotence") && e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn max_record_age_is_off_by_default_and_named_in_its_errors() {
+        let f = tmp(CIFAR);
+        let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
+        assert_eq!(c.max_record_age, None);
+        let env = |k: &str| (k == "KAFKA_INFER_MAX_RECORD_AGE").then(|| "30s".to_string());
+        let c = Config::resolve(&args_with(&f.0), &env).unwrap();
+        assert_eq!(c.max_record_age, Some(Duration::from_secs(30)));
+        assert_eq!(c.summary()["max_record_age_ms"], 30_000);
+        let mut a = args_with(&f.0);
+        a.max_record_age = Some("2m".into());
+        let c = Config::resolve(&a, &env).unwrap();
+        assert_eq!(
+            c.max_record_age,
+            Some(Duration::from_secs(120)),
+            "flag wins"
+        );
+        a.max_record_age = Some("soon".into());
+        let e = Config::resolve(&a, &env).unwrap_err().to_string();
+        assert!(
+            e.contains("--max-record-age (KAFKA_INFER_MAX_RECORD_AGE)") && e.contains("soon"),
+            "{e}"
+        );
     }
 
     #[test]

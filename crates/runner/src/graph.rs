@@ -725,20 +725,70 @@ impl Graph {
         }
     }
 
+    /// Whether the node's model server says it is ready (within `--model-timeout`): see
+    /// [`Graph::readiness_of`].
+    async fn probe(&self, node: &NodeRt, client: &Client) -> bool {
+        let ok = self.readiness_of(node, client).await.is_ok();
+        tracing::info!(model = %node.cfg.name, ready = ok, "health check of a model that keeps failing one record");
+        ok
+    }
+
+    /// Asks every node of the graph that calls a model server whether it is ready (for
+    /// `kafka-infer check`): each node's name, URL (without userinfo), the endpoint asked, and
+    /// why it is not ready.
+    pub async fn readiness(&self) -> Vec<NodeReadiness> {
+        fn nodes<'a>(n: &'a NodeRt, out: &mut Vec<&'a NodeRt>) {
+            out.push(n);
+            for c in &n.children {
+                nodes(c, out);
+            }
+        }
+        let mut all = Vec::new();
+        nodes(&self.root, &mut all);
+        let mut out = Vec::new();
+        for n in all {
+            let Some(client) = &n.client else { continue };
+            let result = self.readiness_of(n, client).await;
+            out.push(NodeReadiness {
+                node: n.cfg.name.clone(),
+                url: crate::config::without_userinfo(&n.cfg.url).into_owned(),
+                endpoint: self.readiness_endpoint(n, client),
+                result,
+            });
+        }
+        out
+    }
+
+    /// What [`Graph::readiness_of`] asks: a REST path or a gRPC method.
+    fn readiness_endpoint(&self, node: &NodeRt, client: &Client) -> String {
+        match (client, self.protocol) {
+            (Client::Rest(_), Protocol::V2) => "GET /v2/health/ready".to_owned(),
+            (Client::Rest(_), Protocol::Tensorflow) => format!("GET /v1/models/{}", node.cfg.name),
+            (Client::Rest(_), Protocol::Seldon) => "GET /health/ping".to_owned(),
+            (Client::Grpc(_), Protocol::V2) => {
+                "gRPC inference.GRPCInferenceService/ServerReady".to_owned()
+            }
+            (Client::Grpc(_), Protocol::Tensorflow) => {
+                "gRPC tensorflow.serving.ModelService/GetModelStatus".to_owned()
+            }
+            (Client::Grpc(_), Protocol::Seldon) => "gRPC grpc.health.v1.Health/Check".to_owned(),
+        }
+    }
+
     /// Whether the node's model server says it is ready (within `--model-timeout`): REST
     /// `GET /v2/health/ready` (v2), `GET /v1/models/<name>` (tensorflow), `GET /health/ping`
     /// (seldon); gRPC `ServerReady` (v2), `ModelService/GetModelStatus` (tensorflow),
     /// `grpc.health.v1.Health/Check` (seldon). A server that does not serve it counts as not
-    /// ready.
-    async fn probe(&self, node: &NodeRt, client: &Client) -> bool {
-        let ok = match client {
+    /// ready. Err says why.
+    async fn readiness_of(&self, node: &NodeRt, client: &Client) -> Result<(), String> {
+        match client {
             Client::Rest(c) => {
                 let path = match self.protocol {
                     Protocol::V2 => "/v2/health/ready".to_owned(),
                     Protocol::Tensorflow => format!("/v1/models/{}", node.cfg.name),
                     Protocol::Seldon => "/health/ping".to_owned(),
                 };
-                c.get(&path).await.is_ok()
+                c.get(&path).await.map_err(|e| e.to_string())
             }
             Client::Grpc(c) => {
                 let none = http::HeaderMap::new();
@@ -772,14 +822,22 @@ impl Graph {
                     ),
                 };
                 match c.unary(path, body, &none).await {
-                    Ok(r) => want.is_none_or(|w| r.body[..] == *w),
-                    Err(_) => false,
+                    Ok(r) if want.is_none_or(|w| r.body[..] == *w) => Ok(()),
+                    Ok(_) => Err("the server answers that it is not ready".to_owned()),
+                    Err(e) => Err(e.to_string()),
                 }
             }
-        };
-        tracing::info!(model = %node.cfg.name, ready = ok, "health check of a model that keeps failing one record");
-        ok
+        }
     }
+}
+
+/// One graph node's readiness ([`Graph::readiness`]).
+#[derive(Clone, Debug)]
+pub struct NodeReadiness {
+    pub node: String,
+    pub url: String,
+    pub endpoint: String,
+    pub result: Result<(), String>,
 }
 
 fn put_varint(b: &mut Vec<u8>, mut n: usize) {

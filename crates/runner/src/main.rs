@@ -2,8 +2,8 @@
 //!
 //! The command line; the runner's modules live in its library (lib.rs).
 
-use clap::{Parser, Subcommand};
-use runner::{config, pipeline};
+use clap::{Args, Parser, Subcommand};
+use runner::{config, pipeline, tool};
 use tokio::sync::watch;
 
 /// mimalloc: musl's allocator (the static binary's) made every answer cost 1.5-2.4x the CPU
@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the bridge (configured like a SeldonDeployment with serverType: kafka).
-    Run(config::RunArgs),
+    Run(RunCmd),
     /// Produce requests to the input topic and print their answers from the output (or error)
     /// topic, with latency: curl for a Kafka-served model. Exit 1 on an error record or a timeout.
     ///
@@ -59,7 +59,42 @@ enum Cmd {
     /// start, outside the deployment's group and without commits. Exit 0; 1 when a copy could
     /// not be written; 2 for bad settings. Progress goes to stderr when it is a terminal.
     Redrive(runner::tool::redrive::RedriveArgs),
+    /// The group's lag on the input topic (per partition, in records and in time).
+    ///
+    /// Committed offset, end offset (the Fetch high watermark) and lag per partition and in
+    /// total; the age of the oldest unprocessed record (the timestamp of the record at the
+    /// committed offset); the members and their partitions (DescribeGroups). Same settings as
+    /// `run`. Exit 0; 1 when over --max-lag or --max-lag-age; 2 when it cannot tell.
+    Lag(tool::lag::LagArgs),
+    /// Preflight that consumes nothing (CI, init containers).
+    ///
+    /// Checks the configuration, each broker (TCP, TLS, ApiVersions, SASL: the step that
+    /// failed), the input, output and error topics (partitions, max.message.bytes), the group,
+    /// and every graph node's model server (its protocol's readiness endpoint). Prints a table
+    /// of the checks with what failed and the setting to look at. Same settings as `run`.
+    /// Exit 0 only if all pass, else 1.
+    Check(tool::check::CheckArgs),
 }
+
+/// `kafka-infer run` flags: the settings every subcommand shares, and run's own.
+#[derive(Args)]
+struct RunCmd {
+    #[command(flatten)]
+    args: config::RunArgs,
+    /// Batch mode (a Kubernetes Job, CI): read each assigned partition's end offset when it is
+    /// assigned, process up to it, then drain, commit, leave the group and exit with a summary
+    /// on stdout (answered, error records, duration, records/s). Several replicas may run it at
+    /// once: each stops when its partitions are done. Exit 0; 3 when error records were
+    /// written (expired ones included); 4 when stopped (SIGTERM/SIGINT) before catching up;
+    /// 1 on a fatal error. Progress is shown when stderr is a terminal.
+    #[arg(long)]
+    until_caught_up: bool,
+}
+
+/// `run --until-caught-up`: the exit code when error records were written.
+const EXIT_ERROR_RECORDS: u8 = 3;
+/// `run --until-caught-up`: the exit code when a signal stopped it before it caught up.
+const EXIT_NOT_CAUGHT_UP: u8 = 4;
 
 fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -76,10 +111,15 @@ fn init_logging(format: config::LogFormat) {
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    let args = match cli.cmd {
-        Cmd::Run(args) => args,
+    let RunCmd {
+        args,
+        until_caught_up,
+    } = match cli.cmd {
+        Cmd::Run(r) => r,
         Cmd::Send(args) => return runner::tool::send::main(args),
         Cmd::Redrive(args) => return runner::tool::redrive::main(args),
+        Cmd::Lag(a) => return tool::lag::main(a),
+        Cmd::Check(a) => return tool::check::main(a),
     };
     let cfg = match config::Config::resolve(&args, &|k| std::env::var(k).ok()) {
         Ok(c) => c,
@@ -121,8 +161,19 @@ fn main() -> std::process::ExitCode {
             }
             let _ = stop_tx.send(true);
         });
-        match pipeline::run(cfg, stop).await {
-            Ok(()) => std::process::ExitCode::SUCCESS,
+        match pipeline::run_mode(cfg, stop, until_caught_up).await {
+            Ok(summary) if until_caught_up => {
+                tracing::info!("{summary}");
+                println!("{summary}");
+                if !summary.caught_up {
+                    std::process::ExitCode::from(EXIT_NOT_CAUGHT_UP)
+                } else if summary.error_records > 0 {
+                    std::process::ExitCode::from(EXIT_ERROR_RECORDS)
+                } else {
+                    std::process::ExitCode::SUCCESS
+                }
+            }
+            Ok(_) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e:#}");
                 eprintln!("kafka-infer: {e:#}");

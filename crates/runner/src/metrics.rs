@@ -39,18 +39,21 @@ pub struct ResultLabels {
 /// The lag series: one snapshot, replaced whole by [`Metrics::set_lag`] and read whole by a
 /// scrape, so a scrape sees one complete set, never a half-filled one.
 #[derive(Debug, Default)]
-struct LagSet(RwLock<Arc<Vec<(LagLabels, i64)>>>);
+struct LagSet(RwLock<Arc<Vec<(LagLabels, i64, f64)>>>);
 
 const LAG_NAME: &str = "kafka_infer_consumer_lag";
 const LAG_HELP: &str =
     "Records not yet committed per partition (high watermark - committed offset)";
+const LAG_SECONDS_NAME: &str = "kafka_infer_consumer_lag_seconds";
+const LAG_SECONDS_HELP: &str = "Age of the oldest unprocessed record per partition (now - its \
+     Kafka timestamp), of the records this member holds; 0 when it holds none";
 
 impl LagSet {
-    fn replace(&self, lags: Vec<(LagLabels, i64)>) {
+    fn replace(&self, lags: Vec<(LagLabels, i64, f64)>) {
         *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(lags);
     }
 
-    fn snapshot(&self) -> Arc<Vec<(LagLabels, i64)>> {
+    fn snapshot(&self) -> Arc<Vec<(LagLabels, i64, f64)>> {
         self.0
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -61,9 +64,21 @@ impl LagSet {
 impl Collector for LagSet {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let lags = self.snapshot();
-        let mut series = encoder.encode_descriptor(LAG_NAME, LAG_HELP, None, MetricType::Gauge)?;
-        for (labels, lag) in lags.iter() {
-            ConstGauge::new(*lag).encode(series.encode_family(labels)?)?;
+        {
+            let mut series =
+                encoder.encode_descriptor(LAG_NAME, LAG_HELP, None, MetricType::Gauge)?;
+            for (labels, lag, _) in lags.iter() {
+                ConstGauge::new(*lag).encode(series.encode_family(labels)?)?;
+            }
+        }
+        let mut series = encoder.encode_descriptor(
+            LAG_SECONDS_NAME,
+            LAG_SECONDS_HELP,
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, _, age) in lags.iter() {
+            ConstGauge::new(*age).encode(series.encode_family(labels)?)?;
         }
         Ok(())
     }
@@ -89,8 +104,10 @@ pub struct Metrics {
     produce_throttled: Counter<f64, AtomicU64>,
     /// The producer's throttled milliseconds already counted.
     produce_throttled_ms: AtomicU64,
-    /// The three result series, made once (no allocation per record).
-    by_result: [(&'static str, Counter); 3],
+    /// The result series, made once (no allocation per record).
+    by_result: [(&'static str, Counter); 4],
+    /// Per partition, the timestamp (ms) of the oldest record the member holds unfinished.
+    oldest: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
     /// Payload-logger events by result: sent, failed, dropped.
     pub logger_events: [(&'static str, Counter); 3],
 }
@@ -113,7 +130,9 @@ impl Metrics {
         registry.register_collector(Box::new(lag.clone()));
         registry.register(
             "kafka_infer_records",
-            "Input records by result: ok, error (answered with an error record), retry (model call retries)",
+            "Input records by result: ok, error (answered with an error record), expired (an \
+             error record: older than --max-record-age when its turn came), retry (model call \
+             retries)",
             records.clone(),
         );
         registry.register(
@@ -162,7 +181,7 @@ impl Metrics {
              responses; the next request to that broker waits, nothing is resent)",
             produce_throttled.clone(),
         );
-        let by_result = ["ok", "error", "retry"].map(|r| {
+        let by_result = ["ok", "error", "retry", "expired"].map(|r| {
             let c = records
                 .get_or_create(&ResultLabels {
                     result: r.to_owned(),
@@ -188,6 +207,7 @@ impl Metrics {
         Self {
             batch_size,
             by_result,
+            oldest: Default::default(),
             logger_events,
             registry,
             lag,
@@ -231,17 +251,48 @@ impl Metrics {
         self.by_result[0].1.get()
     }
 
+    /// Records counted under `result` so far.
+    pub fn total(&self, result: &str) -> u64 {
+        self.by_result
+            .iter()
+            .find(|(r, _)| *r == result)
+            .map_or(0, |(_, c)| c.get())
+    }
+
+    /// Says which record of the partition is the oldest the member holds unfinished (its
+    /// Kafka timestamp in ms; None: it holds none), for kafka_infer_consumer_lag_seconds.
+    pub fn set_oldest(&self, topic: &str, partition: i32, timestamp_ms: Option<i64>) {
+        let mut o = self.oldest.lock().unwrap_or_else(PoisonError::into_inner);
+        match timestamp_ms {
+            Some(t) => {
+                o.insert((topic.to_owned(), partition), t);
+            }
+            None => {
+                o.remove(&(topic.to_owned(), partition));
+            }
+        }
+    }
+
     /// Replaces the lag series with the current assignment's partitions, in one step: a scrape
-    /// sees either the previous set or this one.
+    /// sees either the previous set or this one. The age of a partition's oldest unprocessed
+    /// record is now minus the timestamp [`Metrics::set_oldest`] was given, 0 without lag.
     pub fn set_lag(&self, lags: &[kafka_io::PartitionLag]) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let oldest = self.oldest.lock().unwrap_or_else(PoisonError::into_inner);
         self.lag.replace(
             lags.iter()
                 .map(|l| {
+                    let age = match oldest.get(&(l.topic.clone(), l.partition)) {
+                        Some(ts) if l.lag > 0 => (now_ms - ts).max(0) as f64 / 1000.0,
+                        _ => 0.0,
+                    };
                     let labels = LagLabels {
                         topic: l.topic.clone(),
                         partition: l.partition.to_string(),
                     };
-                    (labels, l.lag)
+                    (labels, l.lag, age)
                 })
                 .collect(),
         );
@@ -487,6 +538,62 @@ mod tests {
         assert!(
             text.contains("kafka_infer_produce_throttled_seconds_total 2.0"),
             "{text}"
+        );
+    }
+
+    /// The value of `series` (a full series name with labels) in a scrape.
+    fn value_of(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    #[test]
+    fn lag_seconds_is_the_age_of_the_oldest_unfinished_record_while_there_is_lag() {
+        let m = Metrics::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        m.set_oldest("in", 0, Some(now - 5_000));
+        m.set_lag(&lags(3, 2));
+        let text = m.render();
+        assert!(
+            text.contains("# TYPE kafka_infer_consumer_lag_seconds gauge"),
+            "{text}"
+        );
+        let age = value_of(
+            &text,
+            r#"kafka_infer_consumer_lag_seconds{topic="in",partition="0"}"#,
+        )
+        .expect("partition 0");
+        assert!((5.0..60.0).contains(&age), "{text}");
+        // Nothing held of partition 1: no age known, 0.
+        assert_eq!(
+            value_of(
+                &text,
+                r#"kafka_infer_consumer_lag_seconds{topic="in",partition="1"}"#
+            ),
+            Some(0.0)
+        );
+        // No lag: 0, whatever is held.
+        m.set_lag(&lags(0, 1));
+        assert_eq!(
+            value_of(
+                &m.render(),
+                r#"kafka_infer_consumer_lag_seconds{topic="in",partition="0"}"#
+            ),
+            Some(0.0)
+        );
+        // Withdrawn (the worker ended).
+        m.set_oldest("in", 0, None);
+        m.set_lag(&lags(3, 1));
+        assert_eq!(
+            value_of(
+                &m.render(),
+                r#"kafka_infer_consumer_lag_seconds{topic="in",partition="0"}"#
+            ),
+            Some(0.0)
         );
     }
 

@@ -38,6 +38,8 @@ pub const ERROR_KIND_HEADER: &str = "kafka-infer-error-kind";
 enum Outcome {
     Answer(Msg, RecordMeta),
     Failed(CallError, Option<RecordMeta>),
+    /// Older than --max-record-age when its turn came: not sent to the model.
+    Expired(String, RecordMeta),
     /// Shutdown interrupted it: no output, no completion (the next owner redoes it).
     Abandoned,
 }
@@ -68,10 +70,147 @@ struct Ctx {
     stop_tx: watch::Sender<bool>,
     /// Set when a result can be written nowhere: the process stops and exits non-zero.
     fatal: watch::Sender<Option<String>>,
+    /// --max-record-age.
+    max_record_age: Option<Duration>,
+    /// `run --until-caught-up`: each partition's end offset and whether it is reached.
+    until: Option<Arc<Until>>,
+}
+
+/// `run --until-caught-up`: where each partition the member runs started, ends (read when it
+/// was assigned) and is committed.
+struct Until {
+    connector: kafka_io::conn::Connector,
+    parts: std::sync::Mutex<std::collections::HashMap<(String, i32), UntilProgress>>,
+}
+
+/// One partition's way to its end offset.
+#[derive(Clone, Copy, Debug)]
+struct UntilProgress {
+    from: i64,
+    /// None until read.
+    end: Option<i64>,
+    committed: i64,
+}
+
+impl UntilProgress {
+    fn is_done(&self) -> bool {
+        self.end.is_some_and(|e| self.committed >= e)
+    }
+}
+
+impl Until {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, i32), UntilProgress>> {
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, topic: &str, partition: i32, progress: Option<UntilProgress>) {
+        let mut m = self.lock();
+        match progress {
+            Some(p) => {
+                m.insert((topic.to_owned(), partition), p);
+            }
+            None => {
+                m.remove(&(topic.to_owned(), partition));
+            }
+        }
+    }
+
+    fn is_done(&self, tp: &(String, i32)) -> bool {
+        self.lock().get(tp).is_some_and(UntilProgress::is_done)
+    }
+
+    /// Records committed since the partitions' ends were read, and records to go to the ends.
+    fn progress(&self) -> (i64, i64) {
+        self.lock()
+            .values()
+            .filter_map(|p| {
+                let end = p.end?;
+                let done = (p.committed.min(end) - p.from).max(0);
+                Some((done, (end - p.from).max(0)))
+            })
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+
+    /// The partition's end: its last stable offset (the group reads read_committed), read
+    /// with one Fetch from `from` (ListOffsets latest is wrong on some brokers). Retried a
+    /// few times; Err when it stays unreadable.
+    async fn end_offset(&self, topic: &str, partition: i32, from: i64) -> anyhow::Result<i64> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let mut last = None;
+        for _ in 0..5 {
+            match kafka_io::admin::peek(&self.connector, topic, partition, from).await {
+                Ok(f) if f.last_stable_offset >= 0 => return Ok(f.last_stable_offset),
+                Ok(f) => return Ok(f.high_watermark),
+                Err(e) => {
+                    tracing::warn!(%topic, partition, error = %e, "cannot read the end offset yet");
+                    last = Some(e);
+                    tokio::time::sleep(backoff.next_wait()).await;
+                }
+            }
+        }
+        Err(anyhow::anyhow!(
+            "{topic}/{partition}: cannot read the end offset: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        ))
+    }
+}
+
+/// What `run --until-caught-up` did.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// Every partition reached its end offset (false: stopped by a signal first).
+    pub caught_up: bool,
+    /// Records answered (written to the output topic).
+    pub answered: u64,
+    /// Error records written (including expired ones).
+    pub error_records: u64,
+    /// Of them, records older than --max-record-age.
+    pub expired: u64,
+    pub duration: Duration,
+}
+
+impl Summary {
+    pub fn records_per_s(&self) -> f64 {
+        (self.answered + self.error_records) as f64 / self.duration.as_secs_f64().max(1e-9)
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} answered, {} error records ({} expired), {:.1} s, {:.1} records/s",
+            if self.caught_up {
+                "caught up"
+            } else {
+                "stopped before catching up"
+            },
+            self.answered,
+            self.error_records,
+            self.expired,
+            self.duration.as_secs_f64(),
+            self.records_per_s()
+        )
+    }
 }
 
 /// Runs until SIGTERM/SIGINT (or `stop` turns true), then drains, commits, leaves, returns.
-pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    run_mode(cfg, stop, false).await.map(|_| ())
+}
+
+/// [`run`]; with `until_caught_up`, each assigned partition's end offset is read when it is
+/// assigned and records are processed up to it; once every partition of the member's
+/// assignment is committed up to its end (or the member has had none for a session
+/// timeout), it drains, commits, leaves the group and returns what it did.
+pub async fn run_mode(
+    mut cfg: Config,
+    mut stop: watch::Receiver<bool>,
+    until_caught_up: bool,
+) -> anyhow::Result<Summary> {
+    let started = std::time::Instant::now();
     let metrics = Arc::new(Metrics::new());
     metrics
         .sasl_plaintext_credentials
@@ -90,7 +229,7 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
     cfg.connection.build_tls()?;
     let cluster = connect(&cfg, &mut stop).await?;
     let Some(cluster) = cluster else {
-        return Ok(());
+        return Ok(summary(&metrics, started, false));
     };
     check_topics(&cluster, &cfg).await?;
 
@@ -175,6 +314,13 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
         stop: internal_stop,
         stop_tx,
         fatal: fatal_tx,
+        max_record_age: cfg.max_record_age,
+        until: until_caught_up.then(|| {
+            Arc::new(Until {
+                connector: cluster.connector.clone(),
+                parts: Default::default(),
+            })
+        }),
     });
 
     if let Some(rx) = batcher_rx {
@@ -188,6 +334,15 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_log = std::time::Instant::now();
     let mut last_ok = 0i64;
+    // --until-caught-up: the first assignment (until then the member owns nothing yet), and
+    // since when the member has owned nothing.
+    let mut assignment = consumer.assignment();
+    let mut joined = false;
+    let mut empty_since: Option<std::time::Instant> = None;
+    let mut caught_up = false;
+    // Progress on a terminal (quiet when stderr is piped).
+    let progress = until_caught_up && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_progress = std::time::Instant::now();
     loop {
         tokio::select! {
             stream = consumer.next_stream() => {
@@ -206,6 +361,33 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
                 metrics.model_bound.set(ctx.pressure.load(Ordering::Relaxed) as i64);
                 tasks.retain(|t| !t.is_finished());
                 crate::ratelog::flush_due();
+                if let Some(until) = &ctx.until {
+                    joined = joined || assignment.has_changed().unwrap_or(false);
+                    let owned = assignment.borrow_and_update().clone();
+                    if joined {
+                        let done = if owned.is_empty() {
+                            // A new member may get nothing for one cooperative round: wait
+                            // for a session timeout before deciding there is nothing for it.
+                            empty_since.get_or_insert_with(std::time::Instant::now).elapsed()
+                                >= cfg.session_timeout
+                        } else {
+                            empty_since = None;
+                            owned.iter().all(|tp| until.is_done(tp))
+                        };
+                        if done {
+                            tracing::info!(partitions = owned.len(), "caught up: every assigned partition is committed up to its end offset");
+                            caught_up = true;
+                            let _ = ctx.stop_tx.send(true);
+                            break;
+                        }
+                    }
+                    if progress && last_progress.elapsed() >= Duration::from_secs(1) {
+                        let (done, total) = until.progress();
+                        eprint!("\r{done}/{total} records, {} partitions, {} answered, {} error records   ",
+                            owned.len(), metrics.total("ok"), metrics.total("error") + metrics.total("expired"));
+                        last_progress = std::time::Instant::now();
+                    }
+                }
                 if last_log.elapsed() >= Duration::from_secs(5) {
                     let ok = metrics.ok_total() as i64;
                     let rate = (ok - last_ok) as f64 / last_log.elapsed().as_secs_f64();
@@ -229,6 +411,9 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
         let _ = ctx.stop_tx.send(true);
     }
 
+    if progress {
+        eprintln!();
+    }
     tracing::info!("stopping: no new records; finishing in-flight ones");
     metrics
         .ready
@@ -259,7 +444,18 @@ pub async fn run(mut cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Re
         anyhow::bail!("stopped: {why}");
     }
     tracing::info!("stopped cleanly");
-    Ok(())
+    Ok(summary(&metrics, started, caught_up))
+}
+
+fn summary(metrics: &Metrics, started: std::time::Instant, caught_up: bool) -> Summary {
+    let expired = metrics.total("expired");
+    Summary {
+        caught_up,
+        answered: metrics.total("ok"),
+        error_records: metrics.total("error") + expired,
+        expired,
+        duration: started.elapsed(),
+    }
 }
 
 /// The output and error topics must exist: producing to a missing one would stall (or, on
@@ -399,7 +595,55 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
         count: ctx.pressure.clone(),
         on: false,
     };
+    // Records received and not finished (offset -> Kafka timestamp): the first is the oldest
+    // unprocessed one (kafka_infer_consumer_lag_seconds).
+    let mut unfinished = Unfinished {
+        topic: stream.topic.clone(),
+        partition: input_partition,
+        metrics: ctx.metrics.clone(),
+        records: std::collections::BTreeMap::new(),
+        published: None,
+    };
+    let _until_entry = UntilEntry(ctx.until.clone(), stream.topic.clone(), input_partition);
+    // --until-caught-up: where this partition ends (read now, as it is assigned).
+    let from = *committed.borrow();
+    let end = match &ctx.until {
+        None => None,
+        Some(until) => {
+            let mut p = UntilProgress {
+                from,
+                end: None,
+                committed: from,
+            };
+            until.set(&stream.topic, input_partition, Some(p));
+            let end = tokio::select! {
+                e = until.end_offset(&stream.topic, input_partition, from) => e,
+                _ = ctx.stop_changed() => return,
+            };
+            match end {
+                Ok(e) => {
+                    tracing::info!(topic = %stream.topic, partition = input_partition, from, end = e, "processing up to the end offset");
+                    p.end = Some(e);
+                    until.set(&stream.topic, input_partition, Some(p));
+                    Some(e)
+                }
+                Err(e) => {
+                    fatal(&ctx, e.to_string());
+                    return;
+                }
+            }
+        }
+    };
     loop {
+        unfinished.publish();
+        if let (Some(e), Some(until)) = (end, &ctx.until) {
+            let p = UntilProgress {
+                from,
+                end: Some(e),
+                committed: *committed.borrow(),
+            };
+            until.set(&stream.topic, input_partition, Some(p));
+        }
         let now = *state.borrow();
         if now == StreamState::Revoked {
             // Not ours any more: what is running is dropped; the new owner redoes it.
@@ -413,6 +657,7 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
         if stopping {
             open = false;
             for q in queue.drain(..) {
+                unfinished.remove(q.token.offset);
                 ctx.acker.abandon(&q.token);
             }
         }
@@ -443,6 +688,27 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             let Some(mut q) = queue.pop_front() else {
                 break;
             };
+            if end.is_some_and(|e| q.rec.offset >= e) {
+                // Past the end offset read at assignment: left for the next run.
+                queue.push_front(q);
+                break;
+            }
+            if let Some(max) = ctx.max_record_age
+                && let Some(age) = record_age(&q.rec)
+                && age > max
+            {
+                let rm = ctx.record_meta(&q.rec.headers, input_partition, q.rec.offset, true);
+                let why = format!(
+                    "the record is {} old when its turn comes, older than --max-record-age \
+                     (KAFKA_INFER_MAX_RECORD_AGE) {}: not sent to the model",
+                    humantime::format_duration(Duration::from_millis(age.as_millis() as u64)),
+                    humantime::format_duration(max)
+                );
+                ctx.metrics.in_flight.inc();
+                let done: Done = (q.rec, q.token, Outcome::Expired(why, rm));
+                running.push_back(Box::pin(std::future::ready(done)));
+                continue;
+            }
             // Parsed now, not on arrival: a queue of fetched records pins only their bytes.
             if ctx.batch_size > 1 {
                 q.part = batch_part(&ctx, &q.rec);
@@ -460,7 +726,8 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             biased;
             // The consumer is gone (closed): nothing of this partition can be committed any more.
             r = state.changed() => if r.is_err() { return; },
-            r = committed.changed(), if !acked.is_empty() => if r.is_err() { return; },
+            // (--until-caught-up: also to see the end offset committed.)
+            r = committed.changed(), if !acked.is_empty() || end.is_some() => if r.is_err() { return; },
             // Acknowledgements first: they free memory and let commits move (finished records
             // are always ready and would starve them under biased polling).
             Some(d) = deliveries.next(), if !deliveries.is_empty() => {
@@ -471,6 +738,7 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                         if last_epoch == Some(d.token.epoch) {
                             acked.push_back(d.token.offset);
                         }
+                        unfinished.remove(d.token.offset);
                         ctx.acker.complete(&d.token);
                     }
                     // The broker refused the answer for good: an error record takes its place.
@@ -482,12 +750,19 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                                 rec.charge.add(w.cost);
                                 deliveries.push(delivered(w, rec, d.token))
                             }
-                            None => ctx.acker.abandon(&d.token),
+                            None => {
+                                unfinished.remove(d.token.offset);
+                                ctx.acker.abandon(&d.token)
+                            }
                         }
                     }
-                    Err(ProduceError::Closed) => ctx.acker.abandon(&d.token),
+                    Err(ProduceError::Closed) => {
+                        unfinished.remove(d.token.offset);
+                        ctx.acker.abandon(&d.token)
+                    }
                     Err(e) => {
                         fatal(&ctx, format!("input partition {input_partition} offset {}: its error record cannot be written: {e}", d.rec.offset));
+                        unfinished.remove(d.token.offset);
                         ctx.acker.abandon(&d.token);
                     }
                 }
@@ -500,7 +775,10 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                         deliveries.push(delivered(w, rec, token))
                     }
                     // Interrupted by shutdown, or unwritable (fatal): left uncommitted.
-                    None => ctx.acker.abandon(&token),
+                    None => {
+                        unfinished.remove(token.offset);
+                        ctx.acker.abandon(&token)
+                    }
                 }
             }
             next = stream.recv(), if open && queue.len() < ctx.max_in_flight => {
@@ -513,6 +791,9 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                             acked.clear();
                         }
                         last_epoch = Some(epoch);
+                        for r in &b.records {
+                            unfinished.add(r.offset, r.timestamp_ms);
+                        }
                         queue.extend(b.records.into_iter().map(|r| {
                             let token = Token { topic: topic.clone(), partition, offset: r.offset, epoch };
                             Queued { rec: r, token, arrived, part: None }
@@ -523,6 +804,66 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             }
             _ = ctx.stop_changed(), if open => {}
             else => break,
+        }
+    }
+}
+
+/// How old the record is now, by its Kafka timestamp (None: it has none).
+fn record_age(rec: &InRecord) -> Option<Duration> {
+    if rec.timestamp_ms < 0 {
+        return None;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis() as i64;
+    Some(Duration::from_millis((now - rec.timestamp_ms).max(0) as u64))
+}
+
+/// A partition worker's records received and not finished, by offset, with their Kafka
+/// timestamps; the oldest one's is published for kafka_infer_consumer_lag_seconds (and
+/// withdrawn when the worker ends).
+struct Unfinished {
+    topic: Arc<str>,
+    partition: i32,
+    metrics: Arc<Metrics>,
+    records: std::collections::BTreeMap<i64, i64>,
+    published: Option<i64>,
+}
+
+impl Unfinished {
+    fn add(&mut self, offset: i64, timestamp_ms: i64) {
+        if timestamp_ms >= 0 {
+            self.records.insert(offset, timestamp_ms);
+        }
+    }
+
+    fn remove(&mut self, offset: i64) {
+        self.records.remove(&offset);
+    }
+
+    fn publish(&mut self) {
+        let oldest = self.records.first_key_value().map(|(_, t)| *t);
+        if oldest != self.published {
+            self.metrics.set_oldest(&self.topic, self.partition, oldest);
+            self.published = oldest;
+        }
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        self.metrics.set_oldest(&self.topic, self.partition, None);
+    }
+}
+
+/// A worker's entry in [`Until`], removed when the worker ends (the partition left).
+struct UntilEntry(Option<Arc<Until>>, Arc<str>, i32);
+
+impl Drop for UntilEntry {
+    fn drop(&mut self) {
+        if let Some(u) = &self.0 {
+            u.set(&self.1, self.2, None);
         }
     }
 }
@@ -817,6 +1158,14 @@ async fn write_result(
             }
         }
         Outcome::Failed(e, rm) => (Failure::from(&e), rm),
+        Outcome::Expired(why, rm) => (
+            Failure {
+                kind: "expired",
+                message: why,
+                status: 408,
+            },
+            Some(rm),
+        ),
     };
     let (failure, rm) = failure;
     write_error(ctx, input_partition, rec, &failure, None, rm.as_ref()).await
@@ -841,7 +1190,11 @@ async fn write_error(
     not_to: Option<&str>,
     rm: Option<&RecordMeta>,
 ) -> Option<Written> {
-    ctx.metrics.record("error");
+    ctx.metrics.record(if f.kind == "expired" {
+        "expired"
+    } else {
+        "error"
+    });
     // A burst of bad records writes a few lines and a summary, not a line each.
     if crate::ratelog::RECORD_FAILED.admit(f.kind, Some((input_partition, rec.offset))) {
         tracing::warn!(partition = input_partition, offset = rec.offset, kind = f.kind, error = %f.message, "record failed");
