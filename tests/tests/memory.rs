@@ -38,18 +38,36 @@ fn peak_rss_kib(pid: u32) -> Result<u64> {
         .parse()?)
 }
 
-/// The manifest's memory limit, read from deploy/kafka-infer.yaml (so the test follows it).
+/// The manifest's memory limit of the kafka-infer container, read from
+/// deploy/kafka-infer.yaml (so the test follows it).
 fn manifest_limit_kib() -> Result<u64> {
     let y =
         std::fs::read_to_string(kafka_infer_tests::repo_root().join("deploy/kafka-infer.yaml"))?;
-    let l = y
-        .lines()
-        .find(|l| l.contains("limits:") && l.contains("memory"))
-        .context("no memory limit in deploy/kafka-infer.yaml")?;
-    let v = l.split("memory:").nth(1).context("memory")?;
-    let v = v.trim().trim_end_matches('}').trim();
-    let mib: u64 = v.trim_end_matches("Mi").parse()?;
-    Ok(mib * 1024)
+    for doc in y.split("\n---") {
+        let v: serde_norway::Value = serde_norway::from_str(doc)?;
+        if v["kind"].as_str() != Some("Deployment") {
+            continue;
+        }
+        let containers = v["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .context("containers")?;
+        let ki = containers
+            .iter()
+            .find(|c| c["name"].as_str() == Some("kafka-infer"))
+            .context("no kafka-infer container")?;
+        let m = ki["resources"]["limits"]["memory"]
+            .as_str()
+            .context("no memory limit for kafka-infer in deploy/kafka-infer.yaml")?;
+        return Ok(if let Some(g) = m.strip_suffix("Gi") {
+            g.parse::<u64>()? << 20
+        } else {
+            m.strip_suffix("Mi")
+                .context("a limit in Mi or Gi")?
+                .parse::<u64>()?
+                << 10
+        });
+    }
+    anyhow::bail!("no Deployment in deploy/kafka-infer.yaml")
 }
 
 /// Records in `topic`'s partitions (their high watermarks, from Fetch: tansu's ListOffsets is
