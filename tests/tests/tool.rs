@@ -217,6 +217,16 @@ async fn lag_matches_what_was_produced_and_committed_and_its_limits_set_the_exit
     assert_eq!(total, 12 - 3);
     assert_eq!(v["group_state"], "Empty", "{v}");
 
+    // Lag never calls the model: it needs no model setting.
+    let no_model: Vec<_> = e
+        .iter()
+        .filter(|(k, _)| *k != "KAFKA_INFER_MODEL")
+        .cloned()
+        .collect();
+    let out = tool(&["lag", "--json"], &no_model, Duration::from_secs(60))?;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.json()["total_lag"].as_i64(), Some(total));
+
     // The table says the same.
     let out = tool(&["lag"], &e, Duration::from_secs(60))?;
     assert_eq!(out.code, 0, "{out:?}");

@@ -270,7 +270,10 @@ async fn partition_lag(
 /// `kafka-infer lag`: 0, 1 when over a limit, 2 when it cannot tell.
 pub fn main(args: LagArgs) -> std::process::ExitCode {
     super::init_logging();
-    let cfg = match super::resolve(&args.run) {
+    // Kafka settings only: lag never calls the model, so none need be configured.
+    let cfg = match Config::resolve_kafka(&args.run, &|k| std::env::var(k).ok())
+        .map_err(|e| format!("{e:#}"))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("kafka-infer lag: configuration error: {e}");
