@@ -878,6 +878,20 @@ impl Config {
                     .into(),
             );
         }
+        // Seldon's settings that would change what runs: refused, never silently ignored.
+        if let Some(v) = lookup("KAFKA_FULL_GRAPH")
+            && !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "" | "false" | "0" | "f"
+            )
+        {
+            bail!(
+                "KAFKA_FULL_GRAPH={v} is not supported: Seldon's full-graph mode (each graph node \
+                 consuming and producing its own topics) is not what kafka-infer does; it runs the \
+                 whole graph in-process between KAFKA_INPUT_TOPIC and KAFKA_OUTPUT_TOPIC. Remove \
+                 the setting (or set it to false) to run that way"
+            );
+        }
         if let Some(v) = lookup("KAFKA_AUTO_COMMIT") {
             warnings.push(format!(
                 "KAFKA_AUTO_COMMIT={v} is ignored: kafka-infer commits an offset only after the \
@@ -1353,6 +1367,27 @@ spec:
         let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
         assert_eq!(c.max_concurrency, None);
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn seldon_full_graph_mode_is_refused_not_ignored() {
+        let f = tmp(CIFAR);
+        for (v, ok) in [
+            ("true", false),
+            ("TRUE", false),
+            ("1", false),
+            ("false", true),
+            ("", true),
+        ] {
+            let env = |k: &str| (k == "KAFKA_FULL_GRAPH").then(|| v.to_string());
+            match Config::resolve(&args_with(&f.0), &env) {
+                Ok(_) => assert!(ok, "KAFKA_FULL_GRAPH={v} accepted"),
+                Err(e) => {
+                    assert!(!ok, "KAFKA_FULL_GRAPH={v} refused: {e:#}");
+                    assert!(format!("{e:#}").contains("KAFKA_FULL_GRAPH"), "{e:#}");
+                }
+            }
+        }
     }
 
     fn graph_of(protocol: &str, transport: &str, graph: &str) -> Result<Config> {
