@@ -206,3 +206,66 @@ async fn send_times_out_when_nobody_answers() -> Result<()> {
     );
     Ok(())
 }
+
+/// The tools in front of a real model server (MLServer's `doubler`): `check` passes (the model's
+/// readiness endpoint included), `run --until-caught-up` answers a backlog and exits 0, `lag
+/// --json` then shows nothing left, and `send` gets the doubled answer from a running bridge.
+#[tokio::test]
+async fn check_until_caught_up_lag_and_send_against_mlserver() -> Result<()> {
+    let broker = Broker::start()?;
+    let t = topics(&broker)?;
+    let ml = models::mlserver()?;
+    let mut env = env(&broker, &t);
+    env.extend([
+        ("KAFKA_GROUP_ID", unique("g")),
+        ("KAFKA_INFER_MODEL", ml.rest_url()),
+        ("KAFKA_INFER_MODEL_NAME", "doubler".into()),
+        ("KAFKA_SESSION_TIMEOUT", "3s".into()),
+    ]);
+    let tool = |sub: &str, args: &[&str]| -> Result<ToolRun> {
+        let r = kafka_infer_tool(sub, args, &env, None, Duration::from_secs(90))?;
+        eprintln!(
+            "{sub} {args:?}: exit {:?} in {:?}\n{}{}",
+            r.code, r.took, r.stdout, r.stderr
+        );
+        Ok(r)
+    };
+
+    let c = tool("check", &["--json"])?;
+    assert_eq!(c.code, Some(0), "check against MLServer");
+    let v: Value = serde_json::from_str(&c.stdout)?;
+    assert_eq!(v["ok"], true, "{v:#}");
+
+    // A backlog of 20 requests, scored as a batch job.
+    let backlog = (0..20)
+        .map(|i| OutRecord {
+            key: Some(Bytes::from(format!("k{i}"))),
+            value: Some(Bytes::from(request(i as f64).to_string())),
+            headers: vec![],
+        })
+        .collect();
+    kafka_infer_tests::produce_all(broker.settings(), &t.input, backlog).await?;
+    let r = tool("run", &["--until-caught-up"])?;
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.contains("caught up: 20 answered"), "{}", r.stdout);
+
+    let l = tool("lag", &["--json"])?;
+    assert_eq!(l.code, Some(0));
+    let v: Value = serde_json::from_str(&l.stdout)?;
+    assert_eq!(v["total_lag"].as_i64(), Some(0), "{v:#}");
+
+    // One request through a running bridge: MLServer's answer, doubled.
+    let ki = KafkaInfer::start(&[], &env)?;
+    ki.wait_ready(Duration::from_secs(30))?;
+    let r = send(
+        &["--json", "--timeout", "30s", &request(1.5).to_string()],
+        &env,
+        None,
+    )?;
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let a = &r.json_lines()[0];
+    assert_eq!(a["result"], "ok");
+    assert_eq!(a["value"]["model_name"], "doubler");
+    assert_eq!(a["value"]["outputs"][0]["data"], json!([3.0]), "{a:#}");
+    Ok(())
+}
