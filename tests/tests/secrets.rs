@@ -39,10 +39,24 @@ fn run_help_shows_no_secret_or_url_values() -> Result<()> {
             ),
             ("KAFKA_SASL_PASSWORD", "pw-sasl"),
             ("KAFKA_SSL_CLIENT_KEY_PASS", "pw-key"),
+            ("KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET", "pw-oidc"),
             ("KAFKA_INPUT_TOPIC", "topic-shown"),
         ],
     )?;
-    for secret in ["pw-model", "tok-otlp", "pw-sasl", "pw-key"] {
+    for flag in [
+        "--sasl-mechanism",
+        "--sasl-oauthbearer-method",
+        "--sasl-oauthbearer-token-endpoint-url",
+        "--sasl-oauthbearer-client-id",
+        "--sasl-oauthbearer-client-secret-file",
+        "--sasl-oauthbearer-scope",
+        "--sasl-oauthbearer-extensions",
+        "--sasl-oauthbearer-token-file",
+        "--sasl-oauthbearer-config",
+    ] {
+        assert!(help.contains(flag), "{flag} not in:\n{help}");
+    }
+    for secret in ["pw-model", "tok-otlp", "pw-sasl", "pw-key", "pw-oidc"] {
         assert!(!help.contains(secret), "{secret} in:\n{help}");
     }
     assert!(help.contains("[env: KAFKA_INFER_MODEL]"), "{help}");
@@ -83,6 +97,69 @@ fn print_config_shows_no_url_userinfo_or_password() -> Result<()> {
     for secret in ["pw-model", "pw-from-file"] {
         assert!(!printed.contains(secret), "{secret} in:\n{printed}");
     }
+    Ok(())
+}
+
+/// OAUTHBEARER with a token endpoint that is down: the process ends at start (exit 1) with an
+/// error naming the setting, without waiting for the (also absent) broker, and without the
+/// client secret; `--print-config` shows the OAUTHBEARER settings but not the secret.
+#[test]
+fn oauthbearer_endpoint_down_at_start_exits_naming_the_setting() -> Result<()> {
+    let endpoint = format!("http://127.0.0.1:{}/oauth2/token", free_port());
+    let broker = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("KAFKA_BROKER", broker.as_str()),
+        ("KAFKA_INPUT_TOPIC", "in"),
+        ("KAFKA_OUTPUT_TOPIC", "out"),
+        ("KAFKA_INFER_MODEL", "http://127.0.0.1:1"),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+        ("KAFKA_SASL_MECHANISM", "OAUTHBEARER"),
+        (
+            "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+            endpoint.as_str(),
+        ),
+        ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID", "kafka-infer"),
+        ("KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET", "pw-oidc-secret"),
+        (
+            "KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+            "logicalCluster=lkc-1,identityPoolId=pool-2",
+        ),
+    ];
+    let printed = run_to_end(&["run", "--print-config"], &env)?;
+    let cfg: serde_json::Value = serde_json::from_str(&printed)
+        .unwrap_or_else(|e| panic!("--print-config is JSON ({e}):\n{printed}"));
+    assert_eq!(cfg["sasl_mechanism"], "OAUTHBEARER", "{printed}");
+    assert_eq!(cfg["sasl_oauthbearer"]["method"], "oidc", "{printed}");
+    assert_eq!(
+        cfg["sasl_oauthbearer"]["extensions"]["identityPoolId"], "pool-2",
+        "{printed}"
+    );
+    assert!(!printed.contains("pw-oidc-secret"), "{printed}");
+
+    let log = tempfile::NamedTempFile::new()?;
+    let mut ki = Proc::spawn(
+        "kafka-infer",
+        Command::new(kafka_infer_bin())
+            .args([
+                "run",
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .env_clear()
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.as_file().try_clone()?)
+            .stderr(log.as_file().try_clone()?),
+    )?;
+    let code = ki.wait_exit(Duration::from_secs(30))?;
+    let out = std::fs::read_to_string(log.path())?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL: cannot get an OAUTHBEARER token: cannot reach"),
+        "{out}"
+    );
+    assert!(!out.contains("pw-oidc-secret"), "{out}");
     Ok(())
 }
 
