@@ -604,6 +604,161 @@ mod tests {
         assert!(seen.lock().unwrap().is_empty());
     }
 
+    /// What the KIP-368 broker below saw.
+    #[derive(Default)]
+    struct ReauthLog {
+        connections: usize,
+        authentications: usize,
+        /// Topic names of the Metadata requests (our stand-in for records), in arrival order.
+        records: Vec<String>,
+        /// Requests that came after their session had expired (the broker closed on them).
+        expired: usize,
+    }
+
+    /// A broker that gives every SASL session `lifetime_ms` (KIP-368) and, as a real one,
+    /// closes a connection whose session has expired when the next request (other than a
+    /// SASL one) arrives. PLAIN and OAUTHBEARER (any bearer token) are accepted.
+    async fn reauth_broker(lifetime_ms: i64, log: Arc<std::sync::Mutex<ReauthLog>>) -> u16 {
+        use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                log.lock().unwrap().connections += 1;
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut expires: Option<Instant> = None;
+                    let mut mech = String::new();
+                    while let Some(mut frame) = read_frame(&mut s).await {
+                        let key = ApiKey::try_from(frame.clone().get_i16()).unwrap();
+                        let version = frame.clone().slice(2..).get_i16();
+                        let h =
+                            RequestHeader::decode(&mut frame, key.request_header_version(version))
+                                .unwrap();
+                        let c = h.correlation_id;
+                        match key {
+                            ApiKey::ApiVersions => {
+                                let keys = [(18, 0, 3), (17, 0, 1), (36, 0, 2), (3, 0, 12)]
+                                    .map(|(k, lo, hi)| {
+                                        ApiVersion::default()
+                                            .with_api_key(k)
+                                            .with_min_version(lo)
+                                            .with_max_version(hi)
+                                    })
+                                    .to_vec();
+                                let r = ApiVersionsResponse::default().with_api_keys(keys);
+                                reply(&mut s, c, r, version).await;
+                            }
+                            ApiKey::SaslHandshake => {
+                                let req =
+                                    SaslHandshakeRequest::decode(&mut frame, version).unwrap();
+                                mech = req.mechanism.to_string();
+                                reply(&mut s, c, SaslHandshakeResponse::default(), version).await;
+                            }
+                            ApiKey::SaslAuthenticate => {
+                                let req =
+                                    SaslAuthenticateRequest::decode(&mut frame, version).unwrap();
+                                let ok = match mech.as_str() {
+                                    "PLAIN" => req.auth_bytes == format!("\0{USER}\0{PASSWORD}"),
+                                    _ => req.auth_bytes.starts_with(b"n,,\x01auth=Bearer "),
+                                };
+                                assert!(ok, "{mech}: {:?}", req.auth_bytes);
+                                log.lock().unwrap().authentications += 1;
+                                expires = Some(
+                                    Instant::now() + Duration::from_millis(lifetime_ms as u64),
+                                );
+                                let resp = SaslAuthenticateResponse::default()
+                                    .with_session_lifetime_ms(lifetime_ms);
+                                reply(&mut s, c, resp, version).await;
+                            }
+                            ApiKey::Metadata => {
+                                if expires.is_none_or(|e| Instant::now() >= e) {
+                                    log.lock().unwrap().expired += 1;
+                                    return; // closes the connection
+                                }
+                                let req = MetadataRequest::decode(&mut frame, version).unwrap();
+                                for t in req.topics.unwrap_or_default() {
+                                    let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();
+                                    log.lock().unwrap().records.push(name);
+                                }
+                                reply(&mut s, c, MetadataResponse::default(), version).await;
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// KIP-368: with a 1 s session lifetime, one connection used for 3 s re-authenticates
+    /// (PLAIN and OAUTHBEARER) before each session ends: the broker never closes it, and each
+    /// of the 30 requests arrives exactly once, in order, on the one connection.
+    #[tokio::test]
+    async fn reauthenticates_before_the_session_ends_without_losing_or_repeating_requests() {
+        use kafka_protocol::messages::{
+            MetadataRequest, TopicName, metadata_request::MetadataRequestTopic,
+        };
+        for mech in [SaslMechanism::Plain, SaslMechanism::OauthBearer] {
+            let log = Arc::new(std::sync::Mutex::new(ReauthLog::default()));
+            let port = reauth_broker(1000, log.clone()).await;
+            let settings = if mech == SaslMechanism::OauthBearer {
+                let mut s = ConnectionSettings::plaintext(&format!("127.0.0.1:{port}")).unwrap();
+                s.security = SecurityProtocol::SaslPlaintext;
+                s.sasl = Some(SaslSettings {
+                    mechanism: mech,
+                    username: String::new(),
+                    password: Default::default(),
+                    oauth: Some(crate::oauth::TokenSource::new(
+                        crate::oauth::OauthSettings {
+                            method: crate::oauth::OauthMethod::Unsecured {
+                                principal: "alice".into(),
+                                lifetime: Duration::from_secs(60),
+                            },
+                            extensions: vec![],
+                        },
+                    )),
+                });
+                Arc::new(s)
+            } else {
+                settings(port, mech, PASSWORD)
+            };
+            let mut conn = Connector::new(settings)
+                .unwrap()
+                .connect_any()
+                .await
+                .unwrap();
+            let v = conn.version::<MetadataRequest>("Metadata", 12).unwrap();
+            let sent: Vec<String> = (0..30).map(|i| format!("record-{i}")).collect();
+            for name in &sent {
+                let req = MetadataRequest::default().with_topics(Some(vec![
+                    MetadataRequestTopic::default()
+                        .with_name(Some(TopicName(StrBytes::from_string(name.clone())))),
+                ]));
+                conn.send(req, v, "Metadata")
+                    .await
+                    .unwrap_or_else(|e| panic!("{mech:?} {name}: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let log = log.lock().unwrap();
+            assert_eq!(log.expired, 0, "{mech:?}");
+            assert_eq!(log.connections, 1, "{mech:?}");
+            assert_eq!(log.records, sent, "{mech:?}");
+            // ~3 s of 1 s sessions at 85-95%: at least 2 re-authentications.
+            assert!(
+                conn.reauthentications() >= 2,
+                "{mech:?}: {}",
+                conn.reauthentications()
+            );
+            assert_eq!(
+                log.authentications as u64,
+                1 + conn.reauthentications(),
+                "{mech:?}"
+            );
+        }
+    }
+
     fn settings(port: u16, mech: SaslMechanism, password: &str) -> Arc<ConnectionSettings> {
         let mut s = ConnectionSettings::plaintext(&format!("127.0.0.1:{port}")).unwrap();
         s.security = SecurityProtocol::SaslPlaintext;
