@@ -179,6 +179,7 @@ type HttpClient = hyper_util::client::legacy::Client<
 
 struct Inner {
     settings: OauthSettings,
+    http_timeout: Duration,
     state: tokio::sync::Mutex<State>,
     http: std::sync::OnceLock<HttpClient>,
 }
@@ -207,8 +208,14 @@ impl Eq for TokenSource {}
 
 impl TokenSource {
     pub fn new(settings: OauthSettings) -> Self {
+        Self::with_http_timeout(settings, HTTP_TIMEOUT)
+    }
+
+    /// The same, a token endpoint's answer awaited at most `http_timeout`.
+    pub fn with_http_timeout(settings: OauthSettings, http_timeout: Duration) -> Self {
         Self(Arc::new(Inner {
             settings,
+            http_timeout,
             state: tokio::sync::Mutex::new(State::default()),
             http: std::sync::OnceLock::new(),
         }))
@@ -400,14 +407,13 @@ impl TokenSource {
                 .to_bytes();
             Ok::<_, Error>((status, body))
         };
-        let (status, body) = tokio::time::timeout(HTTP_TIMEOUT, exchange)
-            .await
-            .map_err(|_| {
-                bad(
-                    ENDPOINT_SETTING,
-                    format!("{url} did not answer within {HTTP_TIMEOUT:?}"),
-                )
-            })??;
+        let within = self.0.http_timeout;
+        let (status, body) = tokio::time::timeout(within, exchange).await.map_err(|_| {
+            bad(
+                ENDPOINT_SETTING,
+                format!("{url} did not answer within {within:?}"),
+            )
+        })??;
         let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
         if !status.is_success() {
             // RFC 6749 section 5.2: error and error_description (never the token).
@@ -734,6 +740,42 @@ mod tests {
         let ep = endpoint(vec![(200, r#"{"token_type":"Bearer"}"#.into())]).await;
         let e = oidc(&ep.url, None).token().await.unwrap_err().to_string();
         assert!(e.contains("no access_token"), "{e}");
+    }
+
+    /// A token endpoint that accepts the connection but does not answer is given up on after
+    /// the HTTP timeout (10 s by default; 300 ms here), naming the setting.
+    #[tokio::test]
+    async fn slow_endpoint_times_out_naming_the_setting() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", l.local_addr().unwrap());
+        let hold = tokio::spawn(async move {
+            let (_s, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let src = TokenSource::with_http_timeout(
+            OauthSettings {
+                method: OauthMethod::Oidc {
+                    token_endpoint_url: url,
+                    client_id: "id".into(),
+                    client_secret: "hush".into(),
+                    scope: None,
+                },
+                extensions: vec![],
+            },
+            Duration::from_millis(300),
+        );
+        let t = Instant::now();
+        let e = tokio::time::timeout(Duration::from_secs(5), src.token())
+            .await
+            .expect("bounded by the HTTP timeout")
+            .unwrap_err()
+            .to_string();
+        hold.abort();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(
+            e.starts_with(ENDPOINT_SETTING) && e.contains("did not answer within 300ms"),
+            "{e}"
+        );
     }
 
     /// A token file is re-read when it changes (a rotated projected token); an expired JWT in

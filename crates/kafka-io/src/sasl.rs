@@ -613,6 +613,8 @@ mod tests {
         records: Vec<String>,
         /// Requests that came after their session had expired (the broker closed on them).
         expired: usize,
+        /// OAUTHBEARER tokens, one per authentication.
+        tokens: Vec<String>,
     }
 
     /// A broker that gives every SASL session `lifetime_ms` (KIP-368) and, as a real one,
@@ -663,7 +665,16 @@ mod tests {
                                     _ => req.auth_bytes.starts_with(b"n,,\x01auth=Bearer "),
                                 };
                                 assert!(ok, "{mech}: {:?}", req.auth_bytes);
-                                log.lock().unwrap().authentications += 1;
+                                {
+                                    let mut l = log.lock().unwrap();
+                                    l.authentications += 1;
+                                    if let Some(rest) =
+                                        req.auth_bytes.strip_prefix(b"n,,\x01auth=Bearer ")
+                                    {
+                                        let end = rest.iter().position(|b| *b == 1).unwrap();
+                                        l.tokens.push(String::from_utf8_lossy(&rest[..end]).into());
+                                    }
+                                }
                                 expires = Some(
                                     Instant::now() + Duration::from_millis(lifetime_ms as u64),
                                 );
@@ -694,13 +705,17 @@ mod tests {
 
     /// KIP-368: with a 1 s session lifetime, one connection used for 3 s re-authenticates
     /// (PLAIN and OAUTHBEARER) before each session ends: the broker never closes it, and each
-    /// of the 30 requests arrives exactly once, in order, on the one connection.
+    /// of the 30 requests arrives exactly once, in order, on the one connection. The OAUTHBEARER
+    /// token file is rotated half way: the re-authentications after it carry the new token.
     #[tokio::test]
     async fn reauthenticates_before_the_session_ends_without_losing_or_repeating_requests() {
         use kafka_protocol::messages::{
             MetadataRequest, TopicName, metadata_request::MetadataRequestTopic,
         };
+        let token_file =
+            std::env::temp_dir().join(format!("kafka-io-{}-reauth-token", std::process::id()));
         for mech in [SaslMechanism::Plain, SaslMechanism::OauthBearer] {
+            std::fs::write(&token_file, "token-a").unwrap();
             let log = Arc::new(std::sync::Mutex::new(ReauthLog::default()));
             let port = reauth_broker(1000, log.clone()).await;
             let settings = if mech == SaslMechanism::OauthBearer {
@@ -712,10 +727,7 @@ mod tests {
                     password: Default::default(),
                     oauth: Some(crate::oauth::TokenSource::new(
                         crate::oauth::OauthSettings {
-                            method: crate::oauth::OauthMethod::Unsecured {
-                                principal: "alice".into(),
-                                lifetime: Duration::from_secs(60),
-                            },
+                            method: crate::oauth::OauthMethod::File(token_file.clone()),
                             extensions: vec![],
                         },
                     )),
@@ -731,7 +743,16 @@ mod tests {
                 .unwrap();
             let v = conn.version::<MetadataRequest>("Metadata", 12).unwrap();
             let sent: Vec<String> = (0..30).map(|i| format!("record-{i}")).collect();
-            for name in &sent {
+            for (i, name) in sent.iter().enumerate() {
+                if i == 15 {
+                    std::fs::write(&token_file, "token-b").unwrap();
+                    let f = std::fs::File::options()
+                        .write(true)
+                        .open(&token_file)
+                        .unwrap();
+                    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+                        .unwrap();
+                }
                 let req = MetadataRequest::default().with_topics(Some(vec![
                     MetadataRequestTopic::default()
                         .with_name(Some(TopicName(StrBytes::from_string(name.clone())))),
@@ -756,7 +777,12 @@ mod tests {
                 1 + conn.reauthentications(),
                 "{mech:?}"
             );
+            if mech == SaslMechanism::OauthBearer {
+                assert_eq!(log.tokens.first().map(String::as_str), Some("token-a"));
+                assert_eq!(log.tokens.last().map(String::as_str), Some("token-b"));
+            }
         }
+        std::fs::remove_file(&token_file).unwrap();
     }
 
     fn settings(port: u16, mech: SaslMechanism, password: &str) -> Arc<ConnectionSettings> {
