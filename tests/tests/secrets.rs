@@ -53,6 +53,7 @@ fn run_help_shows_no_secret_or_url_values() -> Result<()> {
         "--sasl-oauthbearer-extensions",
         "--sasl-oauthbearer-token-file",
         "--sasl-oauthbearer-config",
+        "--sasl-oauthbearer-aws-region",
     ] {
         assert!(help.contains(flag), "{flag} not in:\n{help}");
     }

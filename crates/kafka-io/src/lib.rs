@@ -12,6 +12,7 @@
 //! resends throttled batches).
 
 pub mod assignor;
+pub mod aws;
 pub mod backoff;
 pub mod cluster;
 pub mod conn;

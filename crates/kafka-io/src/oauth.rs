@@ -51,6 +51,8 @@ pub enum OauthMethod {
         principal: String,
         lifetime: Duration,
     },
+    /// AWS MSK IAM: a SigV4-presigned kafka-cluster:Connect URL as the token.
+    AwsMskIam(crate::aws::MskIam),
 }
 
 impl OauthMethod {
@@ -59,6 +61,7 @@ impl OauthMethod {
             Self::Oidc { .. } => "oidc",
             Self::File(_) => "file",
             Self::Unsecured { .. } => "unsecured",
+            Self::AwsMskIam(_) => "aws_msk_iam",
         }
     }
 }
@@ -172,7 +175,7 @@ struct State {
     fetched: u64,
 }
 
-type HttpClient = hyper_util::client::legacy::Client<
+pub(crate) type HttpClient = hyper_util::client::legacy::Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     http_body_util::Full<bytes::Bytes>,
 >;
@@ -223,6 +226,14 @@ impl TokenSource {
 
     pub fn settings(&self) -> &OauthSettings {
         &self.0.settings
+    }
+
+    /// How long until the current token is refreshed (None: no token yet).
+    pub async fn refresh_in(&self) -> Option<Duration> {
+        let st = self.0.state.lock().await;
+        st.current
+            .as_ref()
+            .map(|c| c.refresh_at.saturating_duration_since(Instant::now()))
     }
 
     /// How many tokens were obtained so far.
@@ -310,6 +321,29 @@ impl TokenSource {
                 Some(*lifetime),
                 None,
             )),
+            OauthMethod::AwsMskIam(msk) => {
+                let client = self.0.http.get_or_init(http_client);
+                let creds = msk.credentials.fetch(client, self.0.http_timeout).await?;
+                let now = SystemTime::now();
+                // The token lives 15 minutes, or less when the credentials end sooner.
+                let lifetime = creds
+                    .expires
+                    .and_then(|e| e.duration_since(now).ok())
+                    .map_or(crate::aws::TOKEN_LIFETIME, |left| {
+                        left.min(crate::aws::TOKEN_LIFETIME)
+                    });
+                if lifetime.is_zero() {
+                    return Err(Error::Token {
+                        setting: crate::aws::CREDENTIALS_SETTING,
+                        why: "the AWS credentials have expired".into(),
+                    });
+                }
+                Ok(cached(
+                    crate::aws::msk_token(&msk.region, &creds, now),
+                    Some(lifetime),
+                    None,
+                ))
+            }
             OauthMethod::File(path) => {
                 let bad = |why: String| Error::Token {
                     setting: FILE_SETTING,
@@ -351,69 +385,31 @@ impl TokenSource {
         client_secret: &Secret,
         scope: &Option<String>,
     ) -> Result<(Secret, Duration)> {
-        use http_body_util::BodyExt;
         let bad = |setting: &'static str, why: String| Error::Token { setting, why };
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| bad(ENDPOINT_SETTING, format!("`{url}` is not a URL: {e}")))?;
         let mut body = String::from("grant_type=client_credentials");
         if let Some(s) = scope {
             body.push_str("&scope=");
             body.push_str(&form_encode(s));
         }
-        let basic = Secret::new(B64.encode(format!("{client_id}:{}", client_secret.expose())));
-        let req = hyper::Request::post(uri)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("accept", "application/json")
-            .header("authorization", format!("Basic {}", basic.expose()))
-            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-            .map_err(|e| bad(ENDPOINT_SETTING, e.to_string()))?;
-        let client = self.0.http.get_or_init(|| {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-            let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-            http.enforce_http(false);
-            http.set_connect_timeout(Some(Duration::from_secs(5)));
-            let https = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(tls)
-                .https_or_http()
-                .enable_http1()
-                .wrap_connector(http);
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https)
-        });
-        let exchange = async {
-            let resp = client.request(req).await.map_err(|e| {
-                use std::error::Error as _;
-                let mut why = e.to_string();
-                let mut src = e.source();
-                while let Some(s) = src {
-                    why = format!("{why}: {s}");
-                    src = s.source();
-                }
-                bad(ENDPOINT_SETTING, format!("cannot reach {url}: {why}"))
-            })?;
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| bad(ENDPOINT_SETTING, format!("reading the answer: {e}")))?
-                .to_bytes();
-            Ok::<_, Error>((status, body))
-        };
-        let within = self.0.http_timeout;
-        let (status, body) = tokio::time::timeout(within, exchange).await.map_err(|_| {
-            bad(
-                ENDPOINT_SETTING,
-                format!("{url} did not answer within {within:?}"),
-            )
-        })??;
+        let basic = Secret::new(format!(
+            "Basic {}",
+            B64.encode(format!("{client_id}:{}", client_secret.expose()))
+        ));
+        let client = self.0.http.get_or_init(http_client);
+        let (status, body) = http_call(
+            client,
+            "POST",
+            url,
+            &[
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("accept", "application/json"),
+                ("authorization", basic.expose()),
+            ],
+            body,
+            self.0.http_timeout,
+        )
+        .await
+        .map_err(|why| bad(ENDPOINT_SETTING, why))?;
         let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
         if !status.is_success() {
             // RFC 6749 section 5.2: error and error_description (never the token).
@@ -473,6 +469,72 @@ impl TokenSource {
     }
 }
 
+/// The HTTP client for token endpoints (and AWS's): http or https (Mozilla roots), HTTP/1.1.
+fn http_client() -> HttpClient {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(5)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
+/// One HTTP request and its whole answer, within `within`; the error says why (no secrets:
+/// neither headers nor body are repeated).
+pub(crate) async fn http_call(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: String,
+    within: Duration,
+) -> std::result::Result<(hyper::StatusCode, bytes::Bytes), String> {
+    use http_body_util::BodyExt;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let mut req = hyper::Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        let resp = client.request(req).await.map_err(|e| {
+            use std::error::Error as _;
+            let mut why = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                why = format!("{why}: {s}");
+                src = s.source();
+            }
+            format!("cannot reach {url}: {why}")
+        })?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(within, exchange)
+        .await
+        .map_err(|_| format!("{url} did not answer within {within:?}"))?
+}
+
 /// application/x-www-form-urlencoded for one value.
 fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -489,7 +551,7 @@ fn form_encode(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -549,9 +611,9 @@ mod tests {
     /// A token endpoint on 127.0.0.1 speaking HTTP/1.1 over real TCP: each request is kept
     /// (head and body) and answered with the next of `answers` (status, body); the last one
     /// repeats.
-    struct Endpoint {
-        url: String,
-        seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    pub(crate) struct Endpoint {
+        pub(crate) url: String,
+        pub(crate) seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
         task: tokio::task::JoinHandle<()>,
     }
 
@@ -561,7 +623,7 @@ mod tests {
         }
     }
 
-    async fn endpoint(answers: Vec<(u16, String)>) -> Endpoint {
+    pub(crate) async fn endpoint(answers: Vec<(u16, String)>) -> Endpoint {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/oauth2/token", l.local_addr().unwrap());

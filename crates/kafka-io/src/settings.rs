@@ -209,7 +209,8 @@ fn read_secret_file(setting: &'static str, path: &str) -> Result<Secret, ConfigE
 /// The OAUTHBEARER settings, by librdkafka's `sasl.oauthbearer.*` names:
 /// KAFKA_SASL_OAUTHBEARER_METHOD (oidc, file or unsecured; default: oidc with a token endpoint,
 /// file with a token file), _TOKEN_ENDPOINT_URL, _CLIENT_ID, _CLIENT_SECRET[_FILE], _SCOPE,
-/// _EXTENSIONS, _TOKEN_FILE, _CONFIG (unsecured: `principal=NAME [lifeSeconds=N]`).
+/// _EXTENSIONS, _TOKEN_FILE, _CONFIG (unsecured: `principal=NAME [lifeSeconds=N]`), and for
+/// aws_msk_iam _AWS_REGION with the standard AWS_* credential variables ([`crate::aws`]).
 fn oauth_from_lookup(
     get: &dyn Fn(&str) -> Option<String>,
     secret: &dyn Fn(&'static str, &'static str) -> Result<Option<Secret>, ConfigError>,
@@ -291,10 +292,13 @@ fn oauth_from_lookup(
                 lifetime: std::time::Duration::from_secs(life),
             }
         }
+        "aws_msk_iam" | "aws-msk-iam" => {
+            OauthMethod::AwsMskIam(crate::aws::MskIam::from_lookup(get)?)
+        }
         other => {
             return Err(ConfigError::Invalid {
                 setting: METHOD,
-                why: format!("`{other}` is not one of oidc, file, unsecured"),
+                why: format!("`{other}` is not one of oidc, file, unsecured, aws_msk_iam"),
             });
         }
     };

@@ -48,7 +48,7 @@ pub struct RunArgs {
     #[arg(long, env = "KAFKA_SASL_MECHANISM")]
     pub sasl_mechanism: Option<String>,
     /// OAUTHBEARER: oidc (client credentials at a token endpoint), file (a token file, re-read
-    /// when it changes) or unsecured (an unsigned JWT, development only). Default: oidc with a
+    /// when it changes), unsecured (an unsigned JWT, development only) or aws_msk_iam. Default: oidc with a
     /// token endpoint URL, file with a token file.
     #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_METHOD")]
     pub sasl_oauthbearer_method: Option<String>,
@@ -76,6 +76,10 @@ pub struct RunArgs {
     /// sasl.oauthbearer.config).
     #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_CONFIG")]
     pub sasl_oauthbearer_config: Option<String>,
+    /// OAUTHBEARER aws_msk_iam: the cluster's AWS region (default AWS_REGION, then
+    /// AWS_DEFAULT_REGION). Credentials come from the standard AWS_* variables.
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_AWS_REGION")]
+    pub sasl_oauthbearer_aws_region: Option<String>,
     /// seldon, tensorflow, kfserving (= v2).
     #[arg(long, env = "KAFKA_INFER_PROTOCOL")]
     pub protocol: Option<String>,
@@ -800,6 +804,10 @@ impl Config {
                 "KAFKA_SASL_OAUTHBEARER_CONFIG",
                 args.sasl_oauthbearer_config.as_ref(),
             ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_AWS_REGION",
+                args.sasl_oauthbearer_aws_region.as_ref(),
+            ),
         ]);
         let lookup = |k: &str| -> Option<String> {
             flag_env
@@ -1167,6 +1175,24 @@ fn oauth_summary(o: &kafka_io::OauthSettings) -> serde_json::Value {
             principal,
             lifetime,
         } => serde_json::json!({ "principal": principal, "life_seconds": lifetime.as_secs() }),
+        OauthMethod::AwsMskIam(msk) => {
+            use kafka_io::aws::CredentialSource;
+            let (source, role_arn, url) = match &msk.credentials {
+                CredentialSource::Static(_) => ("environment", None, None),
+                CredentialSource::WebIdentity { role_arn, .. } => {
+                    ("web_identity", Some(role_arn.clone()), None)
+                }
+                CredentialSource::Container { url, .. } => {
+                    ("container", None, Some(without_userinfo(url).into_owned()))
+                }
+            };
+            serde_json::json!({
+                "region": msk.region,
+                "aws_credentials": source,
+                "role_arn": role_arn,
+                "credentials_url": url,
+            })
+        }
     };
     v["method"] = o.method.name().into();
     v["extensions"] = o
@@ -1662,6 +1688,7 @@ spec:
                 "event-hubs-connection-string",
                 "aiven-scram",
                 "token-file",
+                "msk-iam",
             ]
         );
         let base = RunArgs {
@@ -1671,8 +1698,15 @@ spec:
             ..Default::default()
         };
         for (name, vars) in &recipes {
-            // Secret files as Kubernetes would mount them.
+            // Secret files as Kubernetes would mount them; what EKS sets for IRSA.
             let mut files = Vec::new();
+            let eks = [
+                ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/kafka-infer"),
+                (
+                    "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+                ),
+            ];
             let vars: HashMap<String, String> = vars
                 .iter()
                 .map(|(k, v)| {
@@ -1686,6 +1720,13 @@ spec:
                         (k.clone(), v.clone())
                     }
                 })
+                .chain(
+                    (name == "msk-iam")
+                        .then_some(eks)
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+                )
                 .collect();
             let c = Config::resolve(&base, &|k| vars.get(k).cloned())
                 .unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -1740,6 +1781,14 @@ spec:
                 "token-file" => {
                     assert_eq!(o["method"], "file");
                     assert_eq!(o["token_file"], "/var/run/secrets/tokens/kafka-token");
+                }
+                "msk-iam" => {
+                    assert_eq!(o["method"], "aws_msk_iam");
+                    assert_eq!(o["region"], "<region>");
+                    assert_eq!(o["aws_credentials"], "web_identity");
+                    assert_eq!(o["role_arn"], eks[0].1);
+                    assert_eq!(port, 9098);
+                    continue;
                 }
                 other => panic!("no check for recipe {other}"),
             }
