@@ -58,11 +58,22 @@ pub enum CredentialSource {
     },
 }
 
+/// A role to assume with the credentials found (STS AssumeRole, as the signer libraries'
+/// `generate_auth_token_from_role_arn`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssumeRole {
+    pub role_arn: String,
+    pub session_name: String,
+    pub sts_endpoint: String,
+}
+
 /// MSK IAM settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MskIam {
     pub region: String,
     pub credentials: CredentialSource,
+    /// KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN: assume this role first.
+    pub assume_role: Option<AssumeRole>,
 }
 
 impl MskIam {
@@ -110,9 +121,18 @@ impl MskIam {
                 why: format!("aws_msk_iam needs {CREDENTIALS_SETTING}"),
             });
         };
+        let sts_endpoint = get("AWS_ENDPOINT_URL_STS")
+            .unwrap_or_else(|| format!("https://sts.{region}.amazonaws.com/"));
+        let assume_role = get("KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN").map(|role_arn| AssumeRole {
+            role_arn,
+            session_name: get("KAFKA_SASL_OAUTHBEARER_AWS_ROLE_SESSION_NAME")
+                .unwrap_or_else(|| "kafka-infer".into()),
+            sts_endpoint,
+        });
         Ok(Self {
             region,
             credentials,
+            assume_role,
         })
     }
 }
@@ -141,6 +161,86 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// `YYYYMMDDTHHMMSSZ` of `at`.
+fn amz_date(at: SystemTime) -> String {
+    let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let t = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
+    t.format("%Y%m%dT%H%M%SZ").to_string()
+}
+
+/// The SigV4 signature of `string_to_sign` (the derived signing key of the date's scope).
+fn signature(
+    creds: &Credentials,
+    date: &str,
+    region: &str,
+    service: &str,
+    string_to_sign: &str,
+) -> String {
+    let secret = Secret::new(format!("AWS4{}", creds.secret_access_key.expose()));
+    let k_date = hmac256(secret.expose().as_bytes(), date.as_bytes());
+    let k_region = hmac256(&k_date, region.as_bytes());
+    let k_service = hmac256(&k_region, service.as_bytes());
+    let k_signing = hmac256(&k_service, b"aws4_request");
+    hex(&hmac256(&k_signing, string_to_sign.as_bytes()))
+}
+
+/// SigV4 header signing of a POST with a form body: the headers to add (x-amz-date,
+/// x-amz-security-token when there is one, authorization). Signed: content-type, host and
+/// the x-amz-* headers, as botocore signs them.
+#[allow(clippy::too_many_arguments)]
+pub fn sign_post(
+    host: &str,
+    path: &str,
+    content_type: &str,
+    body: &str,
+    region: &str,
+    service: &str,
+    creds: &Credentials,
+    at: SystemTime,
+) -> Vec<(&'static str, String)> {
+    let date_time = amz_date(at);
+    let date = &date_time[..8];
+    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let mut headers = vec![
+        ("content-type", content_type.to_owned()),
+        ("host", host.to_owned()),
+        ("x-amz-date", date_time.clone()),
+    ];
+    if let Some(t) = &creds.session_token {
+        headers.push(("x-amz-security-token", t.expose().to_owned()));
+    }
+    let canonical_headers: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}:{}\n", v.trim()))
+        .collect();
+    let signed = headers
+        .iter()
+        .map(|(k, _)| *k)
+        .collect::<Vec<_>>()
+        .join(";");
+    let canonical_request = format!(
+        "POST\n{path}\n\n{canonical_headers}\n{signed}\n{}",
+        hex(&Sha256::digest(body.as_bytes()))
+    );
+    let string_to_sign = format!(
+        "AWS4-HMAC-SHA256\n{date_time}\n{scope}\n{}",
+        hex(&Sha256::digest(canonical_request.as_bytes()))
+    );
+    let sig = signature(creds, date, region, service, &string_to_sign);
+    let mut out: Vec<(&'static str, String)> = vec![("x-amz-date", date_time)];
+    if let Some(t) = &creds.session_token {
+        out.push(("x-amz-security-token", t.expose().to_owned()));
+    }
+    out.push((
+        "authorization",
+        format!(
+            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed}, Signature={sig}",
+            creds.access_key_id
+        ),
+    ));
+    out
+}
+
 /// A SigV4 presigned GET URL (query-string auth): `query` (unencoded, in the URL's order) is
 /// followed by the X-Amz-* parameters, then the signature; the canonical query is sorted.
 #[allow(clippy::too_many_arguments)]
@@ -155,9 +255,7 @@ pub fn presign(
     expires: Duration,
     payload_hash: &str,
 ) -> String {
-    let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let t = chrono::DateTime::from_timestamp(secs, 0).unwrap_or_default();
-    let amz_date = t.format("%Y%m%dT%H%M%SZ").to_string();
+    let amz_date = amz_date(at);
     let date = &amz_date[..8];
     let scope = format!("{date}/{region}/{service}/aws4_request");
     let mut params: Vec<(String, String)> = query
@@ -192,12 +290,7 @@ pub fn presign(
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
         hex(&Sha256::digest(canonical_request.as_bytes()))
     );
-    let secret = Secret::new(format!("AWS4{}", creds.secret_access_key.expose()));
-    let k_date = hmac256(secret.expose().as_bytes(), date.as_bytes());
-    let k_region = hmac256(&k_date, region.as_bytes());
-    let k_service = hmac256(&k_region, service.as_bytes());
-    let k_signing = hmac256(&k_service, b"aws4_request");
-    let signature = hex(&hmac256(&k_signing, string_to_sign.as_bytes()));
+    let signature = signature(creds, date, region, service, &string_to_sign);
     let url_query = encoded
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -240,6 +333,86 @@ fn parse_time(s: &str) -> Option<SystemTime> {
 /// application/x-www-form-urlencoded for one value.
 fn form(s: &str) -> String {
     uri_encode(s)
+}
+
+/// The credentials of an STS answer (AssumeRole, AssumeRoleWithWebIdentity).
+fn sts_credentials(
+    action: &str,
+    role_arn: &str,
+    status: hyper::StatusCode,
+    body: &[u8],
+) -> Result<Credentials> {
+    let bad = |why: String| Error::Token {
+        setting: CREDENTIALS_SETTING,
+        why,
+    };
+    let text = String::from_utf8_lossy(body);
+    if !status.is_success() {
+        let msg = xml_field(&text, "Message").unwrap_or("").chars().take(200);
+        return Err(bad(format!(
+            "STS {action} for {role_arn} answered {status}: {}",
+            msg.collect::<String>()
+        )));
+    }
+    let field = |t: &str| {
+        xml_field(&text, t)
+            .map(str::to_owned)
+            .ok_or_else(|| bad(format!("the STS {action} answer has no {t}")))
+    };
+    Ok(Credentials {
+        access_key_id: field("AccessKeyId")?,
+        secret_access_key: Secret::new(field("SecretAccessKey")?),
+        session_token: Some(Secret::new(field("SessionToken")?)),
+        expires: field("Expiration").ok().and_then(|e| parse_time(&e)),
+    })
+}
+
+impl AssumeRole {
+    /// STS AssumeRole (signed with `base`): the role's temporary credentials.
+    pub async fn assume(
+        &self,
+        base: &Credentials,
+        region: &str,
+        http: &crate::oauth::HttpClient,
+        within: Duration,
+    ) -> Result<Credentials> {
+        let bad = |why: String| Error::Token {
+            setting: "KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN",
+            why,
+        };
+        let uri: hyper::Uri = self
+            .sts_endpoint
+            .parse()
+            .map_err(|e| bad(format!("STS endpoint `{}`: {e}", self.sts_endpoint)))?;
+        let host = uri.authority().map(|a| a.to_string()).unwrap_or_default();
+        let path = match uri.path() {
+            "" => "/",
+            p => p,
+        };
+        let body = format!(
+            "Action=AssumeRole&Version=2011-06-15&RoleArn={}&RoleSessionName={}",
+            form(&self.role_arn),
+            form(&self.session_name)
+        );
+        const CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
+        let signed = sign_post(
+            &host,
+            path,
+            CONTENT_TYPE,
+            &body,
+            region,
+            "sts",
+            base,
+            SystemTime::now(),
+        );
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", CONTENT_TYPE)];
+        headers.extend(signed.iter().map(|(k, v)| (*k, v.as_str())));
+        let (status, text) =
+            crate::oauth::http_call(http, "POST", &self.sts_endpoint, &headers, body, within)
+                .await
+                .map_err(|why| bad(format!("STS {}: {why}", self.sts_endpoint)))?;
+        sts_credentials("AssumeRole", &self.role_arn, status, &text)
+    }
 }
 
 impl CredentialSource {
@@ -286,25 +459,7 @@ impl CredentialSource {
                 )
                 .await
                 .map_err(|why| bad(format!("STS {sts_endpoint}: {why}")))?;
-                let text = String::from_utf8_lossy(&text);
-                if !status.is_success() {
-                    let msg = xml_field(&text, "Message").unwrap_or("").chars().take(200);
-                    return Err(bad(format!(
-                        "STS AssumeRoleWithWebIdentity for {role_arn} answered {status}: {}",
-                        msg.collect::<String>()
-                    )));
-                }
-                let field = |t: &str| {
-                    xml_field(&text, t)
-                        .map(str::to_owned)
-                        .ok_or_else(|| bad(format!("the STS answer has no {t}")))
-                };
-                Ok(Credentials {
-                    access_key_id: field("AccessKeyId")?,
-                    secret_access_key: Secret::new(field("SecretAccessKey")?),
-                    session_token: Some(Secret::new(field("SessionToken")?)),
-                    expires: field("Expiration").ok().and_then(|e| parse_time(&e)),
-                })
+                sts_credentials("AssumeRoleWithWebIdentity", role_arn, status, &text)
             }
             Self::Container {
                 url,
@@ -418,6 +573,88 @@ mod tests {
         );
     }
 
+    /// STS requests signed as botocore 1.43's SigV4Auth signs them (script in
+    /// docs/notes-msk-iam.md), with and without a session token.
+    #[test]
+    fn sign_post_matches_botocore() {
+        let body = "Action=AssumeRole&Version=2011-06-15&RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fmsk-client&RoleSessionName=kafka-infer";
+        let mut creds = Credentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+            session_token: None,
+            expires: None,
+        };
+        let sign = |c: &Credentials| {
+            sign_post(
+                "sts.us-west-2.amazonaws.com",
+                "/",
+                "application/x-www-form-urlencoded; charset=utf-8",
+                body,
+                "us-west-2",
+                "sts",
+                c,
+                at(1_704_164_645),
+            )
+        };
+        let h = sign(&creds);
+        assert_eq!(h[0], ("x-amz-date", "20240102T030405Z".to_owned()));
+        assert_eq!(
+            h.last().unwrap().1,
+            "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20240102/us-west-2/sts/aws4_request, SignedHeaders=content-type;host;x-amz-date, Signature=32aa9520c4601282411bbd4e46a3f9e9f2ef45d344862e9e4b02f55af55ade44"
+        );
+        creds.session_token = Some("IQoJb3JpZ2luX2VjEXAMPLE/session+token=".into());
+        let h = sign(&creds);
+        assert_eq!(
+            h[1],
+            (
+                "x-amz-security-token",
+                "IQoJb3JpZ2luX2VjEXAMPLE/session+token=".to_owned()
+            )
+        );
+        assert_eq!(
+            h.last().unwrap().1,
+            "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20240102/us-west-2/sts/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token, Signature=665b4b045a9a1fe6d2b3e07198a077a833636c40e2907b44e5c164e2265b4457"
+        );
+    }
+
+    /// KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN: the role is assumed (STS AssumeRole signed with the
+    /// credentials found) and the token carries the role's credentials.
+    #[tokio::test]
+    async fn an_assumed_role_signs_the_token() {
+        let ok = r#"<AssumeRoleResponse><AssumeRoleResult><Credentials><AccessKeyId>ASIAROLE</AccessKeyId><SecretAccessKey>sk-r</SecretAccessKey><SessionToken>st-r</SessionToken><Expiration>2999-01-01T00:00:00Z</Expiration></Credentials></AssumeRoleResult></AssumeRoleResponse>"#;
+        let ep = crate::oauth::tests::endpoint(vec![(200, ok.into())]).await;
+        let src = crate::oauth::TokenSource::new(crate::oauth::OauthSettings {
+            method: crate::oauth::OauthMethod::AwsMskIam(MskIam {
+                region: "eu-west-1".into(),
+                credentials: CredentialSource::Static(Credentials {
+                    access_key_id: "AKIABASE".into(),
+                    secret_access_key: "sk-base".into(),
+                    session_token: None,
+                    expires: None,
+                }),
+                assume_role: Some(AssumeRole {
+                    role_arn: "arn:aws:iam::123456789012:role/msk-client".into(),
+                    session_name: "kafka-infer".into(),
+                    sts_endpoint: ep.url.clone(),
+                }),
+            }),
+            extensions: vec![],
+        });
+        let url = decoded(&src.token().await.unwrap());
+        assert!(url.contains("X-Amz-Credential=ASIAROLE%2F"), "{url}");
+        assert!(url.contains("&X-Amz-Security-Token=st-r&"), "{url}");
+        let (head, body) = ep.seen.lock().unwrap()[0].clone();
+        assert!(
+            head.contains("AWS4-HMAC-SHA256 Credential=AKIABASE/")
+                && head.contains("/eu-west-1/sts/aws4_request, SignedHeaders=content-type;host;x-amz-date, Signature="),
+            "{head}"
+        );
+        assert_eq!(
+            body,
+            "Action=AssumeRole&Version=2011-06-15&RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fmsk-client&RoleSessionName=kafka-infer"
+        );
+    }
+
     #[test]
     fn xml_fields_and_times() {
         let x = "<R><Credentials><AccessKeyId>ASIA1</AccessKeyId><Expiration>2024-01-02T04:04:05Z</Expiration></Credentials></R>";
@@ -438,6 +675,7 @@ mod tests {
             method: crate::oauth::OauthMethod::AwsMskIam(MskIam {
                 region: "eu-west-1".into(),
                 credentials,
+                assume_role: None,
             }),
             extensions: vec![],
         })
@@ -565,6 +803,25 @@ mod tests {
         .unwrap();
         assert_eq!(m.region, "us-east-2");
         assert!(matches!(m.credentials, CredentialSource::Static(_)));
+        assert_eq!(m.assume_role, None);
+        let m = with(&[
+            ("AWS_REGION", "us-east-2"),
+            ("AWS_ACCESS_KEY_ID", "AKID"),
+            ("AWS_SECRET_ACCESS_KEY", "sk"),
+            (
+                "KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN",
+                "arn:aws:iam::1:role/msk",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            m.assume_role,
+            Some(AssumeRole {
+                role_arn: "arn:aws:iam::1:role/msk".into(),
+                session_name: "kafka-infer".into(),
+                sts_endpoint: "https://sts.us-east-2.amazonaws.com/".into(),
+            })
+        );
         let m = with(&[
             ("KAFKA_SASL_OAUTHBEARER_AWS_REGION", "eu-central-1"),
             ("AWS_REGION", "us-east-2"),

@@ -323,7 +323,12 @@ impl TokenSource {
             )),
             OauthMethod::AwsMskIam(msk) => {
                 let client = self.0.http.get_or_init(http_client);
-                let creds = msk.credentials.fetch(client, self.0.http_timeout).await?;
+                let mut creds = msk.credentials.fetch(client, self.0.http_timeout).await?;
+                if let Some(role) = &msk.assume_role {
+                    creds = role
+                        .assume(&creds, &msk.region, client, self.0.http_timeout)
+                        .await?;
+                }
                 let now = SystemTime::now();
                 // The token lives 15 minutes, or less when the credentials end sooner.
                 let lifetime = creds

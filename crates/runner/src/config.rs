@@ -80,6 +80,11 @@ pub struct RunArgs {
     /// AWS_DEFAULT_REGION). Credentials come from the standard AWS_* variables.
     #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_AWS_REGION")]
     pub sasl_oauthbearer_aws_region: Option<String>,
+    /// OAUTHBEARER aws_msk_iam: a role to assume (STS AssumeRole) with the credentials found;
+    /// its session is named by KAFKA_SASL_OAUTHBEARER_AWS_ROLE_SESSION_NAME (default
+    /// kafka-infer).
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN")]
+    pub sasl_oauthbearer_aws_role_arn: Option<String>,
     /// seldon, tensorflow, kfserving (= v2).
     #[arg(long, env = "KAFKA_INFER_PROTOCOL")]
     pub protocol: Option<String>,
@@ -808,6 +813,10 @@ impl Config {
                 "KAFKA_SASL_OAUTHBEARER_AWS_REGION",
                 args.sasl_oauthbearer_aws_region.as_ref(),
             ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN",
+                args.sasl_oauthbearer_aws_role_arn.as_ref(),
+            ),
         ]);
         let lookup = |k: &str| -> Option<String> {
             flag_env
@@ -1191,6 +1200,7 @@ fn oauth_summary(o: &kafka_io::OauthSettings) -> serde_json::Value {
                 "aws_credentials": source,
                 "role_arn": role_arn,
                 "credentials_url": url,
+                "assume_role_arn": msk.assume_role.as_ref().map(|r| r.role_arn.clone()),
             })
         }
     };
