@@ -302,6 +302,11 @@ pub fn presign(
 /// The MSK IAM token for `creds` at `at`: the presigned kafka-cluster:Connect URL (plus a
 /// User-Agent parameter, as the signer libraries add) in base64url without padding.
 pub fn msk_token(region: &str, creds: &Credentials, at: SystemTime) -> Secret {
+    msk_token_as(region, creds, at, "kafka-infer")
+}
+
+/// The same, with `user_agent` as the User-Agent parameter.
+pub fn msk_token_as(region: &str, creds: &Credentials, at: SystemTime, user_agent: &str) -> Secret {
     // botocore signs a presigned https GET with the hash of the empty payload.
     const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
     let url = presign(
@@ -315,7 +320,7 @@ pub fn msk_token(region: &str, creds: &Credentials, at: SystemTime) -> Secret {
         TOKEN_LIFETIME,
         EMPTY_SHA256,
     );
-    Secret::new(B64URL.encode(format!("{url}&User-Agent=kafka-infer")))
+    Secret::new(B64URL.encode(format!("{url}&User-Agent={}", uri_encode(user_agent))))
 }
 
 /// The text of the first `<tag>...</tag>` in `xml`.
@@ -652,6 +657,29 @@ mod tests {
         assert_eq!(
             body,
             "Action=AssumeRole&Version=2011-06-15&RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fmsk-client&RoleSessionName=kafka-infer"
+        );
+    }
+
+    /// Tokens made by AWS's own signer, aws-msk-iam-sasl-signer-python 1.0.2 (script in
+    /// docs/notes-msk-iam.md), equal ours byte for byte given its User-Agent value.
+    #[test]
+    fn msk_token_matches_aws_msk_iam_sasl_signer_python() {
+        let mut creds = Credentials {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+            session_token: None,
+            expires: None,
+        };
+        let t = at(1_704_164_645);
+        let agent = "aws-msk-iam-sasl-signer-python/1.0.2";
+        assert_eq!(
+            msk_token_as("us-west-2", &creds, t, agent).expose(),
+            "aHR0cHM6Ly9rYWZrYS51cy13ZXN0LTIuYW1hem9uYXdzLmNvbS8_QWN0aW9uPWthZmthLWNsdXN0ZXIlM0FDb25uZWN0JlgtQW16LUFsZ29yaXRobT1BV1M0LUhNQUMtU0hBMjU2JlgtQW16LUNyZWRlbnRpYWw9QUtJREVYQU1QTEUlMkYyMDI0MDEwMiUyRnVzLXdlc3QtMiUyRmthZmthLWNsdXN0ZXIlMkZhd3M0X3JlcXVlc3QmWC1BbXotRGF0ZT0yMDI0MDEwMlQwMzA0MDVaJlgtQW16LUV4cGlyZXM9OTAwJlgtQW16LVNpZ25lZEhlYWRlcnM9aG9zdCZYLUFtei1TaWduYXR1cmU9Njg4NzVmNzUwMDVkMGE3OGFlMmViNGFkOGUwYTQ2ZDFlYjFlZjA2YTZiMzRlMGJhZGUwNGFkN2U1ZjNjNDM1ZCZVc2VyLUFnZW50PWF3cy1tc2staWFtLXNhc2wtc2lnbmVyLXB5dGhvbiUyRjEuMC4y"
+        );
+        creds.session_token = Some("IQoJb3JpZ2luX2VjEXAMPLE/session+token=".into());
+        assert_eq!(
+            msk_token_as("us-west-2", &creds, t, agent).expose(),
+            "aHR0cHM6Ly9rYWZrYS51cy13ZXN0LTIuYW1hem9uYXdzLmNvbS8_QWN0aW9uPWthZmthLWNsdXN0ZXIlM0FDb25uZWN0JlgtQW16LUFsZ29yaXRobT1BV1M0LUhNQUMtU0hBMjU2JlgtQW16LUNyZWRlbnRpYWw9QUtJREVYQU1QTEUlMkYyMDI0MDEwMiUyRnVzLXdlc3QtMiUyRmthZmthLWNsdXN0ZXIlMkZhd3M0X3JlcXVlc3QmWC1BbXotRGF0ZT0yMDI0MDEwMlQwMzA0MDVaJlgtQW16LUV4cGlyZXM9OTAwJlgtQW16LVNpZ25lZEhlYWRlcnM9aG9zdCZYLUFtei1TZWN1cml0eS1Ub2tlbj1JUW9KYjNKcFoybHVYMlZqRVhBTVBMRSUyRnNlc3Npb24lMkJ0b2tlbiUzRCZYLUFtei1TaWduYXR1cmU9NTViNGQwNDUxMTQwNTRhYzkzZGY2NDQ0NjQyOWEzZjY2YWQ4ZGFkOGNhYzRlY2EwMmQyMWI4MzE2MjRjOWExYSZVc2VyLUFnZW50PWF3cy1tc2staWFtLXNhc2wtc2lnbmVyLXB5dGhvbiUyRjEuMC4y"
         );
     }
 
