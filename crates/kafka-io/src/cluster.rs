@@ -77,6 +77,11 @@ impl Cluster {
         }
         let timeout = connector.request_timeout;
         let bootstrap = settings.bootstrap_strings().join(",");
+        // An OAUTHBEARER token first: a token endpoint that is down or refuses the client is
+        // named as such (not retried), whether or not a broker answers.
+        if let Some(source) = settings.sasl.as_ref().and_then(|s| s.oauth.as_ref()) {
+            source.token().await?;
+        }
         // Our own connection first: it gives clear TLS and SASL errors.
         connector.connect_any().await?;
         let client = bounded("connect", &bootstrap, timeout, builder.build()).await?;

@@ -1,8 +1,14 @@
 //! One connection to one broker for the requests rskafka lacks (group coordination, offsets):
 //! size-prefixed framing, correlation ids, ApiVersions and version choice, TLS, SASL. Requests go
-//! one at a time; every call has a timeout.
+//! one at a time; every call has a timeout. When the broker gives the SASL session a lifetime
+//! (KIP-368), the connection re-authenticates before a request once 85-95% of it has passed:
+//! between requests, so nothing in flight is lost or sent twice.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::{
@@ -141,6 +147,10 @@ impl Connector {
             versions: HashMap::new(),
             client_id: StrBytes::from_string(self.settings.client_id.clone()),
             timeout: self.request_timeout,
+            settings: self.settings.clone(),
+            session_lifetime: None,
+            reauth_at: None,
+            reauthentications: 0,
         };
         conn.api_versions().await.map_err(|e| {
             // Under TLS 1.3 a refused client certificate shows on the first read.
@@ -155,6 +165,7 @@ impl Connector {
             crate::sasl::authenticate(&mut conn, sasl)
                 .await
                 .map_err(|e| (ConnectStep::Sasl, e))?;
+            conn.schedule_reauth();
         }
         Ok(conn)
     }
@@ -192,9 +203,55 @@ pub struct BrokerConn {
     versions: HashMap<i16, (i16, i16)>,
     client_id: StrBytes,
     timeout: Duration,
+    settings: Arc<ConnectionSettings>,
+    /// The SASL session lifetime the broker gave at the last authentication (KIP-368).
+    session_lifetime: Option<Duration>,
+    /// When to re-authenticate, before the next request from then on.
+    reauth_at: Option<Instant>,
+    reauthentications: u64,
 }
 
 impl BrokerConn {
+    /// How many times this connection re-authenticated (KIP-368).
+    pub fn reauthentications(&self) -> u64 {
+        self.reauthentications
+    }
+
+    /// Sets the re-authentication time at 85-95% of the session lifetime (as the Java client),
+    /// or none when the broker gave no lifetime.
+    fn schedule_reauth(&mut self) {
+        self.reauth_at = self
+            .session_lifetime
+            .map(|l| Instant::now() + l.mul_f64(0.85 + rand::random::<f64>() * 0.10));
+    }
+
+    /// Re-authenticates when the session is near its end (KIP-368). A failure is an I/O-type
+    /// error: the caller drops the connection and reconnects, whose authentication says why.
+    async fn reauthenticate_if_due(&mut self) -> Result<()> {
+        if self.reauth_at.is_none_or(|t| Instant::now() < t) {
+            return Ok(());
+        }
+        self.reauth_at = None;
+        let settings = self.settings.clone();
+        let Some(sasl) = &settings.sasl else {
+            return Ok(());
+        };
+        self.session_lifetime = None;
+        match crate::sasl::authenticate(self, sasl).await {
+            Ok(()) => {
+                self.reauthentications += 1;
+                tracing::debug!(broker = %self.broker, lifetime = ?self.session_lifetime,
+                    "SASL session re-authenticated");
+                self.schedule_reauth();
+                Ok(())
+            }
+            Err(e) => Err(Error::Io {
+                call: "SASL re-authentication",
+                broker: self.broker.clone(),
+                why: e.to_string(),
+            }),
+        }
+    }
     pub fn broker(&self) -> &str {
         &self.broker
     }
@@ -250,6 +307,18 @@ impl BrokerConn {
     }
 
     pub async fn send_with_timeout<R: Request>(
+        &mut self,
+        req: R,
+        version: i16,
+        call: &'static str,
+        timeout: Duration,
+    ) -> Result<R::Response> {
+        self.reauthenticate_if_due().await?;
+        self.exchange(req, version, call, timeout).await
+    }
+
+    /// One request and its response, with no re-authentication check (the SASL calls).
+    async fn exchange<R: Request>(
         &mut self,
         req: R,
         version: i16,
@@ -329,11 +398,12 @@ impl BrokerConn {
     pub(crate) async fn sasl_handshake(&mut self, mechanism: &'static str) -> Result<Vec<String>> {
         let v = self.version::<SaslHandshakeRequest>("SaslHandshake", 1)?;
         let resp = self
-            .send(
+            .exchange(
                 SaslHandshakeRequest::default()
                     .with_mechanism(StrBytes::from_static_str(mechanism)),
                 v,
                 "SaslHandshake",
+                self.timeout,
             )
             .await?;
         let offered: Vec<String> = resp.mechanisms.iter().map(|m| m.to_string()).collect();
@@ -353,10 +423,11 @@ impl BrokerConn {
     ) -> Result<Vec<u8>> {
         let v = self.version::<SaslAuthenticateRequest>("SaslAuthenticate", 2)?;
         let resp = self
-            .send(
+            .exchange(
                 SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(bytes)),
                 v,
                 "SaslAuthenticate",
+                self.timeout,
             )
             .await?;
         if resp.error_code != 0 {
@@ -367,6 +438,9 @@ impl BrokerConn {
                     .map(|m| m.to_string())
                     .unwrap_or_else(|| format!("error code {}", resp.error_code)),
             });
+        }
+        if resp.session_lifetime_ms > 0 {
+            self.session_lifetime = Some(Duration::from_millis(resp.session_lifetime_ms as u64));
         }
         Ok(resp.auth_bytes.to_vec())
     }

@@ -65,6 +65,10 @@ pub enum Error {
         mechanism: &'static str,
         why: String,
     },
+    /// No OAUTHBEARER token could be had (token endpoint down or refusing the client, token
+    /// file unreadable or expired); `setting` names the setting to check.
+    #[error("{setting}: cannot get an OAUTHBEARER token: {why}")]
+    Token { setting: &'static str, why: String },
     /// A SCRAM server asked for a PBKDF2 iteration count outside what we accept (see
     /// [`crate::sasl::SCRAM_ITERATIONS`]); nothing was derived.
     #[error(

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod assignor;
+pub mod aws;
 pub mod backoff;
 pub mod cluster;
 pub mod conn;
@@ -20,6 +21,7 @@ pub mod consumer;
 pub mod error;
 pub mod fetch;
 pub mod group;
+pub mod oauth;
 pub mod offsets;
 pub mod producer;
 pub mod sasl;
@@ -35,6 +37,7 @@ pub use consumer::{
 };
 pub use error::{ConfigError, Error, Result, TlsError};
 pub use group::GroupConfig;
+pub use oauth::{OauthMethod, OauthSettings, TokenSource};
 pub use producer::{CompressionCodec, Delivery, OutRecord, ProduceError, Producer, ProducerConfig};
 pub use secret::Secret;
 pub use settings::{

@@ -1,7 +1,8 @@
-//! SASL: PLAIN and SCRAM-SHA-256/512 (rsasl does the mechanism's work) on our own connections,
-//! and the same credentials handed to rskafka for its data connections.
+//! SASL: PLAIN and SCRAM-SHA-256/512 (rsasl does the mechanism's work) and OAUTHBEARER
+//! (KIP-255, written here) on our own connections, and the same credentials handed to rskafka
+//! for its connections (OAUTHBEARER through its token callback, fed by the same token source).
 
-use std::io::Cursor;
+use std::{io::Cursor, sync::Arc};
 
 use crate::{
     conn::BrokerConn,
@@ -11,11 +12,33 @@ use crate::{
 
 /// The same credentials for rskafka's connections.
 pub fn rskafka_config(s: &SaslSettings) -> rskafka::client::SaslConfig {
+    if let (SaslMechanism::OauthBearer, Some(source)) = (s.mechanism, &s.oauth) {
+        let bearer_kvs = source.settings().extensions.clone();
+        let source = source.clone();
+        let callback: rskafka::client::OauthCallback = Arc::new(move || {
+            let source = source.clone();
+            Box::pin(async move {
+                source
+                    .token()
+                    .await
+                    .map(|t| t.expose().to_owned())
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            })
+        });
+        return rskafka::client::SaslConfig::Oauthbearer(rskafka::client::OauthBearerCredentials {
+            callback,
+            authz_id: None,
+            bearer_kvs,
+        });
+    }
     let c = rskafka::client::Credentials::new(s.username.clone(), s.password.expose().to_owned());
     match s.mechanism {
         SaslMechanism::Plain => rskafka::client::SaslConfig::Plain(c),
         SaslMechanism::ScramSha256 => rskafka::client::SaslConfig::ScramSha256(c),
         SaslMechanism::ScramSha512 => rskafka::client::SaslConfig::ScramSha512(c),
+        // Without a token source (not from the settings' parser): PLAIN's shape, refused by
+        // the broker.
+        SaslMechanism::OauthBearer => rskafka::client::SaslConfig::Plain(c),
     }
 }
 
@@ -53,6 +76,9 @@ pub(crate) fn check_scram_iterations(mechanism: &'static str, server_first: &[u8
 pub(crate) async fn authenticate(conn: &mut BrokerConn, s: &SaslSettings) -> Result<()> {
     use rsasl::prelude::{Mechname, SASLClient, SASLConfig};
     let mech = s.mechanism.name();
+    if s.mechanism == SaslMechanism::OauthBearer {
+        return oauthbearer(conn, s).await;
+    }
     let fail = |why: String| Error::Sasl {
         mechanism: mech,
         why,
@@ -92,6 +118,47 @@ pub(crate) async fn authenticate(conn: &mut BrokerConn, s: &SaslSettings) -> Res
         }
     }
     Err(fail("exchange did not finish".into()))
+}
+
+/// OAUTHBEARER (KIP-255, RFC 7628): one client message with the token and the extensions.
+/// The broker answers nothing on success; on failure it sends an error JSON (`status`, RFC 7628
+/// section 3.2.2), the client answers `\x01`, and the broker ends the exchange with its error.
+async fn oauthbearer(conn: &mut BrokerConn, s: &SaslSettings) -> Result<()> {
+    let mech = SaslMechanism::OauthBearer.name();
+    let source = s.oauth.as_ref().ok_or_else(|| Error::Sasl {
+        mechanism: mech,
+        why: "no token source configured".into(),
+    })?;
+    // The token first: a token endpoint that is down is named as such, not as a broker fault.
+    let token = source.token().await?;
+    conn.sasl_handshake(mech).await?;
+    let first =
+        crate::oauth::client_first_message(token.expose(), None, &source.settings().extensions);
+    drop(token);
+    let challenge = conn.sasl_authenticate(mech, first).await?;
+    if challenge.is_empty() {
+        return Ok(());
+    }
+    let status = serde_json::from_slice::<serde_json::Value>(&challenge)
+        .ok()
+        .map(|j| {
+            let field = |k: &str| j.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+            let mut out = format!("status {}", field("status").unwrap_or_else(|| "?".into()));
+            if let Some(scope) = field("scope") {
+                out.push_str(&format!(", scope {scope}"));
+            }
+            out
+        })
+        .unwrap_or_else(|| "an unreadable error answer".into());
+    let end = match conn.sasl_authenticate(mech, vec![1]).await {
+        Err(Error::Sasl { why, .. }) => format!(": {why}"),
+        Err(e) => return Err(e),
+        Ok(_) => String::new(),
+    };
+    Err(Error::Sasl {
+        mechanism: mech,
+        why: format!("the broker refused the token ({status}){end}"),
+    })
 }
 
 #[cfg(test)]
@@ -338,6 +405,386 @@ mod tests {
         port
     }
 
+    /// A broker whose OAUTHBEARER server side follows KIP-255 / RFC 7628: it keeps every
+    /// SaslAuthenticate message it receives, accepts the token `good` and answers any other
+    /// with the error JSON, then (after the client's `\x01`) with error 58.
+    async fn oauth_broker(seen: Arc<std::sync::Mutex<Vec<Vec<u8>>>>) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    while let Some(mut frame) = read_frame(&mut s).await {
+                        let key = ApiKey::try_from(frame.clone().get_i16()).unwrap();
+                        let version = frame.clone().slice(2..).get_i16();
+                        let h =
+                            RequestHeader::decode(&mut frame, key.request_header_version(version))
+                                .unwrap();
+                        let c = h.correlation_id;
+                        match key {
+                            ApiKey::ApiVersions => {
+                                let keys = [(18, 0, 3), (17, 0, 1), (36, 0, 2)]
+                                    .map(|(k, lo, hi)| {
+                                        ApiVersion::default()
+                                            .with_api_key(k)
+                                            .with_min_version(lo)
+                                            .with_max_version(hi)
+                                    })
+                                    .to_vec();
+                                let r = ApiVersionsResponse::default().with_api_keys(keys);
+                                reply(&mut s, c, r, version).await;
+                            }
+                            ApiKey::SaslHandshake => {
+                                let req =
+                                    SaslHandshakeRequest::decode(&mut frame, version).unwrap();
+                                let ok = req.mechanism.as_str() == "OAUTHBEARER";
+                                let resp = SaslHandshakeResponse::default()
+                                    .with_error_code(if ok { 0 } else { 33 })
+                                    .with_mechanisms(vec![StrBytes::from_static_str(
+                                        "OAUTHBEARER",
+                                    )]);
+                                reply(&mut s, c, resp, version).await;
+                            }
+                            ApiKey::SaslAuthenticate => {
+                                let req =
+                                    SaslAuthenticateRequest::decode(&mut frame, version).unwrap();
+                                let msg = req.auth_bytes.to_vec();
+                                seen.lock().unwrap().push(msg.clone());
+                                let resp = if msg == b"\x01" {
+                                    SaslAuthenticateResponse::default()
+                                        .with_error_code(58)
+                                        .with_error_message(Some(StrBytes::from_static_str(
+                                            "Authentication failed: invalid token",
+                                        )))
+                                } else if msg.windows(17).any(|w| w == b"auth=Bearer good\x01") {
+                                    SaslAuthenticateResponse::default()
+                                } else {
+                                    SaslAuthenticateResponse::default().with_auth_bytes(
+                                        Bytes::from_static(
+                                            br#"{"status":"invalid_token","scope":"kafka"}"#,
+                                        ),
+                                    )
+                                };
+                                reply(&mut s, c, resp, version).await;
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    fn oauth_settings(port: u16, token_file: &std::path::Path) -> Arc<ConnectionSettings> {
+        let mut s = ConnectionSettings::plaintext(&format!("127.0.0.1:{port}")).unwrap();
+        s.security = SecurityProtocol::SaslPlaintext;
+        s.sasl = Some(SaslSettings {
+            mechanism: SaslMechanism::OauthBearer,
+            username: String::new(),
+            password: Default::default(),
+            oauth: Some(crate::oauth::TokenSource::new(
+                crate::oauth::OauthSettings {
+                    method: crate::oauth::OauthMethod::File(token_file.to_owned()),
+                    extensions: vec![
+                        ("logicalCluster".into(), "lkc-123".into()),
+                        ("identityPoolId".into(), "pool-9".into()),
+                    ],
+                },
+            )),
+        });
+        Arc::new(s)
+    }
+
+    /// The client's message is exactly KIP-255's (GS2 header, auth=Bearer, extensions,
+    /// separators), and a token the broker refuses ends with its status and error, the client
+    /// having answered the error JSON with `\x01`, the token in neither.
+    #[tokio::test]
+    async fn oauthbearer_sends_kip_255s_message_and_handles_the_error_answer() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let port = oauth_broker(seen.clone()).await;
+        let file = std::env::temp_dir().join(format!("kafka-io-{}-sasl-token", std::process::id()));
+        std::fs::write(&file, "good\n").unwrap();
+        let c = Connector::new(oauth_settings(port, &file)).unwrap();
+        c.connect_any().await.expect("the good token is accepted");
+        assert_eq!(
+            seen.lock().unwrap().as_slice(),
+            [b"n,,\x01auth=Bearer good\x01logicalCluster=lkc-123\x01identityPoolId=pool-9\x01\x01".to_vec()]
+        );
+        seen.lock().unwrap().clear();
+        std::fs::write(&file, "bad-token-xyz\n").unwrap();
+        let c = Connector::new(oauth_settings(port, &file)).unwrap();
+        let e = c.connect_any().await.err().expect("must fail");
+        std::fs::remove_file(&file).unwrap();
+        assert!(!e.is_retryable());
+        let e = e.to_string();
+        assert!(
+            e.contains("OAUTHBEARER")
+                && e.contains("status invalid_token")
+                && e.contains("Authentication failed: invalid token"),
+            "{e}"
+        );
+        assert!(!e.contains("bad-token-xyz"), "{e}");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[1], b"\x01");
+    }
+
+    /// rskafka's connections get their token from the same source, with the extensions.
+    #[tokio::test]
+    async fn rskafka_oauthbearer_uses_the_same_token_source() {
+        let file = std::env::temp_dir().join(format!("kafka-io-{}-rsk-token", std::process::id()));
+        std::fs::write(&file, "good").unwrap();
+        let s = oauth_settings(1, &file);
+        let cfg = super::rskafka_config(s.sasl.as_ref().unwrap());
+        let rskafka::client::SaslConfig::Oauthbearer(creds) = cfg else {
+            panic!("{cfg:?}");
+        };
+        assert_eq!(creds.bearer_kvs.len(), 2);
+        assert_eq!((creds.callback)().await.unwrap(), "good");
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(
+            s.sasl
+                .as_ref()
+                .unwrap()
+                .oauth
+                .as_ref()
+                .unwrap()
+                .fetched()
+                .await,
+            1
+        );
+    }
+
+    /// A token endpoint that is down stops the connection before the broker is asked, naming
+    /// the setting (at start this ends the process, as other sign-in failures do).
+    #[tokio::test]
+    async fn token_endpoint_down_is_named_on_connect() {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let port = oauth_broker(seen.clone()).await;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = ConnectionSettings::plaintext(&format!("127.0.0.1:{port}")).unwrap();
+        s.security = SecurityProtocol::SaslPlaintext;
+        s.sasl = Some(SaslSettings {
+            mechanism: SaslMechanism::OauthBearer,
+            username: String::new(),
+            password: Default::default(),
+            oauth: Some(crate::oauth::TokenSource::new(
+                crate::oauth::OauthSettings {
+                    method: crate::oauth::OauthMethod::Oidc {
+                        token_endpoint_url: format!("http://127.0.0.1:{closed}/token"),
+                        client_id: "id".into(),
+                        client_secret: "hush".into(),
+                        scope: None,
+                    },
+                    extensions: vec![],
+                },
+            )),
+        });
+        let e = Connector::new(Arc::new(s))
+            .unwrap()
+            .connect_any()
+            .await
+            .err()
+            .expect("must fail");
+        assert!(
+            matches!(e, Error::Token { .. }) && !e.is_retryable(),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL"),
+            "{e}"
+        );
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    /// What the KIP-368 broker below saw.
+    #[derive(Default)]
+    struct ReauthLog {
+        connections: usize,
+        authentications: usize,
+        /// Topic names of the Metadata requests (our stand-in for records), in arrival order.
+        records: Vec<String>,
+        /// Requests that came after their session had expired (the broker closed on them).
+        expired: usize,
+        /// OAUTHBEARER tokens, one per authentication.
+        tokens: Vec<String>,
+    }
+
+    /// A broker that gives every SASL session `lifetime_ms` (KIP-368) and, as a real one,
+    /// closes a connection whose session has expired when the next request (other than a
+    /// SASL one) arrives. PLAIN and OAUTHBEARER (any bearer token) are accepted.
+    async fn reauth_broker(lifetime_ms: i64, log: Arc<std::sync::Mutex<ReauthLog>>) -> u16 {
+        use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                log.lock().unwrap().connections += 1;
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut expires: Option<Instant> = None;
+                    let mut mech = String::new();
+                    while let Some(mut frame) = read_frame(&mut s).await {
+                        let key = ApiKey::try_from(frame.clone().get_i16()).unwrap();
+                        let version = frame.clone().slice(2..).get_i16();
+                        let h =
+                            RequestHeader::decode(&mut frame, key.request_header_version(version))
+                                .unwrap();
+                        let c = h.correlation_id;
+                        match key {
+                            ApiKey::ApiVersions => {
+                                let keys = [(18, 0, 3), (17, 0, 1), (36, 0, 2), (3, 0, 12)]
+                                    .map(|(k, lo, hi)| {
+                                        ApiVersion::default()
+                                            .with_api_key(k)
+                                            .with_min_version(lo)
+                                            .with_max_version(hi)
+                                    })
+                                    .to_vec();
+                                let r = ApiVersionsResponse::default().with_api_keys(keys);
+                                reply(&mut s, c, r, version).await;
+                            }
+                            ApiKey::SaslHandshake => {
+                                let req =
+                                    SaslHandshakeRequest::decode(&mut frame, version).unwrap();
+                                mech = req.mechanism.to_string();
+                                reply(&mut s, c, SaslHandshakeResponse::default(), version).await;
+                            }
+                            ApiKey::SaslAuthenticate => {
+                                let req =
+                                    SaslAuthenticateRequest::decode(&mut frame, version).unwrap();
+                                let ok = match mech.as_str() {
+                                    "PLAIN" => req.auth_bytes == format!("\0{USER}\0{PASSWORD}"),
+                                    _ => req.auth_bytes.starts_with(b"n,,\x01auth=Bearer "),
+                                };
+                                assert!(ok, "{mech}: {:?}", req.auth_bytes);
+                                {
+                                    let mut l = log.lock().unwrap();
+                                    l.authentications += 1;
+                                    if let Some(rest) =
+                                        req.auth_bytes.strip_prefix(b"n,,\x01auth=Bearer ")
+                                    {
+                                        let end = rest.iter().position(|b| *b == 1).unwrap();
+                                        l.tokens.push(String::from_utf8_lossy(&rest[..end]).into());
+                                    }
+                                }
+                                expires = Some(
+                                    Instant::now() + Duration::from_millis(lifetime_ms as u64),
+                                );
+                                let resp = SaslAuthenticateResponse::default()
+                                    .with_session_lifetime_ms(lifetime_ms);
+                                reply(&mut s, c, resp, version).await;
+                            }
+                            ApiKey::Metadata => {
+                                if expires.is_none_or(|e| Instant::now() >= e) {
+                                    log.lock().unwrap().expired += 1;
+                                    return; // closes the connection
+                                }
+                                let req = MetadataRequest::decode(&mut frame, version).unwrap();
+                                for t in req.topics.unwrap_or_default() {
+                                    let name = t.name.map(|n| n.0.to_string()).unwrap_or_default();
+                                    log.lock().unwrap().records.push(name);
+                                }
+                                reply(&mut s, c, MetadataResponse::default(), version).await;
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// KIP-368: with a 1 s session lifetime, one connection used for 3 s re-authenticates
+    /// (PLAIN and OAUTHBEARER) before each session ends: the broker never closes it, and each
+    /// of the 30 requests arrives exactly once, in order, on the one connection. The OAUTHBEARER
+    /// token file is rotated half way: the re-authentications after it carry the new token.
+    #[tokio::test]
+    async fn reauthenticates_before_the_session_ends_without_losing_or_repeating_requests() {
+        use kafka_protocol::messages::{
+            MetadataRequest, TopicName, metadata_request::MetadataRequestTopic,
+        };
+        let token_file =
+            std::env::temp_dir().join(format!("kafka-io-{}-reauth-token", std::process::id()));
+        for mech in [SaslMechanism::Plain, SaslMechanism::OauthBearer] {
+            std::fs::write(&token_file, "token-a").unwrap();
+            let log = Arc::new(std::sync::Mutex::new(ReauthLog::default()));
+            let port = reauth_broker(1000, log.clone()).await;
+            let settings = if mech == SaslMechanism::OauthBearer {
+                let mut s = ConnectionSettings::plaintext(&format!("127.0.0.1:{port}")).unwrap();
+                s.security = SecurityProtocol::SaslPlaintext;
+                s.sasl = Some(SaslSettings {
+                    mechanism: mech,
+                    username: String::new(),
+                    password: Default::default(),
+                    oauth: Some(crate::oauth::TokenSource::new(
+                        crate::oauth::OauthSettings {
+                            method: crate::oauth::OauthMethod::File(token_file.clone()),
+                            extensions: vec![],
+                        },
+                    )),
+                });
+                Arc::new(s)
+            } else {
+                settings(port, mech, PASSWORD)
+            };
+            let mut conn = Connector::new(settings)
+                .unwrap()
+                .connect_any()
+                .await
+                .unwrap();
+            let v = conn.version::<MetadataRequest>("Metadata", 12).unwrap();
+            let sent: Vec<String> = (0..30).map(|i| format!("record-{i}")).collect();
+            for (i, name) in sent.iter().enumerate() {
+                if i == 15 {
+                    std::fs::write(&token_file, "token-b").unwrap();
+                    let f = std::fs::File::options()
+                        .write(true)
+                        .open(&token_file)
+                        .unwrap();
+                    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+                        .unwrap();
+                }
+                let req = MetadataRequest::default().with_topics(Some(vec![
+                    MetadataRequestTopic::default()
+                        .with_name(Some(TopicName(StrBytes::from_string(name.clone())))),
+                ]));
+                conn.send(req, v, "Metadata")
+                    .await
+                    .unwrap_or_else(|e| panic!("{mech:?} {name}: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let log = log.lock().unwrap();
+            assert_eq!(log.expired, 0, "{mech:?}");
+            assert_eq!(log.connections, 1, "{mech:?}");
+            assert_eq!(log.records, sent, "{mech:?}");
+            // ~3 s of 1 s sessions at 85-95%: at least 2 re-authentications.
+            assert!(
+                conn.reauthentications() >= 2,
+                "{mech:?}: {}",
+                conn.reauthentications()
+            );
+            assert_eq!(
+                log.authentications as u64,
+                1 + conn.reauthentications(),
+                "{mech:?}"
+            );
+            if mech == SaslMechanism::OauthBearer {
+                assert_eq!(log.tokens.first().map(String::as_str), Some("token-a"));
+                assert_eq!(log.tokens.last().map(String::as_str), Some("token-b"));
+            }
+        }
+        std::fs::remove_file(&token_file).unwrap();
+    }
+
     fn settings(port: u16, mech: SaslMechanism, password: &str) -> Arc<ConnectionSettings> {
         let mut s = ConnectionSettings::plaintext(&format!("127.0.0.1:{port}")).unwrap();
         s.security = SecurityProtocol::SaslPlaintext;
@@ -345,6 +792,7 @@ mod tests {
             mechanism: mech,
             username: USER.into(),
             password: password.into(),
+            oauth: None,
         });
         Arc::new(s)
     }

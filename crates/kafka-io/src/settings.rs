@@ -116,6 +116,8 @@ pub enum SaslMechanism {
     Plain,
     ScramSha256,
     ScramSha512,
+    /// SASL/OAUTHBEARER (KIP-255): a bearer token from [`crate::oauth::TokenSource`].
+    OauthBearer,
 }
 
 impl SaslMechanism {
@@ -124,6 +126,7 @@ impl SaslMechanism {
             Self::Plain => "PLAIN",
             Self::ScramSha256 => "SCRAM-SHA-256",
             Self::ScramSha512 => "SCRAM-SHA-512",
+            Self::OauthBearer => "OAUTHBEARER",
         }
     }
 }
@@ -135,9 +138,12 @@ impl FromStr for SaslMechanism {
             "PLAIN" => Ok(Self::Plain),
             "SCRAM-SHA-256" => Ok(Self::ScramSha256),
             "SCRAM-SHA-512" => Ok(Self::ScramSha512),
+            "OAUTHBEARER" => Ok(Self::OauthBearer),
             other => Err(ConfigError::Invalid {
                 setting: "KAFKA_SASL_MECHANISM",
-                why: format!("`{other}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+                why: format!(
+                    "`{other}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER"
+                ),
             }),
         }
     }
@@ -146,8 +152,11 @@ impl FromStr for SaslMechanism {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SaslSettings {
     pub mechanism: SaslMechanism,
+    /// PLAIN and SCRAM (empty for OAUTHBEARER).
     pub username: String,
     pub password: Secret,
+    /// OAUTHBEARER: the token source, shared by every connection.
+    pub oauth: Option<crate::oauth::TokenSource>,
 }
 
 /// A TLS client configuration built from [`TlsSettings`] by [`ConnectionSettings::build_tls`].
@@ -195,6 +204,109 @@ fn read_secret_file(setting: &'static str, path: &str) -> Result<Secret, ConfigE
     }
     text.truncate(len);
     Ok(text)
+}
+
+/// The OAUTHBEARER settings, by librdkafka's `sasl.oauthbearer.*` names:
+/// KAFKA_SASL_OAUTHBEARER_METHOD (oidc, file or unsecured; default: oidc with a token endpoint,
+/// file with a token file), _TOKEN_ENDPOINT_URL, _CLIENT_ID, _CLIENT_SECRET[_FILE], _SCOPE,
+/// _EXTENSIONS, _TOKEN_FILE, _CONFIG (unsecured: `principal=NAME [lifeSeconds=N]`), and for
+/// aws_msk_iam _AWS_REGION with the standard AWS_* credential variables ([`crate::aws`]).
+fn oauth_from_lookup(
+    get: &dyn Fn(&str) -> Option<String>,
+    secret: &dyn Fn(&'static str, &'static str) -> Result<Option<Secret>, ConfigError>,
+) -> Result<crate::oauth::OauthSettings, ConfigError> {
+    use crate::oauth::{OauthMethod, OauthSettings};
+    const METHOD: &str = "KAFKA_SASL_OAUTHBEARER_METHOD";
+    const URL: &str = "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL";
+    const FILE: &str = "KAFKA_SASL_OAUTHBEARER_TOKEN_FILE";
+    const CONFIG: &str = "KAFKA_SASL_OAUTHBEARER_CONFIG";
+    let method = match get(METHOD).map(|m| m.trim().to_ascii_lowercase()) {
+        Some(m) => m,
+        None if get(URL).is_some() => "oidc".into(),
+        None if get(FILE).is_some() => "file".into(),
+        None => {
+            return Err(ConfigError::Invalid {
+                setting: METHOD,
+                why: "KAFKA_SASL_MECHANISM=OAUTHBEARER needs oidc (with \
+                      KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL), file (with \
+                      KAFKA_SASL_OAUTHBEARER_TOKEN_FILE) or unsecured"
+                    .into(),
+            });
+        }
+    };
+    let method = match method.as_str() {
+        "oidc" => {
+            let token_endpoint_url = get(URL).ok_or(ConfigError::Missing(URL))?;
+            if !(token_endpoint_url.starts_with("https://")
+                || token_endpoint_url.starts_with("http://"))
+            {
+                return Err(ConfigError::Invalid {
+                    setting: URL,
+                    why: format!("`{token_endpoint_url}` is not an http(s):// URL"),
+                });
+            }
+            OauthMethod::Oidc {
+                token_endpoint_url,
+                client_id: get("KAFKA_SASL_OAUTHBEARER_CLIENT_ID")
+                    .ok_or(ConfigError::Missing("KAFKA_SASL_OAUTHBEARER_CLIENT_ID"))?,
+                client_secret: secret(
+                    "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+                    "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+                )?
+                .ok_or(ConfigError::Missing(
+                    "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET (or \
+                     KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE)",
+                ))?,
+                scope: get("KAFKA_SASL_OAUTHBEARER_SCOPE"),
+            }
+        }
+        "file" => OauthMethod::File(PathBuf::from(get(FILE).ok_or(ConfigError::Missing(FILE))?)),
+        "unsecured" | "default" => {
+            let config = get(CONFIG).unwrap_or_default();
+            let mut principal = None;
+            let mut life = 3600u64;
+            for pair in config.split_whitespace() {
+                match pair.split_once('=') {
+                    Some(("principal", p)) if !p.is_empty() => principal = Some(p.to_owned()),
+                    Some(("lifeSeconds", n)) => {
+                        life = n.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                            ConfigError::Invalid {
+                                setting: CONFIG,
+                                why: format!("lifeSeconds `{n}` is not a number of seconds"),
+                            }
+                        })?
+                    }
+                    _ => {
+                        return Err(ConfigError::Invalid {
+                            setting: CONFIG,
+                            why: format!("`{pair}`: expected principal=NAME or lifeSeconds=N"),
+                        });
+                    }
+                }
+            }
+            OauthMethod::Unsecured {
+                principal: principal.ok_or(ConfigError::Invalid {
+                    setting: CONFIG,
+                    why: "the unsecured method needs principal=NAME".into(),
+                })?,
+                lifetime: std::time::Duration::from_secs(life),
+            }
+        }
+        "aws_msk_iam" | "aws-msk-iam" => {
+            OauthMethod::AwsMskIam(crate::aws::MskIam::from_lookup(get)?)
+        }
+        other => {
+            return Err(ConfigError::Invalid {
+                setting: METHOD,
+                why: format!("`{other}` is not one of oidc, file, unsecured, aws_msk_iam"),
+            });
+        }
+    };
+    let extensions = match get("KAFKA_SASL_OAUTHBEARER_EXTENSIONS") {
+        Some(e) => crate::oauth::parse_extensions("KAFKA_SASL_OAUTHBEARER_EXTENSIONS", &e)?,
+        None => Vec::new(),
+    };
+    Ok(OauthSettings { method, extensions })
 }
 
 impl ConnectionSettings {
@@ -268,18 +380,29 @@ impl ConnectionSettings {
             )?,
         };
         let sasl = if security.uses_sasl() {
-            let mechanism = get("KAFKA_SASL_MECHANISM")
+            let mechanism: SaslMechanism = get("KAFKA_SASL_MECHANISM")
                 .as_deref()
                 .unwrap_or("PLAIN")
                 .parse()?;
-            Some(SaslSettings {
-                mechanism,
-                username: get("KAFKA_SASL_USERNAME")
-                    .ok_or(ConfigError::Missing("KAFKA_SASL_USERNAME"))?,
-                password: secret("KAFKA_SASL_PASSWORD", "KAFKA_SASL_PASSWORD_FILE")?.ok_or(
-                    ConfigError::Missing("KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)"),
-                )?,
-            })
+            if mechanism == SaslMechanism::OauthBearer {
+                let oauth = oauth_from_lookup(&get, &secret)?;
+                Some(SaslSettings {
+                    mechanism,
+                    username: String::new(),
+                    password: Secret::default(),
+                    oauth: Some(crate::oauth::TokenSource::new(oauth)),
+                })
+            } else {
+                Some(SaslSettings {
+                    mechanism,
+                    username: get("KAFKA_SASL_USERNAME")
+                        .ok_or(ConfigError::Missing("KAFKA_SASL_USERNAME"))?,
+                    password: secret("KAFKA_SASL_PASSWORD", "KAFKA_SASL_PASSWORD_FILE")?.ok_or(
+                        ConfigError::Missing("KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)"),
+                    )?,
+                    oauth: None,
+                })
+            }
         } else {
             None
         };
@@ -463,5 +586,110 @@ mod tests {
             "{e}"
         );
         assert!(!e.contains("hunter2"));
+    }
+
+    #[test]
+    fn oauthbearer_settings_by_librdkafka_names() {
+        use crate::oauth::OauthMethod;
+        let secret = TempFile::with("oidc-secret", "cl1ent-s3cret\n");
+        let base = [
+            ("KAFKA_BROKER", "k:9093"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_MECHANISM", "oauthbearer"),
+        ];
+        let with = |extra: &[(&str, &str)]| {
+            let pairs: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+            ConnectionSettings::from_lookup(lookup(&pairs))
+        };
+        let s = with(&[
+            (
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                "https://idp/token",
+            ),
+            ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID", "app"),
+            ("KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE", &secret.path()),
+            ("KAFKA_SASL_OAUTHBEARER_SCOPE", "kafka"),
+            (
+                "KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+                "logicalCluster=lkc-1,identityPoolId=pool-2",
+            ),
+        ])
+        .unwrap();
+        let sasl = s.sasl.as_ref().unwrap();
+        assert_eq!(sasl.mechanism, SaslMechanism::OauthBearer);
+        let o = sasl.oauth.as_ref().unwrap().settings();
+        assert_eq!(
+            o.method,
+            OauthMethod::Oidc {
+                token_endpoint_url: "https://idp/token".into(),
+                client_id: "app".into(),
+                client_secret: "cl1ent-s3cret".into(),
+                scope: Some("kafka".into()),
+            }
+        );
+        assert_eq!(o.extensions.len(), 2);
+        assert!(!format!("{s:?}").contains("cl1ent-s3cret"));
+        let s = with(&[("KAFKA_SASL_OAUTHBEARER_TOKEN_FILE", "/var/run/token")]).unwrap();
+        assert_eq!(
+            s.sasl.unwrap().oauth.unwrap().settings().method,
+            OauthMethod::File("/var/run/token".into())
+        );
+        let s = with(&[
+            ("KAFKA_SASL_OAUTHBEARER_METHOD", "unsecured"),
+            (
+                "KAFKA_SASL_OAUTHBEARER_CONFIG",
+                "principal=admin lifeSeconds=60",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.sasl.unwrap().oauth.unwrap().settings().method,
+            OauthMethod::Unsecured {
+                principal: "admin".into(),
+                lifetime: std::time::Duration::from_secs(60)
+            }
+        );
+        for (extra, named) in [
+            (vec![], "KAFKA_SASL_OAUTHBEARER_METHOD"),
+            (
+                vec![("KAFKA_SASL_OAUTHBEARER_METHOD", "kerberos")],
+                "KAFKA_SASL_OAUTHBEARER_METHOD",
+            ),
+            (
+                vec![(
+                    "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                    "https://idp/token",
+                )],
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+            ),
+            (
+                vec![
+                    (
+                        "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                        "https://idp/token",
+                    ),
+                    ("KAFKA_SASL_OAUTHBEARER_CLIENT_ID", "app"),
+                ],
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+            ),
+            (
+                vec![("KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL", "idp/token")],
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+            ),
+            (
+                vec![("KAFKA_SASL_OAUTHBEARER_METHOD", "unsecured")],
+                "KAFKA_SASL_OAUTHBEARER_CONFIG",
+            ),
+            (
+                vec![
+                    ("KAFKA_SASL_OAUTHBEARER_TOKEN_FILE", "/t"),
+                    ("KAFKA_SASL_OAUTHBEARER_EXTENSIONS", "auth=x"),
+                ],
+                "KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+            ),
+        ] {
+            let e = with(&extra).unwrap_err().to_string();
+            assert!(e.contains(named), "{extra:?}: {e}");
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! split and every record still arrives, in order; only a record refused alone is TooLarge;
 //! idempotence: a batch whose response was lost is resent with its sequence and not written
 //! twice (and is written twice with idempotence off), a forgotten producer id gets a new one,
-//! and a broker refusing InitProducerId fails the records with an error naming the flag.
+//! and a broker refusing InitProducerId fails the records with an error naming the flag;
+//! records keep flowing through KIP-368 re-authentications (OAUTHBEARER), none lost or resent.
 //!
 //! Real time, short durations; every wait is bounded.
 
@@ -287,4 +288,70 @@ async fn the_topic_limit_is_asked_again_and_a_failed_describe_configs_is_not_kep
         .of(kafka_protocol::messages::ApiKey::DescribeConfigs)
         .len();
     assert!(asked >= 4, "DescribeConfigs asked {asked} times");
+}
+
+/// KIP-368 with records flowing: the broker gives 1 s SASL sessions (OAUTHBEARER) and closes
+/// a connection used after its session ended. For 3 s of records the producer's connection
+/// re-authenticates in time: every record is written once, in order, no Produce request met an
+/// expired session, and no batch was sent twice.
+#[tokio::test]
+async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
+    use kafka_io::{
+        OauthMethod, OauthSettings, SaslMechanism, SaslSettings, SecurityProtocol, TokenSource,
+    };
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.sasl_session_lifetime(Some(1000));
+    let mut settings = kafka_io::ConnectionSettings::plaintext(&fake.bootstrap()).unwrap();
+    settings.security = SecurityProtocol::SaslPlaintext;
+    settings.sasl = Some(SaslSettings {
+        mechanism: SaslMechanism::OauthBearer,
+        username: String::new(),
+        password: Default::default(),
+        oauth: Some(TokenSource::new(OauthSettings {
+            method: OauthMethod::Unsecured {
+                principal: "alice".into(),
+                lifetime: Duration::from_secs(60),
+            },
+            extensions: vec![],
+        })),
+    });
+    let mut cluster = kafka_io::Cluster::connect(settings).await.expect("connect");
+    std::sync::Arc::get_mut(&mut cluster)
+        .expect("sole owner")
+        .request_timeout = Duration::from_secs(1);
+    let p = Producer::new(
+        cluster,
+        ProducerConfig {
+            linger: Duration::ZERO,
+            linger_max: Duration::ZERO,
+            idempotent: true,
+            max_backoff: Duration::from_millis(200),
+            ..Default::default()
+        },
+    );
+    let mut sent = Vec::new();
+    for round in 0..30 {
+        let vals: Vec<String> = (0..5).map(|i| format!("r{round:02}-{i}")).collect();
+        for d in send_all(&p, &vals).await {
+            assert!(d.is_ok(), "{d:?}");
+        }
+        sent.extend(vals);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(strings(fake.produced(TOPIC, 0)), sent);
+    let expired = fake.expired_requests();
+    assert!(
+        !expired.contains(&kafka_protocol::messages::ApiKey::Produce),
+        "{expired:?}"
+    );
+    let batches = fake.produce_batches();
+    let mut seqs: Vec<i32> = batches.iter().map(|b| b.base_sequence).collect();
+    seqs.dedup();
+    assert_eq!(seqs.len(), batches.len(), "a batch sent twice: {batches:?}");
+    assert!(
+        fake.reauthentications() >= 2,
+        "{}",
+        fake.reauthentications()
+    );
+    p.close(BOUND).await.unwrap();
 }

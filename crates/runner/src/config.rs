@@ -43,6 +43,48 @@ pub struct RunArgs {
     /// the KAFKA_SSL_* and KAFKA_SASL_* variables).
     #[arg(long, env = "KAFKA_SECURITY_PROTOCOL")]
     pub security_protocol: Option<String>,
+    /// PLAIN (default), SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER (credentials:
+    /// KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD[_FILE], or the --sasl-oauthbearer-* settings).
+    #[arg(long, env = "KAFKA_SASL_MECHANISM")]
+    pub sasl_mechanism: Option<String>,
+    /// OAUTHBEARER: oidc (client credentials at a token endpoint), file (a token file, re-read
+    /// when it changes), unsecured (an unsigned JWT, development only) or aws_msk_iam. Default: oidc with a
+    /// token endpoint URL, file with a token file.
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_METHOD")]
+    pub sasl_oauthbearer_method: Option<String>,
+    /// OAUTHBEARER oidc: the token endpoint (POST grant_type=client_credentials, basic auth).
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")]
+    pub sasl_oauthbearer_token_endpoint_url: Option<String>,
+    /// OAUTHBEARER oidc: the client id.
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_CLIENT_ID")]
+    pub sasl_oauthbearer_client_id: Option<String>,
+    /// OAUTHBEARER oidc: a file holding the client secret (or the secret itself in the
+    /// environment as KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET; not a flag, so it stays out of ps).
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE")]
+    pub sasl_oauthbearer_client_secret_file: Option<String>,
+    /// OAUTHBEARER oidc: the scope asked for (optional).
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_SCOPE")]
+    pub sasl_oauthbearer_scope: Option<String>,
+    /// OAUTHBEARER: SASL extensions sent with the token, key=value[,key=value] (e.g. Confluent
+    /// Cloud's logicalCluster=lkc-...,identityPoolId=pool-...).
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_EXTENSIONS")]
+    pub sasl_oauthbearer_extensions: Option<String>,
+    /// OAUTHBEARER file: the token file, re-read when it changes or its token nears expiry.
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_TOKEN_FILE")]
+    pub sasl_oauthbearer_token_file: Option<String>,
+    /// OAUTHBEARER unsecured: `principal=NAME [lifeSeconds=N]` (librdkafka's
+    /// sasl.oauthbearer.config).
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_CONFIG")]
+    pub sasl_oauthbearer_config: Option<String>,
+    /// OAUTHBEARER aws_msk_iam: the cluster's AWS region (default AWS_REGION, then
+    /// AWS_DEFAULT_REGION). Credentials come from the standard AWS_* variables.
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_AWS_REGION")]
+    pub sasl_oauthbearer_aws_region: Option<String>,
+    /// OAUTHBEARER aws_msk_iam: a role to assume (STS AssumeRole) with the credentials found;
+    /// its session is named by KAFKA_SASL_OAUTHBEARER_AWS_ROLE_SESSION_NAME (default
+    /// kafka-infer).
+    #[arg(long, env = "KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN")]
+    pub sasl_oauthbearer_aws_role_arn: Option<String>,
     /// seldon, tensorflow, kfserving (= v2).
     #[arg(long, env = "KAFKA_INFER_PROTOCOL")]
     pub protocol: Option<String>,
@@ -756,6 +798,47 @@ impl Config {
         let flag_env: HashMap<&str, Option<&String>> = HashMap::from([
             ("KAFKA_BROKER", args.broker.as_ref()),
             ("KAFKA_SECURITY_PROTOCOL", args.security_protocol.as_ref()),
+            ("KAFKA_SASL_MECHANISM", args.sasl_mechanism.as_ref()),
+            (
+                "KAFKA_SASL_OAUTHBEARER_METHOD",
+                args.sasl_oauthbearer_method.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                args.sasl_oauthbearer_token_endpoint_url.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+                args.sasl_oauthbearer_client_id.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE",
+                args.sasl_oauthbearer_client_secret_file.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_SCOPE",
+                args.sasl_oauthbearer_scope.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+                args.sasl_oauthbearer_extensions.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_TOKEN_FILE",
+                args.sasl_oauthbearer_token_file.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_CONFIG",
+                args.sasl_oauthbearer_config.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_AWS_REGION",
+                args.sasl_oauthbearer_aws_region.as_ref(),
+            ),
+            (
+                "KAFKA_SASL_OAUTHBEARER_AWS_ROLE_ARN",
+                args.sasl_oauthbearer_aws_role_arn.as_ref(),
+            ),
         ]);
         let lookup = |k: &str| -> Option<String> {
             flag_env
@@ -891,6 +974,23 @@ impl Config {
                  whole graph in-process between KAFKA_INPUT_TOPIC and KAFKA_OUTPUT_TOPIC. Remove \
                  the setting (or set it to false) to run that way"
             );
+        }
+        if let Some(o) = connection.sasl.as_ref().and_then(|s| s.oauth.as_ref()) {
+            if let kafka_io::OauthMethod::Unsecured { principal, .. } = &o.settings().method {
+                warnings.push(format!(
+                    "KAFKA_SASL_OAUTHBEARER_METHOD=unsecured signs in as `{principal}` with an \
+                     unsigned token (alg none) that any broker validating tokens refuses: for \
+                     development brokers only"
+                ));
+            }
+            if connection.security == kafka_io::SecurityProtocol::SaslPlaintext {
+                warnings.push(
+                    "KAFKA_SASL_MECHANISM OAUTHBEARER with KAFKA_SECURITY_PROTOCOL=\
+                     SASL_PLAINTEXT sends the bearer token in clear text on every connection: \
+                     use SASL_SSL"
+                        .into(),
+                );
+            }
         }
         if let Some(v) = lookup("KAFKA_AUTO_COMMIT") {
             warnings.push(format!(
@@ -1069,6 +1169,8 @@ impl Config {
             "brokers": self.connection.bootstrap_strings(),
             "security_protocol": format!("{:?}", self.connection.security),
             "sasl_mechanism": self.connection.sasl.as_ref().map(|s| s.mechanism.name()),
+            "sasl_username": self.connection.sasl.as_ref().map(|s| s.username.as_str()).filter(|u| !u.is_empty()),
+            "sasl_oauthbearer": self.connection.sasl.as_ref().and_then(|s| s.oauth.as_ref()).map(|o| oauth_summary(o.settings())),
             "input_topic": self.input_topic,
             "output_topic": self.output_topic,
             "error_topic": self.error_topic,
@@ -1102,6 +1204,55 @@ impl Config {
             "batch_linger_ms": self.batch_linger.as_millis() as u64,
         })
     }
+}
+
+/// The OAUTHBEARER settings as `--print-config` shows them: no client secret, no token.
+fn oauth_summary(o: &kafka_io::OauthSettings) -> serde_json::Value {
+    use kafka_io::OauthMethod;
+    let mut v = match &o.method {
+        OauthMethod::Oidc {
+            token_endpoint_url,
+            client_id,
+            scope,
+            ..
+        } => serde_json::json!({
+            "token_endpoint_url": without_userinfo(token_endpoint_url),
+            "client_id": client_id,
+            "scope": scope,
+        }),
+        OauthMethod::File(p) => serde_json::json!({ "token_file": p.display().to_string() }),
+        OauthMethod::Unsecured {
+            principal,
+            lifetime,
+        } => serde_json::json!({ "principal": principal, "life_seconds": lifetime.as_secs() }),
+        OauthMethod::AwsMskIam(msk) => {
+            use kafka_io::aws::CredentialSource;
+            let (source, role_arn, url) = match &msk.credentials {
+                CredentialSource::Static(_) => ("environment", None, None),
+                CredentialSource::WebIdentity { role_arn, .. } => {
+                    ("web_identity", Some(role_arn.clone()), None)
+                }
+                CredentialSource::Container { url, .. } => {
+                    ("container", None, Some(without_userinfo(url).into_owned()))
+                }
+            };
+            serde_json::json!({
+                "region": msk.region,
+                "aws_credentials": source,
+                "role_arn": role_arn,
+                "credentials_url": url,
+                "assume_role_arn": msk.assume_role.as_ref().map(|r| r.role_arn.clone()),
+            })
+        }
+    };
+    v["method"] = o.method.name().into();
+    v["extensions"] = o
+        .extensions
+        .iter()
+        .map(|(k, val)| (k.clone(), serde_json::Value::from(val.clone())))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    v
 }
 
 /// What Seldon's executor would refuse or fail on at the first request, refused at start.
@@ -1599,6 +1750,208 @@ spec:
             Config::resolve(&a, &|_| None).unwrap().session_timeout,
             Duration::from_secs(6)
         );
+    }
+
+    /// The README's cloud sign-in recipes, each resolved as `--print-config` would (no
+    /// network), with its secret files present: every recipe is there, parses, and gives the
+    /// settings its platform expects; no secret reaches the summary.
+    #[test]
+    fn readme_cloud_recipes() {
+        let readme = include_str!("../../../README.md");
+        let mut recipes: Vec<(String, Vec<(String, String)>)> = Vec::new();
+        let mut current: Option<(String, Vec<(String, String)>)> = None;
+        for line in readme.lines() {
+            if let Some(name) = line.strip_prefix("# recipe: ") {
+                current = Some((name.trim().to_owned(), Vec::new()));
+            } else if line.starts_with("```") {
+                recipes.extend(current.take());
+            } else if let Some((_, vars)) = current.as_mut() {
+                let (k, v) = line.split_once('=').expect("KEY=value");
+                let v = v.trim();
+                let v = v
+                    .strip_prefix('\'')
+                    .and_then(|v| v.strip_suffix('\''))
+                    .unwrap_or(v);
+                vars.push((k.trim().to_owned(), v.to_owned()));
+            }
+        }
+        let names: Vec<&str> = recipes.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "confluent-cloud-oauth",
+                "confluent-cloud-api-key",
+                "event-hubs-oauth",
+                "event-hubs-connection-string",
+                "aiven-scram",
+                "token-file",
+                "msk-iam",
+            ]
+        );
+        let base = RunArgs {
+            input_topic: Some("in".into()),
+            output_topic: Some("out".into()),
+            model: Some("http://127.0.0.1:9000".into()),
+            ..Default::default()
+        };
+        for (name, vars) in &recipes {
+            // Secret files as Kubernetes would mount them; what EKS sets for IRSA.
+            let mut files = Vec::new();
+            let eks = [
+                ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/kafka-infer"),
+                (
+                    "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+                ),
+            ];
+            let vars: HashMap<String, String> = vars
+                .iter()
+                .map(|(k, v)| {
+                    if k.ends_with("_FILE") && k.contains("SECRET") || k.ends_with("PASSWORD_FILE")
+                    {
+                        let f = tmp("s3cret-from-file\n");
+                        let path = f.0.display().to_string();
+                        files.push(f);
+                        (k.clone(), path)
+                    } else {
+                        (k.clone(), v.clone())
+                    }
+                })
+                .chain(
+                    (name == "msk-iam")
+                        .then_some(eks)
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+                )
+                .collect();
+            let c = Config::resolve(&base, &|k| vars.get(k).cloned())
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let sum = c.summary();
+            let printed = sum.to_string();
+            assert!(!printed.contains("s3cret"), "{name}: {printed}");
+            assert_eq!(sum["security_protocol"], "SaslSsl", "{name}");
+            let port = c.connection.bootstrap[0].port;
+            let o = &sum["sasl_oauthbearer"];
+            match name.as_str() {
+                "confluent-cloud-oauth" => {
+                    assert_eq!(sum["sasl_mechanism"], "OAUTHBEARER");
+                    assert_eq!(o["method"], "oidc");
+                    assert_eq!(o["client_id"], "<client-id>");
+                    assert_eq!(o["scope"], "<scope>");
+                    assert_eq!(
+                        o["extensions"]["logicalCluster"], "<lkc-xxxxx>",
+                        "{printed}"
+                    );
+                    assert_eq!(o["extensions"]["identityPoolId"], "<pool-xxxxx>");
+                    assert_eq!(port, 9092);
+                }
+                "confluent-cloud-api-key" => {
+                    assert_eq!(sum["sasl_mechanism"], "PLAIN");
+                    assert_eq!(sum["sasl_username"], "<api-key>");
+                    assert!(!c.connection.sends_password_in_clear());
+                }
+                "event-hubs-oauth" => {
+                    assert_eq!(sum["sasl_mechanism"], "OAUTHBEARER");
+                    assert_eq!(o["method"], "oidc");
+                    assert!(
+                        o["token_endpoint_url"]
+                            .as_str()
+                            .unwrap()
+                            .starts_with("https://login.microsoftonline.com/")
+                    );
+                    assert_eq!(
+                        o["scope"],
+                        "https://<namespace>.servicebus.windows.net/.default"
+                    );
+                    assert_eq!(port, 9093);
+                }
+                "event-hubs-connection-string" => {
+                    assert_eq!(sum["sasl_mechanism"], "PLAIN");
+                    assert_eq!(sum["sasl_username"], "$ConnectionString");
+                    assert_eq!(port, 9093);
+                }
+                "aiven-scram" => {
+                    assert_eq!(sum["sasl_mechanism"], "SCRAM-SHA-256");
+                    assert!(c.connection.tls.ca.is_some());
+                }
+                "token-file" => {
+                    assert_eq!(o["method"], "file");
+                    assert_eq!(o["token_file"], "/var/run/secrets/tokens/kafka-token");
+                }
+                "msk-iam" => {
+                    assert_eq!(o["method"], "aws_msk_iam");
+                    assert_eq!(o["region"], "<region>");
+                    assert_eq!(o["aws_credentials"], "web_identity");
+                    assert_eq!(o["role_arn"], eks[0].1);
+                    assert_eq!(port, 9098);
+                    continue;
+                }
+                other => panic!("no check for recipe {other}"),
+            }
+            let secret = c.connection.sasl.as_ref().map(|s| {
+                match s.oauth.as_ref().map(|o| &o.settings().method) {
+                    Some(kafka_io::OauthMethod::Oidc { client_secret, .. }) => {
+                        client_secret.expose().to_owned()
+                    }
+                    Some(_) => "s3cret-from-file".into(),
+                    None => s.password.expose().to_owned(),
+                }
+            });
+            assert_eq!(secret.as_deref(), Some("s3cret-from-file"), "{name}");
+            assert!(c.warnings.is_empty(), "{name}: {:?}", c.warnings);
+        }
+    }
+
+    /// OAUTHBEARER from a SeldonDeployment's env and from flags; unsecured and over
+    /// SASL_PLAINTEXT are warned about.
+    #[test]
+    fn oauthbearer_from_the_deployment_and_flags_with_warnings() {
+        let f = tmp(r#"
+apiVersion: machinelearning.seldon.io/v1
+kind: SeldonDeployment
+metadata: {name: m, namespace: ns}
+spec:
+  serverType: kafka
+  predictors:
+  - name: p
+    graph: {name: model, type: MODEL, endpoint: {service_host: 127.0.0.1, service_port: 9000}}
+    svcOrchSpec:
+      env:
+      - {name: KAFKA_BROKER, value: "b:9093"}
+      - {name: KAFKA_INPUT_TOPIC, value: in}
+      - {name: KAFKA_OUTPUT_TOPIC, value: out}
+      - {name: KAFKA_SECURITY_PROTOCOL, value: SASL_PLAINTEXT}
+      - {name: KAFKA_SASL_MECHANISM, value: OAUTHBEARER}
+      - {name: KAFKA_SASL_OAUTHBEARER_METHOD, value: unsecured}
+      - {name: KAFKA_SASL_OAUTHBEARER_CONFIG, value: "principal=dev-user"}
+"#);
+        let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
+        assert_eq!(c.summary()["sasl_oauthbearer"]["principal"], "dev-user");
+        assert!(
+            c.warnings.iter().any(|w| w.contains("unsigned token")),
+            "{:?}",
+            c.warnings
+        );
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("bearer token in clear text")),
+            "{:?}",
+            c.warnings
+        );
+        // Flags over the deployment's env.
+        let mut a = args_with(&f.0);
+        a.security_protocol = Some("SASL_SSL".into());
+        a.sasl_oauthbearer_method = Some("file".into());
+        a.sasl_oauthbearer_token_file = Some("/t/token".into());
+        a.sasl_oauthbearer_extensions = Some("logicalCluster=lkc-1".into());
+        let c = Config::resolve(&a, &|_| None).unwrap();
+        let o = &c.summary()["sasl_oauthbearer"];
+        assert_eq!(o["method"], "file");
+        assert_eq!(o["token_file"], "/t/token");
+        assert_eq!(o["extensions"]["logicalCluster"], "lkc-1");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 }
 

@@ -41,6 +41,13 @@
 //! (the connection is closed instead of answering). DescribeConfigs answers a topic's
 //! `max.message.bytes` when one is set ([`FakeBroker::max_message_bytes`]), or closes the
 //! connection while [`FakeBroker::describe_configs_fails`] is on.
+//!
+//! SASL (off unless [`FakeBroker::sasl_session_lifetime`] is set): SaslHandshake and
+//! SaslAuthenticate (PLAIN, or OAUTHBEARER with any bearer token) are accepted and give the
+//! session that lifetime (KIP-368). As a real broker, a request other than ApiVersions or SASL
+//! on a connection whose session has expired (or never began) closes it
+//! ([`FakeBroker::expired_requests`]); a sign-in on an authenticated connection counts as a
+//! re-authentication ([`FakeBroker::reauthentications`]).
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -61,7 +68,8 @@ use kafka_protocol::{
         LeaveGroupResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
         MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
         OffsetFetchResponse, ProduceRequest, ProduceResponse, ProducerId, ResponseHeader,
-        SyncGroupRequest, SyncGroupResponse, TopicName,
+        SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
+        SaslHandshakeResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
         api_versions_response::ApiVersion,
         describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult},
         fetch_response::{FetchableTopicResponse, PartitionData},
@@ -160,6 +168,8 @@ const ADVERTISED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, 3, 9),
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::DescribeConfigs, 0, 1),
+    (ApiKey::SaslHandshake, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
 /// A fetch session: its next epoch and its partitions' fetch offsets.
@@ -204,6 +214,12 @@ struct State {
     drop_produce_responses: usize,
     max_message_bytes: Option<usize>,
     describe_configs_fails: bool,
+    /// Some: SASL required, sessions of this many ms.
+    sasl_lifetime_ms: Option<i64>,
+    authentications: usize,
+    reauthentications: usize,
+    /// The requests that came on an expired (or unauthenticated) session, closing it.
+    expired: Vec<ApiKey>,
 }
 
 #[derive(Clone)]
@@ -277,6 +293,10 @@ impl FakeBroker {
             drop_produce_responses: 0,
             max_message_bytes: None,
             describe_configs_fails: false,
+            sasl_lifetime_ms: None,
+            authentications: 0,
+            reauthentications: 0,
+            expired: Vec::new(),
         })));
         let servers = listeners
             .into_iter()
@@ -372,6 +392,27 @@ impl FakeBroker {
 
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Requires SASL from now on, giving sessions `ms` (KIP-368's session lifetime).
+    pub fn sasl_session_lifetime(&self, ms: Option<i64>) {
+        self.shared.lock().sasl_lifetime_ms = ms;
+    }
+
+    /// Sign-ins so far (first ones and re-authentications).
+    pub fn authentications(&self) -> usize {
+        self.shared.lock().authentications
+    }
+
+    /// Sign-ins on connections already signed in.
+    pub fn reauthentications(&self) -> usize {
+        self.shared.lock().reauthentications
+    }
+
+    /// The requests that came on an expired or unauthenticated SASL session (each closed its
+    /// connection).
+    pub fn expired_requests(&self) -> Vec<ApiKey> {
+        self.shared.lock().expired.clone()
     }
 
     /// `kafka_io::Cluster::connect` to this fake (plaintext).
@@ -535,6 +576,7 @@ fn code(e: Option<ResponseError>) -> i16 {
 
 /// One connection: requests one at a time (rskafka may pipeline; answering in order is fine).
 async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
+    let mut session_ends: Option<Instant> = None;
     while let Ok(size) = stream.read_i32().await {
         if !(4..=64 << 20).contains(&size) {
             break;
@@ -550,6 +592,60 @@ async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
         let Ok(api) = ApiKey::try_from(header.request_api_key) else {
             break;
         };
+        let lifetime = shared.lock().sasl_lifetime_ms;
+        if let Some(ms) = lifetime {
+            let (version, corr) = (header.request_api_version, header.correlation_id);
+            let body = match api {
+                ApiKey::SaslHandshake => {
+                    let Ok(req) = SaslHandshakeRequest::decode(&mut buf, version) else {
+                        break;
+                    };
+                    let known = ["PLAIN", "OAUTHBEARER"].contains(&req.mechanism.as_str());
+                    Some(encode::<SaslHandshakeRequest>(
+                        corr,
+                        version,
+                        SaslHandshakeResponse::default()
+                            .with_error_code(if known { 0 } else { 33 })
+                            .with_mechanisms(vec![s("PLAIN"), s("OAUTHBEARER")]),
+                    ))
+                }
+                ApiKey::SaslAuthenticate => {
+                    let Ok(req) = SaslAuthenticateRequest::decode(&mut buf, version) else {
+                        break;
+                    };
+                    let plain = req.auth_bytes.first() == Some(&0);
+                    let bearer = req.auth_bytes.windows(12).any(|w| w == b"auth=Bearer ");
+                    if !(plain || bearer) {
+                        break;
+                    }
+                    {
+                        let mut st = shared.lock();
+                        st.authentications += 1;
+                        if session_ends.is_some() {
+                            st.reauthentications += 1;
+                        }
+                    }
+                    session_ends = Some(Instant::now() + Duration::from_millis(ms as u64));
+                    Some(encode::<SaslAuthenticateRequest>(
+                        corr,
+                        version,
+                        SaslAuthenticateResponse::default().with_session_lifetime_ms(ms),
+                    ))
+                }
+                ApiKey::ApiVersions => None,
+                _ if session_ends.is_none_or(|e| Instant::now() >= e) => {
+                    shared.lock().expired.push(api);
+                    break;
+                }
+                _ => None,
+            };
+            if let Some(body) = body {
+                if stream.write_all(&body).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        }
         if api == ApiKey::JoinGroup {
             let mut hold = shared.lock().hold_joins.subscribe();
             if *hold.borrow_and_update() {
