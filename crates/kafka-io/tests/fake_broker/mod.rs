@@ -44,6 +44,9 @@
 
 #![allow(dead_code)] // each test binary uses a part
 
+mod txn;
+pub use txn::LogEntry;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex, MutexGuard},
@@ -54,14 +57,15 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::{
     error::ResponseError,
     messages::{
-        ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, DescribeConfigsRequest,
-        DescribeConfigsResponse, FetchRequest, FetchResponse, FindCoordinatorRequest,
+        AddOffsetsToTxnRequest, AddPartitionsToTxnRequest, ApiKey, ApiVersionsRequest,
+        ApiVersionsResponse, BrokerId, DescribeConfigsRequest, DescribeConfigsResponse,
+        EndTxnRequest, FetchRequest, FetchResponse, FindCoordinatorRequest,
         FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse, InitProducerIdRequest,
         InitProducerIdResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
         LeaveGroupResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
         MetadataResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
         OffsetFetchResponse, ProduceRequest, ProduceResponse, ProducerId, ResponseHeader,
-        SyncGroupRequest, SyncGroupResponse, TopicName,
+        SyncGroupRequest, SyncGroupResponse, TopicName, TxnOffsetCommitRequest,
         api_versions_response::ApiVersion,
         describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult},
         fetch_response::{FetchableTopicResponse, PartitionData},
@@ -160,6 +164,10 @@ const ADVERTISED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::Produce, 3, 9),
     (ApiKey::InitProducerId, 0, 4),
     (ApiKey::DescribeConfigs, 0, 1),
+    (ApiKey::AddPartitionsToTxn, 0, 3),
+    (ApiKey::AddOffsetsToTxn, 0, 3),
+    (ApiKey::TxnOffsetCommit, 0, 3),
+    (ApiKey::EndTxn, 0, 3),
 ];
 
 /// A fetch session: its next epoch and its partitions' fetch offsets.
@@ -204,6 +212,10 @@ struct State {
     drop_produce_responses: usize,
     max_message_bytes: Option<usize>,
     describe_configs_fails: bool,
+    /// The transaction coordinator (fake_broker/txn.rs).
+    txn: txn::TxnState,
+    /// Producer id -> its current epoch (transactional ids).
+    txn_epochs: BTreeMap<i64, i16>,
 }
 
 #[derive(Clone)]
@@ -277,6 +289,8 @@ impl FakeBroker {
             drop_produce_responses: 0,
             max_message_bytes: None,
             describe_configs_fails: false,
+            txn: Default::default(),
+            txn_epochs: BTreeMap::new(),
         })));
         let servers = listeners
             .into_iter()
@@ -751,7 +765,12 @@ fn answer(
             )
         }
         ApiKey::InitProducerId => {
-            InitProducerIdRequest::decode(buf, version).map_err(|_| ())?;
+            let req = InitProducerIdRequest::decode(buf, version).map_err(|_| ())?;
+            if req.transactional_id.is_some() && st.init_pid_error.is_none() {
+                return Ok(Answer::Now(txn::init_producer_id(
+                    st, node, &req, corr, version, seen,
+                )));
+            }
             let mut resp = InitProducerIdResponse::default();
             match st.init_pid_error {
                 Some(e) => {
@@ -778,6 +797,7 @@ fn answer(
         }
         ApiKey::Produce => {
             let req = ProduceRequest::decode(buf, version).map_err(|_| ())?;
+            let txn_id = req.transactional_id.as_ref().map(|t| t.0.to_string());
             let mut topics = Vec::new();
             for t in &req.topic_data {
                 let name = t.name.0.to_string();
@@ -786,6 +806,8 @@ fn answer(
                     let k = (name.clone(), p.index);
                     let records = p.records.clone().unwrap_or_default();
                     let (pid, seq, values) = read_batch(&records).map_err(|_| ())?;
+                    let epoch = i16::from_be_bytes([records[51], records[52]]);
+                    let transactional = records[22] & 0x10 != 0;
                     seen.produced.push(ProducedBatch {
                         topic: name.clone(),
                         partition: p.index,
@@ -801,6 +823,10 @@ fn answer(
                         Some(ResponseError::UnknownTopicOrPartition)
                     } else if st.produce_max_bytes.is_some_and(|m| records.len() > m) {
                         Some(ResponseError::MessageTooLarge)
+                    } else if let Some(e) =
+                        txn::check_produce(st, txn_id.as_deref(), &k, pid, epoch, transactional)
+                    {
+                        Some(e)
                     } else if pid >= 0 {
                         match st.sequences.get(&(pid, k.clone())).copied() {
                             None => Some(ResponseError::UnknownProducerId),
@@ -825,6 +851,15 @@ fn answer(
                                 st.sequences
                                     .insert((pid, k.clone()), seq + values.len() as i32);
                             }
+                            st.txn
+                                .logs
+                                .entry(k.clone())
+                                .or_default()
+                                .extend(values.iter().map(|v| LogEntry::Record {
+                                    producer_id: pid,
+                                    transactional,
+                                    value: v.clone(),
+                                }));
                             let log = st.produced.entry(k).or_default();
                             r = r.with_base_offset(log.len() as i64);
                             log.extend(values);
@@ -851,15 +886,34 @@ fn answer(
             )
         }
         ApiKey::FindCoordinator => {
-            FindCoordinatorRequest::decode(buf, version).map_err(|_| ())?;
+            let req = FindCoordinatorRequest::decode(buf, version).map_err(|_| ())?;
+            // Groups on node 0; transactions where the script put them.
+            let node = if req.key_type == 1 { st.txn.node } else { 0 };
+            seen.generation = Some(i32::from(req.key_type));
             encode::<FindCoordinatorRequest>(
                 corr,
                 version,
                 FindCoordinatorResponse::default()
-                    .with_node_id(BrokerId(0))
+                    .with_node_id(BrokerId(node))
                     .with_host(s("127.0.0.1"))
-                    .with_port(i32::from(st.ports[0])),
+                    .with_port(i32::from(st.ports[node as usize])),
             )
+        }
+        ApiKey::AddPartitionsToTxn => {
+            let req = AddPartitionsToTxnRequest::decode(buf, version).map_err(|_| ())?;
+            txn::add_partitions(st, node, &req, corr, version, seen)
+        }
+        ApiKey::AddOffsetsToTxn => {
+            let req = AddOffsetsToTxnRequest::decode(buf, version).map_err(|_| ())?;
+            txn::add_offsets(st, node, &req, corr, version, seen)
+        }
+        ApiKey::TxnOffsetCommit => {
+            let req = TxnOffsetCommitRequest::decode(buf, version).map_err(|_| ())?;
+            txn::txn_offset_commit(st, node, &req, corr, version, seen)
+        }
+        ApiKey::EndTxn => {
+            let req = EndTxnRequest::decode(buf, version).map_err(|_| ())?;
+            txn::end_txn(st, node, &req, corr, version, seen)
         }
         ApiKey::JoinGroup => {
             let req = JoinGroupRequest::decode(buf, version).map_err(|_| ())?;
