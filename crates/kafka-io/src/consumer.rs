@@ -358,17 +358,26 @@ pub struct TxnPositions {
 impl TxnPositions {
     /// What moved past the last commit of every owned partition, with the member's identity;
     /// None while not a member (nothing may be committed then).
-    pub fn offsets(&self) -> Option<crate::txn::TxnOffsets> {
+    /// Only partitions assigned in epoch `min_epoch` or later count: what was assigned
+    /// before an abort holds completions of the aborted transaction and is never committed.
+    pub fn offsets(&self, min_epoch: u64) -> Option<crate::txn::TxnOffsets> {
         let id = self.identity.borrow().clone();
         if id.generation < 0 {
             return None;
         }
+        let keys: Vec<Key> = self
+            .shared
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.assigned >= min_epoch)
+            .map(|(k, _)| k.clone())
+            .collect();
         Some(crate::txn::TxnOffsets {
             group_id: self.group_id.clone(),
             generation_id: id.generation,
             member_id: id.member_id,
             group_instance_id: self.instance_id.clone(),
-            positions: self.shared.positions_to_commit(None),
+            positions: self.shared.positions_to_commit(Some(&keys)),
         })
     }
 

@@ -708,12 +708,13 @@ impl Producer {
     /// EndTxn(commit). Nothing to commit (no record, no offset): no call. The caller sends
     /// nothing meanwhile (what it sends would join this transaction or the next). On an error
     /// the transaction is still open: call [`abort_transaction`](Self::abort_transaction)
-    /// (fenced: the abort only forgets the producer id).
+    /// (fenced: the abort only forgets the producer id). Ok(true): a transaction was
+    /// committed; Ok(false): there was nothing to commit.
     pub async fn commit_transaction(
         &self,
         offsets: Option<&TxnOffsets>,
         timeout: Duration,
-    ) -> Result<(), TxnError> {
+    ) -> Result<bool, TxnError> {
         let Some(t) = &self.shared.txn else {
             return Err(TxnError::Abortable(
                 "the producer is not transactional".into(),
@@ -744,7 +745,7 @@ impl Producer {
             return Err(e.clone());
         }
         if t.added.is_empty() && offsets.is_none() {
-            return Ok(());
+            return Ok(false);
         }
         let r = async {
             if let Some(o) = offsets {
@@ -767,7 +768,7 @@ impl Producer {
         match r {
             Ok(()) => {
                 t.added.clear();
-                Ok(())
+                Ok(true)
             }
             Err(e) => {
                 t.failed = Some(e.clone());

@@ -91,6 +91,8 @@ pub struct Metrics {
     by_result: [(&'static str, Counter); 3],
     /// Payload-logger events by result: sent, failed, dropped.
     pub logger_events: [(&'static str, Counter); 3],
+    /// Transactions (--exactly-once) by result: committed, aborted.
+    transactions: [(&'static str, Counter); 2],
 }
 
 impl Metrics {
@@ -160,6 +162,21 @@ impl Metrics {
                 .clone();
             (r, c)
         });
+        let txns = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "kafka_infer_transactions",
+            "Transactions with --exactly-once by result: committed (answers and offsets), \
+             aborted (revoke, shutdown, fenced or failed: the input is redone)",
+            txns.clone(),
+        );
+        let transactions = ["committed", "aborted"].map(|r| {
+            let c = txns
+                .get_or_create(&ResultLabels {
+                    result: r.to_owned(),
+                })
+                .clone();
+            (r, c)
+        });
         let logger = Family::<ResultLabels, Counter>::default();
         registry.register(
             "kafka_infer_logger_events",
@@ -179,6 +196,7 @@ impl Metrics {
             batch_size,
             by_result,
             logger_events,
+            transactions,
             registry,
             lag,
             model_duration,
@@ -195,6 +213,13 @@ impl Metrics {
     /// Counts one record (or retry) under `result`: ok, error or retry.
     pub fn record(&self, result: &str) {
         if let Some((_, c)) = self.by_result.iter().find(|(r, _)| *r == result) {
+            c.inc();
+        }
+    }
+
+    /// Counts one transaction under `result`: committed or aborted.
+    pub fn transaction(&self, result: &str) {
+        if let Some((_, c)) = self.transactions.iter().find(|(r, _)| *r == result) {
             c.inc();
         }
     }
