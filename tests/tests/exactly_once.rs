@@ -1,6 +1,6 @@
 //! `--exactly-once` end to end on the test broker (tansu): kafka-infer is killed with SIGKILL
-//! in the middle of the stream, again and again (with the same transactional id, as a replica
-//! that restarts), then runs to the end. The output is read with kafka-io's read_committed
+//! (or stopped with SIGTERM, which aborts the open window) in the middle of the stream, again
+//! and again (with the same transactional id, as a replica that restarts), then runs to the end. The output is read with kafka-io's read_committed
 //! reader ([`kafka_io::fetch::PartitionFetcher`]), which drops the records of aborted
 //! transactions by their ABORT markers (tansu lists no aborted transactions in Fetch, so a
 //! reader that trusts the broker's list, librdkafka included, sees them). Each input must be
@@ -131,8 +131,8 @@ async fn exactly_once_under_kill_9_loops_answers_each_input_once_for_read_commit
         "2",
     ];
     // Kill -9 loops: each run answers some records, some windows commit, then SIGKILL (an
-    // open window is left behind; the next run's InitProducerId aborts it).
-    let mut killed = 0;
+    // open window is left behind; the next run's InitProducerId aborts it) or SIGTERM.
+    let mut stopped = 0;
     for round in 0..4 {
         let mut ki = KafkaInfer::start(&args, &env)?;
         let (target_txns, target_ok) = (3.0, 150.0 * (round + 1) as f64);
@@ -140,13 +140,18 @@ async fn exactly_once_under_kill_9_loops_answers_each_input_once_for_read_commit
             (committed_txns(&ki) >= target_txns && ok_count(&ki) >= target_ok)
                 .then(|| ok_count(&ki))
         });
-        // Kill a little after a commit, in the middle of the next window.
+        // Stop a little after a commit, in the middle of the next window: SIGKILL, or SIGTERM
+        // (which aborts the open window and exits 0).
         tokio::time::sleep(Duration::from_millis(30 + 17 * round as u64)).await;
-        ki.proc.signal("KILL")?;
-        let _ = ki.proc.wait_exit(Duration::from_secs(10));
+        let sig = if round % 2 == 0 { "KILL" } else { "TERM" };
+        ki.proc.signal(sig)?;
+        let exit = ki.proc.wait_exit(Duration::from_secs(20))?;
         let answered = reached?;
-        eprintln!("round {round}: killed after {answered} answers queued");
-        killed += 1;
+        eprintln!("round {round}: SIG{sig} after {answered} answers queued, exit {exit:?}");
+        if sig == "TERM" {
+            assert_eq!(exit, Some(0), "SIGTERM exits cleanly");
+        }
+        stopped += 1;
     }
     // The last run goes to the end.
     let ki = KafkaInfer::start(&args, &env)?;
@@ -177,7 +182,7 @@ async fn exactly_once_under_kill_9_loops_answers_each_input_once_for_read_commit
     let duplicates: usize = counts.values().map(|c| c - 1).sum();
     let committed = committed_txns(&ki);
     eprintln!(
-        "{killed} kills; read_committed: {} answers, {duplicates} duplicates, {missing} missing; \
+        "{stopped} stops; read_committed: {} answers, {duplicates} duplicates, {missing} missing; \
          the log holds {log_size} offsets (aborted answers and markers included); last run \
          committed {committed} transactions",
         ids.len()

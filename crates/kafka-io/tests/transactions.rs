@@ -328,3 +328,54 @@ async fn concurrent_transactions_after_an_end_is_retried() {
     assert_eq!(concurrent, 4);
     assert_eq!(fake.ended_transactions().len(), 3);
 }
+
+#[tokio::test]
+async fn a_new_owner_waits_for_the_offsets_of_a_transaction_still_open() {
+    let fake = FakeBroker::start(&[(OUT, 1), (IN, 1)]).await;
+    fake.log_end(IN, 0, 10);
+    fake.assign(&[(IN.to_owned(), 0)]);
+    let cluster = fake.cluster().await;
+    // The previous owner's transaction holds offset 7 of in/0 and has not ended yet.
+    let mut prev = kafka_io::txn::TxnCoordinator::new(
+        cluster.connector.clone(),
+        TxnConfig::new("previous-owner"),
+    );
+    prev.init().await.unwrap();
+    prev.add_offsets(GROUP).await.unwrap();
+    prev.commit_offsets(&offsets(0, MEMBER, &[(0, 7)]))
+        .await
+        .unwrap();
+    let mut g = kafka_io::GroupConfig::new(GROUP, vec![IN.to_owned()]);
+    g.session_timeout = Duration::from_millis(1500);
+    g.heartbeat_interval = Duration::from_millis(300);
+    g.rebalance_timeout = Duration::from_millis(1000);
+    g.require_stable = true;
+    let mut cfg = kafka_io::ConsumerConfig::new(g);
+    cfg.fetch_max_wait = Duration::from_millis(50);
+    cfg.transactional_commits = true;
+    let mut c = kafka_io::Consumer::start(cluster, cfg, None);
+    // UNSTABLE_OFFSET_COMMIT: the partition does not start while the transaction is open.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), c.next_stream())
+            .await
+            .is_err(),
+        "started before the offsets were stable"
+    );
+    let asked = fake.of(ApiKey::OffsetFetch);
+    assert!(asked.len() >= 3, "OffsetFetch asked again: {}", asked.len());
+    assert!(
+        asked.iter().all(|s| s.generation == Some(1)),
+        "require_stable sent"
+    );
+    prev.end(true).await.unwrap();
+    let mut s = tokio::time::timeout(BOUND, c.next_stream())
+        .await
+        .expect("started once stable")
+        .expect("a stream");
+    let b = tokio::time::timeout(BOUND, s.recv())
+        .await
+        .expect("records")
+        .expect("a batch");
+    assert_eq!(b.records[0].offset, 7, "starts at the transaction's offset");
+    c.close().await;
+}

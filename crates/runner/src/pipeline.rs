@@ -134,6 +134,8 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
         if group.assignors.is_empty() {
             group.assignors = vec![kafka_io::assignor::Assignor::Range];
         }
+        // KIP-447: a new owner waits for the previous owner's transaction to complete.
+        group.require_stable = true;
     }
     let pressure = Arc::new(AtomicUsize::new(0));
     let mut ccfg = ConsumerConfig::new(group);

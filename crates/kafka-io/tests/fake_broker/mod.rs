@@ -1029,6 +1029,21 @@ fn answer(
             let req = OffsetFetchRequest::decode(buf, version).map_err(|_| ())?;
             let committed =
                 |t: &str, p: i32| st.committed.get(&(t.to_owned(), p)).copied().unwrap_or(-1);
+            // KIP-447: with require_stable, a partition whose offsets wait in an open
+            // transaction is UNSTABLE_OFFSET_COMMIT.
+            let unstable = |t: &str, p: i32| -> i16 {
+                let pending = st.txn.txns.values().any(|x| {
+                    x.offsets
+                        .values()
+                        .any(|o| o.contains_key(&(t.to_owned(), p)))
+                });
+                if version >= 7 && req.require_stable && pending {
+                    ResponseError::UnstableOffsetCommit.code()
+                } else {
+                    0
+                }
+            };
+            seen.generation = Some(i32::from(version >= 7 && req.require_stable));
             let resp = if version >= 8 {
                 let groups = req
                     .groups
@@ -1050,6 +1065,9 @@ fn answer(
                                                         OffsetFetchResponsePartitions::default()
                                                             .with_partition_index(*p)
                                                             .with_committed_offset(committed(
+                                                                &t.name.0, *p,
+                                                            ))
+                                                            .with_error_code(unstable(
                                                                 &t.name.0, *p,
                                                             ))
                                                     })
@@ -1076,6 +1094,7 @@ fn answer(
                                         OffsetFetchResponsePartition::default()
                                             .with_partition_index(*p)
                                             .with_committed_offset(committed(&t.name.0, *p))
+                                            .with_error_code(unstable(&t.name.0, *p))
                                     })
                                     .collect(),
                             )
