@@ -24,6 +24,8 @@ use kafka_io::{OutRecord, conn::Connector, fetch::PartitionFetcher};
 use serde_json::{Value, json};
 
 const PARTITIONS: i32 = 2;
+/// The rebalance test's partition count.
+const PARTITIONS_4: i32 = 4;
 
 fn request(id: &str) -> Bytes {
     Bytes::from(
@@ -49,10 +51,18 @@ async fn read_committed(
     settings: kafka_io::ConnectionSettings,
     topic: &str,
 ) -> Result<(Vec<String>, i64)> {
+    read_committed_n(settings, topic, PARTITIONS).await
+}
+
+async fn read_committed_n(
+    settings: kafka_io::ConnectionSettings,
+    topic: &str,
+    partitions: i32,
+) -> Result<(Vec<String>, i64)> {
     let connector = Connector::new(Arc::new(settings))?;
     let mut ids = Vec::new();
     let mut log_size = 0;
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         let mut f = PartitionFetcher::new(
             connector.clone(),
             topic.to_owned(),
@@ -208,5 +218,167 @@ async fn exactly_once_under_kill_9_loops_answers_each_input_once_for_read_commit
         "no aborted answer in the log ({} records): the kills did not test anything",
         raw.len()
     );
+    Ok(())
+}
+
+/// Reads the output with kafka-io's read_committed reader until `n` answers came (then once
+/// more after 2 s), within 120 s: (answers per id, missing, duplicates).
+async fn settle(
+    settings: kafka_io::ConnectionSettings,
+    topic: &str,
+    partitions: i32,
+    n: usize,
+) -> Result<(BTreeMap<String, usize>, usize, usize)> {
+    let start = Instant::now();
+    let mut ids = Vec::new();
+    while start.elapsed() < Duration::from_secs(120) {
+        ids = read_committed_n(settings.clone(), topic, partitions)
+            .await?
+            .0;
+        if ids.len() >= n {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            ids = read_committed_n(settings.clone(), topic, partitions)
+                .await?
+                .0;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for id in ids {
+        *counts.entry(id).or_default() += 1;
+    }
+    let missing = (0..n)
+        .filter(|i| !counts.contains_key(&format!("r{i}")))
+        .count();
+    let duplicates = counts.values().map(|c| c - 1).sum();
+    Ok((counts, missing, duplicates))
+}
+
+/// Two replicas (each its own transactional id) through rebalances: B joins, A is killed
+/// and restarts with its id (its dangling transaction aborted), B stops with SIGTERM. Keyless
+/// inputs: each output partition has one writer at a time (tansu defers a commit while another
+/// producer's transaction is open on the same partition: docs/notes-transactions.md (3)).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_two_replicas_through_rebalances_answer_each_input_once() -> Result<()> {
+    let broker = Broker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    broker.create_topic(&input, PARTITIONS_4 as u32)?;
+    broker.create_topic(&output, PARTITIONS_4 as u32)?;
+    // 10 ms an answer, one call at a time per partition: the stream lasts through the events.
+    let model = models::test_model_on(
+        "v2",
+        "m",
+        "echo",
+        10,
+        (
+            kafka_infer_tests::free_port(),
+            kafka_infer_tests::free_port(),
+        ),
+    )?;
+    let url = model.rest_url();
+    let n = 3000usize;
+    let recs: Vec<OutRecord> = (0..n)
+        .map(|i| OutRecord {
+            key: None,
+            value: Some(request(&format!("r{i}"))),
+            headers: vec![],
+        })
+        .collect();
+    // Keyless: spread over the input partitions by the test (round robin), answers go to the
+    // same-numbered output partition.
+    let mut by_partition: Vec<Vec<OutRecord>> = vec![Vec::new(); PARTITIONS_4 as usize];
+    for (i, r) in recs.into_iter().enumerate() {
+        by_partition[i % PARTITIONS_4 as usize].push(r);
+    }
+    let settings = broker.settings();
+    let cluster = kafka_io::Cluster::connect(settings.clone()).await?;
+    let producer = kafka_io::Producer::new(cluster, kafka_io::ProducerConfig::default());
+    let mut ds = Vec::new();
+    for (p, rs) in by_partition.into_iter().enumerate() {
+        for r in rs {
+            ds.push(producer.send(&input, Some(p as i32), r).await?);
+        }
+    }
+    for d in ds {
+        ensure!(d.wait().await.is_ok(), "input written");
+    }
+    producer.close(Duration::from_secs(10)).await?;
+    let env = vec![
+        ("KAFKA_BROKER", broker.bootstrap()),
+        ("KAFKA_INPUT_TOPIC", input.clone()),
+        ("KAFKA_OUTPUT_TOPIC", output.clone()),
+    ];
+    let (id_a, id_b) = (unique("eos-a"), unique("eos-b"));
+    let args = |id: &'static str| -> Vec<String> {
+        [
+            "--protocol",
+            "v2",
+            "--model",
+            url.as_str(),
+            "--model-name",
+            "m",
+            "--group-id",
+            group.as_str(),
+            "--session-timeout",
+            "2s",
+            "--exactly-once",
+            "--transaction-window",
+            "50ms",
+            "--transactional-id",
+            id,
+            "--max-in-flight",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let id_a: &'static str = Box::leak(id_a.into_boxed_str());
+    let id_b: &'static str = Box::leak(id_b.into_boxed_str());
+    let start = |id: &'static str| -> Result<KafkaInfer> {
+        let a = args(id);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        KafkaInfer::start(&a, &env)
+    };
+    let progress = |ki: &KafkaInfer, at_least: f64, what: &str| -> Result<f64> {
+        wait_for(Duration::from_secs(60), what, || {
+            let c = ok_count(ki);
+            (c >= at_least && committed_txns(ki) >= 2.0).then_some(c)
+        })
+    };
+    let mut a = start(id_a)?;
+    progress(&a, 300.0, "A answers")?;
+    let mut b = start(id_b)?;
+    // B gets partitions (a rebalance: A aborts its window, both rejoin).
+    progress(&b, 200.0, "B answers after the rebalance")?;
+    a.proc.signal("KILL")?;
+    let _ = a.proc.wait_exit(Duration::from_secs(10));
+    // A restarts with its transactional id (its open window is aborted at its first
+    // transaction) and joins again: another rebalance.
+    let a2 = start(id_a)?;
+    progress(&a2, 200.0, "A (restarted) answers")?;
+    let b_answered = ok_count(&b);
+    b.proc.signal("TERM")?;
+    let exit = b.proc.wait_exit(Duration::from_secs(30))?;
+    assert_eq!(exit, Some(0), "B stops cleanly on SIGTERM");
+    let a2_before = ok_count(&a2);
+    let (counts, missing, duplicates) = settle(broker.settings(), &output, PARTITIONS_4, n).await?;
+    let aborted = a2
+        .metric("kafka_infer_transactions_total{result=\"aborted\"}")
+        .unwrap_or(0.0);
+    let a2_after = ok_count(&a2);
+    eprintln!(
+        "two replicas: read_committed {} distinct answers, {duplicates} duplicates, {missing} missing; \
+         B answered {b_answered} before its SIGTERM; the restarted A answered {a2_before} before it \
+         and {a2_after} in all, aborted {aborted} windows",
+        counts.len()
+    );
+    assert!(
+        a2_after > a2_before,
+        "the restarted A took B's partitions over after B left"
+    );
+    assert_eq!(missing, 0, "inputs not answered");
+    assert_eq!(duplicates, 0, "inputs answered more than once");
     Ok(())
 }

@@ -86,6 +86,7 @@ struct Window {
     positions: std::sync::OnceLock<kafka_io::TxnPositions>,
     /// The longest a commit or abort waits for queued results to be acknowledged.
     flush_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Window {
@@ -95,6 +96,7 @@ impl Window {
         let epoch = self.positions.get().map_or(0, |p| p.epoch());
         self.min_epoch.fetch_max(epoch + 1, Ordering::SeqCst);
         tracing::info!(%why, "exactly-once: aborting the open transaction");
+        self.metrics.transaction("aborted");
         producer.abort_transaction(self.flush_timeout).await.err()
     }
 }
@@ -169,6 +171,7 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
             min_epoch: std::sync::atomic::AtomicU64::new(0),
             positions: std::sync::OnceLock::new(),
             flush_timeout: e.window.max(cfg.session_timeout),
+            metrics: metrics.clone(),
         })
     });
     let on_revoke: Option<kafka_io::consumer::RevokeHook> = window.as_ref().map(|w| {
@@ -395,7 +398,6 @@ async fn window_loop(ctx: Arc<Ctx>, w: Arc<Window>, period: Duration) {
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "exactly-once: the transaction cannot commit; aborting, giving the partitions up and rejoining");
-                ctx.metrics.transaction("aborted");
                 if let Some(e2) = w.abort(&ctx.producer, &e.to_string()).await {
                     tracing::warn!(error = %e2, "exactly-once: abort failed (the next transaction's InitProducerId aborts it)");
                 }
