@@ -249,6 +249,8 @@ struct Done {
     tx: Option<oneshot::Sender<Result<i64, ProduceError>>>,
     on_written: Option<OnWritten>,
     shared: Arc<Shared>,
+    /// Transactional: aborts before the record was queued (a later abort drops it unsent).
+    aborts: u64,
 }
 
 impl Done {
@@ -308,6 +310,8 @@ struct Shared {
     txn_id: StrBytes,
     /// Records queued and not yet resolved; `idle` is told when it drops to zero.
     outstanding: AtomicUsize,
+    /// Transactions aborted: records queued before an abort are never sent after it.
+    aborts: AtomicU64,
     idle: tokio::sync::Notify,
     /// The transaction state (transactional producing only).
     txn: Option<Mutex<TxnState>>,
@@ -519,6 +523,7 @@ impl Producer {
                         .unwrap_or_default(),
                 ),
                 outstanding: AtomicUsize::new(0),
+                aborts: AtomicU64::new(0),
                 idle: tokio::sync::Notify::new(),
                 txn: config.transactional.clone().map(|t| {
                     Mutex::new(TxnState {
@@ -653,6 +658,7 @@ impl Producer {
             tx: Some(done),
             on_written,
             shared: self.shared.clone(),
+            aborts: self.shared.aborts.load(Ordering::Acquire),
         };
         tx.send((record, done)).await.map_err(|_| Error::Closed)?;
         Ok(Delivery(rx))
@@ -777,7 +783,9 @@ impl Producer {
         }
     }
 
-    /// Aborts the open transaction: waits (up to `timeout`) for queued records, then
+    /// Aborts the open transaction: records queued and not yet sent fail
+    /// ([`ProduceError::Transaction`]) and are never sent; waits (up to `timeout`) for the
+    /// batches being written, then
     /// EndTxn(abort) unless fenced; either way the producer id is forgotten, so the next
     /// transaction starts with InitProducerId (a new epoch: sequences start again, and an
     /// abort that did not reach the coordinator is completed by it).
@@ -785,6 +793,8 @@ impl Producer {
         let Some(t) = &self.shared.txn else {
             return Ok(());
         };
+        // What is queued and not yet sent is dropped, not written into the next transaction.
+        self.shared.aborts.fetch_add(1, Ordering::AcqRel);
         let _ = self.flush(timeout).await;
         let mut pid = self.shared.pid.lock().await;
         let mut t = t.lock().await;
@@ -868,6 +878,8 @@ enum Outcome {
     Duplicate,
     /// The broker lost or fenced our producer id.
     NewProducerId(Error),
+    /// Not sent: the transaction was aborted meanwhile (the batch is checked again).
+    Aborted,
     TooLarge,
     /// Look the leader up again and resend after a backoff.
     Retry(Error),
@@ -935,6 +947,26 @@ impl Writer {
                     carry = linger(cfg, &mut rx, first, max_batch, &mut batch.records).await;
                 }
                 batch.timestamp_ms = now_ms();
+            }
+            // Transactional: records queued before an abort belong to it and are not sent.
+            let aborts = self.shared.aborts.load(Ordering::Acquire);
+            if self.shared.txn.is_some() {
+                if batch.records.iter().any(|(_, d)| d.aborts < aborts) {
+                    let (stale, keep): (Vec<Queued>, Vec<Queued>) = batch
+                        .records
+                        .drain(..)
+                        .partition(|(_, d)| d.aborts < aborts);
+                    for (_, done) in stale {
+                        let _ = done.send(Err(ProduceError::Transaction(
+                            "queued before the transaction was aborted".into(),
+                        )));
+                    }
+                    batch.records = keep;
+                    batch.encoded = None;
+                    if batch.records.is_empty() {
+                        continue;
+                    }
+                }
             }
             // The producer id, and the sequence the batch starts at.
             let pid = if self.shared.idempotent {
@@ -1033,7 +1065,7 @@ impl Writer {
                 .as_ref()
                 .map(|(b, _)| b.clone())
                 .unwrap_or_default();
-            let outcome = self.produce(c, *version, bytes).await;
+            let outcome = self.produce(c, *version, bytes, aborts).await;
             let n = batch.records.len() as i32;
             match outcome {
                 Outcome::Written(base) => {
@@ -1076,6 +1108,7 @@ impl Writer {
                     batch.encoded = None;
                     tokio::time::sleep(backoff.next_wait()).await;
                 }
+                Outcome::Aborted => {}
                 Outcome::TooLarge if batch.records.len() > 1 => {
                     // Split in halves, in order: the first half goes now, the rest waits.
                     let rest = batch.records.split_off(batch.records.len() / 2);
@@ -1154,7 +1187,15 @@ impl Writer {
         Ok((conn, v))
     }
 
-    async fn produce(&self, conn: &mut BrokerConn, version: i16, records: Bytes) -> Outcome {
+    /// `aborts`: the transaction aborts counted when the batch was checked; one since then
+    /// (while throttled, or waiting to join the transaction) sends nothing (`Outcome::Aborted`).
+    async fn produce(
+        &self,
+        conn: &mut BrokerConn,
+        version: i16,
+        records: Bytes,
+        aborts: u64,
+    ) -> Outcome {
         let server_timeout = self.cluster.request_timeout;
         let req = ProduceRequest::default()
             .with_transactional_id(self.shared.transactional_id().map(TransactionalId))
@@ -1170,6 +1211,9 @@ impl Writer {
                     ]),
             ]);
         self.shared.wait_throttle(conn.broker()).await;
+        if self.shared.txn.is_some() && self.shared.aborts.load(Ordering::Acquire) != aborts {
+            return Outcome::Aborted;
+        }
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
         let resp = match conn
             .send_with_timeout(

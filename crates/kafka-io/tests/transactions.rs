@@ -379,3 +379,36 @@ async fn a_new_owner_waits_for_the_offsets_of_a_transaction_still_open() {
     assert_eq!(b.records[0].offset, 7, "starts at the transaction's offset");
     c.close().await;
 }
+
+#[tokio::test]
+async fn records_queued_and_not_yet_sent_at_an_abort_are_never_written() {
+    let fake = FakeBroker::start(&[(OUT, 1), (IN, 1)]).await;
+    let p = producer(&fake, "tx-g").await;
+    // Every Produce answer asks us to wait 1 s: the next batch stays queued meanwhile.
+    fake.produce_throttle(1000);
+    let r = send(&p, &[(0, "sent")]).await;
+    assert!(r[0].is_ok(), "{r:?}");
+    let queued = p.send(OUT, Some(0), rec("queued")).await.expect("queued");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.abort_transaction(BOUND).await.expect("aborted");
+    let r = tokio::time::timeout(BOUND, queued.wait())
+        .await
+        .expect("resolved");
+    assert!(matches!(r, Err(ProduceError::Transaction(_))), "{r:?}");
+    fake.produce_throttle(0);
+    // The next transaction holds only what is sent after the abort.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    send(&p, &[(0, "next")]).await;
+    p.commit_transaction(None, BOUND).await.unwrap();
+    let values: Vec<String> = fake
+        .produced(OUT, 0)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert_eq!(
+        values,
+        ["sent", "next"],
+        "the queued record was never produced"
+    );
+    assert_eq!(fake.committed_values(OUT, 0), ["next"]);
+}
