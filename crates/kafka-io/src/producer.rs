@@ -950,22 +950,20 @@ impl Writer {
             }
             // Transactional: records queued before an abort belong to it and are not sent.
             let aborts = self.shared.aborts.load(Ordering::Acquire);
-            if self.shared.txn.is_some() {
-                if batch.records.iter().any(|(_, d)| d.aborts < aborts) {
-                    let (stale, keep): (Vec<Queued>, Vec<Queued>) = batch
-                        .records
-                        .drain(..)
-                        .partition(|(_, d)| d.aborts < aborts);
-                    for (_, done) in stale {
-                        let _ = done.send(Err(ProduceError::Transaction(
-                            "queued before the transaction was aborted".into(),
-                        )));
-                    }
-                    batch.records = keep;
-                    batch.encoded = None;
-                    if batch.records.is_empty() {
-                        continue;
-                    }
+            if self.shared.txn.is_some() && batch.records.iter().any(|(_, d)| d.aborts < aborts) {
+                let (stale, keep): (Vec<Queued>, Vec<Queued>) = batch
+                    .records
+                    .drain(..)
+                    .partition(|(_, d)| d.aborts < aborts);
+                for (_, done) in stale {
+                    let _ = done.send(Err(ProduceError::Transaction(
+                        "queued before the transaction was aborted".into(),
+                    )));
+                }
+                batch.records = keep;
+                batch.encoded = None;
+                if batch.records.is_empty() {
+                    continue;
                 }
             }
             // The producer id, and the sequence the batch starts at.
