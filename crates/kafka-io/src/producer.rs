@@ -312,6 +312,9 @@ struct Shared {
     outstanding: AtomicUsize,
     /// Transactions aborted: records queued before an abort are never sent after it.
     aborts: AtomicU64,
+    /// Flushes waiting: writers send what they hold without lingering (`flush_now` wakes them).
+    flushing: AtomicUsize,
+    flush_now: tokio::sync::Notify,
     idle: tokio::sync::Notify,
     /// The transaction state (transactional producing only).
     txn: Option<Mutex<TxnState>>,
@@ -524,6 +527,8 @@ impl Producer {
                 ),
                 outstanding: AtomicUsize::new(0),
                 aborts: AtomicU64::new(0),
+                flushing: AtomicUsize::new(0),
+                flush_now: tokio::sync::Notify::new(),
                 idle: tokio::sync::Notify::new(),
                 txn: config.transactional.clone().map(|t| {
                     Mutex::new(TxnState {
@@ -695,8 +700,18 @@ impl Producer {
 
     /// Waits until every queued record is resolved (written or failed), up to `timeout`;
     /// false on timeout. Records sent meanwhile are waited for too.
+    /// Writers stop lingering meanwhile: what they hold is sent at once.
     pub async fn flush(&self, timeout: Duration) -> bool {
+        struct Flushing<'a>(&'a Shared);
+        impl Drop for Flushing<'_> {
+            fn drop(&mut self) {
+                self.0.flushing.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
         let deadline = Instant::now() + timeout;
+        self.shared.flushing.fetch_add(1, Ordering::AcqRel);
+        let _flushing = Flushing(&self.shared);
+        self.shared.flush_now.notify_waiters();
         loop {
             let idle = self.shared.idle.notified();
             if self.outstanding() == 0 {
@@ -944,7 +959,15 @@ impl Writer {
                             None => return,
                         },
                     };
-                    carry = linger(cfg, &mut rx, first, max_batch, &mut batch.records).await;
+                    carry = linger(
+                        cfg,
+                        &self.shared,
+                        &mut rx,
+                        first,
+                        max_batch,
+                        &mut batch.records,
+                    )
+                    .await;
                 }
                 batch.timestamp_ms = now_ms();
             }
@@ -1265,6 +1288,7 @@ impl Writer {
 /// `linger` (pressure that ends sends the batch then). Returns a record that did not fit.
 async fn linger(
     cfg: &ProducerConfig,
+    shared: &Shared,
     rx: &mut mpsc::Receiver<Queued>,
     first: Queued,
     max_batch: usize,
@@ -1286,6 +1310,11 @@ async fn linger(
             Ok(q) => Some(q),
             Err(mpsc::error::TryRecvError::Disconnected) => None,
             Err(mpsc::error::TryRecvError::Empty) => loop {
+                // A flush waits for what is queued: nothing more is coming for this batch.
+                let flushed = shared.flush_now.notified();
+                if shared.flushing.load(Ordering::Acquire) > 0 {
+                    break None;
+                }
                 let now = Instant::now();
                 let until = if now < short {
                     short
@@ -1294,9 +1323,12 @@ async fn linger(
                 } else {
                     break None;
                 };
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(q) => break q,
-                    Err(_) => continue,
+                tokio::select! {
+                    r = tokio::time::timeout_at(until, rx.recv()) => match r {
+                        Ok(q) => break q,
+                        Err(_) => continue,
+                    },
+                    _ = flushed => break None,
                 }
             },
         };

@@ -358,13 +358,14 @@ pub async fn run(cfg: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result
 /// rejoins (fenced included: the next transaction starts with a new producer epoch); a
 /// transactional id the broker refuses stops the process.
 async fn window_loop(ctx: Arc<Ctx>, w: Arc<Window>, period: Duration) {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let Some(positions) = w.positions.get().cloned() else {
         return;
     };
     loop {
-        tick.tick().await;
+        // A whole window open after each commit (an interval would start the next commit at
+        // once after a slow one, and the workers, queued behind it, would put one answer each
+        // in every transaction).
+        tokio::time::sleep(period).await;
         let _g = w.gate.write().await;
         let min_epoch = w.min_epoch.load(Ordering::SeqCst);
         // Flushed first: the acknowledged answers complete their records (in the writer), so
