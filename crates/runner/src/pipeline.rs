@@ -94,7 +94,10 @@ impl Window {
     /// stream are dropped from now on. Returns the abort's error, if any.
     async fn abort(&self, producer: &Producer, why: &str) -> Option<kafka_io::TxnError> {
         let epoch = self.positions.get().map_or(0, |p| p.epoch());
-        self.min_epoch.fetch_max(epoch + 1, Ordering::SeqCst);
+        if self.min_epoch.fetch_max(epoch + 1, Ordering::SeqCst) > epoch {
+            // No stream since the last abort: nothing was queued or can be committed since.
+            return None;
+        }
         tracing::info!(%why, "exactly-once: aborting the open transaction");
         self.metrics.transaction("aborted");
         producer.abort_transaction(self.flush_timeout).await.err()
