@@ -81,6 +81,10 @@ pub struct ConsumerConfig {
     pub metadata_refresh: Duration,
     /// Longest wait for in-flight records to complete on revoke and on close.
     pub drain_timeout: Duration,
+    /// Offsets are committed by the caller's transactions ([`Consumer::transactions`]): the
+    /// consumer never sends OffsetCommit itself, and a revoke does not drain (the caller
+    /// aborts its open transaction in the revoke hook; the next owner redoes what it held).
+    pub transactional_commits: bool,
 }
 
 impl ConsumerConfig {
@@ -95,6 +99,7 @@ impl ConsumerConfig {
             commit_interval: Duration::from_secs(1),
             metadata_refresh: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
+            transactional_commits: false,
         }
     }
 }
@@ -204,6 +209,10 @@ struct Shared {
     fatal: std::sync::Mutex<Option<String>>,
     /// Partitions that cannot go on, and why (a record larger than the whole fetch budget).
     stalled: std::sync::Mutex<HashMap<Key, String>>,
+    /// Offsets go by the caller's transactions: no OffsetCommit of our own.
+    external_commits: AtomicBool,
+    /// Told by [`TxnPositions::rejoin`]: give every partition up without commit and rejoin.
+    rejoin: Notify,
 }
 
 impl Shared {
@@ -255,6 +264,9 @@ impl Shared {
 
 impl crate::session::Positions for Shared {
     fn to_commit(&self, only: Option<&[Tp]>) -> Vec<(Tp, i64)> {
+        if self.external_commits.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
         let keys: Option<Vec<Key>> = only.map(|o| o.iter().map(key).collect());
         self.positions_to_commit(keys.as_deref())
     }
@@ -330,6 +342,61 @@ impl Acker {
                 self.0.drained.notify_waiters();
             }
         }
+    }
+}
+
+/// The positions and identity for offsets committed in the caller's transactions (KIP-447:
+/// TxnOffsetCommit with the member's generation and member id).
+#[derive(Clone)]
+pub struct TxnPositions {
+    shared: Arc<Shared>,
+    identity: watch::Receiver<crate::session::Identity>,
+    group_id: String,
+    instance_id: Option<String>,
+}
+
+impl TxnPositions {
+    /// What moved past the last commit of every owned partition, with the member's identity;
+    /// None while not a member (nothing may be committed then).
+    /// Only partitions assigned in epoch `min_epoch` or later count: what was assigned
+    /// before an abort holds completions of the aborted transaction and is never committed.
+    pub fn offsets(&self, min_epoch: u64) -> Option<crate::txn::TxnOffsets> {
+        let id = self.identity.borrow().clone();
+        if id.generation < 0 {
+            return None;
+        }
+        let keys: Vec<Key> = self
+            .shared
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.assigned >= min_epoch)
+            .map(|(k, _)| k.clone())
+            .collect();
+        Some(crate::txn::TxnOffsets {
+            group_id: self.group_id.clone(),
+            generation_id: id.generation,
+            member_id: id.member_id,
+            group_instance_id: self.instance_id.clone(),
+            positions: self.shared.positions_to_commit(Some(&keys)),
+        })
+    }
+
+    /// The transaction holding `offsets` committed.
+    pub fn committed(&self, offsets: &crate::txn::TxnOffsets) {
+        self.shared.mark_committed(&offsets.positions);
+        crate::session::Positions::set_group_ok(&*self.shared, true);
+    }
+
+    /// The newest assignment epoch handed out: every stream existing now has an epoch at or
+    /// below it (an abort makes them all stale).
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Gives every partition up without commit and rejoins the group (after an aborted
+    /// transaction: what completed in it must be redone).
+    pub fn rejoin(&self) {
+        self.shared.rejoin.notify_one();
     }
 }
 
@@ -432,6 +499,7 @@ impl PartitionStream {
 
 pub struct Consumer {
     streams: mpsc::UnboundedReceiver<PartitionStream>,
+    txn: TxnPositions,
     session_timeout: Duration,
     /// recv()'s merge of every stream (made on first use).
     merged: Option<(mpsc::Sender<Batch>, mpsc::Receiver<Batch>)>,
@@ -452,6 +520,9 @@ impl Consumer {
         let (streams_tx, streams) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
         shared.fetch_ok.store(true, Ordering::Relaxed);
+        shared
+            .external_commits
+            .store(config.transactional_commits, Ordering::Relaxed);
         shared.since_born();
         let session_timeout = config.group.session_timeout;
         let (assign_tx, assignment) = watch::channel(BTreeSet::new());
@@ -469,6 +540,13 @@ impl Consumer {
             config.commit_interval,
             shared.clone(),
         );
+        let identity = session.identity.subscribe();
+        let txn = TxnPositions {
+            shared: shared.clone(),
+            identity,
+            group_id: config.group.group_id.clone(),
+            instance_id: config.group.instance_id.clone(),
+        };
         let task = tokio::spawn(
             GroupTask {
                 member: Member::new(cluster.connector.clone(), config.group.clone()),
@@ -489,6 +567,7 @@ impl Consumer {
         );
         Self {
             streams,
+            txn,
             session_timeout,
             merged: None,
             shared,
@@ -532,6 +611,12 @@ impl Consumer {
 
     pub fn acker(&self) -> Acker {
         Acker(self.shared.clone())
+    }
+
+    /// What a caller committing offsets in its own transactions needs
+    /// ([`ConsumerConfig::transactional_commits`]).
+    pub fn transactions(&self) -> TxnPositions {
+        self.txn.clone()
     }
 
     /// Currently assigned partitions (changes on every rebalance).
@@ -923,6 +1008,7 @@ impl GroupTask {
         let cfg = self.config.clone();
         let mut metadata = tokio::time::interval(cfg.metadata_refresh);
         metadata.tick().await;
+        let shared = self.shared.clone();
         loop {
             tokio::select! {
                 ev = self.session_event() => match ev {
@@ -936,6 +1022,10 @@ impl GroupTask {
                         tracing::info!(group = %cfg.group.group_id, "input partitions changed: rejoining");
                         return Exit::Rebalance;
                     }
+                }
+                _ = shared.rejoin.notified() => {
+                    tracing::info!(group = %cfg.group.group_id, "transaction aborted: giving the partitions up and rejoining");
+                    return Exit::Lost { unknown_member: false };
                 }
                 _ = &mut *stop => return Exit::Stop,
             }
@@ -959,7 +1049,9 @@ impl GroupTask {
     /// session reads their positions when it sends the commit: a periodic commit may be sent
     /// first, and positions read here could be below it (the committed offset would go back).
     async fn commit(&mut self, keys: &[Key]) -> Result<()> {
-        if self.shared.positions_to_commit(Some(keys)).is_empty() {
+        if self.config.transactional_commits
+            || self.shared.positions_to_commit(Some(keys)).is_empty()
+        {
             return Ok(());
         }
         let (done, rx) = tokio::sync::oneshot::channel();
@@ -1001,7 +1093,12 @@ impl GroupTask {
                 o.state.send_replace(StreamState::Draining);
             }
         }
-        if drain {
+        if self.config.transactional_commits {
+            // The caller aborts its open transaction: what it held is redone by the next owner.
+            if let Some(hook) = &self.on_revoke {
+                hook(keys.iter().map(tp).collect()).await;
+            }
+        } else if drain {
             if let Some(hook) = &self.on_revoke {
                 hook(keys.iter().map(tp).collect()).await;
             }

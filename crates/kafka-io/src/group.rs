@@ -46,6 +46,10 @@ pub struct GroupConfig {
     pub instance_id: Option<String>,
     /// In preference order; the coordinator picks one all members support.
     pub assignors: Vec<Assignor>,
+    /// OffsetFetch asks for stable offsets (v7+, KIP-447): while a transaction holding offsets
+    /// of a partition is not yet complete, the coordinator answers UNSTABLE_OFFSET_COMMIT and
+    /// the fetch is asked again, so a new owner never starts from the offset before it.
+    pub require_stable: bool,
 }
 
 impl GroupConfig {
@@ -64,6 +68,7 @@ impl GroupConfig {
                 Assignor::Range,
                 Assignor::RoundRobin,
             ],
+            require_stable: false,
         }
     }
 }
@@ -460,16 +465,43 @@ impl Member {
         Ok(())
     }
 
-    /// The group's committed positions for `tps` (None: never committed).
+    /// The group's committed positions for `tps` (None: never committed). With
+    /// [`GroupConfig::require_stable`], UNSTABLE_OFFSET_COMMIT (a transaction with offsets of
+    /// these partitions is completing) is asked again, every 100 ms up to 100 times.
     pub async fn committed(&mut self, tps: &BTreeSet<Tp>) -> Result<HashMap<Tp, Option<i64>>> {
+        let mut tries = 0;
+        loop {
+            match self.committed_once(tps).await {
+                Err(e)
+                    if e.broker_error() == Some(ResponseError::UnstableOffsetCommit)
+                        && tries < 100 =>
+                {
+                    tries += 1;
+                    tracing::debug!(group = %self.config.group_id, "offsets not stable yet (a transaction is completing); asking again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn committed_once(&mut self, tps: &BTreeSet<Tp>) -> Result<HashMap<Tp, Option<i64>>> {
         let mut by_topic: BTreeMap<String, Vec<i32>> = BTreeMap::new();
         for (t, p) in tps {
             by_topic.entry(t.clone()).or_default().push(*p);
         }
         let group = self.config.group_id.clone();
+        let stable = self.config.require_stable;
         let resp = self
             .on_coordinator(async move |c: &mut BrokerConn| {
                 let v = c.version::<OffsetFetchRequest>("OffsetFetch", 8)?;
+                if stable && v < 7 {
+                    return Err(Error::Version {
+                        call: "OffsetFetch (require_stable, for transactions)",
+                        ours: "7..8".into(),
+                        theirs: format!("..{v}"),
+                    });
+                }
                 let req = if v >= 8 {
                     OffsetFetchRequest::default().with_groups(vec![
                         OffsetFetchRequestGroup::default()
@@ -498,6 +530,11 @@ impl Member {
                                 })
                                 .collect(),
                         ))
+                };
+                let req = if v >= 7 {
+                    req.with_require_stable(stable)
+                } else {
+                    req
                 };
                 c.send(req, v, "OffsetFetch").await
             })

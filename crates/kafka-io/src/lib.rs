@@ -29,20 +29,24 @@ pub mod secret;
 pub mod session;
 pub mod settings;
 pub mod tls;
+pub mod txn;
 
 pub use cluster::Cluster;
 pub use consumer::{
     Acker, Batch, Consumer, ConsumerConfig, InRecord, OffsetReset, PartitionLag, PartitionStream,
-    StreamState, Token,
+    StreamState, Token, TxnPositions,
 };
 pub use error::{ConfigError, Error, Result, TlsError};
 pub use group::GroupConfig;
 pub use oauth::{OauthMethod, OauthSettings, TokenSource};
-pub use producer::{CompressionCodec, Delivery, OutRecord, ProduceError, Producer, ProducerConfig};
+pub use producer::{
+    CompressionCodec, Delivery, OnWritten, OutRecord, ProduceError, Producer, ProducerConfig,
+};
 pub use secret::Secret;
 pub use settings::{
     ConnectionSettings, PemSource, SaslMechanism, SaslSettings, SecurityProtocol, TlsSettings,
 };
+pub use txn::{TxnConfig, TxnError, TxnOffsets};
 
 /// The group metadata decoders on arbitrary bytes, for the fuzzer (fuzz/) and its stable smoke
 /// test: the subscription and assignment bytes that other group members (any client) send

@@ -36,7 +36,7 @@
 //! refused alone becomes [`ProduceError::TooLarge`].
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeSet, HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -48,7 +48,7 @@ use bytes::Bytes;
 use kafka_protocol::{
     error::ResponseError,
     messages::{
-        InitProducerIdRequest, ProduceRequest, ProducerId, TopicName,
+        InitProducerIdRequest, ProduceRequest, ProducerId, TopicName, TransactionalId,
         produce_request::{PartitionProduceData, TopicProduceData},
     },
     protocol::StrBytes,
@@ -59,10 +59,12 @@ use tokio::{
 };
 
 use crate::{
+    assignor::Tp,
     backoff::Backoff,
     cluster::Cluster,
     conn::{BrokerConn, Connector, broker_error},
     error::{Error, Result},
+    txn::{TxnConfig, TxnCoordinator, TxnError, TxnOffsets},
 };
 
 pub mod batch;
@@ -90,6 +92,7 @@ pub const LIMIT_REFRESH: Duration = Duration::from_secs(300);
 pub const LIMIT_RETRY: Duration = Duration::from_secs(30);
 /// What the runner calls the switch (named in the error when the broker refuses idempotence).
 const IDEMPOTENCE_FLAG: &str = "--idempotence false (KAFKA_INFER_IDEMPOTENCE=false)";
+const EXACTLY_ONCE_FLAG: &str = "--exactly-once false (KAFKA_INFER_EXACTLY_ONCE=false)";
 
 impl OutRecord {
     /// An upper bound of the record's encoded size inside a batch (varints at their widest).
@@ -127,6 +130,10 @@ pub enum ProduceError {
     Rejected { topic: String, why: String },
     #[error("the producer is closed")]
     Closed,
+    /// The record's transaction failed (fenced, or a call failed for good): it is aborted, so
+    /// the record is not written; the caller aborts and redoes the transaction's input.
+    #[error("the transaction failed: {0}")]
+    Transaction(String),
 }
 
 impl ProduceError {
@@ -137,6 +144,7 @@ impl ProduceError {
             Self::UnknownTopic(_) => "unknown-topic",
             Self::Rejected { .. } => "rejected",
             Self::Closed => "closed",
+            Self::Transaction(_) => "transaction",
         }
     }
 }
@@ -192,6 +200,10 @@ pub struct ProducerConfig {
     /// When a failed DescribeConfigs is tried again (default [`LIMIT_RETRY`]); meanwhile the
     /// last known limit (at first `max_request_size`) holds.
     pub limit_retry: Duration,
+    /// Transactional producing (implies idempotence): batches belong to the open transaction
+    /// of this transactional id, ended by [`Producer::commit_transaction`] or
+    /// [`Producer::abort_transaction`].
+    pub transactional: Option<TxnConfig>,
 }
 
 impl Default for ProducerConfig {
@@ -207,6 +219,7 @@ impl Default for ProducerConfig {
             idempotent: true,
             limit_refresh: LIMIT_REFRESH,
             limit_retry: LIMIT_RETRY,
+            transactional: None,
         }
     }
 }
@@ -224,7 +237,41 @@ impl Delivery {
     }
 }
 
-type Queued = (OutRecord, oneshot::Sender<Result<i64, ProduceError>>);
+type Queued = (OutRecord, Done);
+
+/// Called once the record's batch is acknowledged (before its [`Delivery`] resolves, and,
+/// with transactions, before [`Producer::flush`] returns).
+pub type OnWritten = Box<dyn FnOnce() + Send>;
+
+/// Where a queued record's outcome goes: its [`Delivery`], its [`OnWritten`], and the
+/// producer's count of records not yet resolved (for [`Producer::flush`]).
+struct Done {
+    tx: Option<oneshot::Sender<Result<i64, ProduceError>>>,
+    on_written: Option<OnWritten>,
+    shared: Arc<Shared>,
+    /// Transactional: aborts before the record was queued (a later abort drops it unsent).
+    aborts: u64,
+}
+
+impl Done {
+    fn send(mut self, r: Result<i64, ProduceError>) -> Result<(), ()> {
+        if r.is_ok()
+            && let Some(f) = self.on_written.take()
+        {
+            f();
+        }
+        let tx = self.tx.take().expect("sent once");
+        tx.send(r).map_err(|_| ())
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if self.shared.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.idle.notify_waiters();
+        }
+    }
+}
 
 /// A topic's batch size limit, shared with its writers.
 #[derive(Debug)]
@@ -259,6 +306,27 @@ struct Shared {
     throttled_ms: AtomicU64,
     /// Produce requests sent (retries included).
     requests: AtomicU64,
+    /// The transactional id (empty when not transactional).
+    txn_id: StrBytes,
+    /// Records queued and not yet resolved; `idle` is told when it drops to zero.
+    outstanding: AtomicUsize,
+    /// Transactions aborted: records queued before an abort are never sent after it.
+    aborts: AtomicU64,
+    /// Flushes waiting: writers send what they hold without lingering (`flush_now` wakes them).
+    flushing: AtomicUsize,
+    flush_now: tokio::sync::Notify,
+    idle: tokio::sync::Notify,
+    /// The transaction state (transactional producing only).
+    txn: Option<Mutex<TxnState>>,
+}
+
+/// The open transaction.
+struct TxnState {
+    coordinator: TxnCoordinator,
+    /// Partitions added to the open transaction (AddPartitionsToTxn answered).
+    added: BTreeSet<Tp>,
+    /// Why the open transaction cannot commit (it can only be aborted).
+    failed: Option<TxnError>,
 }
 
 /// Why a producer id could not be had.
@@ -278,7 +346,34 @@ impl Shared {
         {
             return Ok(p);
         }
-        let p = self.init_producer_id().await?;
+        let p = match &self.txn {
+            Some(t) => {
+                let mut t = t.lock().await;
+                match t.coordinator.init().await {
+                    Ok((id, epoch)) => {
+                        t.failed = None;
+                        t.added.clear();
+                        Pid {
+                            id,
+                            epoch,
+                            generation: self.generations.fetch_add(1, Ordering::Relaxed) + 1,
+                        }
+                    }
+                    Err(e @ TxnError::Unauthorized { .. }) => {
+                        return Err(PidError::Refused(format!(
+                            "the broker refuses transactions ({e}); turn exactly-once off ({EXACTLY_ONCE_FLAG})"
+                        )));
+                    }
+                    Err(e) => {
+                        return Err(PidError::Retry(Error::Protocol {
+                            call: "InitProducerId",
+                            why: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            None => self.init_producer_id().await?,
+        };
         tracing::info!(
             producer_id = p.id,
             epoch = p.epoch,
@@ -333,6 +428,48 @@ impl Shared {
         })
     }
 
+    fn transactional_id(&self) -> Option<StrBytes> {
+        self.txn.as_ref().map(|_| self.txn_id.clone())
+    }
+
+    /// Adds the partition to the open transaction (once per transaction); the transaction's
+    /// error if it already failed.
+    async fn join_transaction(&self, topic: &str, partition: i32) -> Result<(), TxnError> {
+        let Some(t) = &self.txn else { return Ok(()) };
+        let mut t = t.lock().await;
+        if let Some(e) = &t.failed {
+            return Err(e.clone());
+        }
+        let tp = (topic.to_owned(), partition);
+        if t.added.contains(&tp) {
+            return Ok(());
+        }
+        match t
+            .coordinator
+            .add_partitions(std::slice::from_ref(&tp))
+            .await
+        {
+            Ok(()) => {
+                t.added.insert(tp);
+                Ok(())
+            }
+            Err(e) => {
+                t.failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// The open transaction cannot commit any more.
+    async fn fail_transaction(&self, e: TxnError) {
+        if let Some(t) = &self.txn {
+            let mut t = t.lock().await;
+            if t.failed.is_none() {
+                t.failed = Some(e);
+            }
+        }
+    }
+
     /// Waits while `broker` throttles us.
     async fn wait_throttle(&self, broker: &str) {
         let until = self.throttled_until.lock().unwrap().get(broker).copied();
@@ -374,13 +511,32 @@ impl Producer {
         connector.connect_timeout = connector.connect_timeout.min(cluster.request_timeout);
         Self {
             shared: Arc::new(Shared {
-                connector,
-                idempotent: config.idempotent,
+                connector: connector.clone(),
+                idempotent: config.idempotent || config.transactional.is_some(),
                 pid: Mutex::new(None),
                 generations: AtomicU64::new(0),
                 throttled_until: std::sync::Mutex::new(HashMap::new()),
                 throttled_ms: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
+                txn_id: StrBytes::from_string(
+                    config
+                        .transactional
+                        .as_ref()
+                        .map(|t| t.transactional_id.clone())
+                        .unwrap_or_default(),
+                ),
+                outstanding: AtomicUsize::new(0),
+                aborts: AtomicU64::new(0),
+                flushing: AtomicUsize::new(0),
+                flush_now: tokio::sync::Notify::new(),
+                idle: tokio::sync::Notify::new(),
+                txn: config.transactional.clone().map(|t| {
+                    Mutex::new(TxnState {
+                        coordinator: TxnCoordinator::new(connector.clone(), t),
+                        added: BTreeSet::new(),
+                        failed: None,
+                    })
+                }),
             }),
             cluster,
             config,
@@ -482,6 +638,18 @@ impl Producer {
         partition: Option<i32>,
         record: OutRecord,
     ) -> Result<Delivery> {
+        self.send_with(topic, partition, record, None).await
+    }
+
+    /// [`send`](Self::send), and `on_written` is called once the broker acknowledged the
+    /// record (in the writer task, before the delivery resolves; not called if it fails).
+    pub async fn send_with(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        record: OutRecord,
+        on_written: Option<OnWritten>,
+    ) -> Result<Delivery> {
         let partition = match (partition, &record.key) {
             (Some(p), _) => p,
             (None, Some(k)) => partition_for_key(k, self.partition_count(topic).await?),
@@ -490,6 +658,13 @@ impl Producer {
         self.check_size(topic, &record).await?;
         let tx = self.queue(topic, partition).await;
         let (done, rx) = oneshot::channel();
+        self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        let done = Done {
+            tx: Some(done),
+            on_written,
+            shared: self.shared.clone(),
+            aborts: self.shared.aborts.load(Ordering::Acquire),
+        };
         tx.send((record, done)).await.map_err(|_| Error::Closed)?;
         Ok(Delivery(rx))
     }
@@ -516,6 +691,155 @@ impl Producer {
             .or_default()
             .insert(partition, tx.clone());
         tx
+    }
+
+    /// Records queued and not yet resolved (written or failed).
+    pub fn outstanding(&self) -> usize {
+        self.shared.outstanding.load(Ordering::Acquire)
+    }
+
+    /// Waits until every queued record is resolved (written or failed), up to `timeout`;
+    /// false on timeout. Records sent meanwhile are waited for too.
+    /// Writers stop lingering meanwhile: what they hold is sent at once.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        struct Flushing<'a>(&'a Shared);
+        impl Drop for Flushing<'_> {
+            fn drop(&mut self) {
+                self.0.flushing.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        self.shared.flushing.fetch_add(1, Ordering::AcqRel);
+        let _flushing = Flushing(&self.shared);
+        self.shared.flush_now.notify_waiters();
+        loop {
+            let idle = self.shared.idle.notified();
+            if self.outstanding() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.outstanding() == 0;
+            }
+        }
+    }
+
+    /// Commits the open transaction (transactional producing): waits for every queued record
+    /// ([`flush`](Self::flush), up to `timeout`), then, when `offsets` name positions,
+    /// AddOffsetsToTxn and TxnOffsetCommit (with the member's generation and member id), then
+    /// EndTxn(commit). Nothing to commit (no record, no offset): no call. The caller sends
+    /// nothing meanwhile (what it sends would join this transaction or the next). On an error
+    /// the transaction is still open: call [`abort_transaction`](Self::abort_transaction)
+    /// (fenced: the abort only forgets the producer id). Ok(true): a transaction was
+    /// committed; Ok(false): there was nothing to commit.
+    pub async fn commit_transaction(
+        &self,
+        offsets: Option<&TxnOffsets>,
+        timeout: Duration,
+    ) -> Result<bool, TxnError> {
+        let Some(t) = &self.shared.txn else {
+            return Err(TxnError::Abortable(
+                "the producer is not transactional".into(),
+            ));
+        };
+        if !self.flush(timeout).await {
+            let e = TxnError::Abortable(format!(
+                "{} records not acknowledged within {timeout:?}",
+                self.outstanding()
+            ));
+            self.shared.fail_transaction(e.clone()).await;
+            return Err(e);
+        }
+        let offsets = offsets.filter(|o| !o.positions.is_empty());
+        if offsets.is_some() {
+            // Offsets only, before any record of this producer id: get one first.
+            self.shared.producer_id(None).await.map_err(|e| match e {
+                PidError::Refused(why) => TxnError::Unauthorized {
+                    id: self.shared.txn_id.to_string(),
+                    why,
+                },
+                PidError::Retry(e) => TxnError::Abortable(e.to_string()),
+            })?;
+        }
+        let _pid = self.shared.pid.lock().await;
+        let mut t = t.lock().await;
+        if let Some(e) = &t.failed {
+            return Err(e.clone());
+        }
+        if t.added.is_empty() && offsets.is_none() {
+            return Ok(false);
+        }
+        let r = async {
+            if let Some(o) = offsets {
+                // Tansu drops the offsets of a transaction with no partition after an earlier
+                // transaction (docs/notes-transactions.md): add one of ours, nothing written.
+                if t.added.is_empty()
+                    && let Some(tp) = self.known_partition().await
+                {
+                    t.coordinator
+                        .add_partitions(std::slice::from_ref(&tp))
+                        .await?;
+                    t.added.insert(tp);
+                }
+                t.coordinator.add_offsets(&o.group_id).await?;
+                t.coordinator.commit_offsets(o).await?;
+            }
+            t.coordinator.end(true).await
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                t.added.clear();
+                Ok(true)
+            }
+            Err(e) => {
+                t.failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Aborts the open transaction: records queued and not yet sent fail
+    /// ([`ProduceError::Transaction`]) and are never sent; waits (up to `timeout`) for the
+    /// batches being written, then
+    /// EndTxn(abort) unless fenced; either way the producer id is forgotten, so the next
+    /// transaction starts with InitProducerId (a new epoch: sequences start again, and an
+    /// abort that did not reach the coordinator is completed by it).
+    pub async fn abort_transaction(&self, timeout: Duration) -> Result<(), TxnError> {
+        let Some(t) = &self.shared.txn else {
+            return Ok(());
+        };
+        // What is queued and not yet sent is dropped, not written into the next transaction.
+        self.shared.aborts.fetch_add(1, Ordering::AcqRel);
+        let _ = self.flush(timeout).await;
+        let mut pid = self.shared.pid.lock().await;
+        let mut t = t.lock().await;
+        let fenced = t.failed.as_ref().is_some_and(TxnError::is_fatal);
+        let r = if !fenced && !t.added.is_empty() && t.coordinator.producer().is_some() {
+            t.coordinator.end(false).await
+        } else {
+            Ok(())
+        };
+        t.added.clear();
+        t.failed = None;
+        t.coordinator.forget();
+        *pid = None;
+        r
+    }
+
+    /// Why the open transaction can no longer commit, if it cannot.
+    pub async fn transaction_error(&self) -> Option<TxnError> {
+        match &self.shared.txn {
+            Some(t) => t.lock().await.failed.clone(),
+            None => None,
+        }
+    }
+
+    /// A partition this producer writes to (for a transaction with offsets only).
+    async fn known_partition(&self) -> Option<Tp> {
+        let q = self.queues.lock().await;
+        q.iter()
+            .flat_map(|(t, ps)| ps.keys().map(move |p| (t.clone(), *p)))
+            .min()
     }
 
     /// Stops taking records and waits (up to `timeout`) for every queued one to be written.
@@ -568,7 +892,9 @@ enum Outcome {
     /// Already written (DUPLICATE_SEQUENCE_NUMBER).
     Duplicate,
     /// The broker lost or fenced our producer id.
-    NewProducerId,
+    NewProducerId(Error),
+    /// Not sent: the transaction was aborted meanwhile (the batch is checked again).
+    Aborted,
     TooLarge,
     /// Look the leader up again and resend after a backoff.
     Retry(Error),
@@ -633,9 +959,35 @@ impl Writer {
                             None => return,
                         },
                     };
-                    carry = linger(cfg, &mut rx, first, max_batch, &mut batch.records).await;
+                    carry = linger(
+                        cfg,
+                        &self.shared,
+                        &mut rx,
+                        first,
+                        max_batch,
+                        &mut batch.records,
+                    )
+                    .await;
                 }
                 batch.timestamp_ms = now_ms();
+            }
+            // Transactional: records queued before an abort belong to it and are not sent.
+            let aborts = self.shared.aborts.load(Ordering::Acquire);
+            if self.shared.txn.is_some() && batch.records.iter().any(|(_, d)| d.aborts < aborts) {
+                let (stale, keep): (Vec<Queued>, Vec<Queued>) = batch
+                    .records
+                    .drain(..)
+                    .partition(|(_, d)| d.aborts < aborts);
+                for (_, done) in stale {
+                    let _ = done.send(Err(ProduceError::Transaction(
+                        "queued before the transaction was aborted".into(),
+                    )));
+                }
+                batch.records = keep;
+                batch.encoded = None;
+                if batch.records.is_empty() {
+                    continue;
+                }
             }
             // The producer id, and the sequence the batch starts at.
             let pid = if self.shared.idempotent {
@@ -675,6 +1027,7 @@ impl Writer {
                         producer_epoch: p.epoch,
                         base_sequence: seq,
                         timestamp_ms: batch.timestamp_ms,
+                        transactional: self.shared.txn.is_some(),
                     },
                     None => batch::BatchMeta::plain(batch.timestamp_ms),
                 };
@@ -720,12 +1073,20 @@ impl Writer {
             let Some((c, version)) = conn.as_mut() else {
                 continue;
             };
+            // Transactional: the partition joins the open transaction before its first batch.
+            if let Err(e) = self.shared.join_transaction(topic, partition).await {
+                tracing::warn!(%topic, partition, error = %e, "producer: the transaction failed; batch not sent");
+                for (_, done) in batch.records.drain(..) {
+                    let _ = done.send(Err(ProduceError::Transaction(e.to_string())));
+                }
+                continue;
+            }
             let bytes = batch
                 .encoded
                 .as_ref()
                 .map(|(b, _)| b.clone())
                 .unwrap_or_default();
-            let outcome = self.produce(c, *version, bytes).await;
+            let outcome = self.produce(c, *version, bytes, aborts).await;
             let n = batch.records.len() as i32;
             match outcome {
                 Outcome::Written(base) => {
@@ -745,12 +1106,30 @@ impl Writer {
                         let _ = done.send(Ok(-1));
                     }
                 }
-                Outcome::NewProducerId => {
+                Outcome::NewProducerId(e) if self.shared.txn.is_some() => {
+                    // Transactional: the transaction is over (fenced: for good); the caller
+                    // aborts, and the next transaction gets a new epoch.
+                    let id = self.shared.txn_id.to_string();
+                    let why = e.to_string();
+                    let te = match e.broker_error() {
+                        Some(
+                            ResponseError::ProducerFenced | ResponseError::InvalidProducerEpoch,
+                        ) => TxnError::Fenced { id, why },
+                        _ => TxnError::Abortable(why),
+                    };
+                    tracing::warn!(%topic, partition, error = %te, "producer: transactional batch refused");
+                    self.shared.fail_transaction(te.clone()).await;
+                    for (_, done) in batch.records.drain(..) {
+                        let _ = done.send(Err(ProduceError::Transaction(te.to_string())));
+                    }
+                }
+                Outcome::NewProducerId(_) => {
                     tracing::warn!(%topic, partition, "producer: the broker lost or fenced our producer id; asking for a new one (a batch may be written twice)");
                     stale = generation;
                     batch.encoded = None;
                     tokio::time::sleep(backoff.next_wait()).await;
                 }
+                Outcome::Aborted => {}
                 Outcome::TooLarge if batch.records.len() > 1 => {
                     // Split in halves, in order: the first half goes now, the rest waits.
                     let rest = batch.records.split_off(batch.records.len() / 2);
@@ -829,10 +1208,18 @@ impl Writer {
         Ok((conn, v))
     }
 
-    async fn produce(&self, conn: &mut BrokerConn, version: i16, records: Bytes) -> Outcome {
+    /// `aborts`: the transaction aborts counted when the batch was checked; one since then
+    /// (while throttled, or waiting to join the transaction) sends nothing (`Outcome::Aborted`).
+    async fn produce(
+        &self,
+        conn: &mut BrokerConn,
+        version: i16,
+        records: Bytes,
+        aborts: u64,
+    ) -> Outcome {
         let server_timeout = self.cluster.request_timeout;
         let req = ProduceRequest::default()
-            .with_transactional_id(None)
+            .with_transactional_id(self.shared.transactional_id().map(TransactionalId))
             .with_acks(-1)
             .with_timeout_ms(server_timeout.as_millis().min(i32::MAX as u128) as i32)
             .with_topic_data(vec![
@@ -845,6 +1232,9 @@ impl Writer {
                     ]),
             ]);
         self.shared.wait_throttle(conn.broker()).await;
+        if self.shared.txn.is_some() && self.shared.aborts.load(Ordering::Acquire) != aborts {
+            return Outcome::Aborted;
+        }
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
         let resp = match conn
             .send_with_timeout(
@@ -884,7 +1274,7 @@ impl Writer {
                 | R::UnknownProducerId
                 | R::InvalidProducerEpoch
                 | R::ProducerFenced,
-            ) if self.shared.idempotent => Outcome::NewProducerId,
+            ) if self.shared.idempotent => Outcome::NewProducerId(e),
             Some(R::MessageTooLarge | R::RecordListTooLarge) => Outcome::TooLarge,
             Some(R::CorruptMessage | R::InvalidRecord) => Outcome::Fatal(e),
             Some(r) if r.is_retriable() => Outcome::Retry(e),
@@ -898,6 +1288,7 @@ impl Writer {
 /// `linger` (pressure that ends sends the batch then). Returns a record that did not fit.
 async fn linger(
     cfg: &ProducerConfig,
+    shared: &Shared,
     rx: &mut mpsc::Receiver<Queued>,
     first: Queued,
     max_batch: usize,
@@ -919,6 +1310,11 @@ async fn linger(
             Ok(q) => Some(q),
             Err(mpsc::error::TryRecvError::Disconnected) => None,
             Err(mpsc::error::TryRecvError::Empty) => loop {
+                // A flush waits for what is queued: nothing more is coming for this batch.
+                let flushed = shared.flush_now.notified();
+                if shared.flushing.load(Ordering::Acquire) > 0 {
+                    break None;
+                }
                 let now = Instant::now();
                 let until = if now < short {
                     short
@@ -927,9 +1323,12 @@ async fn linger(
                 } else {
                     break None;
                 };
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(q) => break q,
-                    Err(_) => continue,
+                tokio::select! {
+                    r = tokio::time::timeout_at(until, rx.recv()) => match r {
+                        Ok(q) => break q,
+                        Err(_) => continue,
+                    },
+                    _ = flushed => break None,
                 }
             },
         };

@@ -197,6 +197,25 @@ pub struct RunArgs {
     /// process with an error naming this flag: set it to false there.
     #[arg(long, env = "KAFKA_INFER_IDEMPOTENCE")]
     pub idempotence: Option<String>,
+    /// Exactly-once (Kafka transactions, KIP-98/KIP-447): each --transaction-window's answers,
+    /// error records and input offsets are committed together in one transaction, so readers
+    /// with isolation.level=read_committed see each input answered once, across crashes and
+    /// rebalances. A revoke or shutdown aborts the open window (its input is redone). Costs:
+    /// answers become visible only when their window commits (latency grows with the window),
+    /// and every window costs a few coordinator calls. Needs idempotence. true or false
+    /// (`--exactly-once` alone: true). Default false.
+    #[arg(long, env = "KAFKA_INFER_EXACTLY_ONCE", num_args = 0..=1, default_missing_value = "true")]
+    pub exactly_once: Option<String>,
+    /// With --exactly-once: how long a transaction collects answers before it commits (and
+    /// so the least latency a read_committed reader sees). Default 100ms.
+    #[arg(long, env = "KAFKA_INFER_TRANSACTION_WINDOW")]
+    pub transaction_window: Option<String>,
+    /// With --exactly-once: the producer's transactional.id. It must stay the same when a
+    /// replica restarts (its first transaction then fences the dead process and aborts what it
+    /// left open) and differ between replicas. Default `kafka-infer-<group id>-<HOSTNAME>` (the
+    /// pod name under Kubernetes).
+    #[arg(long, env = "KAFKA_INFER_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
     /// Output compression: none, gzip, snappy, lz4, zstd. Default none.
     #[arg(long, env = "KAFKA_COMPRESSION")]
     pub compression: Option<String>,
@@ -413,6 +432,8 @@ pub struct Config {
     pub compression: kafka_io::CompressionCodec,
     /// Idempotent producing (--idempotence).
     pub idempotence: bool,
+    /// Transactions (--exactly-once): the transactional id and the window, when on.
+    pub exactly_once: Option<ExactlyOnce>,
     /// The producer's linger (Kafka's linger.ms).
     pub linger: Duration,
     /// The producer's linger while the model is the bottleneck.
@@ -767,6 +788,22 @@ fn parse_deployment(text: &str, want: Option<&str>, transport: Option<&str>) -> 
     })
 }
 
+/// `--exactly-once`: the producer's transactional id and the transaction window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExactlyOnce {
+    pub transactional_id: String,
+    pub window: Duration,
+}
+
+/// This host's name: $HOSTNAME (the pod name under Kubernetes), else /etc/hostname.
+fn host_name(env: &dyn Fn(&str) -> Option<String>) -> String {
+    env("HOSTNAME")
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 impl Config {
     /// Resolves flags > `env` (the process environment) > the deployment file.
     pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
@@ -1016,12 +1053,40 @@ impl Config {
         let dur = |flag: &Option<String>, name: &str, default: &str| -> Result<Duration> {
             parse_duration(&pick(flag, name).unwrap_or_else(|| default.into()), name)
         };
+        let exactly_once = match pick(&args.exactly_once, "KAFKA_INFER_EXACTLY_ONCE")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("false") => None,
+            Some("true") => {
+                let window = dur(
+                    &args.transaction_window,
+                    "KAFKA_INFER_TRANSACTION_WINDOW",
+                    "100ms",
+                )?;
+                if window.is_zero() {
+                    bail!("--transaction-window (KAFKA_INFER_TRANSACTION_WINDOW): must be above 0");
+                }
+                let transactional_id =
+                    match pick(&args.transactional_id, "KAFKA_INFER_TRANSACTIONAL_ID") {
+                        Some(id) if !id.trim().is_empty() => id.trim().to_owned(),
+                        _ => format!("kafka-infer-{group_id}-{}", host_name(env)),
+                    };
+                Some(ExactlyOnce {
+                    transactional_id,
+                    window,
+                })
+            }
+            Some(o) => {
+                bail!("--exactly-once (KAFKA_INFER_EXACTLY_ONCE): `{o}` is not true or false")
+            }
+        };
         Ok(Self {
             connection,
             input_topic,
             output_topic,
             error_topic,
-            group_id,
+            group_id: group_id.clone(),
             protocol,
             graph,
             tf_input_name: args.tf_input_name.clone(),
@@ -1070,6 +1135,7 @@ impl Config {
                     bail!("--idempotence (KAFKA_INFER_IDEMPOTENCE): `{o}` is not true or false")
                 }
             },
+            exactly_once,
             compression: pick(&args.compression, "KAFKA_COMPRESSION")
                 .unwrap_or_else(|| "none".into())
                 .parse()
@@ -1191,6 +1257,10 @@ impl Config {
             "max_record_age_ms": self.max_record_age.map(|d| d.as_millis() as u64),
             "commit_interval_ms": self.commit_interval.as_millis() as u64,
             "idempotence": self.idempotence,
+            "exactly_once": self.exactly_once.as_ref().map(|e| serde_json::json!({
+                "transactional_id": e.transactional_id,
+                "transaction_window_ms": e.window.as_millis() as u64,
+            })),
             "linger_ms": self.linger.as_millis() as u64,
             "linger_max_ms": self.linger_max.as_millis() as u64,
             "assignment_strategy": self.assignors.iter().map(|a| a.name()).collect::<Vec<_>>(),
@@ -1476,6 +1546,44 @@ spec:
         assert!(
             e.contains("--max-record-age (KAFKA_INFER_MAX_RECORD_AGE)") && e.contains("soon"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn exactly_once_is_off_by_default_and_derives_its_transactional_id() {
+        let f = tmp(CIFAR);
+        let c = Config::resolve(&args_with(&f.0), &|_| None).unwrap();
+        assert_eq!(c.exactly_once, None);
+        let env = |k: &str| match k {
+            "KAFKA_INFER_EXACTLY_ONCE" => Some("true".to_string()),
+            "HOSTNAME" => Some("pod-7".to_string()),
+            _ => None,
+        };
+        let c = Config::resolve(&args_with(&f.0), &env).unwrap();
+        let e = c.exactly_once.expect("on");
+        assert_eq!(e.window, Duration::from_millis(100));
+        assert_eq!(
+            e.transactional_id,
+            format!("kafka-infer-{}-pod-7", c.group_id)
+        );
+        let mut a = args_with(&f.0);
+        a.exactly_once = Some("true".into());
+        a.transaction_window = Some("250ms".into());
+        a.transactional_id = Some("replica-a".into());
+        let e = Config::resolve(&a, &|_| None)
+            .unwrap()
+            .exactly_once
+            .unwrap();
+        assert_eq!(e.window, Duration::from_millis(250));
+        assert_eq!(e.transactional_id, "replica-a");
+        a.transaction_window = Some("0s".into());
+        let err = Config::resolve(&a, &|_| None).unwrap_err().to_string();
+        assert!(err.contains("--transaction-window"), "{err}");
+        a.exactly_once = Some("perhaps".into());
+        let err = Config::resolve(&a, &|_| None).unwrap_err().to_string();
+        assert!(
+            err.contains("--exactly-once") && err.contains("perhaps"),
+            "{err}"
         );
     }
 

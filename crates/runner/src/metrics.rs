@@ -110,6 +110,8 @@ pub struct Metrics {
     oldest: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
     /// Payload-logger events by result: sent, failed, dropped.
     pub logger_events: [(&'static str, Counter); 3],
+    /// Transactions (--exactly-once) by result: committed, aborted.
+    transactions: [(&'static str, Counter); 2],
 }
 
 impl Metrics {
@@ -189,6 +191,21 @@ impl Metrics {
                 .clone();
             (r, c)
         });
+        let txns = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "kafka_infer_transactions",
+            "Transactions with --exactly-once by result: committed (answers and offsets), \
+             aborted (revoke, shutdown, fenced or failed: the input is redone)",
+            txns.clone(),
+        );
+        let transactions = ["committed", "aborted"].map(|r| {
+            let c = txns
+                .get_or_create(&ResultLabels {
+                    result: r.to_owned(),
+                })
+                .clone();
+            (r, c)
+        });
         let logger = Family::<ResultLabels, Counter>::default();
         registry.register(
             "kafka_infer_logger_events",
@@ -209,6 +226,7 @@ impl Metrics {
             by_result,
             oldest: Default::default(),
             logger_events,
+            transactions,
             registry,
             lag,
             model_duration,
@@ -226,6 +244,13 @@ impl Metrics {
     /// Counts one record (or retry) under `result`: ok, error or retry.
     pub fn record(&self, result: &str) {
         if let Some((_, c)) = self.by_result.iter().find(|(r, _)| *r == result) {
+            c.inc();
+        }
+    }
+
+    /// Counts one transaction under `result`: committed or aborted.
+    pub fn transaction(&self, result: &str) {
+        if let Some((_, c)) = self.transactions.iter().find(|(r, _)| *r == result) {
             c.inc();
         }
     }

@@ -54,7 +54,7 @@ struct Ctx {
     forward: HeaderPolicy,
     pool: Pool,
     protocol: Protocol,
-    producer: Producer,
+    producer: Arc<Producer>,
     output_topic: String,
     error_topic: Option<String>,
     max_in_flight: usize,
@@ -74,6 +74,8 @@ struct Ctx {
     max_record_age: Option<Duration>,
     /// `run --until-caught-up`: each partition's end offset and whether it is reached.
     until: Option<Arc<Until>>,
+    /// `--exactly-once`: the open transaction window.
+    window: Option<Arc<Window>>,
 }
 
 /// `run --until-caught-up`: where each partition the member runs started, ends (read when it
@@ -196,6 +198,36 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// The open transaction (`--exactly-once`). Results are queued under `gate` (read); a commit
+/// or an abort holds it (write), so nothing joins a transaction while it ends. An abort makes
+/// every stream that exists stale (`min_epoch`): their results are not sent any more (they are
+/// redone by the partitions' next owner, after the rejoin the abort asks for).
+struct Window {
+    gate: tokio::sync::RwLock<()>,
+    /// Records of an assignment epoch below this are from before the last abort.
+    min_epoch: std::sync::atomic::AtomicU64,
+    /// The consumer's positions and identity (set once the consumer runs).
+    positions: std::sync::OnceLock<kafka_io::TxnPositions>,
+    /// The longest a commit or abort waits for queued results to be acknowledged.
+    flush_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Window {
+    /// Aborts the open transaction (gate held by the caller): results of every existing
+    /// stream are dropped from now on. Returns the abort's error, if any.
+    async fn abort(&self, producer: &Producer, why: &str) -> Option<kafka_io::TxnError> {
+        let epoch = self.positions.get().map_or(0, |p| p.epoch());
+        if self.min_epoch.fetch_max(epoch + 1, Ordering::SeqCst) > epoch {
+            // No stream since the last abort: nothing was queued or can be committed since.
+            return None;
+        }
+        tracing::info!(%why, "exactly-once: aborting the open transaction");
+        self.metrics.transaction("aborted");
+        producer.abort_transaction(self.flush_timeout).await.err()
+    }
+}
+
 /// Runs until SIGTERM/SIGINT (or `stop` turns true), then drains, commits, leaves, returns.
 pub async fn run(cfg: Config, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     run_mode(cfg, stop, false).await.map(|_| ())
@@ -238,6 +270,22 @@ pub async fn run_mode(
     group.heartbeat_interval = (cfg.session_timeout / 4).max(Duration::from_millis(100));
     group.rebalance_timeout = cfg.drain_timeout + cfg.session_timeout;
     group.assignors = cfg.assignors.clone();
+    if cfg.exactly_once.is_some() && !cfg.idempotence {
+        anyhow::bail!(
+            "--exactly-once needs idempotence: remove --idempotence false (KAFKA_INFER_IDEMPOTENCE)"
+        );
+    }
+    if cfg.exactly_once.is_some() {
+        // An abort redoes every partition's open window: the eager protocol revokes them all
+        // at each rebalance anyway (cooperative-sticky would gain nothing).
+        group.assignors.retain(|a| !a.is_cooperative());
+        if group.assignors.is_empty() {
+            group.assignors = vec![kafka_io::assignor::Assignor::Range];
+        }
+        // KIP-447: a new owner waits for the previous owner's transaction to complete.
+        group.require_stable = true;
+    }
+    let pressure = Arc::new(AtomicUsize::new(0));
     let mut ccfg = ConsumerConfig::new(group);
     ccfg.auto_offset_reset = cfg.auto_offset_reset;
     ccfg.fetch_max_wait = cfg.fetch_max_wait;
@@ -245,7 +293,54 @@ pub async fn run_mode(
     ccfg.drain_timeout = cfg.drain_timeout;
     ccfg.commit_interval = cfg.commit_interval;
     ccfg.metadata_refresh = cfg.metadata_max_age;
-    let mut consumer = Consumer::start(cluster.clone(), ccfg, None);
+    let producer = Producer::new(
+        cluster.clone(),
+        ProducerConfig {
+            compression: cfg.compression,
+            idempotent: cfg.idempotence,
+            max_request_size: cfg.max_request_size,
+            linger: cfg.linger,
+            linger_max: cfg.linger_max,
+            pressure: Some(pressure.clone()),
+            transactional: cfg.exactly_once.as_ref().map(|e| {
+                let mut t = kafka_io::TxnConfig::new(e.transactional_id.clone());
+                t.retry_timeout = cfg.session_timeout.max(Duration::from_secs(5));
+                t
+            }),
+            ..Default::default()
+        },
+    );
+    let producer = Arc::new(producer);
+    let window = cfg.exactly_once.as_ref().map(|e| {
+        Arc::new(Window {
+            gate: tokio::sync::RwLock::new(()),
+            min_epoch: std::sync::atomic::AtomicU64::new(0),
+            positions: std::sync::OnceLock::new(),
+            flush_timeout: e.window.max(cfg.session_timeout),
+            metrics: metrics.clone(),
+        })
+    });
+    let on_revoke: Option<kafka_io::consumer::RevokeHook> = window.as_ref().map(|w| {
+        ccfg.transactional_commits = true;
+        let (w, producer) = (w.clone(), producer.clone());
+        let hook: kafka_io::consumer::RevokeHook = Arc::new(move |tps| {
+            let (w, producer) = (w.clone(), producer.clone());
+            Box::pin(async move {
+                let _g = w.gate.write().await;
+                let why = format!("partitions revoked: {tps:?}");
+                if let Some(e) = w.abort(&producer, &why).await {
+                    tracing::warn!(error = %e, "exactly-once: abort on revoke failed (the next transaction's InitProducerId aborts it)");
+                }
+            })
+        });
+        hook
+    });
+    let mut consumer = Consumer::start(cluster.clone(), ccfg, on_revoke);
+    if let Some(w) = &window {
+        let _ = w.positions.set(consumer.transactions());
+        tracing::info!(transactional_id = %cfg.exactly_once.as_ref().map(|e| e.transactional_id.as_str()).unwrap_or_default(),
+            window = ?cfg.exactly_once.as_ref().map(|e| e.window), "exactly-once: answers and offsets committed in transactions");
+    }
 
     let (fatal_tx, mut fatal_rx) = watch::channel(None::<String>);
     // The workers' stop: follows SIGTERM, and a fatal error sets it too.
@@ -275,7 +370,6 @@ pub async fn run_mode(
         metrics.clone(),
         internal_stop.clone(),
     )?;
-    let pressure = Arc::new(AtomicUsize::new(0));
     let (batcher_tx, batcher_rx) = match cfg.batch_size {
         0 | 1 => (None, None),
         _ => {
@@ -291,18 +385,7 @@ pub async fn run_mode(
         forward: cfg.forward_headers.clone(),
         pool,
         protocol: cfg.protocol,
-        producer: Producer::new(
-            cluster.clone(),
-            ProducerConfig {
-                compression: cfg.compression,
-                idempotent: cfg.idempotence,
-                max_request_size: cfg.max_request_size,
-                linger: cfg.linger,
-                linger_max: cfg.linger_max,
-                pressure: Some(pressure.clone()),
-                ..Default::default()
-            },
-        ),
+        producer: producer.clone(),
         output_topic: cfg.output_topic.clone(),
         error_topic: cfg.error_topic.clone(),
         max_in_flight: cfg.max_in_flight,
@@ -321,7 +404,12 @@ pub async fn run_mode(
                 parts: Default::default(),
             })
         }),
+        window: window.clone(),
     });
+    let window_task = match (&window, &cfg.exactly_once) {
+        (Some(w), Some(e)) => Some(tokio::spawn(window_loop(ctx.clone(), w.clone(), e.window))),
+        _ => None,
+    };
 
     if let Some(rx) = batcher_rx {
         tokio::spawn(batcher::run(ctx.clone(), rx));
@@ -414,6 +502,16 @@ pub async fn run_mode(
     if progress {
         eprintln!();
     }
+    if let Some(w) = &window {
+        // The open window is aborted: its input is redone after a restart.
+        let _g = w.gate.write().await;
+        if let Some(t) = window_task {
+            t.abort();
+        }
+        if let Some(e) = w.abort(&ctx.producer, "shutdown").await {
+            tracing::warn!(error = %e, "exactly-once: abort on shutdown failed (the next start's InitProducerId aborts it)");
+        }
+    }
     tracing::info!("stopping: no new records; finishing in-flight ones");
     metrics
         .ready
@@ -455,6 +553,66 @@ fn summary(metrics: &Metrics, started: std::time::Instant, caught_up: bool) -> S
         error_records: metrics.total("error") + expired,
         expired,
         duration: started.elapsed(),
+    }
+}
+
+/// `--exactly-once`: every `period`, the open transaction commits what was written in it with
+/// the input positions those answers complete (TxnOffsetCommit with the member's generation);
+/// a transaction that cannot commit is aborted and the member gives its partitions up and
+/// rejoins (fenced included: the next transaction starts with a new producer epoch); a
+/// transactional id the broker refuses stops the process.
+async fn window_loop(ctx: Arc<Ctx>, w: Arc<Window>, period: Duration) {
+    let Some(positions) = w.positions.get().cloned() else {
+        return;
+    };
+    loop {
+        // A whole window open after each commit (an interval would start the next commit at
+        // once after a slow one, and the workers, queued behind it, would put one answer each
+        // in every transaction).
+        tokio::time::sleep(period).await;
+        let _g = w.gate.write().await;
+        let min_epoch = w.min_epoch.load(Ordering::SeqCst);
+        // Flushed first: the acknowledged answers complete their records (in the writer), so
+        // the positions read next cover exactly what this transaction holds.
+        let flushed = ctx.producer.flush(w.flush_timeout).await;
+        let offsets = positions.offsets(min_epoch);
+        let result = match (&offsets, flushed) {
+            (_, false) => Err(kafka_io::TxnError::Abortable(format!(
+                "answers not acknowledged within {:?}",
+                w.flush_timeout
+            ))),
+            // Not a member now: nothing may be committed; what was written is aborted.
+            (None, true) => match ctx.producer.transaction_error().await {
+                Some(e) => Err(e),
+                None => Ok(false),
+            },
+            (Some(o), true) => {
+                ctx.producer
+                    .commit_transaction(Some(o), w.flush_timeout)
+                    .await
+            }
+        };
+        match result {
+            Ok(true) => {
+                if let Some(o) = &offsets {
+                    positions.committed(o);
+                    tracing::debug!(positions = ?o.positions, "exactly-once: transaction committed");
+                }
+                ctx.metrics.transaction("committed");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "exactly-once: the transaction cannot commit; aborting, giving the partitions up and rejoining");
+                if let Some(e2) = w.abort(&ctx.producer, &e.to_string()).await {
+                    tracing::warn!(error = %e2, "exactly-once: abort failed (the next transaction's InitProducerId aborts it)");
+                }
+                if matches!(e, kafka_io::TxnError::Unauthorized { .. }) {
+                    fatal(&ctx, format!("exactly-once: {e}"));
+                    return;
+                }
+                positions.rejoin();
+            }
+        }
     }
 }
 
@@ -742,9 +900,12 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
                         ctx.acker.complete(&d.token);
                     }
                     // The broker refused the answer for good: an error record takes its place.
+                    // Exactly-once: the transaction failed; the window is aborted and the
+                    // record redone by its next owner.
+                    Err(ProduceError::Transaction(_)) => ctx.acker.abandon(&d.token),
                     Err(e) if d.answer && !matches!(e, ProduceError::Closed) => {
                         let f = Failure::answer_unwritable(&e);
-                        match write_error(&ctx, input_partition, &d.rec, &f, Some(&d.topic), d.meta.as_ref()).await {
+                        match write_error(&ctx, input_partition, &d.rec, &d.token, &f, Some(&d.topic), d.meta.as_ref()).await {
                             Some(w) => {
                                 let mut rec = d.rec;
                                 rec.charge.add(w.cost);
@@ -769,7 +930,7 @@ async fn partition_worker(ctx: Arc<Ctx>, mut stream: PartitionStream) {
             }
             Some((mut rec, token, outcome)) = running.next(), if !running.is_empty() => {
                 ctx.metrics.in_flight.dec();
-                match write_result(&ctx, input_partition, &rec, outcome).await {
+                match write_result(&ctx, input_partition, &rec, &token, outcome).await {
                     Some(w) => {
                         rec.charge.add(w.cost);
                         deliveries.push(delivered(w, rec, token))
@@ -1114,6 +1275,7 @@ async fn write_result(
     ctx: &Ctx,
     input_partition: i32,
     rec: &InRecord,
+    token: &Token,
     outcome: Outcome,
 ) -> Option<Written> {
     let failure = match outcome {
@@ -1143,7 +1305,7 @@ async fn write_result(
             let topic = ctx.output_topic.as_str();
             // `send` refuses an answer too large for the topic before queueing it, so its
             // error record takes its place in the partition's order.
-            match queue(ctx, topic, input_partition, out).await {
+            match queue(ctx, topic, input_partition, token, out).await {
                 Ok(delivery) => {
                     ctx.metrics.record("ok");
                     return Some(Written {
@@ -1154,6 +1316,8 @@ async fn write_result(
                         topic: topic.to_owned(),
                     });
                 }
+                // Exactly-once: the window was aborted; the record is redone by its next owner.
+                Err(ProduceError::Transaction(_)) => return None,
                 Err(e) => (Failure::answer_unwritable(&e), Some(rm)),
             }
         }
@@ -1168,7 +1332,16 @@ async fn write_result(
         ),
     };
     let (failure, rm) = failure;
-    write_error(ctx, input_partition, rec, &failure, None, rm.as_ref()).await
+    write_error(
+        ctx,
+        input_partition,
+        rec,
+        token,
+        &failure,
+        None,
+        rm.as_ref(),
+    )
+    .await
 }
 
 /// Sets each of `extra` on `headers`, replacing a header of the same name (case-insensitive).
@@ -1186,6 +1359,7 @@ async fn write_error(
     ctx: &Ctx,
     input_partition: i32,
     rec: &InRecord,
+    token: &Token,
     f: &Failure,
     not_to: Option<&str>,
     rm: Option<&RecordMeta>,
@@ -1255,7 +1429,7 @@ async fn write_error(
         }
     };
     let cost = kafka_io::fetch::budget::answer_cost(out.value.as_ref(), &out.headers);
-    let mut queued = queue(ctx, topic, input_partition, out).await;
+    let mut queued = queue(ctx, topic, input_partition, token, out).await;
     if let Err(ProduceError::TooLarge { .. }) = queued {
         // Too large with the input (or its headers): keep only what says what happened.
         let mut slim = error_headers.to_vec();
@@ -1268,7 +1442,7 @@ async fn write_error(
             value: None,
             headers: slim,
         };
-        queued = queue(ctx, topic, input_partition, slim).await;
+        queued = queue(ctx, topic, input_partition, token, slim).await;
     }
     match queued {
         Ok(delivery) => Some(Written {
@@ -1278,6 +1452,8 @@ async fn write_error(
             meta: None,
             topic: topic.to_owned(),
         }),
+        // Exactly-once: the window was aborted; the record is redone by its next owner.
+        Err(ProduceError::Transaction(_)) => None,
         Err(e) => {
             fatal(
                 ctx,
@@ -1296,8 +1472,25 @@ async fn queue(
     ctx: &Ctx,
     topic: &str,
     input_partition: i32,
+    token: &Token,
     out: OutRecord,
 ) -> Result<Delivery, ProduceError> {
+    // Exactly-once: queued under the window's gate (never while a transaction ends), only for
+    // a stream from after the last abort, and the record completes when its answer is
+    // acknowledged (in the writer, so the commit that follows the flush sees it).
+    let window = ctx.window.as_deref();
+    let _gate = match window {
+        Some(w) => {
+            let g = w.gate.read().await;
+            if token.epoch < w.min_epoch.load(Ordering::SeqCst) {
+                return Err(ProduceError::Transaction(
+                    "the transaction window was aborted".into(),
+                ));
+            }
+            Some(g)
+        }
+        None => None,
+    };
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     // Bounded: metadata that stays unreadable this long is an outage worth stopping for.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -1311,7 +1504,15 @@ async fn queue(
                 .map(|n| Some(input_partition % n.max(1))),
         };
         let r = match partition {
-            Ok(p) => ctx.producer.send(topic, p, out.clone()).await,
+            Ok(p) => {
+                let on_written: Option<kafka_io::OnWritten> = window.map(|_| {
+                    let (acker, token) = (ctx.acker.clone(), token.clone());
+                    Box::new(move || acker.complete(&token)) as kafka_io::OnWritten
+                });
+                ctx.producer
+                    .send_with(topic, p, out.clone(), on_written)
+                    .await
+            }
             Err(e) => Err(e),
         };
         match r {

@@ -25,6 +25,9 @@ pub struct BatchMeta {
     pub base_sequence: i32,
     /// Create time of every record (ms since the epoch).
     pub timestamp_ms: i64,
+    /// Part of a transaction (attributes bit 4): readers with read_committed hold it back until
+    /// its transaction's marker.
+    pub transactional: bool,
 }
 
 impl BatchMeta {
@@ -34,6 +37,7 @@ impl BatchMeta {
             producer_epoch: -1,
             base_sequence: -1,
             timestamp_ms,
+            transactional: false,
         }
     }
 }
@@ -148,7 +152,7 @@ where
         CompressionCodec::Lz4 => 3,
         CompressionCodec::Zstd => 4,
     };
-    buf.put_i16(codec_bits);
+    buf.put_i16(codec_bits | if meta.transactional { 1 << 4 } else { 0 });
     buf.put_i32(count as i32 - 1); // last offset delta
     buf.put_i64(meta.timestamp_ms);
     buf.put_i64(meta.timestamp_ms);
@@ -250,6 +254,7 @@ mod tests {
                 producer_epoch: 1,
                 base_sequence: 42,
                 timestamp_ms: 1_700_000_000_123,
+                transactional: false,
             };
             let b = encode(&recs, codec, meta).unwrap();
             if codec == CompressionCodec::None {

@@ -51,6 +51,9 @@
 
 #![allow(dead_code)] // each test binary uses a part
 
+mod txn;
+pub use txn::LogEntry;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex, MutexGuard},
@@ -61,8 +64,9 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::{
     error::ResponseError,
     messages::{
-        ApiKey, ApiVersionsRequest, ApiVersionsResponse, BrokerId, DescribeConfigsRequest,
-        DescribeConfigsResponse, FetchRequest, FetchResponse, FindCoordinatorRequest,
+        AddOffsetsToTxnRequest, AddPartitionsToTxnRequest, ApiKey, ApiVersionsRequest,
+        ApiVersionsResponse, BrokerId, DescribeConfigsRequest, DescribeConfigsResponse,
+        EndTxnRequest, FetchRequest, FetchResponse, FindCoordinatorRequest,
         FindCoordinatorResponse, HeartbeatRequest, HeartbeatResponse, InitProducerIdRequest,
         InitProducerIdResponse, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest,
         LeaveGroupResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
@@ -70,6 +74,7 @@ use kafka_protocol::{
         OffsetFetchResponse, ProduceRequest, ProduceResponse, ProducerId, ResponseHeader,
         SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
         SaslHandshakeResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
+        TxnOffsetCommitRequest,
         api_versions_response::ApiVersion,
         describe_configs_response::{DescribeConfigsResourceResult, DescribeConfigsResult},
         fetch_response::{FetchableTopicResponse, PartitionData},
@@ -170,6 +175,10 @@ const ADVERTISED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DescribeConfigs, 0, 1),
     (ApiKey::SaslHandshake, 0, 1),
     (ApiKey::SaslAuthenticate, 0, 2),
+    (ApiKey::AddPartitionsToTxn, 0, 3),
+    (ApiKey::AddOffsetsToTxn, 0, 3),
+    (ApiKey::TxnOffsetCommit, 0, 3),
+    (ApiKey::EndTxn, 0, 3),
 ];
 
 /// A fetch session: its next epoch and its partitions' fetch offsets.
@@ -220,6 +229,10 @@ struct State {
     reauthentications: usize,
     /// The requests that came on an expired (or unauthenticated) session, closing it.
     expired: Vec<ApiKey>,
+    /// The transaction coordinator (fake_broker/txn.rs).
+    txn: txn::TxnState,
+    /// Producer id -> its current epoch (transactional ids).
+    txn_epochs: BTreeMap<i64, i16>,
 }
 
 #[derive(Clone)]
@@ -297,6 +310,8 @@ impl FakeBroker {
             authentications: 0,
             reauthentications: 0,
             expired: Vec::new(),
+            txn: Default::default(),
+            txn_epochs: BTreeMap::new(),
         })));
         let servers = listeners
             .into_iter()
@@ -847,7 +862,12 @@ fn answer(
             )
         }
         ApiKey::InitProducerId => {
-            InitProducerIdRequest::decode(buf, version).map_err(|_| ())?;
+            let req = InitProducerIdRequest::decode(buf, version).map_err(|_| ())?;
+            if req.transactional_id.is_some() && st.init_pid_error.is_none() {
+                return Ok(Answer::Now(txn::init_producer_id(
+                    st, node, &req, corr, version, seen,
+                )));
+            }
             let mut resp = InitProducerIdResponse::default();
             match st.init_pid_error {
                 Some(e) => {
@@ -874,6 +894,7 @@ fn answer(
         }
         ApiKey::Produce => {
             let req = ProduceRequest::decode(buf, version).map_err(|_| ())?;
+            let txn_id = req.transactional_id.as_ref().map(|t| t.0.to_string());
             let mut topics = Vec::new();
             for t in &req.topic_data {
                 let name = t.name.0.to_string();
@@ -882,6 +903,8 @@ fn answer(
                     let k = (name.clone(), p.index);
                     let records = p.records.clone().unwrap_or_default();
                     let (pid, seq, values) = read_batch(&records).map_err(|_| ())?;
+                    let epoch = i16::from_be_bytes([records[51], records[52]]);
+                    let transactional = records[22] & 0x10 != 0;
                     seen.produced.push(ProducedBatch {
                         topic: name.clone(),
                         partition: p.index,
@@ -897,6 +920,10 @@ fn answer(
                         Some(ResponseError::UnknownTopicOrPartition)
                     } else if st.produce_max_bytes.is_some_and(|m| records.len() > m) {
                         Some(ResponseError::MessageTooLarge)
+                    } else if let Some(e) =
+                        txn::check_produce(st, txn_id.as_deref(), &k, pid, epoch, transactional)
+                    {
+                        Some(e)
                     } else if pid >= 0 {
                         match st.sequences.get(&(pid, k.clone())).copied() {
                             None => Some(ResponseError::UnknownProducerId),
@@ -921,6 +948,15 @@ fn answer(
                                 st.sequences
                                     .insert((pid, k.clone()), seq + values.len() as i32);
                             }
+                            st.txn
+                                .logs
+                                .entry(k.clone())
+                                .or_default()
+                                .extend(values.iter().map(|v| LogEntry::Record {
+                                    producer_id: pid,
+                                    transactional,
+                                    value: v.clone(),
+                                }));
                             let log = st.produced.entry(k).or_default();
                             r = r.with_base_offset(log.len() as i64);
                             log.extend(values);
@@ -947,15 +983,34 @@ fn answer(
             )
         }
         ApiKey::FindCoordinator => {
-            FindCoordinatorRequest::decode(buf, version).map_err(|_| ())?;
+            let req = FindCoordinatorRequest::decode(buf, version).map_err(|_| ())?;
+            // Groups on node 0; transactions where the script put them.
+            let node = if req.key_type == 1 { st.txn.node } else { 0 };
+            seen.generation = Some(i32::from(req.key_type));
             encode::<FindCoordinatorRequest>(
                 corr,
                 version,
                 FindCoordinatorResponse::default()
-                    .with_node_id(BrokerId(0))
+                    .with_node_id(BrokerId(node))
                     .with_host(s("127.0.0.1"))
-                    .with_port(i32::from(st.ports[0])),
+                    .with_port(i32::from(st.ports[node as usize])),
             )
+        }
+        ApiKey::AddPartitionsToTxn => {
+            let req = AddPartitionsToTxnRequest::decode(buf, version).map_err(|_| ())?;
+            txn::add_partitions(st, node, &req, corr, version, seen)
+        }
+        ApiKey::AddOffsetsToTxn => {
+            let req = AddOffsetsToTxnRequest::decode(buf, version).map_err(|_| ())?;
+            txn::add_offsets(st, node, &req, corr, version, seen)
+        }
+        ApiKey::TxnOffsetCommit => {
+            let req = TxnOffsetCommitRequest::decode(buf, version).map_err(|_| ())?;
+            txn::txn_offset_commit(st, node, &req, corr, version, seen)
+        }
+        ApiKey::EndTxn => {
+            let req = EndTxnRequest::decode(buf, version).map_err(|_| ())?;
+            txn::end_txn(st, node, &req, corr, version, seen)
         }
         ApiKey::JoinGroup => {
             let req = JoinGroupRequest::decode(buf, version).map_err(|_| ())?;
@@ -1071,6 +1126,21 @@ fn answer(
             let req = OffsetFetchRequest::decode(buf, version).map_err(|_| ())?;
             let committed =
                 |t: &str, p: i32| st.committed.get(&(t.to_owned(), p)).copied().unwrap_or(-1);
+            // KIP-447: with require_stable, a partition whose offsets wait in an open
+            // transaction is UNSTABLE_OFFSET_COMMIT.
+            let unstable = |t: &str, p: i32| -> i16 {
+                let pending = st.txn.txns.values().any(|x| {
+                    x.offsets
+                        .values()
+                        .any(|o| o.contains_key(&(t.to_owned(), p)))
+                });
+                if version >= 7 && req.require_stable && pending {
+                    ResponseError::UnstableOffsetCommit.code()
+                } else {
+                    0
+                }
+            };
+            seen.generation = Some(i32::from(version >= 7 && req.require_stable));
             let resp = if version >= 8 {
                 let groups = req
                     .groups
@@ -1092,6 +1162,9 @@ fn answer(
                                                         OffsetFetchResponsePartitions::default()
                                                             .with_partition_index(*p)
                                                             .with_committed_offset(committed(
+                                                                &t.name.0, *p,
+                                                            ))
+                                                            .with_error_code(unstable(
                                                                 &t.name.0, *p,
                                                             ))
                                                     })
@@ -1118,6 +1191,7 @@ fn answer(
                                         OffsetFetchResponsePartition::default()
                                             .with_partition_index(*p)
                                             .with_committed_offset(committed(&t.name.0, *p))
+                                            .with_error_code(unstable(&t.name.0, *p))
                                     })
                                     .collect(),
                             )

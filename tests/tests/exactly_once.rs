@@ -1,0 +1,384 @@
+//! `--exactly-once` end to end on the test broker (tansu): kafka-infer is killed with SIGKILL
+//! (or stopped with SIGTERM, which aborts the open window) in the middle of the stream, again
+//! and again (with the same transactional id, as a replica that restarts), then runs to the end. The output is read with kafka-io's read_committed
+//! reader ([`kafka_io::fetch::PartitionFetcher`]), which drops the records of aborted
+//! transactions by their ABORT markers (tansu lists no aborted transactions in Fetch, so a
+//! reader that trusts the broker's list, librdkafka included, sees them). Each input must be
+//! answered exactly once, and transactions must have been aborted on the way (the test would
+//! pass trivially otherwise).
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail, ensure};
+use bytes::Bytes;
+use kafka_infer_tests::{
+    Broker,
+    models::{self, KafkaInfer},
+    unique, wait_for,
+};
+use kafka_io::{OutRecord, conn::Connector, fetch::PartitionFetcher};
+use serde_json::{Value, json};
+
+const PARTITIONS: i32 = 2;
+/// The rebalance test's partition count.
+const PARTITIONS_4: i32 = 4;
+
+fn request(id: &str) -> Bytes {
+    Bytes::from(
+        json!({"id": id, "inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [7]}]})
+            .to_string(),
+    )
+}
+
+fn ok_count(ki: &KafkaInfer) -> f64 {
+    ki.metric("kafka_infer_records_total{result=\"ok\"}")
+        .unwrap_or(0.0)
+}
+
+fn committed_txns(ki: &KafkaInfer) -> f64 {
+    ki.metric("kafka_infer_transactions_total{result=\"committed\"}")
+        .unwrap_or(0.0)
+}
+
+/// Every partition of `topic` read with read_committed from offset 0 until each position
+/// reaches its high watermark (bounded in calls and time): the answers' ids, and how many
+/// records the log holds in all (aborted ones and markers included: the high watermarks).
+async fn read_committed(
+    settings: kafka_io::ConnectionSettings,
+    topic: &str,
+) -> Result<(Vec<String>, i64)> {
+    read_committed_n(settings, topic, PARTITIONS).await
+}
+
+async fn read_committed_n(
+    settings: kafka_io::ConnectionSettings,
+    topic: &str,
+    partitions: i32,
+) -> Result<(Vec<String>, i64)> {
+    let connector = Connector::new(Arc::new(settings))?;
+    let mut ids = Vec::new();
+    let mut log_size = 0;
+    for p in 0..partitions {
+        let mut f = PartitionFetcher::new(
+            connector.clone(),
+            topic.to_owned(),
+            p,
+            Duration::from_secs(5),
+        );
+        let mut offset = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for _ in 0..2000 {
+            ensure!(
+                Instant::now() < deadline,
+                "partition {p} not read within 30 s"
+            );
+            // One response covers whole transactions (read_committed stops at the LSO), so
+            // an ABORT marker comes with the records it aborts.
+            let got = f.fetch(offset, Duration::from_millis(20), 64 << 20).await?;
+            for r in &got.records {
+                let v: Value = serde_json::from_slice(r.value.as_deref().unwrap_or_default())?;
+                match v["id"].as_str() {
+                    Some(id) => ids.push(id.to_owned()),
+                    None => bail!("an output record without an id: {v}"),
+                }
+            }
+            offset = got.next_offset;
+            if offset >= got.high_watermark {
+                log_size += got.high_watermark;
+                break;
+            }
+        }
+    }
+    Ok((ids, log_size))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_under_kill_9_loops_answers_each_input_once_for_read_committed() -> Result<()>
+{
+    let broker = Broker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    broker.create_topic(&input, PARTITIONS as u32)?;
+    broker.create_topic(&output, PARTITIONS as u32)?;
+    let model = models::test_model("v2", "m", "echo")?;
+    let url = model.rest_url();
+    let txn_id = unique("eos");
+    let n = 3000usize;
+    let recs: Vec<OutRecord> = (0..n)
+        .map(|i| OutRecord {
+            key: Some(Bytes::from(format!("k{}", i % 16))),
+            value: Some(request(&format!("r{i}"))),
+            headers: vec![],
+        })
+        .collect();
+    kafka_infer_tests::produce_all(broker.settings(), &input, recs).await?;
+    let env = vec![
+        ("KAFKA_BROKER", broker.bootstrap()),
+        ("KAFKA_INPUT_TOPIC", input.clone()),
+        ("KAFKA_OUTPUT_TOPIC", output.clone()),
+    ];
+    let args = [
+        "--protocol",
+        "v2",
+        "--model",
+        url.as_str(),
+        "--model-name",
+        "m",
+        "--group-id",
+        group.as_str(),
+        "--session-timeout",
+        "2s",
+        "--exactly-once",
+        "--transaction-window",
+        "50ms",
+        "--transactional-id",
+        txn_id.as_str(),
+        // Slow enough to be killed mid-stream several times.
+        "--max-in-flight",
+        "2",
+    ];
+    // Kill -9 loops: each run answers some records, some windows commit, then SIGKILL (an
+    // open window is left behind; the next run's InitProducerId aborts it) or SIGTERM.
+    let mut stopped = 0;
+    for round in 0..4 {
+        let mut ki = KafkaInfer::start(&args, &env)?;
+        let (target_txns, target_ok) = (3.0, 150.0 * (round + 1) as f64);
+        let reached = wait_for(Duration::from_secs(60), "answers and commits", || {
+            (committed_txns(&ki) >= target_txns && ok_count(&ki) >= target_ok)
+                .then(|| ok_count(&ki))
+        });
+        // Stop a little after a commit, in the middle of the next window: SIGKILL, or SIGTERM
+        // (which aborts the open window and exits 0).
+        tokio::time::sleep(Duration::from_millis(30 + 17 * round as u64)).await;
+        let sig = if round % 2 == 0 { "KILL" } else { "TERM" };
+        ki.proc.signal(sig)?;
+        let exit = ki.proc.wait_exit(Duration::from_secs(20))?;
+        let answered = reached?;
+        eprintln!("round {round}: SIG{sig} after {answered} answers queued, exit {exit:?}");
+        if sig == "TERM" {
+            assert_eq!(exit, Some(0), "SIGTERM exits cleanly");
+        }
+        stopped += 1;
+    }
+    // The last run goes to the end.
+    let ki = KafkaInfer::start(&args, &env)?;
+    let start = Instant::now();
+    let mut ids = Vec::new();
+    let mut log_size = 0;
+    while start.elapsed() < Duration::from_secs(120) {
+        let (got, size) = read_committed(broker.settings(), &output).await?;
+        ids = got;
+        log_size = size;
+        if ids.len() >= n {
+            // Settle: a second read after more windows must not grow.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (again, size) = read_committed(broker.settings(), &output).await?;
+            ids = again;
+            log_size = size;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in &ids {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    let missing = (0..n)
+        .filter(|i| !counts.contains_key(format!("r{i}").as_str()))
+        .count();
+    let duplicates: usize = counts.values().map(|c| c - 1).sum();
+    let committed = committed_txns(&ki);
+    eprintln!(
+        "{stopped} stops; read_committed: {} answers, {duplicates} duplicates, {missing} missing; \
+         the log holds {log_size} offsets (aborted answers and markers included); last run \
+         committed {committed} transactions",
+        ids.len()
+    );
+    assert_eq!(missing, 0, "inputs not answered");
+    assert_eq!(duplicates, 0, "inputs answered more than once");
+    // librdkafka on tansu gets the aborted answers too (tansu lists no aborted transactions):
+    // the killed runs' open windows left answers for the reader to drop.
+    let raw = kafka_infer_tests::read_topic(&broker.bootstrap(), &output, n + n / 2, 10)?;
+    let raw_ids: std::collections::BTreeSet<String> = raw
+        .iter()
+        .filter_map(|a| serde_json::from_slice::<Value>(&a.value).ok())
+        .filter_map(|v| v["id"].as_str().map(str::to_owned))
+        .collect();
+    eprintln!(
+        "librdkafka (the broker's empty aborted list): {} answers, {} distinct",
+        raw.len(),
+        raw_ids.len()
+    );
+    assert_eq!(raw_ids.len(), n, "librdkafka reads every input's answer");
+    assert!(
+        raw.len() > n,
+        "no aborted answer in the log ({} records): the kills did not test anything",
+        raw.len()
+    );
+    Ok(())
+}
+
+/// Reads the output with kafka-io's read_committed reader until `n` answers came (then once
+/// more after 2 s), within 120 s: (answers per id, missing, duplicates).
+async fn settle(
+    settings: kafka_io::ConnectionSettings,
+    topic: &str,
+    partitions: i32,
+    n: usize,
+) -> Result<(BTreeMap<String, usize>, usize, usize)> {
+    let start = Instant::now();
+    let mut ids = Vec::new();
+    while start.elapsed() < Duration::from_secs(120) {
+        ids = read_committed_n(settings.clone(), topic, partitions)
+            .await?
+            .0;
+        if ids.len() >= n {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            ids = read_committed_n(settings.clone(), topic, partitions)
+                .await?
+                .0;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for id in ids {
+        *counts.entry(id).or_default() += 1;
+    }
+    let missing = (0..n)
+        .filter(|i| !counts.contains_key(&format!("r{i}")))
+        .count();
+    let duplicates = counts.values().map(|c| c - 1).sum();
+    Ok((counts, missing, duplicates))
+}
+
+/// Two replicas (each its own transactional id) through rebalances: B joins, A is killed
+/// and restarts with its id (its dangling transaction aborted), B stops with SIGTERM. Keyless
+/// inputs: each output partition has one writer at a time (tansu defers a commit while another
+/// producer's transaction is open on the same partition: docs/notes-transactions.md (3)).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_two_replicas_through_rebalances_answer_each_input_once() -> Result<()> {
+    let broker = Broker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    broker.create_topic(&input, PARTITIONS_4 as u32)?;
+    broker.create_topic(&output, PARTITIONS_4 as u32)?;
+    // 10 ms an answer, one call at a time per partition: the stream lasts through the events.
+    let model = models::test_model_on(
+        "v2",
+        "m",
+        "echo",
+        10,
+        (
+            kafka_infer_tests::free_port(),
+            kafka_infer_tests::free_port(),
+        ),
+    )?;
+    let url = model.rest_url();
+    let n = 3000usize;
+    let recs: Vec<OutRecord> = (0..n)
+        .map(|i| OutRecord {
+            key: None,
+            value: Some(request(&format!("r{i}"))),
+            headers: vec![],
+        })
+        .collect();
+    // Keyless: spread over the input partitions by the test (round robin), answers go to the
+    // same-numbered output partition.
+    let mut by_partition: Vec<Vec<OutRecord>> = vec![Vec::new(); PARTITIONS_4 as usize];
+    for (i, r) in recs.into_iter().enumerate() {
+        by_partition[i % PARTITIONS_4 as usize].push(r);
+    }
+    let settings = broker.settings();
+    let cluster = kafka_io::Cluster::connect(settings.clone()).await?;
+    let producer = kafka_io::Producer::new(cluster, kafka_io::ProducerConfig::default());
+    let mut ds = Vec::new();
+    for (p, rs) in by_partition.into_iter().enumerate() {
+        for r in rs {
+            ds.push(producer.send(&input, Some(p as i32), r).await?);
+        }
+    }
+    for d in ds {
+        ensure!(d.wait().await.is_ok(), "input written");
+    }
+    producer.close(Duration::from_secs(10)).await?;
+    let env = vec![
+        ("KAFKA_BROKER", broker.bootstrap()),
+        ("KAFKA_INPUT_TOPIC", input.clone()),
+        ("KAFKA_OUTPUT_TOPIC", output.clone()),
+    ];
+    let (id_a, id_b) = (unique("eos-a"), unique("eos-b"));
+    let args = |id: &'static str| -> Vec<String> {
+        [
+            "--protocol",
+            "v2",
+            "--model",
+            url.as_str(),
+            "--model-name",
+            "m",
+            "--group-id",
+            group.as_str(),
+            "--session-timeout",
+            "2s",
+            "--exactly-once",
+            "--transaction-window",
+            "50ms",
+            "--transactional-id",
+            id,
+            "--max-in-flight",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let id_a: &'static str = Box::leak(id_a.into_boxed_str());
+    let id_b: &'static str = Box::leak(id_b.into_boxed_str());
+    let start = |id: &'static str| -> Result<KafkaInfer> {
+        let a = args(id);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        KafkaInfer::start(&a, &env)
+    };
+    let progress = |ki: &KafkaInfer, at_least: f64, what: &str| -> Result<f64> {
+        wait_for(Duration::from_secs(60), what, || {
+            let c = ok_count(ki);
+            (c >= at_least && committed_txns(ki) >= 2.0).then_some(c)
+        })
+    };
+    let mut a = start(id_a)?;
+    progress(&a, 300.0, "A answers")?;
+    let mut b = start(id_b)?;
+    // B gets partitions (a rebalance: A aborts its window, both rejoin).
+    progress(&b, 200.0, "B answers after the rebalance")?;
+    a.proc.signal("KILL")?;
+    let _ = a.proc.wait_exit(Duration::from_secs(10));
+    // A restarts with its transactional id (its open window is aborted at its first
+    // transaction) and joins again: another rebalance.
+    let a2 = start(id_a)?;
+    progress(&a2, 200.0, "A (restarted) answers")?;
+    let b_answered = ok_count(&b);
+    b.proc.signal("TERM")?;
+    let exit = b.proc.wait_exit(Duration::from_secs(30))?;
+    assert_eq!(exit, Some(0), "B stops cleanly on SIGTERM");
+    let a2_before = ok_count(&a2);
+    let (counts, missing, duplicates) = settle(broker.settings(), &output, PARTITIONS_4, n).await?;
+    let aborted = a2
+        .metric("kafka_infer_transactions_total{result=\"aborted\"}")
+        .unwrap_or(0.0);
+    let a2_after = ok_count(&a2);
+    eprintln!(
+        "two replicas: read_committed {} distinct answers, {duplicates} duplicates, {missing} missing; \
+         B answered {b_answered} before its SIGTERM; the restarted A answered {a2_before} before it \
+         and {a2_after} in all, aborted {aborted} windows",
+        counts.len()
+    );
+    assert!(
+        a2_after > a2_before,
+        "the restarted A took B's partitions over after B left"
+    );
+    assert_eq!(missing, 0, "inputs not answered");
+    assert_eq!(duplicates, 0, "inputs answered more than once");
+    Ok(())
+}
