@@ -111,7 +111,14 @@ pub(crate) async fn authenticate(conn: &mut BrokerConn, s: &SaslSettings) -> Res
         (session, received) = (back, input);
         let (state, out) = stepped.map_err(|e| fail(e.to_string()))?;
         if state.has_sent_message() {
-            received = Some(conn.sasl_authenticate(mech, out).await?);
+            received = Some(conn.sasl_authenticate(mech, out).await.map_err(|e| match e {
+                // The broker refused the exchange: almost always a wrong user or password.
+                Error::Sasl { why, .. } => fail(format!(
+                    "the broker refused the credentials ({why}); check KAFKA_SASL_USERNAME and \
+                     KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)"
+                )),
+                e => e,
+            })?);
         }
         if state.is_finished() {
             return Ok(());
@@ -823,8 +830,11 @@ mod tests {
             let c = Connector::new(settings(port, mech, "not-it")).unwrap();
             let e = c.connect_any().await.err().expect("must fail").to_string();
             assert!(
-                e.contains(mech.name()) && e.contains("authentication failed"),
-                "{e}"
+                e.contains(mech.name())
+                    && e.contains("authentication failed")
+                    && e.contains("the broker refused the credentials")
+                    && e.contains("KAFKA_SASL_PASSWORD"),
+                "names the settings to check: {e}"
             );
             assert!(!e.contains("not-it"), "{e}");
         }
