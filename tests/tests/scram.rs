@@ -242,46 +242,53 @@ fn request(i: usize) -> Bytes {
     )
 }
 
-/// A backlog of N requests (produced with kafka-io over SCRAM before kafka-infer starts), then
-/// kafka-infer over SCRAM; librdkafka reads the output topic over SCRAM and finds one answer per
-/// request, its key kept and its values echoed.
-async fn answers_every_request(tls: bool, mechanism: &str) -> Result<()> {
-    let b = ScramBroker::start(tls)?;
-    let model = models::test_model("v2", "m", "echo")?;
-    let env = b.kafka_env(mechanism, PASSWORD);
-    let settings = ConnectionSettings::from_lookup(|k| {
+/// kafka-io settings for `env` (KAFKA_* pairs).
+fn settings(env: &[(&'static str, String)]) -> Result<ConnectionSettings> {
+    Ok(ConnectionSettings::from_lookup(|k| {
         env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
-    })?;
+    })?)
+}
+
+/// Produces requests `ids` (keyed `k{i}`) over SCRAM with kafka-io, `pause` between them.
+async fn produce(
+    b: &ScramBroker,
+    env: &[(&'static str, String)],
+    ids: std::ops::Range<usize>,
+    pause: Duration,
+) -> Result<()> {
     let p = Producer::new(
-        Cluster::connect(settings)
+        Cluster::connect(settings(env)?)
             .await
             .with_context(|| format!("connecting over SCRAM; broker log:\n{}", b.log()))?,
         ProducerConfig::default(),
     );
     let mut ds = Vec::new();
-    for i in 0..N {
+    for i in ids {
         let r = OutRecord {
             key: Some(Bytes::from(format!("k{i}"))),
             value: Some(request(i)),
             headers: vec![],
         };
         ds.push(p.send(&b.input, None, r).await?);
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
     for d in ds {
         d.wait().await?;
     }
     p.close(Duration::from_secs(10)).await?;
+    Ok(())
+}
 
-    let file = b.deployment_file(model.http_port)?;
-    let ki = KafkaInfer::start(
-        &["-f", file.to_str().unwrap(), "--session-timeout", "4s"],
-        &env,
-    )?;
+/// Reads the output topic with librdkafka over SCRAM and checks one answer per request
+/// `0..n`, its key kept and its values echoed, and no error record.
+fn check_answers(b: &ScramBroker, ki: &KafkaInfer, mechanism: &str, n: usize) -> Result<()> {
     let answers = read_topic_with(
         &b.librdkafka_config(mechanism),
         &b.bootstrap(),
         &b.output,
-        N,
+        n,
         90,
     )?;
     let mut by_id: BTreeMap<String, (String, Value)> = BTreeMap::new();
@@ -295,13 +302,13 @@ async fn answers_every_request(tls: bool, mechanism: &str) -> Result<()> {
     }
     assert_eq!(
         by_id.len(),
-        N,
+        n,
         "every request answered: {:?}\nkafka-infer:\n{}\nbroker:\n{}",
         by_id.keys(),
         ki.output(),
         b.log()
     );
-    for i in 0..N {
+    for i in 0..n {
         let (key, v) = &by_id[&format!("r{i}")];
         assert_eq!(key, &format!("k{i}"), "key kept");
         assert_eq!(v["model_name"], "m");
@@ -317,6 +324,21 @@ async fn answers_every_request(tls: bool, mechanism: &str) -> Result<()> {
         "the password must not reach the log"
     );
     Ok(())
+}
+
+/// A backlog of N requests (produced with kafka-io over SCRAM before kafka-infer starts), then
+/// kafka-infer over SCRAM answers every one.
+async fn answers_every_request(tls: bool, mechanism: &str) -> Result<()> {
+    let b = ScramBroker::start(tls)?;
+    let model = models::test_model("v2", "m", "echo")?;
+    let env = b.kafka_env(mechanism, PASSWORD);
+    produce(&b, &env, 0..N, Duration::ZERO).await?;
+    let file = b.deployment_file(model.http_port)?;
+    let ki = KafkaInfer::start(
+        &["-f", file.to_str().unwrap(), "--session-timeout", "4s"],
+        &env,
+    )?;
+    check_answers(&b, &ki, mechanism, N)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,6 +363,27 @@ async fn scram_sha_256_over_sasl_ssl_answers_every_request() -> Result<()> {
 #[ignore = "needs tansu's crates.io build with sqlite storage: run `cargo xtask scram`"]
 async fn scram_sha_512_over_sasl_ssl_answers_every_request() -> Result<()> {
     answers_every_request(true, "SCRAM-SHA-512").await
+}
+
+/// tansu gives every SASL session 60 s (SaslAuthenticate's session_lifetime_ms) and answers a
+/// second SaslHandshake on a connection with UNSUPPORTED_SASL_MECHANISM, so re-authentication
+/// (KIP-368) fails there: kafka-infer must reconnect and keep answering, no request lost or
+/// answered twice, while requests arrive for 75 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tansu's crates.io build with sqlite storage: run `cargo xtask scram`"]
+async fn scram_keeps_answering_past_the_brokers_60_s_session_lifetime() -> Result<()> {
+    let b = ScramBroker::start(false)?;
+    let model = models::test_model("v2", "m", "echo")?;
+    let mechanism = "SCRAM-SHA-512";
+    let env = b.kafka_env(mechanism, PASSWORD);
+    let file = b.deployment_file(model.http_port)?;
+    let ki = KafkaInfer::start(
+        &["-f", file.to_str().unwrap(), "--session-timeout", "4s"],
+        &env,
+    )?;
+    let n = 50;
+    produce(&b, &env, 0..n, Duration::from_millis(1500)).await?;
+    check_answers(&b, &ki, mechanism, n)
 }
 
 /// A wrong password is a settings mistake: kafka-infer exits 1 at start, its last line naming
