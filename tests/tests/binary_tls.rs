@@ -5,9 +5,8 @@
 //! password. Records go in with kafka-io over mutual TLS; answers are read back with librdkafka
 //! over mutual TLS.
 //!
-//! SASL_SSL is not tested here: the test broker (tansu from PyPI) has no SASL PLAIN, and its
-//! SCRAM works only in the crates.io build with sqlite storage, which the fixtures do not install
-//! (see the test broker notes).
+//! SASL_SSL is not tested here: the test broker (tansu from PyPI) has no SASL; tests/scram.rs
+//! (`cargo xtask scram`, not in CI) runs SCRAM over SASL_SSL against tansu's sqlite build.
 
 use std::{
     collections::BTreeMap,

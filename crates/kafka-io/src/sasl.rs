@@ -70,6 +70,10 @@ pub(crate) fn check_scram_iterations(mechanism: &'static str, server_first: &[u8
     }
 }
 
+/// What a refused PLAIN/SCRAM exchange tells the user to check.
+const CHECK: &str =
+    "check KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)";
+
 /// Runs the SASL exchange over `conn` (rsasl does the mechanism's work). Each step runs on
 /// tokio's blocking pool: SCRAM's PBKDF2 derivation would otherwise hold the runtime thread
 /// (and with it /live) for as long as the server's iteration count makes it take.
@@ -109,9 +113,27 @@ pub(crate) async fn authenticate(conn: &mut BrokerConn, s: &SaslSettings) -> Res
         .await
         .map_err(|e| fail(format!("the SASL step did not finish: {e}")))?;
         (session, received) = (back, input);
-        let (state, out) = stepped.map_err(|e| fail(e.to_string()))?;
+        // SCRAM's third step reads the server-final message: a failure there is the broker's
+        // verdict (`e=invalid-proof`), i.e. a wrong user or password.
+        let (state, out) = stepped.map_err(|e| {
+            if scram && step == 2 {
+                fail(format!("the broker refused the credentials ({e}); {CHECK}"))
+            } else {
+                fail(e.to_string())
+            }
+        })?;
         if state.has_sent_message() {
-            received = Some(conn.sasl_authenticate(mech, out).await?);
+            received = Some(
+                conn.sasl_authenticate(mech, out)
+                    .await
+                    .map_err(|e| match e {
+                        // The broker refused the exchange: almost always a wrong user or password.
+                        Error::Sasl { why, .. } => fail(format!(
+                            "the broker refused the credentials ({why}); {CHECK}"
+                        )),
+                        e => e,
+                    })?,
+            );
         }
         if state.is_finished() {
             return Ok(());
@@ -823,8 +845,11 @@ mod tests {
             let c = Connector::new(settings(port, mech, "not-it")).unwrap();
             let e = c.connect_any().await.err().expect("must fail").to_string();
             assert!(
-                e.contains(mech.name()) && e.contains("authentication failed"),
-                "{e}"
+                e.contains(mech.name())
+                    && e.contains("authentication failed")
+                    && e.contains("the broker refused the credentials")
+                    && e.contains("KAFKA_SASL_PASSWORD"),
+                "names the settings to check: {e}"
             );
             assert!(!e.contains("not-it"), "{e}");
         }
