@@ -39,6 +39,16 @@ const CONCURRENCY: usize = PARTITIONS as usize * MAX_IN_FLIGHT;
 /// batches in flight per partition.
 const BATCH_8: &[&str] = &["--batch-size", "8", "--max-in-flight", "16"];
 const BATCH_32: &[&str] = &["--batch-size", "32", "--max-in-flight", "64"];
+/// Issue 18: exactly-once (transactions, the default 100 ms window), batch 1 and 32.
+const EXACTLY_ONCE: &[&str] = &["--exactly-once", "true"];
+const BATCH_32_EXACTLY_ONCE: &[&str] = &[
+    "--batch-size",
+    "32",
+    "--max-in-flight",
+    "64",
+    "--exactly-once",
+    "true",
+];
 /// Issue 18: the same rows with the producer not idempotent (the default is idempotent).
 const NO_IDEMPOTENCE: &[&str] = &["--idempotence", "false"];
 const BATCH_32_NO_IDEMPOTENCE: &[&str] = &[
@@ -751,17 +761,24 @@ pub fn bench(short: bool) -> Result<()> {
                         )
                         .await?
                     }
-                    "ki_rest_noidem" | "ki_rest_b32_noidem" => {
-                        let (name, extra) = if k == "ki_rest_noidem" {
-                            (
+                    "ki_rest_noidem" | "ki_rest_b32_noidem" | "ki_rest_eos" | "ki_rest_b32_eos" => {
+                        let (name, extra) = match k {
+                            "ki_rest_noidem" => (
                                 "kafka-infer, not idempotent -> echo model, REST",
                                 NO_IDEMPOTENCE,
-                            )
-                        } else {
-                            (
+                            ),
+                            "ki_rest_b32_noidem" => (
                                 "kafka-infer, not idempotent -> echo model, REST, batch 32",
                                 BATCH_32_NO_IDEMPOTENCE,
-                            )
+                            ),
+                            "ki_rest_eos" => (
+                                "kafka-infer --exactly-once -> echo model, REST",
+                                EXACTLY_ONCE,
+                            ),
+                            _ => (
+                                "kafka-infer --exactly-once -> echo model, REST, batch 32",
+                                BATCH_32_EXACTLY_ONCE,
+                            ),
                         };
                         measure(&env, name, n, &[], |i, o| {
                             kafka_infer(&env, i, o, &echo.rest_url(), "rest", extra)
@@ -869,6 +886,16 @@ pub fn bench(short: bool) -> Result<()> {
                 "ki_rest_b32_noidem",
                 "kafka-infer, producer not idempotent -> echo model, REST, batch 32",
                 BATCH_32_NO_IDEMPOTENCE,
+            ),
+            (
+                "ki_rest_eos",
+                "kafka-infer --exactly-once -> echo model, REST",
+                EXACTLY_ONCE,
+            ),
+            (
+                "ki_rest_b32_eos",
+                "kafka-infer --exactly-once -> echo model, REST, batch 32",
+                BATCH_32_EXACTLY_ONCE,
             ),
         ] {
             f.insert(
@@ -1027,6 +1054,8 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, cost: &str, short: bool) -> 
         "ki_rest_b32",
         "ki_rest_noidem",
         "ki_rest_b32_noidem",
+        "ki_rest_eos",
+        "ki_rest_b32_eos",
         "ki_grpc",
         "a_copy",
         "b_py",
@@ -1108,6 +1137,13 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, cost: &str, short: bool) -> 
                 yes(r(idem, not) >= 0.95)
             ));
         }
+    }
+    if f.contains_key("ki_rest_b32_eos") {
+        out.push_str(&format!(
+            "| exactly-once at batch 32 >= 0.5x at-least-once at batch 32 (echo, REST) | {:.2}x | {} |\n",
+            r("ki_rest_b32_eos", "ki_rest_b32"),
+            yes(r("ki_rest_b32_eos", "ki_rest_b32") >= 0.5)
+        ));
     }
     if let Some(b) = f.get("ki_rest_baseline") {
         let x = b.cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000;
