@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use kafka_protocol::{
-    messages::{DescribeGroupsRequest, FindCoordinatorRequest, GroupId, MetadataRequest},
+    messages::{DescribeGroupsRequest, GroupId, MetadataRequest},
     protocol::StrBytes,
 };
 use rskafka::client::partition::OffsetAt;
@@ -68,38 +68,7 @@ fn bootstrap(connector: &Connector) -> String {
 
 /// A connection to the group's coordinator (FindCoordinator through any bootstrap broker).
 pub async fn coordinator(connector: &Connector, group: &str) -> Result<BrokerConn> {
-    let call = async {
-        let mut any = connector.connect_any().await?;
-        let v = any.version::<FindCoordinatorRequest>("FindCoordinator", 3)?;
-        let resp = any
-            .send(
-                FindCoordinatorRequest::default()
-                    .with_key(s(group))
-                    .with_key_type(0),
-                v,
-                "FindCoordinator",
-            )
-            .await?;
-        if resp.error_code != 0 {
-            return Err(broker_error(
-                "FindCoordinator",
-                resp.error_code,
-                resp.error_message.as_ref(),
-            ));
-        }
-        let addr = BrokerAddr {
-            host: resp.host.to_string(),
-            port: u16::try_from(resp.port).map_err(|_| Error::Protocol {
-                call: "FindCoordinator",
-                why: format!("bad port {}", resp.port),
-            })?,
-        };
-        if addr.to_string() == any.broker() {
-            Ok(any)
-        } else {
-            connector.connect(&addr).await
-        }
-    };
+    let call = connector.find_coordinator(0, group);
     within(
         "FindCoordinator",
         bootstrap(connector),

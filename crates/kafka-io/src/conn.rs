@@ -13,8 +13,8 @@ use std::{
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::{
     messages::{
-        ApiVersionsRequest, RequestHeader, ResponseHeader, SaslAuthenticateRequest,
-        SaslHandshakeRequest,
+        ApiVersionsRequest, FindCoordinatorRequest, RequestHeader, ResponseHeader,
+        SaslAuthenticateRequest, SaslHandshakeRequest,
     },
     protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes},
 };
@@ -87,6 +87,51 @@ impl Connector {
             }
         }
         Err(last.unwrap_or(Error::Closed))
+    }
+
+    /// FindCoordinator for `key` (`key_type` 0: a group, 1: a transactional id) through any
+    /// bootstrap broker, and a connection to the coordinator (that one, when it is the
+    /// coordinator).
+    pub async fn find_coordinator(&self, key_type: i8, key: &str) -> Result<BrokerConn> {
+        const MAX: i16 = 3;
+        let mut any = self.connect_any().await?;
+        let v = any.version::<FindCoordinatorRequest>("FindCoordinator", MAX)?;
+        if key_type != 0 && v < 1 {
+            return Err(Error::Version {
+                call: "FindCoordinator (transaction)",
+                ours: format!("1..{MAX}"),
+                theirs: "0".into(),
+            });
+        }
+        let resp = any
+            .send(
+                FindCoordinatorRequest::default()
+                    .with_key(StrBytes::from_string(key.to_owned()))
+                    .with_key_type(key_type),
+                v,
+                "FindCoordinator",
+            )
+            .await?;
+        if resp.error_code != 0 {
+            return Err(broker_error(
+                "FindCoordinator",
+                resp.error_code,
+                resp.error_message.as_ref(),
+            ));
+        }
+        let addr = BrokerAddr {
+            host: resp.host.to_string(),
+            port: u16::try_from(resp.port).map_err(|_| Error::Protocol {
+                call: "FindCoordinator",
+                why: format!("bad port {}", resp.port),
+            })?,
+        };
+        tracing::debug!(key, key_type, coordinator = %addr, "found coordinator");
+        if addr.to_string() == any.broker() {
+            Ok(any)
+        } else {
+            self.connect(&addr).await
+        }
     }
 
     /// Opens, secures and authenticates one connection, and learns the broker's API versions.

@@ -11,8 +11,8 @@ use std::{
 use kafka_protocol::{
     error::ResponseError,
     messages::{
-        FindCoordinatorRequest, GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
-        OffsetCommitRequest, OffsetFetchRequest, SyncGroupRequest, TopicName,
+        GroupId, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, OffsetCommitRequest,
+        OffsetFetchRequest, SyncGroupRequest, TopicName,
         join_group_request::JoinGroupRequestProtocol,
         leave_group_request::MemberIdentity,
         offset_commit_request::{OffsetCommitRequestPartition, OffsetCommitRequestTopic},
@@ -28,7 +28,6 @@ use crate::{
     assignor::{self, Assignor, Tp},
     conn::{BrokerConn, Connector, broker_error},
     error::{Error, Result},
-    settings::BrokerAddr,
 };
 
 /// Settings of group membership.
@@ -154,37 +153,10 @@ impl Member {
 
     async fn coordinator(&mut self) -> Result<&mut BrokerConn> {
         if self.coordinator.is_none() {
-            let mut any = self.connector.connect_any().await?;
-            let v = any.version::<FindCoordinatorRequest>("FindCoordinator", 3)?;
-            let resp = any
-                .send(
-                    FindCoordinatorRequest::default()
-                        .with_key(s(&self.config.group_id))
-                        .with_key_type(0),
-                    v,
-                    "FindCoordinator",
-                )
+            let conn = self
+                .connector
+                .find_coordinator(0, &self.config.group_id)
                 .await?;
-            if resp.error_code != 0 {
-                return Err(broker_error(
-                    "FindCoordinator",
-                    resp.error_code,
-                    resp.error_message.as_ref(),
-                ));
-            }
-            let addr = BrokerAddr {
-                host: resp.host.to_string(),
-                port: u16::try_from(resp.port).map_err(|_| Error::Protocol {
-                    call: "FindCoordinator",
-                    why: format!("bad port {}", resp.port),
-                })?,
-            };
-            let conn = if addr.to_string() == any.broker() {
-                any
-            } else {
-                self.connector.connect(&addr).await?
-            };
-            tracing::debug!(group = %self.config.group_id, coordinator = %addr, "found coordinator");
             self.coordinator = Some(conn);
         }
         Ok(self.coordinator.as_mut().expect("set above"))

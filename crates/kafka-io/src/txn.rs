@@ -29,9 +29,8 @@ use std::{collections::BTreeMap, time::Duration};
 use kafka_protocol::{
     error::ResponseError,
     messages::{
-        AddOffsetsToTxnRequest, AddPartitionsToTxnRequest, EndTxnRequest, FindCoordinatorRequest,
-        GroupId, InitProducerIdRequest, ProducerId, TopicName, TransactionalId,
-        TxnOffsetCommitRequest,
+        AddOffsetsToTxnRequest, AddPartitionsToTxnRequest, EndTxnRequest, GroupId,
+        InitProducerIdRequest, ProducerId, TopicName, TransactionalId, TxnOffsetCommitRequest,
         add_partitions_to_txn_request::AddPartitionsToTxnTopic,
         txn_offset_commit_request::{TxnOffsetCommitRequestPartition, TxnOffsetCommitRequestTopic},
     },
@@ -44,11 +43,9 @@ use crate::{
     backoff::Backoff,
     conn::{BrokerConn, Connector},
     error::Error,
-    settings::BrokerAddr,
 };
 
 /// FindCoordinator v3 is the last with one key per request.
-const FIND_COORDINATOR_MAX: i16 = 3;
 /// v3+ carries producer id and epoch (-1: a new one; tansu fails v0-v2); v5 is KIP-890's.
 const INIT_PID_MIN: i16 = 3;
 const INIT_PID_MAX: i16 = 4;
@@ -208,44 +205,7 @@ impl TxnCoordinator {
 
     /// FindCoordinator for `key` (type 0: group, 1: transaction) and a connection to it.
     async fn find(&self, key_type: i8, key: &str) -> Result<BrokerConn, Error> {
-        let mut any = self.connector.connect_any().await?;
-        let v = any.version::<FindCoordinatorRequest>("FindCoordinator", FIND_COORDINATOR_MAX)?;
-        if key_type != 0 && v < 1 {
-            return Err(Error::Version {
-                call: "FindCoordinator (transaction)",
-                ours: format!("1..{FIND_COORDINATOR_MAX}"),
-                theirs: "0".into(),
-            });
-        }
-        let resp = any
-            .send(
-                FindCoordinatorRequest::default()
-                    .with_key(s(key))
-                    .with_key_type(key_type),
-                v,
-                "FindCoordinator",
-            )
-            .await?;
-        if resp.error_code != 0 {
-            return Err(crate::conn::broker_error(
-                "FindCoordinator",
-                resp.error_code,
-                resp.error_message.as_ref(),
-            ));
-        }
-        let addr = BrokerAddr {
-            host: resp.host.to_string(),
-            port: u16::try_from(resp.port).map_err(|_| Error::Protocol {
-                call: "FindCoordinator",
-                why: format!("bad port {}", resp.port),
-            })?,
-        };
-        tracing::debug!(key, key_type, coordinator = %addr, "found coordinator");
-        if addr.to_string() == any.broker() {
-            Ok(any)
-        } else {
-            self.connector.connect(&addr).await
-        }
+        self.connector.find_coordinator(key_type, key).await
     }
 
     /// Sends `req` to the coordinator `which` (found first if needed) at the highest version
