@@ -117,6 +117,18 @@ pub struct Fetched {
     pub last_stable_offset: i64,
 }
 
+impl Fetched {
+    /// The partition's end for a read_committed reader: the last stable offset (the high
+    /// watermark unless a transaction is open), or the high watermark when the broker gives
+    /// no usable LSO.
+    pub fn stable_end(&self) -> i64 {
+        match self.last_stable_offset {
+            lso if (0..=self.high_watermark).contains(&lso) => lso,
+            _ => self.high_watermark,
+        }
+    }
+}
+
 /// The leader connection and the Fetch version chosen on it.
 struct Leader {
     conn: BrokerConn,

@@ -143,8 +143,7 @@ impl Until {
         let mut last = None;
         for _ in 0..5 {
             match kafka_io::admin::peek(&self.connector, topic, partition, from).await {
-                Ok(f) if f.last_stable_offset >= 0 => return Ok(f.last_stable_offset),
-                Ok(f) => return Ok(f.high_watermark),
+                Ok(f) => return Ok(f.stable_end()),
                 Err(e) => {
                     tracing::warn!(%topic, partition, error = %e, "cannot read the end offset yet");
                     last = Some(e);

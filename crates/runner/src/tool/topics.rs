@@ -77,11 +77,7 @@ impl Reader {
             .fetch(latest.max(0), Duration::from_millis(1), 1)
             .await
             .with_context(|| format!("reading {}/{}", self.topic, self.partition))?;
-        let end = match f.last_stable_offset {
-            lso if (0..=f.high_watermark).contains(&lso) => lso,
-            _ => f.high_watermark,
-        };
-        Ok(end)
+        Ok(f.stable_end())
     }
 
     /// The partition's first offset still kept.
