@@ -5,15 +5,13 @@
 
 use std::time::Duration;
 
-use kafka_protocol::{
-    messages::{DescribeGroupsRequest, GroupId, MetadataRequest},
-    protocol::StrBytes,
-};
+use kafka_protocol::messages::{DescribeGroupsRequest, GroupId, MetadataRequest};
 use rskafka::client::partition::OffsetAt;
 
 use crate::{
     assignor::{Tp, decode_assignment},
     cluster::{Cluster, bounded},
+    conn::s,
     conn::{BrokerConn, Connector, broker_error},
     error::{Error, Result},
     fetch::{Fetched, PartitionFetcher},
@@ -40,10 +38,6 @@ pub struct GroupDescription {
     /// The assignor chosen (e.g. cooperative-sticky).
     pub protocol: String,
     pub members: Vec<GroupMember>,
-}
-
-fn s(v: &str) -> StrBytes {
-    StrBytes::from_string(v.to_owned())
 }
 
 /// Bounds `fut` by `after`, naming `call` on a timeout.

@@ -32,6 +32,11 @@ use crate::{
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Stream for T {}
 
+/// A protocol string from `v` (kafka-protocol's `StrBytes`).
+pub(crate) fn s(v: &str) -> StrBytes {
+    StrBytes::from_string(v.to_owned())
+}
+
 /// Largest response frame accepted (guards against garbage length prefixes).
 const MAX_FRAME: usize = 64 * 1024 * 1024;
 
@@ -106,7 +111,7 @@ impl Connector {
         let resp = any
             .send(
                 FindCoordinatorRequest::default()
-                    .with_key(StrBytes::from_string(key.to_owned()))
+                    .with_key(s(key))
                     .with_key_type(key_type),
                 v,
                 "FindCoordinator",

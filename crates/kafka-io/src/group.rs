@@ -26,6 +26,7 @@ use kafka_protocol::{
 
 use crate::{
     assignor::{self, Assignor, Tp},
+    conn::s,
     conn::{BrokerConn, Connector, broker_error},
     error::{Error, Result},
 };
@@ -89,10 +90,6 @@ pub struct Member {
     /// The generation of our current assignment (sent as the owned partitions' generation).
     assigned_generation: i32,
     protocol: Option<String>,
-}
-
-fn s(v: &str) -> StrBytes {
-    StrBytes::from_string(v.to_owned())
 }
 
 impl Member {

@@ -34,13 +34,14 @@ use kafka_protocol::{
         add_partitions_to_txn_request::AddPartitionsToTxnTopic,
         txn_offset_commit_request::{TxnOffsetCommitRequestPartition, TxnOffsetCommitRequestTopic},
     },
-    protocol::{Request, StrBytes},
+    protocol::Request,
 };
 use tokio::time::Instant;
 
 use crate::{
     assignor::Tp,
     backoff::Backoff,
+    conn::s,
     conn::{BrokerConn, Connector},
     error::Error,
 };
@@ -131,10 +132,6 @@ enum Verdict {
         why: String,
     },
     Fail(TxnError),
-}
-
-fn s(v: &str) -> StrBytes {
-    StrBytes::from_string(v.to_owned())
 }
 
 /// The coordinator client of one transactional id.
