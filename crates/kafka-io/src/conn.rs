@@ -13,8 +13,8 @@ use std::{
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::{
     messages::{
-        ApiVersionsRequest, FindCoordinatorRequest, RequestHeader, ResponseHeader,
-        SaslAuthenticateRequest, SaslHandshakeRequest,
+        ApiVersionsRequest, FetchRequest, FetchResponse, FindCoordinatorRequest, RequestHeader,
+        ResponseHeader, SaslAuthenticateRequest, SaslHandshakeRequest,
     },
     protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes},
 };
@@ -346,7 +346,7 @@ impl BrokerConn {
     }
 
     /// Sends `req` at `version` and waits for its response, within the request timeout.
-    pub async fn send<R: Request>(
+    pub async fn send<R: Request<Response: 'static>>(
         &mut self,
         req: R,
         version: i16,
@@ -356,7 +356,7 @@ impl BrokerConn {
         self.send_with_timeout(req, version, call, timeout).await
     }
 
-    pub async fn send_with_timeout<R: Request>(
+    pub async fn send_with_timeout<R: Request<Response: 'static>>(
         &mut self,
         req: R,
         version: i16,
@@ -368,7 +368,7 @@ impl BrokerConn {
     }
 
     /// One request and its response, with no re-authentication check (the SASL calls).
-    async fn exchange<R: Request>(
+    async fn exchange<R: Request<Response: 'static>>(
         &mut self,
         req: R,
         version: i16,
@@ -434,7 +434,7 @@ impl BrokerConn {
                 ),
             });
         }
-        let resp = R::Response::decode(&mut frame, version).map_err(|e| proto(call, e))?;
+        let resp = decode_response::<R>(&mut frame, version).map_err(|e| proto(call, e))?;
         if frame.has_remaining() {
             tracing::trace!(
                 call,
@@ -507,6 +507,79 @@ pub fn broker_error(call: &'static str, code: i16, message: Option<&StrBytes>) -
     }
 }
 
+/// Decodes a response body at `version`. A Fetch response that kafka-protocol refuses only for
+/// a top-level tagged field it does not expect at that version (a broker that sends Fetch v16's
+/// NodeEndpoints, tag 0, in a v12-v15 response, as tansu 0.6's sqlite build does) is decoded
+/// again with that field kept as an unknown tagged field: tagged fields are optional by design,
+/// and a reader skips the ones it does not know.
+fn decode_response<R: Request<Response: 'static>>(
+    frame: &mut Bytes,
+    version: i16,
+) -> std::result::Result<R::Response, String> {
+    let body = frame.clone();
+    match R::Response::decode(frame, version) {
+        Ok(r) => Ok(r),
+        Err(e) if R::KEY == FetchRequest::KEY && (12..16).contains(&version) => {
+            let mut again = body;
+            match fetch_tolerant(&mut again, version) {
+                Ok(f) => {
+                    tracing::debug!(%e, "Fetch response: misplaced tagged field skipped");
+                    *frame = again;
+                    let any: Box<dyn std::any::Any> = Box::new(f);
+                    any.downcast::<R::Response>()
+                        .map(|b| *b)
+                        .map_err(|_| e.to_string())
+                }
+                Err(_) => Err(e.to_string()),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// FetchResponse v12-v15 as kafka-protocol decodes it, but with every top-level tagged field
+/// kept as unknown (v12-v15 define none).
+fn fetch_tolerant(buf: &mut Bytes, version: i16) -> std::result::Result<FetchResponse, String> {
+    use kafka_protocol::messages::fetch_response::FetchableTopicResponse;
+    fn varint(buf: &mut Bytes) -> std::result::Result<u32, String> {
+        let mut v: u32 = 0;
+        for i in 0..5 {
+            if !buf.has_remaining() {
+                return Err("short varint".into());
+            }
+            let b = buf.get_u8();
+            v |= u32::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint too long".into())
+    }
+    if buf.remaining() < 10 {
+        return Err("short Fetch response".into());
+    }
+    let mut r = FetchResponse::default()
+        .with_throttle_time_ms(buf.get_i32())
+        .with_error_code(buf.get_i16())
+        .with_session_id(buf.get_i32());
+    // A compact array: its length + 1 (0 is null, which Fetch's `responses` is not).
+    let topics = varint(buf)?.checked_sub(1).ok_or("null topic array")?;
+    for _ in 0..topics {
+        let t = FetchableTopicResponse::decode(buf, version).map_err(|e| e.to_string())?;
+        r.responses.push(t);
+    }
+    for _ in 0..varint(buf)? {
+        let tag = varint(buf)?;
+        let size = varint(buf)? as usize;
+        if buf.remaining() < size {
+            return Err("short tagged field".into());
+        }
+        r.unknown_tagged_fields
+            .insert(tag as i32, buf.split_to(size));
+    }
+    Ok(r)
+}
+
 fn proto(call: &'static str, e: impl std::fmt::Display) -> Error {
     Error::Protocol {
         call,
@@ -549,4 +622,58 @@ fn certificate_refused(broker: &str, e: &std::io::Error) -> Option<Error> {
         setting,
         why: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::messages::{
+        TopicName,
+        fetch_response::{FetchableTopicResponse, PartitionData},
+    };
+
+    use super::*;
+
+    /// A v12 Fetch response with tag 0 (v16's NodeEndpoints) at the top, as tansu 0.6's sqlite
+    /// build sends it: kafka-protocol alone refuses it; we keep the records.
+    #[test]
+    fn fetch_v12_with_a_v16_tag_is_read() {
+        let records = Bytes::from_static(b"not-decoded-here");
+        let resp = FetchResponse::default()
+            .with_session_id(7)
+            .with_responses(vec![
+                FetchableTopicResponse::default()
+                    .with_topic(TopicName(s("in")))
+                    .with_partitions(vec![
+                        PartitionData::default()
+                            .with_partition_index(3)
+                            .with_high_watermark(42)
+                            .with_records(Some(records.clone())),
+                    ]),
+            ]);
+        let mut buf = BytesMut::new();
+        resp.encode(&mut buf, 12).unwrap();
+        // The top-level tagged fields close the body: none (0) becomes one, tag 0, holding an
+        // empty compact array of node endpoints (kafka-protocol will not encode it at v12).
+        assert_eq!(buf.last(), Some(&0));
+        buf.truncate(buf.len() - 1);
+        buf.put_slice(&[1, 0, 1, 1]);
+        let body = buf.freeze();
+
+        let strict = FetchResponse::decode(&mut body.clone(), 12).unwrap_err();
+        assert!(
+            strict.to_string().contains("Tag 0 is not valid"),
+            "{strict}"
+        );
+        let mut frame = body.clone();
+        let got = decode_response::<FetchRequest>(&mut frame, 12).unwrap();
+        assert!(!frame.has_remaining());
+        assert_eq!(got.session_id, 7);
+        let p = &got.responses[0].partitions[0];
+        assert_eq!((p.partition_index, p.high_watermark), (3, 42));
+        assert_eq!(p.records.as_ref(), Some(&records));
+
+        // Any other damage is still an error.
+        let mut cut = body.slice(..body.len() - 1);
+        assert!(decode_response::<FetchRequest>(&mut cut, 12).is_err());
+    }
 }

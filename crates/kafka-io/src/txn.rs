@@ -207,7 +207,7 @@ impl TxnCoordinator {
 
     /// Sends `req` to the coordinator `which` (found first if needed) at the highest version
     /// in `min..=cap`, retrying what passes until the retry timeout.
-    async fn call<R: Request + Clone>(
+    async fn call<R: Request<Response: 'static> + Clone>(
         &mut self,
         which: Which<'_>,
         call: &'static str,
