@@ -81,6 +81,8 @@ impl Cluster {
         // named as such (not retried), whether or not a broker answers.
         if let Some(source) = settings.sasl.as_ref().and_then(|s| s.oauth.as_ref()) {
             source.token().await?;
+            // From now on the token is renewed on a timer (the task ends with the settings).
+            source.spawn_refresher();
         }
         // Our own connection first: it gives clear TLS and SASL errors.
         connector.connect_any().await?;

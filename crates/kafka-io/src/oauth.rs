@@ -1,7 +1,8 @@
 //! SASL/OAUTHBEARER tokens (KIP-255, KIP-768): where a token comes from (an OIDC token endpoint
 //! with client credentials, a token file, or an unsecured JWT for development), when it is
-//! refreshed (at 80% of its lifetime, as the Java client does; with backoff while the source
-//! fails, keeping the current token until it expires), and the client's first message.
+//! refreshed (at 80% of its lifetime, as the Java client does, on a timer started with the
+//! cluster; with backoff while the source fails, keeping the current token until it expires),
+//! and the client's first message.
 
 use std::{
     path::PathBuf,
@@ -30,6 +31,8 @@ pub const CONFIG_SETTING: &str = "KAFKA_SASL_OAUTHBEARER_CONFIG";
 const REFRESH_AT: f64 = 0.8;
 /// A token endpoint's answer must come within this.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the timer ([`TokenSource::spawn_refresher`]) looks at a token file for a change.
+const FILE_POLL: Duration = Duration::from_secs(10);
 /// Backoff between failed refreshes while the current token is still valid.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -185,6 +188,8 @@ struct Inner {
     http_timeout: Duration,
     state: tokio::sync::Mutex<State>,
     http: std::sync::OnceLock<HttpClient>,
+    /// The timer of [`TokenSource::spawn_refresher`] runs.
+    refresher: std::sync::atomic::AtomicBool,
 }
 
 /// Where tokens come from, shared by every connection made with the same settings (ours and
@@ -221,6 +226,7 @@ impl TokenSource {
             http_timeout,
             state: tokio::sync::Mutex::new(State::default()),
             http: std::sync::OnceLock::new(),
+            refresher: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -234,6 +240,47 @@ impl TokenSource {
         st.current
             .as_ref()
             .map(|c| c.refresh_at.saturating_duration_since(Instant::now()))
+    }
+
+    /// Refreshes the token on a timer: at 80% of its lifetime (a token file is also looked at
+    /// every [`FILE_POLL`]), after the backoff while the source fails. So a connection that
+    /// opens or re-authenticates (KIP-368) finds a fresh token waiting, and a failing endpoint
+    /// is logged before any connection needs it. The task ends once every other clone of this
+    /// source is dropped. One timer per source: None when it runs already.
+    pub fn spawn_refresher(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if self
+            .0
+            .refresher
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return None;
+        }
+        let weak = Arc::downgrade(&self.0);
+        Some(tokio::spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                let src = TokenSource(inner);
+                let _ = src.token().await;
+                let wait = {
+                    let st = src.0.state.lock().await;
+                    let now = Instant::now();
+                    let next = match (&st.current, st.retry_at) {
+                        (_, Some(retry)) => retry,
+                        (Some(c), None) => c.refresh_at,
+                        (None, None) => now + BACKOFF_MIN,
+                    };
+                    let mut wait = next.saturating_duration_since(now);
+                    if matches!(src.0.settings.method, OauthMethod::File(_)) {
+                        wait = wait.min(FILE_POLL);
+                    }
+                    wait.max(Duration::from_millis(50))
+                };
+                drop(src);
+                tokio::time::sleep(wait).await;
+            }
+        }))
     }
 
     /// How many tokens were obtained so far.
@@ -739,6 +786,41 @@ pub(crate) mod tests {
         );
         assert_eq!(ep.seen.lock().unwrap().len(), 2);
         assert_eq!(src.fetched().await, 2);
+    }
+
+    /// The timer refreshes a 2 s token at 80% of its lifetime with no connection asking, and
+    /// stops once the source is dropped.
+    #[tokio::test]
+    async fn the_refresher_renews_the_token_with_no_one_asking() {
+        let ep = endpoint(vec![
+            token_answer(1, 2),
+            token_answer(2, 2),
+            token_answer(3, 2),
+        ])
+        .await;
+        let src = oidc(&ep.url, None);
+        let task = src.spawn_refresher().expect("the first timer");
+        assert!(src.spawn_refresher().is_none(), "one timer per source");
+        // Polled every 50 ms (at most 80 times): the first token at once, the second at 1.6 s.
+        let mut fetched = 0;
+        for _ in 0..80 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            fetched = src.fetched().await;
+            if fetched >= 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            fetched, 2,
+            "the refresher did not renew the token within 4 s"
+        );
+        assert_eq!(src.token().await.unwrap().expose(), "tok-2");
+        drop(src);
+        tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .expect("the refresher ends once the source is gone")
+            .unwrap();
+        assert_eq!(ep.seen.lock().unwrap().len(), 2);
     }
 
     /// A failing refresh keeps the valid token (backing off, not asking on every call); once
