@@ -13,6 +13,11 @@
 //! Broker cost (BENCH_ONLY item `broker_cost`, issue 17): Kafka requests by API key (counted by
 //! a proxy) and broker CPU, kafka-infer against librdkafka, idle on 16 partitions and at a
 //! steady 100 and 1,000 records/s; see [`broker_cost`].
+//!
+//! The producer (BENCH_ONLY item `producer`, issue 18): idempotent (the default), not
+//! idempotent and `--exactly-once`, batch 1 and 32, echo model and MLServer, interleaved over
+//! BENCH_ROUNDS rounds with the build before the issue (BENCH_BASELINE_BIN); see
+//! [`producer_rounds`].
 
 use std::{
     collections::BTreeMap,
@@ -59,6 +64,184 @@ const BATCH_32_NO_IDEMPOTENCE: &[&str] = &[
     "--idempotence",
     "false",
 ];
+
+/// Issue 18's rows: the producer idempotent (the default), not idempotent, and exactly-once, at
+/// batch 1 and 32, in front of the echo model and MLServer (REST): key, name, in front of
+/// MLServer, kafka-infer flags. In the full run, and (with the build before issue 18 when
+/// BENCH_BASELINE_BIN is set) interleaved over rounds by the BENCH_ONLY item `producer`.
+const PRODUCER_ROWS: &[(&str, &str, bool, &[&str])] = &[
+    ("ki_rest", "kafka-infer -> echo model, REST", false, &[]),
+    (
+        "ki_rest_noidem",
+        "kafka-infer, producer not idempotent -> echo model, REST",
+        false,
+        NO_IDEMPOTENCE,
+    ),
+    (
+        "ki_rest_eos",
+        "kafka-infer --exactly-once -> echo model, REST",
+        false,
+        EXACTLY_ONCE,
+    ),
+    (
+        "ki_rest_b32",
+        "kafka-infer -> echo model, REST, batch 32",
+        false,
+        BATCH_32,
+    ),
+    (
+        "ki_rest_b32_noidem",
+        "kafka-infer, producer not idempotent -> echo model, REST, batch 32",
+        false,
+        BATCH_32_NO_IDEMPOTENCE,
+    ),
+    (
+        "ki_rest_b32_eos",
+        "kafka-infer --exactly-once -> echo model, REST, batch 32",
+        false,
+        BATCH_32_EXACTLY_ONCE,
+    ),
+    ("d_rest", "(d) kafka-infer -> MLServer, REST", true, &[]),
+    (
+        "d_rest_noidem",
+        "(d) kafka-infer, producer not idempotent -> MLServer, REST",
+        true,
+        NO_IDEMPOTENCE,
+    ),
+    (
+        "d_rest_eos",
+        "(d) kafka-infer --exactly-once -> MLServer, REST",
+        true,
+        EXACTLY_ONCE,
+    ),
+    (
+        "d_rest_b32",
+        "(d) kafka-infer -> MLServer, REST, batch 32",
+        true,
+        BATCH_32,
+    ),
+    (
+        "d_rest_b32_noidem",
+        "(d) kafka-infer, producer not idempotent -> MLServer, REST, batch 32",
+        true,
+        BATCH_32_NO_IDEMPOTENCE,
+    ),
+    (
+        "d_rest_b32_eos",
+        "(d) kafka-infer --exactly-once -> MLServer, REST, batch 32",
+        true,
+        BATCH_32_EXACTLY_ONCE,
+    ),
+];
+
+/// Issue 18's targets from answers/s by key (rows that were not measured are left out):
+/// idempotence costs <= 5%, exactly-once at batch 32 >= 0.5x at-least-once, and the default path
+/// no slower than the build before the issue (>= 0.95x: one run's noise).
+fn producer_targets(per_s: &BTreeMap<&str, f64>) -> String {
+    let mut out = String::new();
+    let mut row = |what: String, a: &str, b: &str, min: f64| {
+        if let (Some(x), Some(y)) = (per_s.get(a), per_s.get(b)) {
+            let r = x / y;
+            out.push_str(&format!("| {what} | {r:.2}x | {} |\n", yes(r >= min)));
+        }
+    };
+    for (model, p) in [("echo model", "ki_rest"), ("MLServer", "d_rest")] {
+        for (batch, b) in [("batch 1", ""), ("batch 32", "_b32")] {
+            row(
+                format!(
+                    "idempotent producer (the default) >= 0.95x not idempotent, {model}, REST, {batch}"
+                ),
+                &format!("{p}{b}"),
+                &format!("{p}{b}_noidem"),
+                0.95,
+            );
+        }
+        row(
+            format!("exactly-once at batch 32 >= 0.5x at-least-once at batch 32, {model}, REST"),
+            &format!("{p}_b32_eos"),
+            &format!("{p}_b32"),
+            0.5,
+        );
+    }
+    row(
+        "the default path (echo model, REST) no slower than the build before issue 18 (>= 0.95x)"
+            .into(),
+        "ki_rest",
+        "ki_rest_baseline",
+        0.95,
+    );
+    out
+}
+
+/// The BENCH_ONLY item `producer`: every row of [`PRODUCER_ROWS`] (and the build before issue
+/// 18 when BENCH_BASELINE_BIN is set) measured in turn, BENCH_ROUNDS times (default 3), so each
+/// ratio compares rows of the same rounds; the medians and issue 18's targets.
+async fn producer_rounds(env: &Env, n: u64, echo: &str, ml: &str) -> Result<String> {
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .clamp(1, 9);
+    let baseline = std::env::var_os("BENCH_BASELINE_BIN").map(PathBuf::from);
+    let label = std::env::var("BENCH_BASELINE_LABEL").unwrap_or_else(|_| "baseline".into());
+    let baseline_name = format!("kafka-infer {label} build -> echo model, REST");
+    let mut all: BTreeMap<&str, Vec<Figure>> = BTreeMap::new();
+    for round in 1..=rounds {
+        for &(key, name, on_ml, extra) in PRODUCER_ROWS {
+            let url = if on_ml { ml } else { echo };
+            let fig = measure(env, name, n, &[], |i, o| {
+                kafka_infer(env, i, o, url, "rest", extra)
+            })
+            .await?;
+            eprintln!(
+                "bench: producer round {round}: {key} {:.0} answers/s",
+                fig.per_s
+            );
+            all.entry(key).or_default().push(fig);
+        }
+        if let Some(bin) = &baseline {
+            let fig = measure(env, &baseline_name, n, &[], |i, o| {
+                kafka_infer_bin(env, bin, i, o, echo, "rest", &[])
+            })
+            .await?;
+            eprintln!(
+                "bench: producer round {round}: baseline {:.0} answers/s",
+                fig.per_s
+            );
+            all.entry("ki_rest_baseline").or_default().push(fig);
+        }
+    }
+    let median = |v: &[Figure], f: fn(&Figure) -> f64| {
+        let mut x: Vec<f64> = v.iter().map(f).collect();
+        x.sort_by(f64::total_cmp);
+        x[x.len() / 2]
+    };
+    let mut out = format!(
+        "Made by `BENCH_ONLY=producer cargo xtask bench`: {rounds} rounds, each row once per round in \
+         this order; medians. {n} requests per row, {PARTITIONS} input partitions.\n\n\
+         | bridge | answers/s (median) | each round | CPU s / 1000 answers (median) |\n|---|---:|---|---:|\n"
+    );
+    let mut per_s = BTreeMap::new();
+    let keys = PRODUCER_ROWS
+        .iter()
+        .map(|r| r.0)
+        .chain(std::iter::once("ki_rest_baseline"));
+    for key in keys {
+        let Some(figs) = all.get(key) else { continue };
+        let m = median(figs, |f| f.per_s);
+        per_s.insert(key, m);
+        let each: Vec<String> = figs.iter().map(|f| format!("{:.0}", f.per_s)).collect();
+        out.push_str(&format!(
+            "| {} | {m:.0} | {} | {:.3} |\n",
+            figs[0].name,
+            each.join(", "),
+            median(figs, |f| f.cpu_per_1000)
+        ));
+    }
+    out.push_str("\n| target (medians) | measured | met |\n|---|---|---|\n");
+    out.push_str(&producer_targets(&per_s));
+    Ok(out)
+}
 
 fn request(i: u64) -> Bytes {
     Bytes::from(format!(
@@ -690,16 +873,33 @@ pub fn bench(short: bool) -> Result<()> {
                 if ml.is_none() && (k.starts_with("d_") || k.starts_with("e_")) {
                     ml = Some(mlserver_echo(None)?);
                 }
+                if k == "producer" {
+                    if ml.is_none() {
+                        ml = Some(mlserver_echo(None)?);
+                    }
+                    let ml = ml.as_ref().expect("started above");
+                    println!(
+                        "{}",
+                        producer_rounds(&env, n, &echo.rest_url(), &ml.rest_url()).await?
+                    );
+                    continue;
+                }
+                if let Some(&(_, name, on_ml, extra)) = PRODUCER_ROWS.iter().find(|r| r.0 == k) {
+                    let url = match (on_ml, &ml) {
+                        (true, Some(ml)) => ml.rest_url(),
+                        _ => echo.rest_url(),
+                    };
+                    let fig = measure(&env, name, n, &[], |i, o| {
+                        kafka_infer(&env, i, o, &url, "rest", extra)
+                    })
+                    .await?;
+                    println!("{fig:?}");
+                    continue;
+                }
                 let fig = match k {
-                    "d_rest" | "d_grpc" | "d_grpc_b32" => {
+                    "d_grpc" | "d_grpc_b32" => {
                         let ml = ml.as_ref().expect("started above");
                         let (url, transport, extra, name) = match k {
-                            "d_rest" => (
-                                ml.rest_url(),
-                                "rest",
-                                &[][..],
-                                "(d) kafka-infer -> MLServer, REST",
-                            ),
                             "d_grpc" => (
                                 ml.grpc_url(),
                                 "grpc",
@@ -726,12 +926,6 @@ pub fn bench(short: bool) -> Result<()> {
                         let ml = ml.as_ref().expect("started above");
                         direct("(e) MLServer direct, gRPC", &ml.grpc_url(), true, secs).await?
                     }
-                    "ki_rest" => {
-                        measure(&env, "kafka-infer -> echo model, REST", n, &[], |i, o| {
-                            kafka_infer(&env, i, o, &echo.rest_url(), "rest", &[])
-                        })
-                        .await?
-                    }
                     "ki_rest_baseline" => {
                         let bin = std::env::var_os("BENCH_BASELINE_BIN")
                             .map(PathBuf::from)
@@ -748,40 +942,6 @@ pub fn bench(short: bool) -> Result<()> {
                     "ki_grpc" => {
                         measure(&env, "kafka-infer -> echo model, gRPC", n, &[], |i, o| {
                             kafka_infer(&env, i, o, &echo.grpc_url(), "grpc", &[])
-                        })
-                        .await?
-                    }
-                    "ki_rest_b32" => {
-                        measure(
-                            &env,
-                            "kafka-infer -> echo model, REST, batch 32",
-                            n,
-                            &[],
-                            |i, o| kafka_infer(&env, i, o, &echo.rest_url(), "rest", BATCH_32),
-                        )
-                        .await?
-                    }
-                    "ki_rest_noidem" | "ki_rest_b32_noidem" | "ki_rest_eos" | "ki_rest_b32_eos" => {
-                        let (name, extra) = match k {
-                            "ki_rest_noidem" => (
-                                "kafka-infer, not idempotent -> echo model, REST",
-                                NO_IDEMPOTENCE,
-                            ),
-                            "ki_rest_b32_noidem" => (
-                                "kafka-infer, not idempotent -> echo model, REST, batch 32",
-                                BATCH_32_NO_IDEMPOTENCE,
-                            ),
-                            "ki_rest_eos" => (
-                                "kafka-infer --exactly-once -> echo model, REST",
-                                EXACTLY_ONCE,
-                            ),
-                            _ => (
-                                "kafka-infer --exactly-once -> echo model, REST, batch 32",
-                                BATCH_32_EXACTLY_ONCE,
-                            ),
-                        };
-                        measure(&env, name, n, &[], |i, o| {
-                            kafka_infer(&env, i, o, &echo.rest_url(), "rest", extra)
                         })
                         .await?
                     }
@@ -995,6 +1155,30 @@ pub fn bench(short: bool) -> Result<()> {
                 BATCH_32,
             ),
             (
+                "d_rest_noidem",
+                "(d) kafka-infer, producer not idempotent -> MLServer, REST",
+                "rest",
+                NO_IDEMPOTENCE,
+            ),
+            (
+                "d_rest_b32_noidem",
+                "(d) kafka-infer, producer not idempotent -> MLServer, REST, batch 32",
+                "rest",
+                BATCH_32_NO_IDEMPOTENCE,
+            ),
+            (
+                "d_rest_eos",
+                "(d) kafka-infer --exactly-once -> MLServer, REST",
+                "rest",
+                EXACTLY_ONCE,
+            ),
+            (
+                "d_rest_b32_eos",
+                "(d) kafka-infer --exactly-once -> MLServer, REST, batch 32",
+                "rest",
+                BATCH_32_EXACTLY_ONCE,
+            ),
+            (
                 "d_grpc_b32",
                 "(d) kafka-infer -> MLServer, gRPC, batch 32",
                 "grpc",
@@ -1063,6 +1247,10 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, cost: &str, short: bool) -> 
         "d_rest",
         "d_rest_b8",
         "d_rest_b32",
+        "d_rest_noidem",
+        "d_rest_b32_noidem",
+        "d_rest_eos",
+        "d_rest_b32_eos",
         "d_grpc",
         "d_grpc_b32",
     ] {
@@ -1125,26 +1313,8 @@ fn report(f: &BTreeMap<&str, Figure>, lat: &Figure, cost: &str, short: bool) -> 
         f["ki_rest"].cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000,
         yes(f["ki_rest"].cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000 >= 2.0),
     ));
-    for (idem, not) in [
-        ("ki_rest", "ki_rest_noidem"),
-        ("ki_rest_b32", "ki_rest_b32_noidem"),
-    ] {
-        if f.contains_key(not) {
-            out.push_str(&format!(
-                "| idempotent producer (the default) >= 0.95x not idempotent, {} | {:.2}x | {} |\n",
-                f[idem].name.trim_start_matches("kafka-infer -> "),
-                r(idem, not),
-                yes(r(idem, not) >= 0.95)
-            ));
-        }
-    }
-    if f.contains_key("ki_rest_b32_eos") {
-        out.push_str(&format!(
-            "| exactly-once at batch 32 >= 0.5x at-least-once at batch 32 (echo, REST) | {:.2}x | {} |\n",
-            r("ki_rest_b32_eos", "ki_rest_b32"),
-            yes(r("ki_rest_b32_eos", "ki_rest_b32") >= 0.5)
-        ));
-    }
+    let per_s: BTreeMap<&str, f64> = f.iter().map(|(k, x)| (*k, x.per_s)).collect();
+    out.push_str(&producer_targets(&per_s));
     if let Some(b) = f.get("ki_rest_baseline") {
         let x = b.cpu_per_1000 / f["ki_rest_b32"].cpu_per_1000;
         out.push_str(&format!(
