@@ -298,7 +298,7 @@ impl BrokerConn {
             Err(e) => Err(Error::Io {
                 call: "SASL re-authentication",
                 broker: self.broker.clone(),
-                why: e.to_string(),
+                why: format!("refused, so the connection is opened again ({e})"),
             }),
         }
     }
@@ -458,10 +458,17 @@ impl BrokerConn {
             .await?;
         let offered: Vec<String> = resp.mechanisms.iter().map(|m| m.to_string()).collect();
         if resp.error_code != 0 {
-            return Err(Error::Sasl {
-                mechanism,
-                why: format!("broker offers {offered:?} only"),
-            });
+            // A broker that offers the mechanism but refuses it (tansu does, for a second
+            // handshake on one connection: it has no KIP-368 re-authentication).
+            let why = if offered.iter().any(|m| m == mechanism) {
+                format!(
+                    "broker refused the handshake (error code {}) though it offers {mechanism}",
+                    resp.error_code
+                )
+            } else {
+                format!("broker offers {offered:?} only")
+            };
+            return Err(Error::Sasl { mechanism, why });
         }
         Ok(offered)
     }

@@ -643,6 +643,16 @@ mod tests {
     /// closes a connection whose session has expired when the next request (other than a
     /// SASL one) arrives. PLAIN and OAUTHBEARER (any bearer token) are accepted.
     async fn reauth_broker(lifetime_ms: i64, log: Arc<std::sync::Mutex<ReauthLog>>) -> u16 {
+        reauth_broker_with(lifetime_ms, log, false).await
+    }
+
+    /// The same; `refuse_reauth`: a second SaslHandshake on a connection is answered
+    /// UNSUPPORTED_SASL_MECHANISM, listing the very mechanism asked for (as tansu 0.6 does).
+    async fn reauth_broker_with(
+        lifetime_ms: i64,
+        log: Arc<std::sync::Mutex<ReauthLog>>,
+        refuse_reauth: bool,
+    ) -> u16 {
         use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
@@ -677,7 +687,13 @@ mod tests {
                                 let req =
                                     SaslHandshakeRequest::decode(&mut frame, version).unwrap();
                                 mech = req.mechanism.to_string();
-                                reply(&mut s, c, SaslHandshakeResponse::default(), version).await;
+                                let mut resp = SaslHandshakeResponse::default();
+                                if refuse_reauth && expires.is_some() {
+                                    resp = resp
+                                        .with_error_code(33)
+                                        .with_mechanisms(vec![StrBytes::from_string(mech.clone())]);
+                                }
+                                reply(&mut s, c, resp, version).await;
                             }
                             ApiKey::SaslAuthenticate => {
                                 let req =
@@ -805,6 +821,37 @@ mod tests {
             }
         }
         std::fs::remove_file(&token_file).unwrap();
+    }
+
+    /// A broker that refuses re-authentication (a second handshake): the request that was due
+    /// fails as an I/O error (the caller reconnects), saying re-authentication was refused, not
+    /// that the broker lacks the mechanism.
+    #[tokio::test]
+    async fn a_refused_re_authentication_says_so() {
+        use kafka_protocol::messages::MetadataRequest;
+        let log = Arc::new(std::sync::Mutex::new(ReauthLog::default()));
+        let port = reauth_broker_with(300, log.clone(), true).await;
+        let mut conn = Connector::new(settings(port, SaslMechanism::Plain, PASSWORD))
+            .unwrap()
+            .connect_any()
+            .await
+            .unwrap();
+        let v = conn.version::<MetadataRequest>("Metadata", 12).unwrap();
+        let mut failure = None;
+        for _ in 0..20 {
+            if let Err(e) = conn.send(MetadataRequest::default(), v, "Metadata").await {
+                failure = Some(e);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let e = failure.expect("no re-authentication within 1 s of 300 ms sessions");
+        assert!(matches!(e, Error::Io { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("SASL re-authentication"), "{text}");
+        assert!(text.contains("connection is opened again"), "{text}");
+        assert!(text.contains("though it offers PLAIN"), "{text}");
+        assert!(!text.contains("only"), "{text}");
     }
 
     fn settings(port: u16, mech: SaslMechanism, password: &str) -> Arc<ConnectionSettings> {
