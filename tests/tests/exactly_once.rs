@@ -382,3 +382,121 @@ async fn exactly_once_two_replicas_through_rebalances_answer_each_input_once() -
     assert_eq!(duplicates, 0, "inputs answered more than once");
     Ok(())
 }
+
+fn aborted_txns(ki: &KafkaInfer) -> f64 {
+    ki.metric("kafka_infer_transactions_total{result=\"aborted\"}")
+        .unwrap_or(0.0)
+}
+
+/// A zombie's fate, seen from the zombie: another producer (librdkafka) takes kafka-infer's
+/// transactional id (InitProducerId bumps the epoch and aborts the open transaction), so
+/// kafka-infer's next AddPartitionsToTxn, Produce or EndTxn is refused as fenced. kafka-infer
+/// must abort that window, give its partitions up, rejoin with a new producer epoch and go on:
+/// fenced mid-stream, then again while idle (noticed at the next input), it stays up and every
+/// input is answered exactly once for read_committed readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_producer_aborts_rejoins_and_answers_each_input_once() -> Result<()> {
+    let broker = Broker::start()?;
+    let (input, output, group) = (unique("in"), unique("out"), unique("g"));
+    broker.create_topic(&input, PARTITIONS as u32)?;
+    broker.create_topic(&output, PARTITIONS as u32)?;
+    let model = models::test_model("v2", "m", "echo")?;
+    let url = model.rest_url();
+    let txn_id = unique("eos-fenced");
+    let half = 1000usize;
+    let inputs = |range: std::ops::Range<usize>| -> Vec<OutRecord> {
+        range
+            .map(|i| OutRecord {
+                key: Some(Bytes::from(format!("k{}", i % 16))),
+                value: Some(request(&format!("r{i}"))),
+                headers: vec![],
+            })
+            .collect()
+    };
+    kafka_infer_tests::produce_all(broker.settings(), &input, inputs(0..half)).await?;
+    let env = vec![
+        ("KAFKA_BROKER", broker.bootstrap()),
+        ("KAFKA_INPUT_TOPIC", input.clone()),
+        ("KAFKA_OUTPUT_TOPIC", output.clone()),
+    ];
+    let args = [
+        "--protocol",
+        "v2",
+        "--model",
+        url.as_str(),
+        "--model-name",
+        "m",
+        "--group-id",
+        group.as_str(),
+        "--session-timeout",
+        "2s",
+        "--exactly-once",
+        "--transaction-window",
+        "50ms",
+        "--transactional-id",
+        txn_id.as_str(),
+        // Slow enough to be fenced mid-stream.
+        "--max-in-flight",
+        "1",
+    ];
+    let mut ki = KafkaInfer::start(&args, &env)?;
+    let fence = |ki: &KafkaInfer, what: &str| -> Result<()> {
+        let aborted = aborted_txns(ki);
+        let out = kafka_infer_tests::py("fence.py", &[&broker.bootstrap(), &txn_id])?;
+        ensure!(out.trim() == "fenced", "fence.py: {out}");
+        eprintln!(
+            "fenced {what}: {} answers, {} committed, {aborted} aborted transactions so far",
+            ok_count(ki),
+            committed_txns(ki)
+        );
+        Ok(())
+    };
+    let aborted_after = |ki: &KafkaInfer, before: f64| -> Result<()> {
+        wait_for(Duration::from_secs(30), "the fenced window aborted", || {
+            (aborted_txns(ki) > before).then_some(())
+        })
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", ki.output()))
+    };
+    // Mid-stream.
+    wait_for(Duration::from_secs(60), "answers and commits", || {
+        (committed_txns(&ki) >= 3.0 && ok_count(&ki) >= 200.0).then_some(())
+    })?;
+    let before = aborted_txns(&ki);
+    fence(&ki, "mid-stream")?;
+    aborted_after(&ki, before)?;
+    // While idle: noticed with the next inputs.
+    let (_, missing, _) = settle(broker.settings(), &output, PARTITIONS, half).await?;
+    ensure!(
+        missing == 0,
+        "{missing} of the first {half} inputs not answered"
+    );
+    let before = aborted_txns(&ki);
+    fence(&ki, "while idle")?;
+    kafka_infer_tests::produce_all(broker.settings(), &input, inputs(half..2 * half)).await?;
+    aborted_after(&ki, before)?;
+
+    let n = 2 * half;
+    let (counts, missing, duplicates) = settle(broker.settings(), &output, PARTITIONS, n).await?;
+    eprintln!(
+        "read_committed: {} distinct answers, {duplicates} duplicates, {missing} missing; \
+         {} committed and {} aborted transactions",
+        counts.len(),
+        committed_txns(&ki),
+        aborted_txns(&ki)
+    );
+    ensure!(
+        ki.proc.is_running_shared(),
+        "kafka-infer stopped after being fenced:\n{}",
+        ki.output()
+    );
+    assert_eq!(missing, 0, "inputs not answered");
+    assert_eq!(duplicates, 0, "inputs answered more than once");
+    let log = ki.output();
+    assert!(
+        log.contains("taken by a newer producer"),
+        "the log says the producer was fenced:\n{log}"
+    );
+    ki.proc.signal("TERM")?;
+    assert_eq!(ki.proc.wait_exit(Duration::from_secs(20))?, Some(0));
+    Ok(())
+}
