@@ -6,9 +6,9 @@
 //! SASL_SSL through stunnel) and answers every request; librdkafka reads the answers back over
 //! SCRAM too (an independent client). A wrong password stops kafka-infer at start.
 //!
-//! The tests are ignored by default: that broker build takes ~17-30 minutes on 2 cores, more
-//! than CI's budget on a fresh machine. `cargo xtask scram` builds it once into
-//! ~/.cache/kafka-infer and runs these with KAFKA_INFER_TANSU_SQLITE pointing at it.
+//! The tests are ignored by plain `cargo test`: they need that broker, which takes ~10 minutes
+//! to build. `cargo xtask test` (CI) and `cargo xtask scram` build it once per machine into
+//! ~/.cache/kafka-infer and run these with KAFKA_INFER_TANSU_SQLITE pointing at it.
 
 use std::{
     collections::BTreeMap,
