@@ -355,3 +355,107 @@ async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
     );
     p.close(BOUND).await.unwrap();
 }
+
+/// A producer whose batches hold one record each: the topic takes 400 bytes, a record of
+/// `values(_, 200)` needs ~310 with its batch.
+async fn one_record_batches(fake: &FakeBroker, idempotent: bool) -> Producer {
+    fake.max_message_bytes(Some(400));
+    let p = producer(fake, idempotent, 0).await;
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 400);
+    p
+}
+
+/// Kafka's `max.in.flight.requests.per.connection=5` with idempotence: while the broker takes
+/// its time to answer, five Produce requests of one partition are outstanding on one
+/// connection (never more), and every record lands once, in order, with its offset.
+#[tokio::test]
+async fn idempotent_five_produce_requests_are_outstanding_and_records_land_in_order() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.produce_answer_delay(Duration::from_millis(150));
+    let p = one_record_batches(&fake, true).await;
+    let vals = values(20, 200);
+    let got = send_all(&p, &vals).await;
+    assert_eq!(
+        fake.max_produce_unanswered(),
+        5,
+        "Produce requests outstanding at once on one connection"
+    );
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        vals,
+        "every record once, in order"
+    );
+    let offsets: Vec<i64> = got.into_iter().map(Result::unwrap).collect();
+    assert_eq!(offsets, (0..20).collect::<Vec<i64>>());
+    let batches = fake.produce_batches();
+    assert_eq!(
+        batches.len(),
+        20,
+        "one batch per record, none resent: {batches:?}"
+    );
+    let seqs: Vec<i32> = batches.iter().map(|b| b.base_sequence).collect();
+    assert_eq!(seqs, (0..20).collect::<Vec<i32>>());
+    let conns: std::collections::BTreeSet<usize> = fake
+        .of(kafka_protocol::messages::ApiKey::Produce)
+        .iter()
+        .map(|s| s.conn)
+        .collect();
+    assert_eq!(conns.len(), 1, "one connection: {conns:?}");
+    p.close(BOUND).await.unwrap();
+}
+
+/// Without idempotence a retried batch could land after a later one: one request at a time.
+#[tokio::test]
+async fn not_idempotent_one_produce_request_is_outstanding() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.produce_answer_delay(Duration::from_millis(50));
+    let p = one_record_batches(&fake, false).await;
+    let vals = values(6, 200);
+    assert!(send_all(&p, &vals).await.iter().all(Result::is_ok));
+    assert_eq!(fake.max_produce_unanswered(), 1);
+    assert_eq!(strings(fake.produced(TOPIC, 0)), vals);
+    p.close(BOUND).await.unwrap();
+}
+
+/// Five batches pipelined; the broker appends the first three and closes the connection on
+/// reading the third, before any answer is written. The producer resends all five in order
+/// with their sequences: the broker has the first three (DUPLICATE_SEQUENCE_NUMBER, written)
+/// and appends the last two, so the log holds every record once, in order, and the producer
+/// id is kept.
+#[tokio::test]
+async fn idempotent_pipelined_batches_cut_off_are_resent_in_order_and_written_once() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = one_record_batches(&fake, true).await;
+    assert!(send_all(&p, &["warm-up".to_owned()]).await[0].is_ok());
+    fake.produce_answer_delay(Duration::from_millis(300));
+    fake.close_at_produce(3);
+    let vals = values(5, 200);
+    let got = send_all(&p, &vals).await;
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    let mut want = vec!["warm-up".to_owned()];
+    want.extend(vals);
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        want,
+        "every record once, in order"
+    );
+    let produces = fake.of(kafka_protocol::messages::ApiKey::Produce);
+    // The first three went out together on the connection that closed.
+    let cut = &produces[1..4];
+    assert!(cut.iter().all(|s| s.conn == cut[0].conn), "{produces:?}");
+    assert!(fake.max_produce_unanswered() >= 2, "pipelined");
+    // Resent from the first unanswered batch on, in order, with the same sequences and id.
+    let batches = fake.produce_batches();
+    let seqs: Vec<i32> = batches.iter().map(|b| b.base_sequence).collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 1, 2, 3, 4, 5], "resent in order");
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.producer_id == batches[0].producer_id),
+        "{batches:?}"
+    );
+    // The three written before the cut are known only as duplicates (offset unknown).
+    let offsets: Vec<i64> = got.into_iter().map(Result::unwrap).collect();
+    assert_eq!(offsets, [-1, -1, -1, 4, 5]);
+    p.close(BOUND).await.unwrap();
+}
