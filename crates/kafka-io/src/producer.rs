@@ -1071,7 +1071,7 @@ impl Writer {
                 }
             };
             if let Some(r) = event {
-                let outcome = self.outcome(&mut st, r);
+                let outcome = self.outcome(&st, r);
                 self.answered(&mut st, outcome).await;
             }
         }

@@ -459,3 +459,93 @@ async fn idempotent_pipelined_batches_cut_off_are_resent_in_order_and_written_on
     assert_eq!(offsets, [-1, -1, -1, 4, 5]);
     p.close(BOUND).await.unwrap();
 }
+
+/// Five batches of two records pipelined; the broker refuses the second as too large. The
+/// batches after it were refused as out of order (their sequences follow one it never got):
+/// the producer reads those answers, splits the refused batch in halves that take its
+/// sequences, and resends halves and later batches in order. Every record lands once, in
+/// order, and the producer id is kept (no out-of-order answer reached the oldest batch).
+#[tokio::test]
+async fn a_pipelined_batch_refused_as_too_large_is_split_before_the_later_ones() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    // Two records per batch (~620 bytes), not three.
+    fake.max_message_bytes(Some(700));
+    let p = producer(&fake, true, 0).await;
+    assert!(send_all(&p, &["warm-up".to_owned()]).await[0].is_ok());
+    fake.produce_answer_delay(Duration::from_millis(100));
+    fake.produce_error_at(2, ResponseError::MessageTooLarge);
+    let vals = values(10, 200);
+    let got = send_all(&p, &vals).await;
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    let mut want = vec!["warm-up".to_owned()];
+    want.extend(vals);
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        want,
+        "every record once, in order"
+    );
+    let produces = fake.of(kafka_protocol::messages::ApiKey::Produce);
+    let codes: Vec<i16> = produces.iter().map(|s| s.code).collect();
+    let too_large = ResponseError::MessageTooLarge.code();
+    let out_of_order = ResponseError::OutOfOrderSequenceNumber.code();
+    let at = codes.iter().position(|c| *c == too_large).expect("refused");
+    assert!(
+        codes[at + 1..].iter().any(|c| *c == out_of_order),
+        "batches after it were outstanding: {codes:?}"
+    );
+    let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
+    assert_eq!(inits.len(), 1, "producer id kept: {codes:?}");
+    // The refused batch's records went in two requests, one each.
+    let refused = &produces[at].produced[0];
+    assert_eq!(refused.records, 2, "{produces:?}");
+    let halves: Vec<i32> = fake
+        .produce_batches()
+        .iter()
+        .filter(|b| b.records == 1)
+        .map(|b| b.base_sequence)
+        .collect();
+    assert!(
+        halves
+            .windows(2)
+            .any(|w| w == [refused.base_sequence, refused.base_sequence + 1]),
+        "{halves:?}"
+    );
+    p.close(BOUND).await.unwrap();
+}
+
+/// Five batches pipelined; the broker rejects the second for good (INVALID_RECORD). Its record
+/// fails; the later ones (refused as out of order) are resent with their sequences moved down
+/// and land once, in order, under the same producer id.
+#[tokio::test]
+async fn a_pipelined_batch_rejected_for_good_fails_alone_and_the_later_ones_land() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = one_record_batches(&fake, true).await;
+    fake.produce_answer_delay(Duration::from_millis(100));
+    fake.produce_error_at(2, ResponseError::InvalidRecord);
+    let vals = values(5, 200);
+    let got = send_all(&p, &vals).await;
+    assert!(
+        matches!(&got[1], Err(ProduceError::Rejected { why, .. }) if why.contains("InvalidRecord")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().enumerate().all(|(i, r)| i == 1 || r.is_ok()),
+        "{got:?}"
+    );
+    let want: Vec<String> = vals
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(strings(fake.produced(TOPIC, 0)), want);
+    let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
+    assert_eq!(inits.len(), 1, "producer id kept");
+    let seqs: Vec<i32> = fake
+        .produce_batches()
+        .iter()
+        .map(|b| b.base_sequence)
+        .collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 4, 1, 2, 3], "later batches moved down");
+    p.close(BOUND).await.unwrap();
+}

@@ -224,6 +224,8 @@ struct State {
     /// Produce requests to read before the one that closes the connection (appended, and no
     /// answer written after it).
     close_at_produce: Option<usize>,
+    /// Produce requests to read before the one answered with this error (nothing appended).
+    produce_error_at: Option<(usize, ResponseError)>,
     /// Produce answers are written this long after their request was read.
     produce_answer_delay: Duration,
     /// Per connection: Produce requests read and not yet answered; the most seen.
@@ -313,6 +315,7 @@ impl FakeBroker {
             produce_max_bytes: None,
             drop_produce_responses: 0,
             close_at_produce: None,
+            produce_error_at: None,
             produce_answer_delay: Duration::ZERO,
             produce_unanswered: Vec::new(),
             produce_unanswered_max: 0,
@@ -372,6 +375,11 @@ impl FakeBroker {
     /// answer and every answer not yet written (delayed) are lost.
     pub fn close_at_produce(&self, n: usize) {
         self.shared.lock().close_at_produce = Some(n);
+    }
+
+    /// The `n`-th Produce request from now is answered `e`, nothing appended.
+    pub fn produce_error_at(&self, n: usize, e: ResponseError) {
+        self.shared.lock().produce_error_at = Some((n, e));
     }
 
     /// The most Produce requests one connection had read and not yet answered.
@@ -984,7 +992,21 @@ fn answer(
                     let mut r = PartitionProduceResponse::default()
                         .with_index(p.index)
                         .with_base_offset(-1);
-                    let err = if !st.topics.contains_key(&name) {
+                    let scripted = match st.produce_error_at.as_mut() {
+                        Some((1, e)) => {
+                            let e = *e;
+                            st.produce_error_at = None;
+                            Some(e)
+                        }
+                        Some((left, _)) => {
+                            *left -= 1;
+                            None
+                        }
+                        None => None,
+                    };
+                    let err = if scripted.is_some() {
+                        scripted
+                    } else if !st.topics.contains_key(&name) {
                         Some(ResponseError::UnknownTopicOrPartition)
                     } else if st.produce_max_bytes.is_some_and(|m| records.len() > m) {
                         Some(ResponseError::MessageTooLarge)
