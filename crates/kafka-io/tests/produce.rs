@@ -490,7 +490,7 @@ async fn a_pipelined_batch_refused_as_too_large_is_split_before_the_later_ones()
     let out_of_order = ResponseError::OutOfOrderSequenceNumber.code();
     let at = codes.iter().position(|c| *c == too_large).expect("refused");
     assert!(
-        codes[at + 1..].iter().any(|c| *c == out_of_order),
+        codes[at + 1..].contains(&out_of_order),
         "batches after it were outstanding: {codes:?}"
     );
     let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
