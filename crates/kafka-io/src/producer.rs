@@ -3,11 +3,26 @@
 //! cap; a longer linger while the caller signals pressure: more records on their way), encodes
 //! them as one record batch v2 ([`batch`]: the records' bytes go straight into the batch
 //! buffer), and sends it with acks=all to the partition's leader (found through Metadata,
-//! looked up again after a leadership error or a lost connection). One Produce request per
-//! partition is in flight at a time, and a failed batch is retried before any later one, so
-//! records land in the order they were queued. Each record gets a [`Delivery`] that resolves to
-//! its offset once the broker has acknowledged it, or to a [`ProduceError`] that says why it
-//! never will be (too large, rejected, topic missing).
+//! looked up again after a leadership error or a lost connection). Records land in the order
+//! they were queued. Each record gets a [`Delivery`] that resolves to its offset once the
+//! broker has acknowledged it, or to a [`ProduceError`] that says why it never will be (too
+//! large, rejected, topic missing); deliveries resolve in queue order.
+//!
+//! In flight: with idempotence, up to [`ProducerConfig::max_in_flight`] (default and at most
+//! [`MAX_IN_FLIGHT`], 5: the broker checks duplicates against a producer's last 5 batches)
+//! Produce requests per partition are outstanding, pipelined on the writer's connection
+//! ([`BrokerConn::send_pipelined`], answers read in order), each batch with its own base
+//! sequence, as the Java client with `enable.idempotence=true` and
+//! `max.in.flight.requests.per.connection=5`. A lost connection or a retriable error of the
+//! oldest batch drops the connection and resends it and every later outstanding batch, in
+//! order, with the same sequences (the broker answers DUPLICATE_SEQUENCE_NUMBER for those it
+//! has). A batch refused without being written (too large, rejected for good) makes the broker
+//! refuse the outstanding ones after it as OUT_OF_ORDER_SEQUENCE_NUMBER: their answers are read
+//! (drained) first, then they are sent again after it (after its split halves, which take its
+//! sequences; or with their sequences moved down to follow the last batch written). A batch is
+//! only failed once it is the oldest unresolved one, and a new producer id is only taken with
+//! nothing outstanding. Without idempotence one request is in flight per partition (a retried
+//! batch would land after a later one).
 //!
 //! Idempotence (on by default, [`ProducerConfig::idempotent`]): one producer id for the whole
 //! producer (InitProducerId v3+, producer id and epoch -1, no transactional id), a sequence
@@ -1338,7 +1353,8 @@ impl Writer {
         while st.sent > 0 {
             let due = st.queue[j].due.unwrap_or_else(Instant::now);
             let Some((c, _)) = st.conn.as_mut() else {
-                break;
+                st.drop_conn();
+                return;
             };
             let r = tokio::time::timeout_at(due, c.recv::<ProduceRequest>()).await;
             let outcome = self.outcome(st, r);
