@@ -291,9 +291,11 @@ async fn the_topic_limit_is_asked_again_and_a_failed_describe_configs_is_not_kep
 }
 
 /// KIP-368 with records flowing: the broker gives 1 s SASL sessions (OAUTHBEARER) and closes
-/// a connection used after its session ended. For 3 s of records the producer's connection
-/// re-authenticates in time: every record is written once, in order, no Produce request met an
-/// expired session, and no batch was sent twice.
+/// a connection used after its session ended. For 3 s of records, pipelined (one record a
+/// batch, answers 100 ms late: requests are outstanding nearly all the time), the producer's
+/// connection re-authenticates in time and only with nothing outstanding: every record is
+/// written once, in order, no Produce request met an expired session, and no batch was sent
+/// twice.
 #[tokio::test]
 async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
     use kafka_io::{
@@ -301,6 +303,8 @@ async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
     };
     let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
     fake.sasl_session_lifetime(Some(1000));
+    fake.produce_answer_delay(Duration::from_millis(100));
+    fake.max_message_bytes(Some(400));
     let mut settings = kafka_io::ConnectionSettings::plaintext(&fake.bootstrap()).unwrap();
     settings.security = SecurityProtocol::SaslPlaintext;
     settings.sasl = Some(SaslSettings {
@@ -329,15 +333,26 @@ async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
             ..Default::default()
         },
     );
+    // A window of records always waiting: the writer always has requests outstanding.
     let mut sent = Vec::new();
-    for round in 0..30 {
-        let vals: Vec<String> = (0..5).map(|i| format!("r{round:02}-{i}")).collect();
-        for d in send_all(&p, &vals).await {
-            assert!(d.is_ok(), "{d:?}");
+    let mut waiting = std::collections::VecDeque::new();
+    for k in 0..160 {
+        let v = format!("r{k:03}{}", "x".repeat(200));
+        waiting.push_back(
+            p.send(TOPIC, Some(0), rec(v.clone()))
+                .await
+                .expect("queued"),
+        );
+        sent.push(v);
+        while waiting.len() > 8 || (k == 159 && !waiting.is_empty()) {
+            let d = waiting.pop_front().unwrap();
+            let r = tokio::time::timeout(BOUND, d.wait())
+                .await
+                .expect("in time");
+            assert!(r.is_ok(), "{r:?}");
         }
-        sent.extend(vals);
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(fake.max_produce_unanswered() >= 2, "pipelined");
     assert_eq!(strings(fake.produced(TOPIC, 0)), sent);
     let expired = fake.expired_requests();
     assert!(
