@@ -588,7 +588,13 @@ impl BrokerConn {
                     frame.advance(4);
                     return Ok(frame.freeze());
                 }
-                self.rbuf.reserve(whole - self.rbuf.len());
+                if self.rbuf.capacity() < whole {
+                    // The frame in a buffer of its exact size (what the fetcher hands out
+                    // keeps it alive, and the fetch buffer counts its bytes).
+                    let mut b = BytesMut::with_capacity(whole);
+                    b.extend_from_slice(&self.rbuf);
+                    self.rbuf = b;
+                }
             } else {
                 self.rbuf.reserve(4096);
             }
