@@ -5,8 +5,9 @@
 //! Independently of the mode, [`FaultProxy::cut_responses`] loses responses: every n-th
 //! request of one API key (e.g. 0 = Produce) is forwarded to the broker, which handles it, and
 //! the connection is then closed before its response reaches the client (a response lost on
-//! the way, as after a network failure). This needs clients that wait for each response before
-//! the next request on a connection, as kafka-io's producer does.
+//! the way, as after a network failure). With a client that pipelines (kafka-io's idempotent
+//! producer keeps up to 5 Produce requests outstanding) the response lost may be that of an
+//! earlier request: every request outstanding on the connection loses its response.
 //!
 //! It runs on a thread of its own with a private single-thread tokio runtime, so it works the
 //! same from plain and from `#[tokio::test]` tests. Dropping it stops the thread (joined) and

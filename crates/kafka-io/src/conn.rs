@@ -1,11 +1,13 @@
 //! One connection to one broker for the requests rskafka lacks (group coordination, offsets):
 //! size-prefixed framing, correlation ids, ApiVersions and version choice, TLS, SASL. Requests go
-//! one at a time; every call has a timeout. When the broker gives the SASL session a lifetime
-//! (KIP-368), the connection re-authenticates before a request once 85-95% of it has passed:
-//! between requests, so nothing in flight is lost or sent twice.
+//! one at a time, or pipelined (the producer: several written before their responses are read,
+//! which Kafka gives in request order; a correlation id out of order is a protocol error that
+//! drops the connection); every call has a timeout. When the broker gives the SASL session a
+//! lifetime (KIP-368), the connection re-authenticates before a request once 85-95% of it has
+//! passed: only when no request is outstanding, so nothing in flight is lost or sent twice.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -201,6 +203,9 @@ impl Connector {
             session_lifetime: None,
             reauth_at: None,
             reauthentications: 0,
+            in_flight: VecDeque::new(),
+            rbuf: BytesMut::new(),
+            broken: false,
         };
         conn.api_versions().await.map_err(|e| {
             // Under TLS 1.3 a refused client certificate shows on the first read.
@@ -245,7 +250,9 @@ impl ConnectStep {
     }
 }
 
-/// An open connection. Not shared: the owning task sends one request at a time.
+/// An open connection. Not shared: the owning task sends one request at a time
+/// ([`send`](Self::send)), or pipelines several ([`send_pipelined`](Self::send_pipelined), then
+/// [`recv`](Self::recv) in order).
 pub struct BrokerConn {
     stream: Box<dyn Stream>,
     broker: String,
@@ -259,6 +266,21 @@ pub struct BrokerConn {
     /// When to re-authenticate, before the next request from then on.
     reauth_at: Option<Instant>,
     reauthentications: u64,
+    /// Requests written and not yet answered, oldest first (pipelining).
+    in_flight: VecDeque<Outstanding>,
+    /// Bytes read and not yet taken as a response frame.
+    rbuf: BytesMut,
+    /// A request or response failed part-way: nothing more can be sent or read.
+    broken: bool,
+}
+
+/// A request whose response has not been read.
+#[derive(Clone, Copy)]
+struct Outstanding {
+    correlation: i32,
+    api_key: i16,
+    version: i16,
+    call: &'static str,
 }
 
 impl BrokerConn {
@@ -375,6 +397,97 @@ impl BrokerConn {
         call: &'static str,
         timeout: Duration,
     ) -> Result<R::Response> {
+        if !self.in_flight.is_empty() {
+            return Err(Error::Protocol {
+                call,
+                why: format!(
+                    "{} pipelined requests are still outstanding on this connection",
+                    self.in_flight.len()
+                ),
+            });
+        }
+        let broker = self.broker.clone();
+        let exchange = async {
+            self.write_request(req, version, call).await?;
+            self.read_response::<R>().await
+        };
+        let r = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| Error::Timeout {
+                call,
+                broker,
+                after: timeout,
+            })
+            .and_then(|r| r);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// Pipelining: writes `req` without waiting for the responses of the requests before it
+    /// (Kafka answers a connection's requests in the order they came); its response is read
+    /// by [`recv`](Self::recv), in order. Re-authenticates first when due and nothing is
+    /// outstanding (KIP-368: never with requests in flight; the caller drains first when
+    /// [`must_drain`](Self::must_drain) says so). An error leaves the connection unusable.
+    pub async fn send_pipelined<R: Request<Response: 'static>>(
+        &mut self,
+        req: R,
+        version: i16,
+        call: &'static str,
+    ) -> Result<()> {
+        if self.in_flight.is_empty() {
+            self.reauthenticate_if_due().await?;
+        }
+        let timeout = self.timeout;
+        let broker = self.broker.clone();
+        let r = tokio::time::timeout(timeout, self.write_request(req, version, call))
+            .await
+            .map_err(|_| Error::Timeout {
+                call,
+                broker,
+                after: timeout,
+            })
+            .and_then(|r| r);
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// The response to the oldest outstanding pipelined request, which must be an `R`. No
+    /// timeout (the caller bounds it); cancel-safe: a read cut short keeps what it read, so
+    /// it can be raced against other work. A correlation id other than the request's is a
+    /// protocol error, and any error leaves the connection unusable (drop it).
+    pub async fn recv<R: Request<Response: 'static>>(&mut self) -> Result<R::Response> {
+        let r = self.read_response::<R>().await;
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    /// Pipelined requests written and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// True when the session is due for re-authentication while requests are outstanding:
+    /// read their responses before sending more (the next send re-authenticates).
+    pub fn must_drain(&self) -> bool {
+        !self.in_flight.is_empty() && self.reauth_at.is_some_and(|t| Instant::now() >= t)
+    }
+
+    /// Encodes and writes one request; it is then outstanding.
+    async fn write_request<R: Request>(
+        &mut self,
+        req: R,
+        version: i16,
+        call: &'static str,
+    ) -> Result<()> {
+        if self.broken {
+            return Err(self.unusable(call));
+        }
         self.correlation = self.correlation.wrapping_add(1);
         let correlation = self.correlation;
         let header = RequestHeader::default()
@@ -390,39 +503,51 @@ impl BrokerConn {
         req.encode(&mut buf, version).map_err(|e| proto(call, e))?;
         let len = (buf.len() - 4) as i32;
         buf[..4].copy_from_slice(&len.to_be_bytes());
-
-        let broker = self.broker.clone();
-        // Under TLS 1.3 the broker refuses our certificate after the handshake: its alert
-        // arrives on the first read.
-        let io = |e: std::io::Error| match certificate_refused(&broker, &e) {
-            Some(c) => c,
-            None => Error::Io {
-                call,
-                broker: broker.clone(),
-                why: e.to_string(),
-            },
-        };
-        let exchange = async {
-            self.stream.write_all(&buf).await.map_err(io)?;
-            self.stream.flush().await.map_err(io)?;
-            let size = self.stream.read_i32().await.map_err(io)?;
-            if size < 4 || size as usize > MAX_FRAME {
-                return Err(Error::Protocol {
-                    call,
-                    why: format!("bad response frame size {size}"),
-                });
-            }
-            let mut frame = vec![0u8; size as usize];
-            self.stream.read_exact(&mut frame).await.map_err(io)?;
-            Ok(Bytes::from(frame))
-        };
-        let mut frame = tokio::time::timeout(timeout, exchange)
+        // Outstanding from the first byte written: a write cut short breaks the connection.
+        self.broken = true;
+        self.stream
+            .write_all(&buf)
             .await
-            .map_err(|_| Error::Timeout {
+            .map_err(|e| io_error(&self.broker, call, e))?;
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| io_error(&self.broker, call, e))?;
+        self.broken = false;
+        self.in_flight.push_back(Outstanding {
+            correlation,
+            api_key: R::KEY,
+            version,
+            call,
+        });
+        Ok(())
+    }
+
+    /// Reads and decodes the response to the oldest outstanding request (cancel-safe).
+    async fn read_response<R: Request<Response: 'static>>(&mut self) -> Result<R::Response> {
+        let Some(&Outstanding {
+            correlation,
+            api_key,
+            version,
+            call,
+        }) = self.in_flight.front()
+        else {
+            return Err(Error::Protocol {
+                call: "response",
+                why: "no request outstanding".into(),
+            });
+        };
+        if self.broken {
+            return Err(self.unusable(call));
+        }
+        if api_key != R::KEY {
+            return Err(Error::Protocol {
                 call,
-                broker: self.broker.clone(),
-                after: timeout,
-            })??;
+                why: format!("the outstanding request is API {api_key}, not {}", R::KEY),
+            });
+        }
+        let mut frame = self.read_frame(call).await?;
+        self.in_flight.pop_front();
         let rh = ResponseHeader::decode(&mut frame, R::Response::header_version(version))
             .map_err(|e| proto(call, e))?;
         if rh.correlation_id != correlation {
@@ -443,6 +568,57 @@ impl BrokerConn {
             );
         }
         Ok(resp)
+    }
+
+    /// One size-prefixed frame (without its size). Cancel-safe: bytes read stay in `rbuf`.
+    async fn read_frame(&mut self, call: &'static str) -> Result<Bytes> {
+        loop {
+            if self.rbuf.len() >= 4 {
+                let size =
+                    i32::from_be_bytes([self.rbuf[0], self.rbuf[1], self.rbuf[2], self.rbuf[3]]);
+                if size < 4 || size as usize > MAX_FRAME {
+                    return Err(Error::Protocol {
+                        call,
+                        why: format!("bad response frame size {size}"),
+                    });
+                }
+                let whole = 4 + size as usize;
+                if self.rbuf.len() >= whole {
+                    let mut frame = self.rbuf.split_to(whole);
+                    frame.advance(4);
+                    return Ok(frame.freeze());
+                }
+                if self.rbuf.capacity() < whole {
+                    // The frame in a buffer of its exact size (what the fetcher hands out
+                    // keeps it alive, and the fetch buffer counts its bytes).
+                    let mut b = BytesMut::with_capacity(whole);
+                    b.extend_from_slice(&self.rbuf);
+                    self.rbuf = b;
+                }
+            } else {
+                self.rbuf.reserve(4096);
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| io_error(&self.broker, call, e))?;
+            if n == 0 {
+                return Err(io_error(
+                    &self.broker,
+                    call,
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+        }
+    }
+
+    fn unusable(&self, call: &'static str) -> Error {
+        Error::Io {
+            call,
+            broker: self.broker.clone(),
+            why: "the connection failed earlier and cannot be used".into(),
+        }
     }
 
     pub(crate) async fn sasl_handshake(&mut self, mechanism: &'static str) -> Result<Vec<String>> {
@@ -585,6 +761,16 @@ fn fetch_tolerant(buf: &mut Bytes, version: i16) -> std::result::Result<FetchRes
             .insert(tag as i32, buf.split_to(size));
     }
     Ok(r)
+}
+
+/// An I/O error of a request. Under TLS 1.3 the broker refuses our certificate after the
+/// handshake: its alert arrives on the first read, and says which setting to check.
+fn io_error(broker: &str, call: &'static str, e: std::io::Error) -> Error {
+    certificate_refused(broker, &e).unwrap_or_else(|| Error::Io {
+        call,
+        broker: broker.to_owned(),
+        why: e.to_string(),
+    })
 }
 
 fn proto(call: &'static str, e: impl std::fmt::Display) -> Error {

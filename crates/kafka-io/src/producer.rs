@@ -3,11 +3,26 @@
 //! cap; a longer linger while the caller signals pressure: more records on their way), encodes
 //! them as one record batch v2 ([`batch`]: the records' bytes go straight into the batch
 //! buffer), and sends it with acks=all to the partition's leader (found through Metadata,
-//! looked up again after a leadership error or a lost connection). One Produce request per
-//! partition is in flight at a time, and a failed batch is retried before any later one, so
-//! records land in the order they were queued. Each record gets a [`Delivery`] that resolves to
-//! its offset once the broker has acknowledged it, or to a [`ProduceError`] that says why it
-//! never will be (too large, rejected, topic missing).
+//! looked up again after a leadership error or a lost connection). Records land in the order
+//! they were queued. Each record gets a [`Delivery`] that resolves to its offset once the
+//! broker has acknowledged it, or to a [`ProduceError`] that says why it never will be (too
+//! large, rejected, topic missing); deliveries resolve in queue order.
+//!
+//! In flight: with idempotence, up to [`ProducerConfig::max_in_flight`] (default and at most
+//! [`MAX_IN_FLIGHT`], 5: the broker checks duplicates against a producer's last 5 batches)
+//! Produce requests per partition are outstanding, pipelined on the writer's connection
+//! ([`BrokerConn::send_pipelined`], answers read in order), each batch with its own base
+//! sequence, as the Java client with `enable.idempotence=true` and
+//! `max.in.flight.requests.per.connection=5`. A lost connection or a retriable error of the
+//! oldest batch drops the connection and resends it and every later outstanding batch, in
+//! order, with the same sequences (the broker answers DUPLICATE_SEQUENCE_NUMBER for those it
+//! has). A batch refused without being written (too large, rejected for good) makes the broker
+//! refuse the outstanding ones after it as OUT_OF_ORDER_SEQUENCE_NUMBER: their answers are read
+//! (drained) first, then they are sent again after it (after its split halves, which take its
+//! sequences; or with their sequences moved down to follow the last batch written). A batch is
+//! only failed once it is the oldest unresolved one, and a new producer id is only taken with
+//! nothing outstanding. Without idempotence one request is in flight per partition (a retried
+//! batch would land after a later one).
 //!
 //! Idempotence (on by default, [`ProducerConfig::idempotent`]): one producer id for the whole
 //! producer (InitProducerId v3+, producer id and epoch -1, no transactional id), a sequence
@@ -90,6 +105,9 @@ const INIT_PID_MAX_VERSION: i16 = 4;
 pub const LIMIT_REFRESH: Duration = Duration::from_secs(300);
 /// When a failed DescribeConfigs is tried again.
 pub const LIMIT_RETRY: Duration = Duration::from_secs(30);
+/// The most Produce requests outstanding per partition: the broker checks a resent batch for
+/// duplicates against the last 5 batches of its producer.
+pub const MAX_IN_FLIGHT: usize = 5;
 /// What the runner calls the switch (named in the error when the broker refuses idempotence).
 const IDEMPOTENCE_FLAG: &str = "--idempotence false (KAFKA_INFER_IDEMPOTENCE=false)";
 const EXACTLY_ONCE_FLAG: &str = "--exactly-once false (KAFKA_INFER_EXACTLY_ONCE=false)";
@@ -195,6 +213,11 @@ pub struct ProducerConfig {
     /// Idempotent producing (producer id and sequence numbers): a resent batch is not written
     /// twice. On by default, as in the Java client (3.0+).
     pub idempotent: bool,
+    /// Produce requests outstanding per partition with idempotence (Java's
+    /// `max.in.flight.requests.per.connection`): default and at most [`MAX_IN_FLIGHT`] (the
+    /// broker remembers the last 5 batches of a producer for duplicates); 1 without
+    /// idempotence whatever is set (a retried batch would land after a later one).
+    pub max_in_flight: usize,
     /// How often a topic's `max.message.bytes` is asked again (default [`LIMIT_REFRESH`]).
     pub limit_refresh: Duration,
     /// When a failed DescribeConfigs is tried again (default [`LIMIT_RETRY`]); meanwhile the
@@ -217,6 +240,7 @@ impl Default for ProducerConfig {
             queue_per_partition: 10_000,
             max_backoff: Duration::from_secs(5),
             idempotent: true,
+            max_in_flight: MAX_IN_FLIGHT,
             limit_refresh: LIMIT_REFRESH,
             limit_retry: LIMIT_RETRY,
             transactional: None,
@@ -878,27 +902,99 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// The batch being written: its records and, once encoded, its bytes (resent as they are).
-struct InFlight {
+/// A batch not yet resolved: its records and, once encoded, its bytes (resent as they are).
+struct Batch {
     records: Vec<Queued>,
-    /// The encoded batch and the producer id generation it carries.
-    encoded: Option<(Bytes, Option<u64>)>,
+    encoded: Option<Encoded>,
     timestamp_ms: i64,
+    /// Sent on the current connection: when its answer is due.
+    due: Option<Instant>,
 }
 
-/// What one Produce attempt gave.
+struct Encoded {
+    bytes: Bytes,
+    /// Idempotent: the producer id generation and the base sequence it carries.
+    key: Option<(u64, i32)>,
+}
+
+impl Batch {
+    fn new(records: Vec<Queued>) -> Self {
+        Self {
+            records,
+            encoded: None,
+            timestamp_ms: now_ms(),
+            due: None,
+        }
+    }
+
+    fn fail(self, e: impl Fn(&OutRecord) -> ProduceError) {
+        for (r, done) in self.records {
+            let _ = done.send(Err(e(&r)));
+        }
+    }
+}
+
+/// What one Produce answer says about its batch.
 enum Outcome {
     Written(i64),
     /// Already written (DUPLICATE_SEQUENCE_NUMBER).
     Duplicate,
     /// The broker lost or fenced our producer id.
     NewProducerId(Error),
-    /// Not sent: the transaction was aborted meanwhile (the batch is checked again).
-    Aborted,
     TooLarge,
     /// Look the leader up again and resend after a backoff.
     Retry(Error),
     Fatal(Error),
+}
+
+/// What trying to send the next batch gave.
+enum Step {
+    /// Sent (or something changed, e.g. a batch resolved): go round again.
+    Again,
+    /// Nothing can be sent until an outstanding answer is read.
+    Wait,
+}
+
+/// A partition writer's state between turns.
+struct State {
+    conn: Option<(BrokerConn, i16)>,
+    /// Unresolved batches in queue order; the first `sent` are outstanding on `conn`.
+    queue: VecDeque<Batch>,
+    sent: usize,
+    backoff: Backoff,
+    /// Since when the partition's leader cannot be found (a deleted topic ends the wait).
+    leaderless_since: Option<Instant>,
+    /// The sequence after the last batch written, and the producer id generation it counts for.
+    acked: i32,
+    seq_generation: Option<u64>,
+    /// The producer id generation the broker refused (a new id is asked for).
+    stale: Option<u64>,
+    /// A lost connection was reconnected at once since the last answer (the next loss waits).
+    reconnected: bool,
+}
+
+impl State {
+    /// The connection is gone: every outstanding batch is resent (same sequences).
+    fn drop_conn(&mut self) {
+        self.conn = None;
+        self.sent = 0;
+        for b in &mut self.queue {
+            b.due = None;
+        }
+    }
+
+    /// The oldest outstanding batch is answered: it leaves the queue.
+    fn take_front(&mut self) -> Batch {
+        self.sent = self.sent.saturating_sub(1);
+        self.queue.pop_front().expect("an outstanding batch")
+    }
+
+    /// `b` is written: the broker's next sequence follows it.
+    fn written(&mut self, b: &Batch) {
+        if let Some((_, seq)) = b.encoded.as_ref().and_then(|e| e.key) {
+            self.acked = next_sequence(seq, b.records.len() as i32);
+        }
+    }
 }
 
 struct Writer {
@@ -913,281 +1009,407 @@ struct Writer {
 impl Writer {
     async fn run(self, mut rx: mpsc::Receiver<Queued>) {
         let cfg = &self.cfg;
-        let topic = &self.topic;
-        let partition = self.partition;
-        let mut conn: Option<(BrokerConn, i16)> = None;
-        let mut backoff = Backoff::new(Duration::from_millis(50), cfg.max_backoff);
-        // Records taken out of a refused batch (split): they go before anything queued.
-        let mut pending: VecDeque<Queued> = VecDeque::new();
+        // Without idempotence a retried batch would land after a later one: one at a time.
+        let max_in_flight = if self.shared.idempotent {
+            cfg.max_in_flight.clamp(1, MAX_IN_FLIGHT)
+        } else {
+            1
+        };
+        let mut st = State {
+            conn: None,
+            queue: VecDeque::new(),
+            sent: 0,
+            backoff: Backoff::new(Duration::from_millis(50), cfg.max_backoff),
+            leaderless_since: None,
+            acked: 0,
+            seq_generation: None,
+            stale: None,
+            reconnected: false,
+        };
         // A record taken from the queue that did not fit in the last batch: it starts the next one.
         let mut carry: Option<Queued> = None;
-        // Since when the partition's leader cannot be found (a deleted topic ends the wait).
-        let mut leaderless_since: Option<Instant> = None;
-        // The next sequence number and the producer id generation it counts for.
-        let mut seq: i32 = 0;
-        let mut seq_generation: Option<u64> = None;
-        // The producer id generation the broker refused (a new id is asked for).
-        let mut stale: Option<u64> = None;
-        // A lost connection was reconnected at once since the last answer (the next loss waits).
-        let mut reconnected = false;
-        let mut batch = InFlight {
-            records: Vec::new(),
-            encoded: None,
-            timestamp_ms: 0,
-        };
+        let mut closed = false;
         loop {
-            let max_batch = self.limit.bytes.load(Ordering::Relaxed);
-            if batch.records.is_empty() {
-                batch.encoded = None;
-                if !pending.is_empty() {
-                    // What a split left: as many as fit, no linger (they are late already).
-                    let mut bytes = BATCH_OVERHEAD;
-                    while let Some(q) = pending.pop_front() {
-                        let size = q.0.size();
-                        if !batch.records.is_empty() && bytes + size > max_batch {
-                            pending.push_front(q);
-                            break;
-                        }
-                        bytes += size;
-                        batch.records.push(q);
-                    }
-                } else {
-                    let first = match carry.take() {
-                        Some(q) => q,
-                        None => match rx.recv().await {
-                            Some(q) => q,
-                            None => return,
-                        },
-                    };
-                    carry = linger(
-                        cfg,
-                        &self.shared,
-                        &mut rx,
-                        first,
-                        max_batch,
-                        &mut batch.records,
-                    )
-                    .await;
-                }
-                batch.timestamp_ms = now_ms();
-            }
-            // Transactional: records queued before an abort belong to it and are not sent.
-            let aborts = self.shared.aborts.load(Ordering::Acquire);
-            if self.shared.txn.is_some() && batch.records.iter().any(|(_, d)| d.aborts < aborts) {
-                let (stale, keep): (Vec<Queued>, Vec<Queued>) = batch
-                    .records
-                    .drain(..)
-                    .partition(|(_, d)| d.aborts < aborts);
-                for (_, done) in stale {
-                    let _ = done.send(Err(ProduceError::Transaction(
-                        "queued before the transaction was aborted".into(),
-                    )));
-                }
-                batch.records = keep;
-                batch.encoded = None;
-                if batch.records.is_empty() {
-                    continue;
-                }
-            }
-            // The producer id, and the sequence the batch starts at.
-            let pid = if self.shared.idempotent {
-                match self.shared.producer_id(stale.take()).await {
-                    Ok(p) => Some(p),
-                    Err(PidError::Refused(why)) => {
-                        tracing::error!(%topic, partition, %why, "producer: idempotence refused");
-                        for (_, done) in batch.records.drain(..) {
-                            let _ = done.send(Err(ProduceError::Rejected {
-                                topic: topic.clone(),
-                                why: why.clone(),
-                            }));
-                        }
-                        continue;
-                    }
-                    Err(PidError::Retry(e)) => {
-                        let wait = backoff.next_wait();
-                        tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: InitProducerId failed, retrying");
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
-            if let Some(p) = pid
-                && seq_generation != Some(p.generation)
-            {
-                seq = 0;
-                seq_generation = Some(p.generation);
-            }
-            let generation = pid.map(|p| p.generation);
-            if batch.encoded.as_ref().is_none_or(|(_, g)| *g != generation) {
-                let meta = match pid {
-                    Some(p) => batch::BatchMeta {
-                        producer_id: p.id,
-                        producer_epoch: p.epoch,
-                        base_sequence: seq,
-                        timestamp_ms: batch.timestamp_ms,
-                        transactional: self.shared.txn.is_some(),
+            // A new batch when there is room: waiting for records only when nothing is
+            // unresolved, else from what is queued already (lingering for more).
+            if st.queue.len() < max_in_flight {
+                let first = match carry.take() {
+                    Some(q) => Some(q),
+                    None if st.queue.is_empty() => match rx.recv().await {
+                        Some(q) => Some(q),
+                        None => return,
                     },
-                    None => batch::BatchMeta::plain(batch.timestamp_ms),
+                    None if closed => None,
+                    None => match rx.try_recv() {
+                        Ok(q) => Some(q),
+                        Err(mpsc::error::TryRecvError::Empty) => None,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            closed = true;
+                            None
+                        }
+                    },
                 };
-                match batch::encode(batch.records.iter().map(|q| &q.0), cfg.compression, meta) {
-                    Ok(b) => batch.encoded = Some((b, generation)),
-                    Err(e) => {
-                        tracing::error!(%topic, partition, error = %e, "producer: cannot encode the batch");
-                        for (_, done) in batch.records.drain(..) {
-                            let _ = done.send(Err(ProduceError::Rejected {
-                                topic: topic.clone(),
-                                why: format!("cannot encode the batch: {e}"),
-                            }));
-                        }
-                        continue;
-                    }
+                if let Some(first) = first {
+                    let max_batch = self.limit.bytes.load(Ordering::Relaxed);
+                    let mut records = Vec::new();
+                    carry =
+                        linger(cfg, &self.shared, &mut rx, first, max_batch, &mut records).await;
+                    st.queue.push_back(Batch::new(records));
                 }
             }
-            // The leader's connection.
-            if conn.is_none() {
-                match self.connect().await {
-                    Ok(c) => {
-                        leaderless_since = None;
-                        conn = Some(c);
-                    }
-                    Err(e) => {
-                        let since = *leaderless_since.get_or_insert_with(Instant::now);
-                        if matches!(e, Error::UnknownTopic(_))
-                            && since.elapsed() >= self.cluster.request_timeout
-                        {
-                            tracing::error!(%topic, partition, error = %e, "producer: topic does not exist");
-                            for (_, done) in batch.records.drain(..) {
-                                let _ = done.send(Err(ProduceError::UnknownTopic(topic.clone())));
-                            }
-                            continue;
-                        }
-                        let wait = backoff.next_wait();
-                        tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: partition leader unknown, retrying");
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
+            if st.sent < st.queue.len().min(max_in_flight) {
+                match self.send_next(&mut st).await {
+                    Step::Again => continue,
+                    Step::Wait => {}
                 }
             }
-            let Some((c, version)) = conn.as_mut() else {
+            if st.sent == 0 {
                 continue;
+            }
+            // The oldest answer; meanwhile a new record, when there is room for its batch.
+            let room = st.queue.len() < max_in_flight && carry.is_none() && !closed;
+            let due = st.queue[0].due.unwrap_or_else(Instant::now);
+            let event = {
+                let (c, _) = st
+                    .conn
+                    .as_mut()
+                    .expect("outstanding batches have a connection");
+                tokio::select! {
+                    r = tokio::time::timeout_at(due, c.recv::<ProduceRequest>()) => Some(r),
+                    q = rx.recv(), if room => {
+                        match q {
+                            Some(q) => carry = Some(q),
+                            None => closed = true,
+                        }
+                        None
+                    }
+                }
             };
-            // Transactional: the partition joins the open transaction before its first batch.
-            if let Err(e) = self.shared.join_transaction(topic, partition).await {
-                tracing::warn!(%topic, partition, error = %e, "producer: the transaction failed; batch not sent");
-                for (_, done) in batch.records.drain(..) {
-                    let _ = done.send(Err(ProduceError::Transaction(e.to_string())));
-                }
-                continue;
+            if let Some(r) = event {
+                let outcome = self.outcome(&st, r);
+                self.answered(&mut st, outcome).await;
             }
-            let bytes = batch
-                .encoded
-                .as_ref()
-                .map(|(b, _)| b.clone())
-                .unwrap_or_default();
-            let outcome = self.produce(c, *version, bytes, aborts).await;
-            let n = batch.records.len() as i32;
-            match outcome {
-                Outcome::Written(base) => {
-                    backoff.reset();
-                    reconnected = false;
-                    seq = next_sequence(seq, n);
-                    for (i, (_, done)) in batch.records.drain(..).enumerate() {
-                        let _ = done.send(Ok(base + i as i64));
-                    }
-                }
-                Outcome::Duplicate => {
-                    backoff.reset();
-                    reconnected = false;
-                    tracing::info!(%topic, partition, sequence = seq, "producer: batch already written (duplicate sequence)");
-                    seq = next_sequence(seq, n);
-                    for (_, done) in batch.records.drain(..) {
-                        let _ = done.send(Ok(-1));
-                    }
-                }
-                Outcome::NewProducerId(e) if self.shared.txn.is_some() => {
-                    // Transactional: the transaction is over (fenced: for good); the caller
-                    // aborts, and the next transaction gets a new epoch.
-                    let id = self.shared.txn_id.to_string();
-                    let why = e.to_string();
-                    let te = match e.broker_error() {
-                        Some(
-                            ResponseError::ProducerFenced | ResponseError::InvalidProducerEpoch,
-                        ) => TxnError::Fenced { id, why },
-                        _ => TxnError::Abortable(why),
-                    };
-                    tracing::warn!(%topic, partition, error = %te, "producer: transactional batch refused");
-                    self.shared.fail_transaction(te.clone()).await;
-                    for (_, done) in batch.records.drain(..) {
-                        let _ = done.send(Err(ProduceError::Transaction(te.to_string())));
-                    }
-                }
-                Outcome::NewProducerId(_) => {
-                    tracing::warn!(%topic, partition, "producer: the broker lost or fenced our producer id; asking for a new one (a batch may be written twice)");
-                    stale = generation;
-                    batch.encoded = None;
-                    tokio::time::sleep(backoff.next_wait()).await;
-                }
-                Outcome::Aborted => {}
-                Outcome::TooLarge if batch.records.len() > 1 => {
-                    // Split in halves, in order: the first half goes now, the rest waits.
-                    let rest = batch.records.split_off(batch.records.len() / 2);
-                    for q in rest.into_iter().rev() {
-                        pending.push_front(q);
-                    }
-                    batch.encoded = None;
-                    self.limit.stale.store(true, Ordering::Relaxed);
-                    tracing::info!(%topic, partition, records = n, "producer: batch too large for the broker; split in halves");
-                }
-                Outcome::TooLarge => {
-                    self.limit.stale.store(true, Ordering::Relaxed);
-                    let max = self.limit.bytes.load(Ordering::Relaxed);
-                    for (r, done) in batch.records.drain(..) {
-                        let _ = done.send(Err(ProduceError::TooLarge {
+        }
+    }
+
+    /// Prepares and sends the first batch not outstanding (`st.queue[st.sent]`). Only the
+    /// oldest unresolved batch is ever failed, so deliveries resolve in order: a later one that
+    /// cannot go yet waits for the answers before it.
+    async fn send_next(&self, st: &mut State) -> Step {
+        let topic = &self.topic;
+        let partition = self.partition;
+        let i = st.sent;
+        let front = i == 0;
+        // Transactional: records queued before an abort belong to it and are not sent.
+        let aborts = self.shared.aborts.load(Ordering::Acquire);
+        if self.shared.txn.is_some() && st.queue[i].records.iter().any(|(_, d)| d.aborts < aborts) {
+            if !front {
+                return Step::Wait;
+            }
+            let b = &mut st.queue[0];
+            let (old, keep): (Vec<Queued>, Vec<Queued>) =
+                b.records.drain(..).partition(|(_, d)| d.aborts < aborts);
+            for (_, done) in old {
+                let _ = done.send(Err(ProduceError::Transaction(
+                    "queued before the transaction was aborted".into(),
+                )));
+            }
+            b.records = keep;
+            b.encoded = None;
+            if b.records.is_empty() {
+                st.queue.pop_front();
+            }
+            return Step::Again;
+        }
+        // The producer id: asked for (or renewed) only with nothing outstanding; a later batch
+        // goes out under the id its predecessors carry.
+        let pid = if !self.shared.idempotent {
+            None
+        } else if !front {
+            match *self.shared.pid.lock().await {
+                Some(p) if Some(p.generation) == st.seq_generation => Some(p),
+                _ => return Step::Wait,
+            }
+        } else {
+            match self.shared.producer_id(st.stale.take()).await {
+                Ok(p) => Some(p),
+                Err(PidError::Refused(why)) => {
+                    tracing::error!(%topic, partition, %why, "producer: idempotence refused");
+                    st.queue
+                        .pop_front()
+                        .expect("a batch")
+                        .fail(|_| ProduceError::Rejected {
                             topic: topic.clone(),
-                            size: r.batch_size(),
-                            max,
-                        }));
-                    }
+                            why: why.clone(),
+                        });
+                    return Step::Again;
                 }
-                Outcome::Fatal(e) => {
-                    tracing::error!(%topic, partition, error = %e, "producer: batch rejected");
-                    for (_, done) in batch.records.drain(..) {
-                        let _ = done.send(Err(ProduceError::Rejected {
-                            topic: topic.clone(),
-                            why: e.to_string(),
-                        }));
-                    }
-                }
-                Outcome::Retry(e) => {
-                    // The batch is resent as it is (same sequence); the leader is looked up again.
-                    conn = None;
-                    if matches!(e, Error::Io { .. }) && !reconnected {
-                        // A connection the broker closed (idle, restarted): reconnect at once,
-                        // once; a second loss in a row backs off.
-                        reconnected = true;
-                        tracing::info!(%topic, partition, error = %e, "producer: connection lost, resending");
-                        continue;
-                    }
-                    let wait = backoff.next_wait();
-                    tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: batch failed, retrying");
-                    if matches!(
-                        e.broker_error(),
-                        Some(ResponseError::UnknownTopicOrPartition)
-                    ) {
-                        let since = *leaderless_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() >= self.cluster.request_timeout {
-                            for (_, done) in batch.records.drain(..) {
-                                let _ = done.send(Err(ProduceError::UnknownTopic(topic.clone())));
-                            }
-                            continue;
-                        }
-                    }
+                Err(PidError::Retry(e)) => {
+                    let wait = st.backoff.next_wait();
+                    tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: InitProducerId failed, retrying");
                     tokio::time::sleep(wait).await;
+                    return Step::Again;
+                }
+            }
+        };
+        if let Some(p) = pid
+            && st.seq_generation != Some(p.generation)
+        {
+            st.acked = 0;
+            st.seq_generation = Some(p.generation);
+        }
+        // The base sequence: after the records of the unresolved batches before it.
+        let seq = st
+            .queue
+            .iter()
+            .take(i)
+            .fold(st.acked, |s, b| next_sequence(s, b.records.len() as i32));
+        let key = pid.map(|p| (p.generation, seq));
+        let b = &mut st.queue[i];
+        if b.encoded.as_ref().is_none_or(|e| e.key != key) {
+            let meta = match pid {
+                Some(p) => batch::BatchMeta {
+                    producer_id: p.id,
+                    producer_epoch: p.epoch,
+                    base_sequence: seq,
+                    timestamp_ms: b.timestamp_ms,
+                    transactional: self.shared.txn.is_some(),
+                },
+                None => batch::BatchMeta::plain(b.timestamp_ms),
+            };
+            match batch::encode(b.records.iter().map(|q| &q.0), self.cfg.compression, meta) {
+                Ok(bytes) => b.encoded = Some(Encoded { bytes, key }),
+                Err(e) if front => {
+                    tracing::error!(%topic, partition, error = %e, "producer: cannot encode the batch");
+                    st.queue
+                        .pop_front()
+                        .expect("a batch")
+                        .fail(|_| ProduceError::Rejected {
+                            topic: topic.clone(),
+                            why: format!("cannot encode the batch: {e}"),
+                        });
+                    return Step::Again;
+                }
+                Err(_) => return Step::Wait,
+            }
+        }
+        // The leader's connection (none only with nothing outstanding).
+        if st.conn.is_none() {
+            match self.connect().await {
+                Ok(c) => {
+                    st.leaderless_since = None;
+                    st.conn = Some(c);
+                }
+                Err(e) => {
+                    let since = *st.leaderless_since.get_or_insert_with(Instant::now);
+                    if matches!(e, Error::UnknownTopic(_))
+                        && since.elapsed() >= self.cluster.request_timeout
+                    {
+                        tracing::error!(%topic, partition, error = %e, "producer: topic does not exist");
+                        st.queue
+                            .pop_front()
+                            .expect("a batch")
+                            .fail(|_| ProduceError::UnknownTopic(topic.clone()));
+                        return Step::Again;
+                    }
+                    let wait = st.backoff.next_wait();
+                    tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: partition leader unknown, retrying");
+                    tokio::time::sleep(wait).await;
+                    return Step::Again;
                 }
             }
         }
+        let Some((c, version)) = st.conn.as_mut() else {
+            return Step::Again;
+        };
+        // KIP-368: a session due for re-authentication takes the outstanding answers first.
+        if c.must_drain() {
+            return Step::Wait;
+        }
+        // Transactional: the partition joins the open transaction before its first batch.
+        if let Err(e) = self.shared.join_transaction(topic, partition).await {
+            if !front {
+                return Step::Wait;
+            }
+            tracing::warn!(%topic, partition, error = %e, "producer: the transaction failed; batch not sent");
+            st.queue
+                .pop_front()
+                .expect("a batch")
+                .fail(|_| ProduceError::Transaction(e.to_string()));
+            return Step::Again;
+        }
+        self.shared.wait_throttle(c.broker()).await;
+        // An abort while throttled or joining: the batch is checked again.
+        if self.shared.txn.is_some() && self.shared.aborts.load(Ordering::Acquire) != aborts {
+            return Step::Again;
+        }
+        let b = &mut st.queue[i];
+        let bytes = b
+            .encoded
+            .as_ref()
+            .map(|e| e.bytes.clone())
+            .unwrap_or_default();
+        self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        match c
+            .send_pipelined(self.request(bytes), *version, "Produce")
+            .await
+        {
+            Ok(()) => {
+                b.due = Some(Instant::now() + self.answer_timeout());
+                st.sent += 1;
+            }
+            Err(e) => self.retry(st, e).await,
+        }
+        Step::Again
+    }
+
+    /// Acts on the answer to the oldest outstanding batch.
+    async fn answered(&self, st: &mut State, outcome: Outcome) {
+        let topic = &self.topic;
+        let partition = self.partition;
+        match outcome {
+            Outcome::Written(base) => {
+                st.backoff.reset();
+                st.reconnected = false;
+                let b = st.take_front();
+                st.written(&b);
+                for (i, (_, done)) in b.records.into_iter().enumerate() {
+                    let _ = done.send(Ok(base + i as i64));
+                }
+            }
+            Outcome::Duplicate => {
+                st.backoff.reset();
+                st.reconnected = false;
+                let b = st.take_front();
+                tracing::info!(%topic, partition, sequence = ?b.encoded.as_ref().and_then(|e| e.key), "producer: batch already written (duplicate sequence)");
+                st.written(&b);
+                for (_, done) in b.records {
+                    let _ = done.send(Ok(-1));
+                }
+            }
+            Outcome::NewProducerId(e) if self.shared.txn.is_some() => {
+                // Transactional: the transaction is over (fenced: for good); the caller
+                // aborts, and the next transaction gets a new epoch. The batches after it fail
+                // as they come to be sent (the transaction has failed).
+                let id = self.shared.txn_id.to_string();
+                let why = e.to_string();
+                let te = match e.broker_error() {
+                    Some(ResponseError::ProducerFenced | ResponseError::InvalidProducerEpoch) => {
+                        TxnError::Fenced { id, why }
+                    }
+                    _ => TxnError::Abortable(why),
+                };
+                tracing::warn!(%topic, partition, error = %te, "producer: transactional batch refused");
+                self.shared.fail_transaction(te.clone()).await;
+                st.take_front()
+                    .fail(|_| ProduceError::Transaction(te.to_string()));
+                st.drop_conn();
+            }
+            Outcome::NewProducerId(_) => {
+                tracing::warn!(%topic, partition, "producer: the broker lost or fenced our producer id; asking for a new one (a batch may be written twice)");
+                st.stale = st.seq_generation;
+                st.drop_conn();
+                tokio::time::sleep(st.backoff.next_wait()).await;
+            }
+            Outcome::TooLarge => {
+                self.limit.stale.store(true, Ordering::Relaxed);
+                let mut b = st.take_front();
+                let n = b.records.len();
+                self.drain(st).await;
+                if n > 1 {
+                    // Split in halves, in order, before the batches after it: the halves take
+                    // its sequences, so those after it keep theirs.
+                    let rest = b.records.split_off(n / 2);
+                    st.queue.push_front(Batch::new(rest));
+                    st.queue.push_front(Batch::new(b.records));
+                    tracing::info!(%topic, partition, records = n, "producer: batch too large for the broker; split in halves");
+                } else {
+                    let max = self.limit.bytes.load(Ordering::Relaxed);
+                    b.fail(|r| ProduceError::TooLarge {
+                        topic: topic.clone(),
+                        size: r.batch_size(),
+                        max,
+                    });
+                }
+            }
+            Outcome::Fatal(e) => {
+                tracing::error!(%topic, partition, error = %e, "producer: batch rejected");
+                st.take_front().fail(|_| ProduceError::Rejected {
+                    topic: topic.clone(),
+                    why: e.to_string(),
+                });
+                self.drain(st).await;
+            }
+            Outcome::Retry(e) => self.retry(st, e).await,
+        }
+    }
+
+    /// The oldest batch was not written (refused): the broker answers the outstanding ones
+    /// after it OUT_OF_ORDER_SEQUENCE_NUMBER (they follow a sequence it never got). Reads
+    /// those answers, so that nothing of theirs is still on its way when they are sent again
+    /// with sequences moved down to follow the last batch written.
+    async fn drain(&self, st: &mut State) {
+        let mut j = 0;
+        while st.sent > 0 {
+            let due = st.queue[j].due.unwrap_or_else(Instant::now);
+            let Some((c, _)) = st.conn.as_mut() else {
+                st.drop_conn();
+                return;
+            };
+            let r = tokio::time::timeout_at(due, c.recv::<ProduceRequest>()).await;
+            let outcome = self.outcome(st, r);
+            st.sent -= 1;
+            match outcome {
+                Outcome::Written(_) | Outcome::Duplicate => {
+                    // Only a broker that does not check sequences writes it: it is in the
+                    // log, so it is not sent again.
+                    tracing::warn!(topic = %self.topic, partition = self.partition, "producer: a batch after a refused one was written");
+                    let b = st.queue.remove(j).expect("an outstanding batch");
+                    st.written(&b);
+                    for (_, done) in b.records {
+                        let _ = done.send(Ok(-1));
+                    }
+                }
+                Outcome::Retry(_) => {
+                    st.drop_conn();
+                    return;
+                }
+                _ => {
+                    st.queue[j].due = None;
+                    j += 1;
+                }
+            }
+        }
+    }
+
+    /// A lost connection or a retriable error: the outstanding batches are sent again, in
+    /// order, with their sequences; the leader is looked up again.
+    async fn retry(&self, st: &mut State, e: Error) {
+        let topic = &self.topic;
+        let partition = self.partition;
+        st.drop_conn();
+        if matches!(e, Error::Io { .. }) && !st.reconnected {
+            // A connection the broker closed (idle, restarted): reconnect at once, once; a
+            // second loss in a row backs off.
+            st.reconnected = true;
+            tracing::info!(%topic, partition, error = %e, "producer: connection lost, resending");
+            return;
+        }
+        let wait = st.backoff.next_wait();
+        tracing::warn!(%topic, partition, error = %e, retry_in = ?wait, "producer: batch failed, retrying");
+        if matches!(
+            e.broker_error(),
+            Some(ResponseError::UnknownTopicOrPartition)
+        ) {
+            let since = *st.leaderless_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.cluster.request_timeout {
+                if let Some(b) = st.queue.pop_front() {
+                    b.fail(|_| ProduceError::UnknownTopic(topic.clone()));
+                }
+                return;
+            }
+        }
+        tokio::time::sleep(wait).await;
     }
 
     /// A connection to the partition's leader and the Produce version it speaks.
@@ -1208,17 +1430,14 @@ impl Writer {
         Ok((conn, v))
     }
 
-    /// `aborts`: the transaction aborts counted when the batch was checked; one since then
-    /// (while throttled, or waiting to join the transaction) sends nothing (`Outcome::Aborted`).
-    async fn produce(
-        &self,
-        conn: &mut BrokerConn,
-        version: i16,
-        records: Bytes,
-        aborts: u64,
-    ) -> Outcome {
+    /// How long a Produce answer may take: the broker's timeout for acks=all, and some.
+    fn answer_timeout(&self) -> Duration {
+        self.cluster.request_timeout + Duration::from_secs(5)
+    }
+
+    fn request(&self, records: Bytes) -> ProduceRequest {
         let server_timeout = self.cluster.request_timeout;
-        let req = ProduceRequest::default()
+        ProduceRequest::default()
             .with_transactional_id(self.shared.transactional_id().map(TransactionalId))
             .with_acks(-1)
             .with_timeout_ms(server_timeout.as_millis().min(i32::MAX as u128) as i32)
@@ -1230,26 +1449,34 @@ impl Writer {
                             .with_index(self.partition)
                             .with_records(Some(records)),
                     ]),
-            ]);
-        self.shared.wait_throttle(conn.broker()).await;
-        if self.shared.txn.is_some() && self.shared.aborts.load(Ordering::Acquire) != aborts {
-            return Outcome::Aborted;
-        }
-        self.shared.requests.fetch_add(1, Ordering::Relaxed);
-        let resp = match conn
-            .send_with_timeout(
-                req,
-                version,
-                "Produce",
-                server_timeout + Duration::from_secs(5),
-            )
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => return Outcome::Retry(e),
+            ])
+    }
+
+    /// What an answer (or its failure, or its timeout) says about its batch; a throttle is
+    /// noted (KIP-219: the broker has answered and appended; it only asks us to wait).
+    fn outcome(
+        &self,
+        st: &State,
+        r: Result<Result<kafka_protocol::messages::ProduceResponse>, tokio::time::error::Elapsed>,
+    ) -> Outcome {
+        let resp = match r {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Outcome::Retry(e),
+            Err(_) => {
+                return Outcome::Retry(Error::Timeout {
+                    call: "Produce",
+                    broker: st
+                        .conn
+                        .as_ref()
+                        .map(|(c, _)| c.broker().to_owned())
+                        .unwrap_or_default(),
+                    after: self.answer_timeout(),
+                });
+            }
         };
-        // KIP-219: the broker has answered (and appended); it only asks us to wait.
-        self.shared.throttle(conn.broker(), resp.throttle_time_ms);
+        if let Some((c, _)) = &st.conn {
+            self.shared.throttle(c.broker(), resp.throttle_time_ms);
+        }
         let Some(p) = resp
             .responses
             .iter()

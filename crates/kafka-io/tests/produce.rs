@@ -291,9 +291,11 @@ async fn the_topic_limit_is_asked_again_and_a_failed_describe_configs_is_not_kep
 }
 
 /// KIP-368 with records flowing: the broker gives 1 s SASL sessions (OAUTHBEARER) and closes
-/// a connection used after its session ended. For 3 s of records the producer's connection
-/// re-authenticates in time: every record is written once, in order, no Produce request met an
-/// expired session, and no batch was sent twice.
+/// a connection used after its session ended. For 3 s of records, pipelined (one record a
+/// batch, answers 100 ms late: requests are outstanding nearly all the time), the producer's
+/// connection re-authenticates in time and only with nothing outstanding: every record is
+/// written once, in order, no Produce request met an expired session, and no batch was sent
+/// twice.
 #[tokio::test]
 async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
     use kafka_io::{
@@ -301,6 +303,8 @@ async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
     };
     let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
     fake.sasl_session_lifetime(Some(1000));
+    fake.produce_answer_delay(Duration::from_millis(100));
+    fake.max_message_bytes(Some(400));
     let mut settings = kafka_io::ConnectionSettings::plaintext(&fake.bootstrap()).unwrap();
     settings.security = SecurityProtocol::SaslPlaintext;
     settings.sasl = Some(SaslSettings {
@@ -329,15 +333,26 @@ async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
             ..Default::default()
         },
     );
+    // A window of records always waiting: the writer always has requests outstanding.
     let mut sent = Vec::new();
-    for round in 0..30 {
-        let vals: Vec<String> = (0..5).map(|i| format!("r{round:02}-{i}")).collect();
-        for d in send_all(&p, &vals).await {
-            assert!(d.is_ok(), "{d:?}");
+    let mut waiting = std::collections::VecDeque::new();
+    for k in 0..160 {
+        let v = format!("r{k:03}{}", "x".repeat(200));
+        waiting.push_back(
+            p.send(TOPIC, Some(0), rec(v.clone()))
+                .await
+                .expect("queued"),
+        );
+        sent.push(v);
+        while waiting.len() > 8 || (k == 159 && !waiting.is_empty()) {
+            let d = waiting.pop_front().unwrap();
+            let r = tokio::time::timeout(BOUND, d.wait())
+                .await
+                .expect("in time");
+            assert!(r.is_ok(), "{r:?}");
         }
-        sent.extend(vals);
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(fake.max_produce_unanswered() >= 2, "pipelined");
     assert_eq!(strings(fake.produced(TOPIC, 0)), sent);
     let expired = fake.expired_requests();
     assert!(
@@ -353,5 +368,199 @@ async fn records_flow_through_re_authentication_none_lost_or_sent_twice() {
         "{}",
         fake.reauthentications()
     );
+    p.close(BOUND).await.unwrap();
+}
+
+/// A producer whose batches hold one record each: the topic takes 400 bytes, a record of
+/// `values(_, 200)` needs ~310 with its batch.
+async fn one_record_batches(fake: &FakeBroker, idempotent: bool) -> Producer {
+    fake.max_message_bytes(Some(400));
+    let p = producer(fake, idempotent, 0).await;
+    assert_eq!(p.max_batch_bytes(TOPIC).await, 400);
+    p
+}
+
+/// Kafka's `max.in.flight.requests.per.connection=5` with idempotence: while the broker takes
+/// its time to answer, five Produce requests of one partition are outstanding on one
+/// connection (never more), and every record lands once, in order, with its offset.
+#[tokio::test]
+async fn idempotent_five_produce_requests_are_outstanding_and_records_land_in_order() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.produce_answer_delay(Duration::from_millis(150));
+    let p = one_record_batches(&fake, true).await;
+    let vals = values(20, 200);
+    let got = send_all(&p, &vals).await;
+    assert_eq!(
+        fake.max_produce_unanswered(),
+        5,
+        "Produce requests outstanding at once on one connection"
+    );
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        vals,
+        "every record once, in order"
+    );
+    let offsets: Vec<i64> = got.into_iter().map(Result::unwrap).collect();
+    assert_eq!(offsets, (0..20).collect::<Vec<i64>>());
+    let batches = fake.produce_batches();
+    assert_eq!(
+        batches.len(),
+        20,
+        "one batch per record, none resent: {batches:?}"
+    );
+    let seqs: Vec<i32> = batches.iter().map(|b| b.base_sequence).collect();
+    assert_eq!(seqs, (0..20).collect::<Vec<i32>>());
+    let conns: std::collections::BTreeSet<usize> = fake
+        .of(kafka_protocol::messages::ApiKey::Produce)
+        .iter()
+        .map(|s| s.conn)
+        .collect();
+    assert_eq!(conns.len(), 1, "one connection: {conns:?}");
+    p.close(BOUND).await.unwrap();
+}
+
+/// Without idempotence a retried batch could land after a later one: one request at a time.
+#[tokio::test]
+async fn not_idempotent_one_produce_request_is_outstanding() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.produce_answer_delay(Duration::from_millis(50));
+    let p = one_record_batches(&fake, false).await;
+    let vals = values(6, 200);
+    assert!(send_all(&p, &vals).await.iter().all(Result::is_ok));
+    assert_eq!(fake.max_produce_unanswered(), 1);
+    assert_eq!(strings(fake.produced(TOPIC, 0)), vals);
+    p.close(BOUND).await.unwrap();
+}
+
+/// Five batches pipelined; the broker appends the first three and closes the connection on
+/// reading the third, before any answer is written. The producer resends all five in order
+/// with their sequences: the broker has the first three (DUPLICATE_SEQUENCE_NUMBER, written)
+/// and appends the last two, so the log holds every record once, in order, and the producer
+/// id is kept.
+#[tokio::test]
+async fn idempotent_pipelined_batches_cut_off_are_resent_in_order_and_written_once() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = one_record_batches(&fake, true).await;
+    assert!(send_all(&p, &["warm-up".to_owned()]).await[0].is_ok());
+    fake.produce_answer_delay(Duration::from_millis(300));
+    fake.close_at_produce(3);
+    let vals = values(5, 200);
+    let got = send_all(&p, &vals).await;
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    let mut want = vec!["warm-up".to_owned()];
+    want.extend(vals);
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        want,
+        "every record once, in order"
+    );
+    let produces = fake.of(kafka_protocol::messages::ApiKey::Produce);
+    // The first three went out together on the connection that closed.
+    let cut = &produces[1..4];
+    assert!(cut.iter().all(|s| s.conn == cut[0].conn), "{produces:?}");
+    assert!(fake.max_produce_unanswered() >= 2, "pipelined");
+    // Resent from the first unanswered batch on, in order, with the same sequences and id.
+    let batches = fake.produce_batches();
+    let seqs: Vec<i32> = batches.iter().map(|b| b.base_sequence).collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 1, 2, 3, 4, 5], "resent in order");
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.producer_id == batches[0].producer_id),
+        "{batches:?}"
+    );
+    // The three written before the cut are known only as duplicates (offset unknown).
+    let offsets: Vec<i64> = got.into_iter().map(Result::unwrap).collect();
+    assert_eq!(offsets, [-1, -1, -1, 4, 5]);
+    p.close(BOUND).await.unwrap();
+}
+
+/// Five batches of two records pipelined; the broker refuses the second as too large. The
+/// batches after it were refused as out of order (their sequences follow one it never got):
+/// the producer reads those answers, splits the refused batch in halves that take its
+/// sequences, and resends halves and later batches in order. Every record lands once, in
+/// order, and the producer id is kept (no out-of-order answer reached the oldest batch).
+#[tokio::test]
+async fn a_pipelined_batch_refused_as_too_large_is_split_before_the_later_ones() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    // Two records per batch (~620 bytes), not three.
+    fake.max_message_bytes(Some(700));
+    let p = producer(&fake, true, 0).await;
+    assert!(send_all(&p, &["warm-up".to_owned()]).await[0].is_ok());
+    fake.produce_answer_delay(Duration::from_millis(100));
+    fake.produce_error_at(2, ResponseError::MessageTooLarge);
+    let vals = values(10, 200);
+    let got = send_all(&p, &vals).await;
+    assert!(got.iter().all(Result::is_ok), "{got:?}");
+    let mut want = vec!["warm-up".to_owned()];
+    want.extend(vals);
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        want,
+        "every record once, in order"
+    );
+    let produces = fake.of(kafka_protocol::messages::ApiKey::Produce);
+    let codes: Vec<i16> = produces.iter().map(|s| s.code).collect();
+    let too_large = ResponseError::MessageTooLarge.code();
+    let out_of_order = ResponseError::OutOfOrderSequenceNumber.code();
+    let at = codes.iter().position(|c| *c == too_large).expect("refused");
+    assert!(
+        codes[at + 1..].contains(&out_of_order),
+        "batches after it were outstanding: {codes:?}"
+    );
+    let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
+    assert_eq!(inits.len(), 1, "producer id kept: {codes:?}");
+    // The refused batch's records went in two requests, one each.
+    let refused = &produces[at].produced[0];
+    assert_eq!(refused.records, 2, "{produces:?}");
+    let halves: Vec<i32> = fake
+        .produce_batches()
+        .iter()
+        .filter(|b| b.records == 1)
+        .map(|b| b.base_sequence)
+        .collect();
+    assert!(
+        halves
+            .windows(2)
+            .any(|w| w == [refused.base_sequence, refused.base_sequence + 1]),
+        "{halves:?}"
+    );
+    p.close(BOUND).await.unwrap();
+}
+
+/// Five batches pipelined; the broker rejects the second for good (INVALID_RECORD). Its record
+/// fails; the later ones (refused as out of order) are resent with their sequences moved down
+/// and land once, in order, under the same producer id.
+#[tokio::test]
+async fn a_pipelined_batch_rejected_for_good_fails_alone_and_the_later_ones_land() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = one_record_batches(&fake, true).await;
+    fake.produce_answer_delay(Duration::from_millis(100));
+    fake.produce_error_at(2, ResponseError::InvalidRecord);
+    let vals = values(5, 200);
+    let got = send_all(&p, &vals).await;
+    assert!(
+        matches!(&got[1], Err(ProduceError::Rejected { why, .. }) if why.contains("InvalidRecord")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().enumerate().all(|(i, r)| i == 1 || r.is_ok()),
+        "{got:?}"
+    );
+    let want: Vec<String> = vals
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(strings(fake.produced(TOPIC, 0)), want);
+    let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
+    assert_eq!(inits.len(), 1, "producer id kept");
+    let seqs: Vec<i32> = fake
+        .produce_batches()
+        .iter()
+        .map(|b| b.base_sequence)
+        .collect();
+    assert_eq!(seqs, [0, 1, 2, 3, 4, 1, 2, 3], "later batches moved down");
     p.close(BOUND).await.unwrap();
 }

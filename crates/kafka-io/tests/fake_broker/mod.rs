@@ -221,6 +221,16 @@ struct State {
     produce_throttle_ms: i32,
     produce_max_bytes: Option<usize>,
     drop_produce_responses: usize,
+    /// Produce requests to read before the one that closes the connection (appended, and no
+    /// answer written after it).
+    close_at_produce: Option<usize>,
+    /// Produce requests to read before the one answered with this error (nothing appended).
+    produce_error_at: Option<(usize, ResponseError)>,
+    /// Produce answers are written this long after their request was read.
+    produce_answer_delay: Duration,
+    /// Per connection: Produce requests read and not yet answered; the most seen.
+    produce_unanswered: Vec<usize>,
+    produce_unanswered_max: usize,
     max_message_bytes: Option<usize>,
     describe_configs_fails: bool,
     /// Some: SASL required, sessions of this many ms.
@@ -304,6 +314,11 @@ impl FakeBroker {
             produce_throttle_ms: 0,
             produce_max_bytes: None,
             drop_produce_responses: 0,
+            close_at_produce: None,
+            produce_error_at: None,
+            produce_answer_delay: Duration::ZERO,
+            produce_unanswered: Vec::new(),
+            produce_unanswered_max: 0,
             max_message_bytes: None,
             describe_configs_fails: false,
             sasl_lifetime_ms: None,
@@ -348,6 +363,28 @@ impl FakeBroker {
     /// The next `n` Produce requests are appended but not answered: the connection closes.
     pub fn drop_produce_responses(&self, n: usize) {
         self.shared.lock().drop_produce_responses = n;
+    }
+
+    /// Produce answers are written `d` after their request was read (in order; the next
+    /// requests are read meanwhile).
+    pub fn produce_answer_delay(&self, d: Duration) {
+        self.shared.lock().produce_answer_delay = d;
+    }
+
+    /// The `n`-th Produce request from now is appended, then its connection closes: its
+    /// answer and every answer not yet written (delayed) are lost.
+    pub fn close_at_produce(&self, n: usize) {
+        self.shared.lock().close_at_produce = Some(n);
+    }
+
+    /// The `n`-th Produce request from now is answered `e`, nothing appended.
+    pub fn produce_error_at(&self, n: usize, e: ResponseError) {
+        self.shared.lock().produce_error_at = Some((n, e));
+    }
+
+    /// The most Produce requests one connection had read and not yet answered.
+    pub fn max_produce_unanswered(&self) -> usize {
+        self.shared.lock().produce_unanswered_max
     }
 
     /// DescribeConfigs of any topic answers this `max.message.bytes` (None: no such config).
@@ -572,6 +609,7 @@ async fn accept(listener: TcpListener, node: i32, shared: Shared) {
                 let id = {
                     let mut st = shared.lock();
                     st.connections += 1;
+                    st.produce_unanswered.push(0);
                     st.connections - 1
                 };
                 conns.spawn(serve(stream, id, node, shared.clone()));
@@ -589,8 +627,35 @@ fn code(e: Option<ResponseError>) -> i16 {
     e.map_or(0, |e| e.code())
 }
 
-/// One connection: requests one at a time (rskafka may pipeline; answering in order is fine).
-async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
+/// One connection: requests read one at a time and answered in order by a writer task, so a
+/// client may pipeline (a delayed answer does not stop the next request being read). The
+/// connection closes with answers still unwritten when the reader stops.
+async fn serve(stream: TcpStream, conn: usize, node: i32, shared: Shared) {
+    let (mut stream, mut wr) = stream.into_split();
+    let (out, mut answers) = tokio::sync::mpsc::unbounded_channel::<(Instant, Bytes, bool)>();
+    let writer_shared = shared.clone();
+    let writer = tokio::spawn(async move {
+        while let Some((at, b, produce)) = answers.recv().await {
+            tokio::time::sleep_until(at).await;
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+            if produce {
+                writer_shared.lock().produce_unanswered[conn] -= 1;
+            }
+        }
+    });
+    serve_requests(&mut stream, conn, node, &shared, &out).await;
+    writer.abort();
+}
+
+async fn serve_requests(
+    stream: &mut tokio::net::tcp::OwnedReadHalf,
+    conn: usize,
+    node: i32,
+    shared: &Shared,
+    out: &tokio::sync::mpsc::UnboundedSender<(Instant, Bytes, bool)>,
+) {
     let mut session_ends: Option<Instant> = None;
     while let Ok(size) = stream.read_i32().await {
         if !(4..=64 << 20).contains(&size) {
@@ -655,7 +720,7 @@ async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
                 _ => None,
             };
             if let Some(body) = body {
-                if stream.write_all(&body).await.is_err() {
+                if out.send((Instant::now(), body, false)).is_err() {
                     break;
                 }
                 continue;
@@ -690,24 +755,35 @@ async fn serve(mut stream: TcpStream, conn: usize, node: i32, shared: Shared) {
             session: (0, -1),
             produced: Vec::new(),
         };
-        let body = match answer(api, version, corr, &mut buf, node, &shared, &mut seen) {
+        let answer = answer(api, version, corr, &mut buf, node, shared, &mut seen);
+        if answer.is_ok() {
+            shared.lock().seen.push(seen);
+        }
+        let body = match answer {
             Ok(Answer::Now(b)) => b,
             Ok(Answer::After(d, b)) => {
-                shared.lock().seen.push(seen);
+                // The reader waits too (an empty Fetch, a delayed commit), as before.
                 tokio::time::sleep(d).await;
-                if stream.write_all(&b).await.is_err() {
+                if out.send((Instant::now(), b, false)).is_err() {
                     break;
                 }
                 continue;
             }
-            Ok(Answer::Drop) => {
-                shared.lock().seen.push(seen);
-                break;
-            }
-            Err(()) => break,
+            Ok(Answer::Drop) | Err(()) => break,
         };
-        shared.lock().seen.push(seen);
-        if stream.write_all(&body).await.is_err() {
+        let produce = api == ApiKey::Produce;
+        let at = {
+            let mut st = shared.lock();
+            if produce {
+                st.produce_unanswered[conn] += 1;
+                let n = st.produce_unanswered[conn];
+                st.produce_unanswered_max = st.produce_unanswered_max.max(n);
+                at + st.produce_answer_delay
+            } else {
+                at
+            }
+        };
+        if out.send((at, body, produce)).is_err() {
             break;
         }
     }
@@ -916,7 +992,21 @@ fn answer(
                     let mut r = PartitionProduceResponse::default()
                         .with_index(p.index)
                         .with_base_offset(-1);
-                    let err = if !st.topics.contains_key(&name) {
+                    let scripted = match st.produce_error_at.as_mut() {
+                        Some((1, e)) => {
+                            let e = *e;
+                            st.produce_error_at = None;
+                            Some(e)
+                        }
+                        Some((left, _)) => {
+                            *left -= 1;
+                            None
+                        }
+                        None => None,
+                    };
+                    let err = if scripted.is_some() {
+                        scripted
+                    } else if !st.topics.contains_key(&name) {
                         Some(ResponseError::UnknownTopicOrPartition)
                     } else if st.produce_max_bytes.is_some_and(|m| records.len() > m) {
                         Some(ResponseError::MessageTooLarge)
@@ -973,6 +1063,13 @@ fn answer(
             if st.drop_produce_responses > 0 {
                 st.drop_produce_responses -= 1;
                 return Ok(Answer::Drop);
+            }
+            if let Some(left) = st.close_at_produce.as_mut() {
+                *left -= 1;
+                if *left == 0 {
+                    st.close_at_produce = None;
+                    return Ok(Answer::Drop);
+                }
             }
             encode::<ProduceRequest>(
                 corr,
