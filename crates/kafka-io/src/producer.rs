@@ -909,6 +909,9 @@ struct Batch {
     timestamp_ms: i64,
     /// Sent on the current connection: when its answer is due.
     due: Option<Instant>,
+    /// Sent (its bytes may have reached the broker) and not known to be refused: it is
+    /// resent byte for byte, with the producer id, epoch and sequence it carries.
+    sent: bool,
 }
 
 struct Encoded {
@@ -924,6 +927,7 @@ impl Batch {
             encoded: None,
             timestamp_ms: now_ms(),
             due: None,
+            sent: false,
         }
     }
 
@@ -964,10 +968,14 @@ struct State {
     backoff: Backoff,
     /// Since when the partition's leader cannot be found (a deleted topic ends the wait).
     leaderless_since: Option<Instant>,
-    /// The sequence after the last batch written, and the producer id generation it counts for.
+    /// The producer id the partition's sequences count for (the producer's shared one can be
+    /// newer: the partition moves to it only when none of its batches went out under this).
+    pid: Option<Pid>,
+    /// The sequence after the last batch written under `pid`.
     acked: i32,
-    seq_generation: Option<u64>,
-    /// The producer id generation the broker refused (a new id is asked for).
+    /// The producer id generation the broker refused, or under which a batch may or may not
+    /// have been written: no new batch goes out under it, and once none of the partition's
+    /// batches may be written under it, the partition takes a new one.
     stale: Option<u64>,
     /// A lost connection was reconnected at once since the last answer (the next loss waits).
     reconnected: bool,
@@ -987,6 +995,14 @@ impl State {
     fn take_front(&mut self) -> Batch {
         self.sent = self.sent.saturating_sub(1);
         self.queue.pop_front().expect("an outstanding batch")
+    }
+
+    /// The broker took none of the queued batches (it refused one before them, so it took
+    /// none after it): each is encoded again (for its sequence or producer id) when sent.
+    fn none_written(&mut self) {
+        for b in &mut self.queue {
+            b.sent = false;
+        }
     }
 
     /// `b` is written: the broker's next sequence follows it.
@@ -1021,8 +1037,8 @@ impl Writer {
             sent: 0,
             backoff: Backoff::new(Duration::from_millis(50), cfg.max_backoff),
             leaderless_since: None,
+            pid: None,
             acked: 0,
-            seq_generation: None,
             stale: None,
             reconnected: false,
         };
@@ -1119,20 +1135,31 @@ impl Writer {
             if b.records.is_empty() {
                 st.queue.pop_front();
             }
+            // The aborted transaction's batches count for nothing: the rest go out again
+            // under the next producer epoch.
+            st.none_written();
             return Step::Again;
         }
-        // The producer id: asked for (or renewed) only with nothing outstanding; a later batch
-        // goes out under the id its predecessors carry.
+        // The producer id. A batch that went out keeps the one it carries (and its sequence:
+        // resent byte for byte), so the broker can tell it was written; the partition moves to
+        // the producer's current id (or a new one when its own is stale) only when none of its
+        // batches went out under the old one, as Java's `maybeUpdateProducerIdAndEpoch`.
         let pid = if !self.shared.idempotent {
             None
-        } else if !front {
-            match *self.shared.pid.lock().await {
-                Some(p) if Some(p.generation) == st.seq_generation => Some(p),
-                _ => return Step::Wait,
-            }
-        } else {
-            match self.shared.producer_id(st.stale.take()).await {
-                Ok(p) => Some(p),
+        } else if st.queue.iter().skip(i).any(|b| b.sent) {
+            // Sent (or, its halves, placed before batches that were): the partition's id.
+            st.pid
+        } else if front {
+            // Nothing of the partition's went out under its id.
+            match self.shared.producer_id(st.stale).await {
+                Ok(p) => {
+                    st.stale = None;
+                    if st.pid.map(|q| q.generation) != Some(p.generation) {
+                        st.pid = Some(p);
+                        st.acked = 0;
+                    }
+                    Some(p)
+                }
                 Err(PidError::Refused(why)) => {
                     tracing::error!(%topic, partition, %why, "producer: idempotence refused");
                     st.queue
@@ -1151,13 +1178,18 @@ impl Writer {
                     return Step::Again;
                 }
             }
+        } else if st.stale.is_some() {
+            // Not under a stale id: it waits for the batches before it.
+            return Step::Wait;
+        } else {
+            // After outstanding batches, under their id while it is the producer's (else it
+            // waits for them). An InitProducerId under way holds the lock: the answers are
+            // read meanwhile.
+            match self.shared.pid.try_lock().map(|p| *p) {
+                Ok(Some(p)) if st.pid.is_some_and(|q| q.generation == p.generation) => Some(p),
+                _ => return Step::Wait,
+            }
         };
-        if let Some(p) = pid
-            && st.seq_generation != Some(p.generation)
-        {
-            st.acked = 0;
-            st.seq_generation = Some(p.generation);
-        }
         // The base sequence: after the records of the unresolved batches before it.
         let seq = st
             .queue
@@ -1166,7 +1198,7 @@ impl Writer {
             .fold(st.acked, |s, b| next_sequence(s, b.records.len() as i32));
         let key = pid.map(|p| (p.generation, seq));
         let b = &mut st.queue[i];
-        if b.encoded.as_ref().is_none_or(|e| e.key != key) {
+        if !b.sent && b.encoded.as_ref().is_none_or(|e| e.key != key) {
             let meta = match pid {
                 Some(p) => batch::BatchMeta {
                     producer_id: p.id,
@@ -1210,6 +1242,7 @@ impl Writer {
                             .pop_front()
                             .expect("a batch")
                             .fail(|_| ProduceError::UnknownTopic(topic.clone()));
+                        st.none_written();
                         return Step::Again;
                     }
                     let wait = st.backoff.next_wait();
@@ -1250,6 +1283,7 @@ impl Writer {
             .map(|e| e.bytes.clone())
             .unwrap_or_default();
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        b.sent = true;
         match c
             .send_pipelined(self.request(bytes), *version, "Produce")
             .await
@@ -1307,7 +1341,10 @@ impl Writer {
             }
             Outcome::NewProducerId(_) => {
                 tracing::warn!(%topic, partition, "producer: the broker lost or fenced our producer id; asking for a new one (a batch may be written twice)");
-                st.stale = st.seq_generation;
+                // Refused, so none after it was written either: the partition's batches go
+                // out again under a new id, sequences from 0 (as Java's epoch bump).
+                st.stale = st.pid.map(|p| p.generation);
+                st.none_written();
                 st.drop_conn();
                 tokio::time::sleep(st.backoff.next_wait()).await;
             }
@@ -1316,6 +1353,7 @@ impl Writer {
                 let mut b = st.take_front();
                 let n = b.records.len();
                 self.drain(st).await;
+                st.none_written();
                 if n > 1 {
                     // Split in halves, in order, before the batches after it: the halves take
                     // its sequences, so those after it keep theirs.
@@ -1339,6 +1377,7 @@ impl Writer {
                     why: e.to_string(),
                 });
                 self.drain(st).await;
+                st.none_written();
             }
             Outcome::Retry(e) => self.retry(st, e).await,
         }
@@ -1406,6 +1445,7 @@ impl Writer {
                 if let Some(b) = st.queue.pop_front() {
                     b.fail(|_| ProduceError::UnknownTopic(topic.clone()));
                 }
+                st.none_written();
                 return;
             }
         }

@@ -564,3 +564,76 @@ async fn a_pipelined_batch_rejected_for_good_fails_alone_and_the_later_ones_land
     assert_eq!(seqs, [0, 1, 2, 3, 4, 1, 2, 3], "later batches moved down");
     p.close(BOUND).await.unwrap();
 }
+
+/// Sends `v` to `partition` and waits for its delivery.
+async fn send_one(p: &Producer, partition: i32, v: &str) -> Result<i64, ProduceError> {
+    let d = p
+        .send(TOPIC, Some(partition), rec(v.to_owned()))
+        .await
+        .expect("queued");
+    tokio::time::timeout(BOUND, d.wait())
+        .await
+        .expect("delivered in time")
+}
+
+/// The producer id is shared by the partitions. Partition 1 has two batches written under it
+/// whose answers are still on their way when partition 0 is told the id is unknown and takes a
+/// new one; then partition 1's answers are lost (the connection closes). Partition 1 resends
+/// its batches with the producer id and sequences they were sent with, so the broker knows
+/// them as duplicates: its log holds each record once. Only with nothing outstanding does
+/// partition 1 move to the new id.
+#[tokio::test]
+async fn another_partitions_new_producer_id_does_not_rewrite_outstanding_batches() {
+    let fake = FakeBroker::start(&[(TOPIC, 2)]).await;
+    let p = one_record_batches(&fake, true).await;
+    let pad = "x".repeat(200);
+    assert!(send_one(&p, 0, &format!("warm-0{pad}")).await.is_ok());
+    assert!(send_one(&p, 1, &format!("warm-1{pad}")).await.is_ok());
+    // Partition 1: two batches appended, their answers held back.
+    fake.produce_answer_delay(Duration::from_secs(30));
+    let mut ds = Vec::new();
+    for v in ["a", "b"] {
+        ds.push(
+            p.send(TOPIC, Some(1), rec(format!("{v}{pad}")))
+                .await
+                .expect("queued"),
+        );
+    }
+    let produces = |seen: &[fake_broker::Seen]| {
+        seen.iter()
+            .filter(|s| s.api == kafka_protocol::messages::ApiKey::Produce)
+            .count()
+    };
+    fake.wait_for(BOUND, |seen| produces(seen) == 4)
+        .await
+        .expect("both batches read");
+    // Partition 0: its producer id is unknown to the broker; it takes a new one.
+    fake.produce_answer_delay(Duration::ZERO);
+    fake.produce_error_at(1, ResponseError::UnknownProducerId);
+    assert!(send_one(&p, 0, &format!("x{pad}")).await.is_ok());
+    let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
+    assert_eq!(inits.len(), 2, "partition 0 took a new producer id");
+    // Partition 1's answers are lost.
+    fake.close_connections();
+    for d in ds {
+        let r = tokio::time::timeout(BOUND, d.wait())
+            .await
+            .expect("in time");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let log = |fake: &FakeBroker| -> Vec<String> {
+        strings(fake.produced(TOPIC, 1))
+            .iter()
+            .map(|v| v.trim_end_matches('x').to_owned())
+            .collect()
+    };
+    assert_eq!(log(&fake), ["warm-1", "a", "b"], "each record once");
+    // With nothing outstanding partition 1 takes the new id, its sequences from 0.
+    assert!(send_one(&p, 1, &format!("c{pad}")).await.is_ok());
+    assert_eq!(log(&fake), ["warm-1", "a", "b", "c"]);
+    let batches = fake.produce_batches();
+    let last = batches.last().unwrap();
+    assert_eq!((last.partition, last.base_sequence), (1, 0), "{batches:?}");
+    assert_ne!(last.producer_id, batches[0].producer_id, "{batches:?}");
+    p.close(BOUND).await.unwrap();
+}

@@ -207,6 +207,8 @@ struct State {
     join_errors_once: std::collections::VecDeque<ResponseError>,
     /// True: JoinGroups wait (unread, unanswered) until it turns false.
     hold_joins: tokio::sync::watch::Sender<bool>,
+    /// Bumped by [`FakeBroker::close_connections`]: every open connection closes.
+    close_all: tokio::sync::watch::Sender<u64>,
     /// JoinGroups waiting on `hold_joins` now.
     joins_held: usize,
     commit_delay: Duration,
@@ -303,6 +305,7 @@ impl FakeBroker {
             join_error: None,
             join_errors_once: Default::default(),
             hold_joins: tokio::sync::watch::Sender::new(false),
+            close_all: tokio::sync::watch::Sender::new(0),
             joins_held: 0,
             commit_delay: Duration::ZERO,
             seen: Vec::new(),
@@ -380,6 +383,12 @@ impl FakeBroker {
     /// The `n`-th Produce request from now is answered `e`, nothing appended.
     pub fn produce_error_at(&self, n: usize, e: ResponseError) {
         self.shared.lock().produce_error_at = Some((n, e));
+    }
+
+    /// Closes every open connection now: answers not yet written are lost (a request read
+    /// was still applied).
+    pub fn close_connections(&self) {
+        self.shared.lock().close_all.send_modify(|n| *n += 1);
     }
 
     /// The most Produce requests one connection had read and not yet answered.
@@ -645,7 +654,12 @@ async fn serve(stream: TcpStream, conn: usize, node: i32, shared: Shared) {
             }
         }
     });
-    serve_requests(&mut stream, conn, node, &shared, &out).await;
+    let mut close = shared.lock().close_all.subscribe();
+    close.borrow_and_update();
+    tokio::select! {
+        _ = serve_requests(&mut stream, conn, node, &shared, &out) => {}
+        _ = close.changed() => {}
+    }
     writer.abort();
 }
 
