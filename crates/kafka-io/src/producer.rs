@@ -1045,10 +1045,12 @@ impl Writer {
         // A record taken from the queue that did not fit in the last batch: it starts the next one.
         let mut carry: Option<Queued> = None;
         let mut closed = false;
+        // The next batch, lingering for more records.
+        let mut gathering: Option<Gather> = None;
         loop {
             // A new batch when there is room: waiting for records only when nothing is
             // unresolved, else from what is queued already (lingering for more).
-            if st.queue.len() < max_in_flight {
+            if gathering.is_none() && st.queue.len() < max_in_flight {
                 let first = match carry.take() {
                     Some(q) => Some(q),
                     None if st.queue.is_empty() => match rx.recv().await {
@@ -1067,10 +1069,7 @@ impl Writer {
                 };
                 if let Some(first) = first {
                     let max_batch = self.limit.bytes.load(Ordering::Relaxed);
-                    let mut records = Vec::new();
-                    carry =
-                        linger(cfg, &self.shared, &mut rx, first, max_batch, &mut records).await;
-                    st.queue.push_back(Batch::new(records));
+                    gathering = Some(Gather::new(cfg, first, max_batch));
                 }
             }
             if st.sent < st.queue.len().min(max_in_flight) {
@@ -1078,6 +1077,38 @@ impl Writer {
                     Step::Again => continue,
                     Step::Wait => {}
                 }
+            }
+            if let Some(g) = gathering.as_mut() {
+                // The batch lingers; answers that come meanwhile are read (both cancel-safe:
+                // the linger keeps what it took and resumes from its start).
+                let answer = if st.sent == 0 {
+                    carry = g.linger(cfg, &self.shared, &mut rx).await;
+                    None
+                } else {
+                    let due = st.queue[0].due.unwrap_or_else(Instant::now);
+                    let (c, _) = st
+                        .conn
+                        .as_mut()
+                        .expect("outstanding batches have a connection");
+                    tokio::select! {
+                        q = g.linger(cfg, &self.shared, &mut rx) => {
+                            carry = q;
+                            None
+                        }
+                        r = tokio::time::timeout_at(due, c.recv::<ProduceRequest>()) => Some(r),
+                    }
+                };
+                match answer {
+                    None => {
+                        let g = gathering.take().expect("a batch gathering");
+                        st.queue.push_back(Batch::new(g.records));
+                    }
+                    Some(r) => {
+                        let outcome = self.outcome(&st, r);
+                        self.answered(&mut st, outcome).await;
+                    }
+                }
+                continue;
             }
             if st.sent == 0 {
                 continue;
@@ -1550,62 +1581,80 @@ impl Writer {
     }
 }
 
-/// Takes `first` and lingers for more, up to the batch size (never past it); up to
-/// `linger_max` while the caller says more records are on their way, looking again every
-/// `linger` (pressure that ends sends the batch then). Returns a record that did not fit.
-async fn linger(
-    cfg: &ProducerConfig,
-    shared: &Shared,
-    rx: &mut mpsc::Receiver<Queued>,
-    first: Queued,
+/// A batch being gathered: its records and when its linger started.
+struct Gather {
+    records: Vec<Queued>,
+    bytes: usize,
     max_batch: usize,
-    batch: &mut Vec<Queued>,
-) -> Option<Queued> {
-    let pressed = || {
-        cfg.pressure
-            .as_ref()
-            .is_some_and(|p| p.load(Ordering::Relaxed) > 0)
-    };
-    let start = Instant::now();
-    let short = start + cfg.linger;
-    let long = start + cfg.linger_max.max(cfg.linger);
-    let step = cfg.linger.max(Duration::from_millis(1));
-    let mut bytes = BATCH_OVERHEAD + first.0.size();
-    batch.push(first);
-    loop {
-        let next = match rx.try_recv() {
-            Ok(q) => Some(q),
-            Err(mpsc::error::TryRecvError::Disconnected) => None,
-            Err(mpsc::error::TryRecvError::Empty) => loop {
-                // A flush waits for what is queued: nothing more is coming for this batch.
-                let flushed = shared.flush_now.notified();
-                if shared.flushing.load(Ordering::Acquire) > 0 {
-                    break None;
-                }
-                let now = Instant::now();
-                let until = if now < short {
-                    short
-                } else if now < long && pressed() {
-                    long.min(now + step)
-                } else {
-                    break None;
-                };
-                tokio::select! {
-                    r = tokio::time::timeout_at(until, rx.recv()) => match r {
-                        Ok(q) => break q,
-                        Err(_) => continue,
-                    },
-                    _ = flushed => break None,
-                }
-            },
-        };
-        let q = next?;
-        let size = q.0.size();
-        if bytes + size > max_batch {
-            return Some(q);
+    /// The end of the linger, and of the longest one (while the caller signals pressure).
+    short: Instant,
+    long: Instant,
+}
+
+impl Gather {
+    fn new(cfg: &ProducerConfig, first: Queued, max_batch: usize) -> Self {
+        let start = Instant::now();
+        Self {
+            bytes: BATCH_OVERHEAD + first.0.size(),
+            records: vec![first],
+            max_batch,
+            short: start + cfg.linger,
+            long: start + cfg.linger_max.max(cfg.linger),
         }
-        bytes += size;
-        batch.push(q);
+    }
+
+    /// Lingers for more records, up to the batch size (never past it); up to `linger_max`
+    /// while the caller says more records are on their way, looking again every `linger`
+    /// (pressure that ends sends the batch then). Returns a record that did not fit.
+    /// Cancel-safe: a record taken stays in the batch, and a call after a cancelled one goes
+    /// on with the linger's first start.
+    async fn linger(
+        &mut self,
+        cfg: &ProducerConfig,
+        shared: &Shared,
+        rx: &mut mpsc::Receiver<Queued>,
+    ) -> Option<Queued> {
+        let pressed = || {
+            cfg.pressure
+                .as_ref()
+                .is_some_and(|p| p.load(Ordering::Relaxed) > 0)
+        };
+        let step = cfg.linger.max(Duration::from_millis(1));
+        loop {
+            let next = match rx.try_recv() {
+                Ok(q) => Some(q),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => loop {
+                    // A flush waits for what is queued: nothing more is coming for this batch.
+                    let flushed = shared.flush_now.notified();
+                    if shared.flushing.load(Ordering::Acquire) > 0 {
+                        break None;
+                    }
+                    let now = Instant::now();
+                    let until = if now < self.short {
+                        self.short
+                    } else if now < self.long && pressed() {
+                        self.long.min(now + step)
+                    } else {
+                        break None;
+                    };
+                    tokio::select! {
+                        r = tokio::time::timeout_at(until, rx.recv()) => match r {
+                            Ok(q) => break q,
+                            Err(_) => continue,
+                        },
+                        _ = flushed => break None,
+                    }
+                },
+            };
+            let q = next?;
+            let size = q.0.size();
+            if self.bytes + size > self.max_batch {
+                return Some(q);
+            }
+            self.bytes += size;
+            self.records.push(q);
+        }
     }
 }
 

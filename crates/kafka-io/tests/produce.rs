@@ -637,3 +637,70 @@ async fn another_partitions_new_producer_id_does_not_rewrite_outstanding_batches
     assert_ne!(last.producer_id, batches[0].producer_id, "{batches:?}");
     p.close(BOUND).await.unwrap();
 }
+
+/// While the next batch lingers (the caller signals more records on their way: up to 2 s),
+/// the answer to the batch already sent is read: its delivery resolves long before the linger
+/// ends, while the next batch is still gathering.
+#[tokio::test]
+async fn an_answer_is_read_while_the_next_batch_lingers() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    fake.produce_answer_delay(Duration::from_millis(200));
+    let mut cluster = fake.cluster().await;
+    Arc::get_mut(&mut cluster)
+        .expect("sole owner")
+        .request_timeout = Duration::from_secs(1);
+    let pressure = Arc::new(AtomicUsize::new(0));
+    let p = Producer::new(
+        cluster,
+        ProducerConfig {
+            linger: Duration::from_millis(20),
+            linger_max: Duration::from_secs(2),
+            pressure: Some(pressure.clone()),
+            ..Default::default()
+        },
+    );
+    let first = p
+        .send(TOPIC, Some(0), rec("first".into()))
+        .await
+        .expect("queued");
+    let produces = |seen: &[fake_broker::Seen]| {
+        seen.iter()
+            .filter(|s| s.api == kafka_protocol::messages::ApiKey::Produce)
+            .count()
+    };
+    fake.wait_for(BOUND, |seen| produces(seen) == 1)
+        .await
+        .expect("the first batch sent");
+    // More records are coming: the next batch lingers up to 2 s.
+    pressure.store(1, Ordering::Relaxed);
+    let start = Instant::now();
+    let second = p
+        .send(TOPIC, Some(0), rec("second".into()))
+        .await
+        .expect("queued");
+    let r = tokio::time::timeout(BOUND, first.wait())
+        .await
+        .expect("in time");
+    let took = start.elapsed();
+    assert!(r.is_ok(), "{r:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "the first delivery waited for the next batch's linger: {took:?}"
+    );
+    assert_eq!(
+        produces(&fake.requests()),
+        1,
+        "the second batch is still lingering"
+    );
+    pressure.store(0, Ordering::Relaxed);
+    let r = tokio::time::timeout(BOUND, second.wait())
+        .await
+        .expect("in time");
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(strings(fake.produced(TOPIC, 0)), ["first", "second"]);
+    p.close(BOUND).await.unwrap();
+}
