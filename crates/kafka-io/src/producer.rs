@@ -1307,6 +1307,10 @@ impl Writer {
         if self.shared.txn.is_some() && self.shared.aborts.load(Ordering::Acquire) != aborts {
             return Step::Again;
         }
+        // The session came due for re-authentication meanwhile: the answers are read first.
+        if c.must_drain() {
+            return Step::Wait;
+        }
         let b = &mut st.queue[i];
         let bytes = b
             .encoded
