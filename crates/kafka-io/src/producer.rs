@@ -948,6 +948,9 @@ enum Outcome {
     TooLarge,
     /// Look the leader up again and resend after a backoff.
     Retry(Error),
+    /// Refused for good, and not written (CORRUPT_MESSAGE, INVALID_RECORD).
+    Refused(Error),
+    /// Refused for good; whether it was written is unknown (UNKNOWN_SERVER_ERROR, ...).
     Fatal(Error),
 }
 
@@ -1405,7 +1408,8 @@ impl Writer {
                     });
                 }
             }
-            Outcome::Fatal(e) => {
+            Outcome::Refused(e) => {
+                // Not written: the batches after it take its sequences.
                 tracing::error!(%topic, partition, error = %e, "producer: batch rejected");
                 st.take_front().fail(|_| ProduceError::Rejected {
                     topic: topic.clone(),
@@ -1413,6 +1417,27 @@ impl Writer {
                 });
                 self.drain(st).await;
                 st.none_written();
+            }
+            Outcome::Fatal(e) => {
+                // It may have been written: a later batch must not take its sequence (the
+                // broker would take it for a duplicate). The outstanding ones are answered as
+                // they come (written if it was, else out of order: then sent again under a new
+                // id); no new batch goes out under this id: the next takes a new one, as Java
+                // bumps the epoch. Transactional: the transaction can only be aborted.
+                tracing::error!(%topic, partition, error = %e, "producer: batch rejected (it may or may not have been written)");
+                st.take_front().fail(|_| ProduceError::Rejected {
+                    topic: topic.clone(),
+                    why: e.to_string(),
+                });
+                if self.shared.txn.is_some() {
+                    self.shared
+                        .fail_transaction(TxnError::Abortable(format!(
+                            "a batch for {topic}/{partition} was rejected: {e}"
+                        )))
+                        .await;
+                } else if self.shared.idempotent {
+                    st.stale = st.pid.map(|p| p.generation);
+                }
             }
             Outcome::Retry(e) => self.retry(st, e).await,
         }
@@ -1578,7 +1603,7 @@ impl Writer {
                 | R::ProducerFenced,
             ) if self.shared.idempotent => Outcome::NewProducerId(e),
             Some(R::MessageTooLarge | R::RecordListTooLarge) => Outcome::TooLarge,
-            Some(R::CorruptMessage | R::InvalidRecord) => Outcome::Fatal(e),
+            Some(R::CorruptMessage | R::InvalidRecord) => Outcome::Refused(e),
             Some(r) if r.is_retriable() => Outcome::Retry(e),
             _ => Outcome::Fatal(e),
         }

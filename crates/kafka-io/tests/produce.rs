@@ -704,3 +704,73 @@ async fn an_answer_is_read_while_the_next_batch_lingers() {
     assert_eq!(strings(fake.produced(TOPIC, 0)), ["first", "second"]);
     p.close(BOUND).await.unwrap();
 }
+
+/// The broker appends a batch and yet answers UNKNOWN_SERVER_ERROR: the producer cannot know
+/// whether it was written. Its record fails (Rejected); the next batch does not take its
+/// sequence (the broker would take it for a duplicate and drop it) but goes out under a new
+/// producer id, and lands.
+#[tokio::test]
+async fn a_batch_failed_with_its_write_unknown_does_not_lend_its_sequence() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = producer(&fake, true, 0).await;
+    assert!(send_all(&p, &["first".to_owned()]).await[0].is_ok());
+    fake.produce_error_after_append_at(1, ResponseError::UnknownServerError);
+    let got = send_all(&p, &["second".to_owned()]).await;
+    assert!(
+        matches!(&got[0], Err(ProduceError::Rejected { why, .. }) if why.contains("UnknownServerError")),
+        "{got:?}"
+    );
+    let got = send_all(&p, &["third".to_owned()]).await;
+    assert!(got[0].is_ok(), "{got:?}");
+    assert_eq!(
+        strings(fake.produced(TOPIC, 0)),
+        ["first", "second", "third"]
+    );
+    let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
+    assert_eq!(inits.len(), 2, "a new producer id");
+    let batches = fake.produce_batches();
+    let last = batches.last().unwrap();
+    assert_eq!(last.base_sequence, 0, "{batches:?}");
+    assert_ne!(last.producer_id, batches[0].producer_id, "{batches:?}");
+    p.close(BOUND).await.unwrap();
+}
+
+/// Five batches pipelined; the broker answers the second UNKNOWN_SERVER_ERROR (here without
+/// writing it, which the producer cannot know). Its record fails; the later ones are not moved
+/// down into its sequence: their answers are read (out of order: not written), and they go
+/// out again under a new producer id, each landing once, in order.
+#[tokio::test]
+async fn a_pipelined_batch_failed_with_its_write_unknown_takes_a_new_producer_id() {
+    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
+    let p = one_record_batches(&fake, true).await;
+    fake.produce_answer_delay(Duration::from_millis(100));
+    fake.produce_error_at(2, ResponseError::UnknownServerError);
+    let vals = values(5, 200);
+    let got = send_all(&p, &vals).await;
+    assert!(
+        matches!(&got[1], Err(ProduceError::Rejected { why, .. }) if why.contains("UnknownServerError")),
+        "{got:?}"
+    );
+    assert!(
+        got.iter().enumerate().all(|(i, r)| i == 1 || r.is_ok()),
+        "{got:?}"
+    );
+    let want: Vec<String> = vals
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, v)| v.clone())
+        .collect();
+    assert_eq!(strings(fake.produced(TOPIC, 0)), want);
+    let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
+    assert_eq!(inits.len(), 2, "a new producer id");
+    let batches = fake.produce_batches();
+    let first_id = batches[0].producer_id;
+    let resent: Vec<i32> = batches
+        .iter()
+        .filter(|b| b.producer_id != first_id)
+        .map(|b| b.base_sequence)
+        .collect();
+    assert_eq!(resent, [0, 1, 2], "{batches:?}");
+    p.close(BOUND).await.unwrap();
+}

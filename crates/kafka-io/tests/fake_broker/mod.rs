@@ -38,7 +38,9 @@
 //! an unknown producer id UNKNOWN_PRODUCER_ID ([`FakeBroker::forget_producers`]). Scripts: a
 //! `throttle_time_ms` in every Produce answer, batches above N bytes refused with
 //! MESSAGE_TOO_LARGE, and the next N Produce responses dropped after the batch was appended
-//! (the connection is closed instead of answering). DescribeConfigs answers a topic's
+//! (the connection is closed instead of answering); the N-th Produce request answered with an
+//! error, its batch appended or not; every open connection closed at once
+//! ([`FakeBroker::close_connections`]). DescribeConfigs answers a topic's
 //! `max.message.bytes` when one is set ([`FakeBroker::max_message_bytes`]), or closes the
 //! connection while [`FakeBroker::describe_configs_fails`] is on.
 //!
@@ -228,6 +230,8 @@ struct State {
     close_at_produce: Option<usize>,
     /// Produce requests to read before the one answered with this error (nothing appended).
     produce_error_at: Option<(usize, ResponseError)>,
+    /// Produce requests to read before the one appended and yet answered with this error.
+    produce_error_after_append_at: Option<(usize, ResponseError)>,
     /// Produce answers are written this long after their request was read.
     produce_answer_delay: Duration,
     /// Per connection: Produce requests read and not yet answered; the most seen.
@@ -319,6 +323,7 @@ impl FakeBroker {
             drop_produce_responses: 0,
             close_at_produce: None,
             produce_error_at: None,
+            produce_error_after_append_at: None,
             produce_answer_delay: Duration::ZERO,
             produce_unanswered: Vec::new(),
             produce_unanswered_max: 0,
@@ -389,6 +394,12 @@ impl FakeBroker {
     /// was still applied).
     pub fn close_connections(&self) {
         self.shared.lock().close_all.send_modify(|n| *n += 1);
+    }
+
+    /// The `n`-th Produce request from now is appended, and yet answered `e` (a broker that
+    /// failed after writing: the client cannot know it was written).
+    pub fn produce_error_after_append_at(&self, n: usize, e: ResponseError) {
+        self.shared.lock().produce_error_after_append_at = Some((n, e));
     }
 
     /// The most Produce requests one connection had read and not yet answered.
@@ -1018,6 +1029,18 @@ fn answer(
                         }
                         None => None,
                     };
+                    let after_append = match st.produce_error_after_append_at.as_mut() {
+                        Some((1, e)) => {
+                            let e = *e;
+                            st.produce_error_after_append_at = None;
+                            Some(e)
+                        }
+                        Some((left, _)) => {
+                            *left -= 1;
+                            None
+                        }
+                        None => None,
+                    };
                     let err = if scripted.is_some() {
                         scripted
                     } else if !st.topics.contains_key(&name) {
@@ -1064,6 +1087,10 @@ fn answer(
                             let log = st.produced.entry(k).or_default();
                             r = r.with_base_offset(log.len() as i64);
                             log.extend(values);
+                            if let Some(e) = after_append {
+                                r = r.with_error_code(e.code()).with_base_offset(-1);
+                                seen.code = e.code();
+                            }
                         }
                     }
                     parts.push(r);
