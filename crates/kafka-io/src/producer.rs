@@ -982,6 +982,8 @@ struct State {
     stale: Option<u64>,
     /// A lost connection was reconnected at once since the last answer (the next loss waits).
     reconnected: bool,
+    /// How long the oldest outstanding batch's answer may take.
+    answer_timeout: Duration,
 }
 
 impl State {
@@ -994,10 +996,25 @@ impl State {
         }
     }
 
-    /// The oldest outstanding batch is answered: it leaves the queue.
+    /// The oldest outstanding batch is answered: it leaves the queue, and the next one's
+    /// answer is due no sooner than a whole answer time from now (the broker answers a
+    /// connection's requests one after another).
     fn take_front(&mut self) -> Batch {
         self.sent = self.sent.saturating_sub(1);
-        self.queue.pop_front().expect("an outstanding batch")
+        let b = self.queue.pop_front().expect("an outstanding batch");
+        if self.sent > 0 {
+            self.oldest(0);
+        }
+        b
+    }
+
+    /// Outstanding batch `j` is now the oldest unanswered: its due time is extended to a whole
+    /// answer time from now.
+    fn oldest(&mut self, j: usize) {
+        let now = Instant::now();
+        if let Some(d) = self.queue[j].due.as_mut() {
+            *d = (*d).max(now + self.answer_timeout);
+        }
     }
 
     /// The broker took none of the queued batches (it refused one before them, so it took
@@ -1044,6 +1061,7 @@ impl Writer {
             acked: 0,
             stale: None,
             reconnected: false,
+            answer_timeout: self.answer_timeout(),
         };
         // A record taken from the queue that did not fit in the last batch: it starts the next one.
         let mut carry: Option<Queued> = None;
@@ -1450,6 +1468,7 @@ impl Writer {
     async fn drain(&self, st: &mut State) {
         let mut j = 0;
         while st.sent > 0 {
+            st.oldest(j);
             let due = st.queue[j].due.unwrap_or_else(Instant::now);
             let Some((c, _)) = st.conn.as_mut() else {
                 st.drop_conn();
