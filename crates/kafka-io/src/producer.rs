@@ -16,23 +16,37 @@
 //! `max.in.flight.requests.per.connection=5`. A lost connection or a retriable error of the
 //! oldest batch drops the connection and resends it and every later outstanding batch, in
 //! order, with the same sequences (the broker answers DUPLICATE_SEQUENCE_NUMBER for those it
-//! has). A batch refused without being written (too large, rejected for good) makes the broker
-//! refuse the outstanding ones after it as OUT_OF_ORDER_SEQUENCE_NUMBER: their answers are read
-//! (drained) first, then they are sent again after it (after its split halves, which take its
-//! sequences; or with their sequences moved down to follow the last batch written). A batch is
-//! only failed once it is the oldest unresolved one, and a new producer id is only taken with
-//! nothing outstanding. Without idempotence one request is in flight per partition (a retried
-//! batch would land after a later one).
+//! has). A batch refused without being written (MESSAGE_TOO_LARGE, RECORD_LIST_TOO_LARGE,
+//! CORRUPT_MESSAGE, INVALID_RECORD) makes the broker refuse the outstanding ones after it as
+//! OUT_OF_ORDER_SEQUENCE_NUMBER: their answers are read (drained) first, then they are sent
+//! again after it (after its split halves, which take its sequences; or with their sequences
+//! moved down to follow the last batch written). A batch refused for good with its write
+//! unknown (any other error: UNKNOWN_SERVER_ERROR, ...) fails, and no later batch takes its
+//! sequence (the broker would take it for a duplicate): the outstanding ones are answered as
+//! they come (written if it was; else out of order, then sent again under a new id), and the
+//! partition's next batch goes out under a new producer id (as Java bumps the epoch;
+//! transactional: the transaction fails and can only be aborted). A batch is only failed once
+//! it is the oldest unresolved one, and a partition only moves to a new producer id with none
+//! of its batches outstanding. Answers are read while the next batch lingers, and the oldest
+//! outstanding answer is due a whole answer time after it became the oldest (the broker answers
+//! a connection's requests in turn). Without idempotence one request is in flight per
+//! partition (a retried batch would land after a later one).
 //!
 //! Idempotence (on by default, [`ProducerConfig::idempotent`]): one producer id for the whole
 //! producer (InitProducerId v3+, producer id and epoch -1, no transactional id), a sequence
 //! number per partition (from 0, += the batch's record count, wrapping at i32::MAX to 0). A
 //! retried batch is resent byte for byte, with its sequence, so a Produce whose response was
 //! lost is not written twice: the broker answers DUPLICATE_SEQUENCE_NUMBER, which counts as
-//! written (its offset is unknown then: the deliveries resolve to -1). OUT_OF_ORDER_SEQUENCE_NUMBER,
-//! UNKNOWN_PRODUCER_ID, INVALID_PRODUCER_EPOCH and PRODUCER_FENCED get a new producer id and
-//! start every partition's sequence again at 0, then resend: a batch whose earlier write the
-//! broker forgot may then be written twice (as with the Java client's reset). A broker that
+//! written (its offset is unknown then: the deliveries resolve to -1). A batch that went out
+//! keeps the producer id, epoch and sequence it carries until it is resolved, whatever the
+//! other partitions do. OUT_OF_ORDER_SEQUENCE_NUMBER, UNKNOWN_PRODUCER_ID,
+//! INVALID_PRODUCER_EPOCH and PRODUCER_FENCED get a new producer id (shared: one per
+//! refused generation): the partition that got the answer starts its sequences again at 0 and
+//! resends its batches under it, so a batch whose earlier write the broker forgot may be
+//! written twice (as with the Java client's epoch bump). Every other partition goes on
+//! resending its sent batches under the old id (the broker still tells their duplicates),
+//! sends no new batch while they are unresolved, and then moves to the new id with its
+//! sequences from 0 (as Java's `maybeUpdateProducerIdAndEpoch`). A broker that
 //! refuses InitProducerId (no such API, CLUSTER_AUTHORIZATION_FAILED) fails each record with an
 //! error naming the runner's flag to turn idempotence off.
 //!

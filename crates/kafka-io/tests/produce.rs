@@ -4,7 +4,10 @@
 //! idempotence: a batch whose response was lost is resent with its sequence and not written
 //! twice (and is written twice with idempotence off), a forgotten producer id gets a new one,
 //! and a broker refusing InitProducerId fails the records with an error naming the flag;
-//! records keep flowing through KIP-368 re-authentications (OAUTHBEARER), none lost or resent.
+//! records keep flowing through KIP-368 re-authentications (OAUTHBEARER), none lost or resent;
+//! another partition's new producer id does not rewrite a partition's outstanding batches; a
+//! batch failed with its write unknown does not lend its sequence (a new producer id); answers
+//! are read while the next batch lingers.
 //!
 //! Real time, short durations; every wait is bounded.
 
