@@ -69,7 +69,8 @@ const BATCH_32_NO_IDEMPOTENCE: &[&str] = &[
 /// batch 1 and 32, in front of the echo model and MLServer (REST): key, name, in front of
 /// MLServer, kafka-infer flags. In the full run, and (with the build before issue 18 when
 /// BENCH_BASELINE_BIN is set) interleaved over rounds by the BENCH_ONLY item `producer`.
-const PRODUCER_ROWS: &[(&str, &str, bool, &[&str])] = &[
+type ProducerRow = (&'static str, &'static str, bool, &'static [&'static str]);
+const PRODUCER_ROWS: &[ProducerRow] = &[
     ("ki_rest", "kafka-infer -> echo model, REST", false, &[]),
     (
         "ki_rest_noidem",
@@ -173,6 +174,22 @@ fn producer_targets(per_s: &BTreeMap<&str, f64>) -> String {
     out
 }
 
+/// One of [`PRODUCER_ROWS`]: kafka-infer over REST in front of the echo model or MLServer.
+async fn producer_row(
+    env: &Env,
+    n: u64,
+    row: &ProducerRow,
+    echo: &str,
+    ml: &str,
+) -> Result<Figure> {
+    let &(_, name, on_ml, extra) = row;
+    let url = if on_ml { ml } else { echo };
+    measure(env, name, n, &[], |i, o| {
+        kafka_infer(env, i, o, url, "rest", extra)
+    })
+    .await
+}
+
 /// The BENCH_ONLY item `producer`: every row of [`PRODUCER_ROWS`] (and the build before issue
 /// 18 when BENCH_BASELINE_BIN is set) measured in turn, BENCH_ROUNDS times (default 3), so each
 /// ratio compares rows of the same rounds; the medians and issue 18's targets.
@@ -187,12 +204,9 @@ async fn producer_rounds(env: &Env, n: u64, echo: &str, ml: &str) -> Result<Stri
     let baseline_name = format!("kafka-infer {label} build -> echo model, REST");
     let mut all: BTreeMap<&str, Vec<Figure>> = BTreeMap::new();
     for round in 1..=rounds {
-        for &(key, name, on_ml, extra) in PRODUCER_ROWS {
-            let url = if on_ml { ml } else { echo };
-            let fig = measure(env, name, n, &[], |i, o| {
-                kafka_infer(env, i, o, url, "rest", extra)
-            })
-            .await?;
+        for row in PRODUCER_ROWS {
+            let key = row.0;
+            let fig = producer_row(env, n, row, echo, ml).await?;
             eprintln!(
                 "bench: producer round {round}: {key} {:.0} answers/s",
                 fig.per_s
@@ -884,15 +898,10 @@ pub fn bench(short: bool) -> Result<()> {
                     );
                     continue;
                 }
-                if let Some(&(_, name, on_ml, extra)) = PRODUCER_ROWS.iter().find(|r| r.0 == k) {
-                    let url = match (on_ml, &ml) {
-                        (true, Some(ml)) => ml.rest_url(),
-                        _ => echo.rest_url(),
-                    };
-                    let fig = measure(&env, name, n, &[], |i, o| {
-                        kafka_infer(&env, i, o, &url, "rest", extra)
-                    })
-                    .await?;
+                if let Some(row) = PRODUCER_ROWS.iter().find(|r| r.0 == k) {
+                    // d_* rows started MLServer above; the echo rows do not use it.
+                    let ml_url = ml.as_ref().map(|m| m.rest_url()).unwrap_or_default();
+                    let fig = producer_row(&env, n, row, &echo.rest_url(), &ml_url).await?;
                     println!("{fig:?}");
                     continue;
                 }
@@ -979,13 +988,13 @@ pub fn bench(short: bool) -> Result<()> {
             return Ok(None); // guards stop the broker and models on the way out
         }
         let mh = vec![("mlserver-model".to_string(), Bytes::from_static(b"echo"))];
-        f.insert(
-            "ki_rest",
-            measure(&env, "kafka-infer -> echo model, REST", n, &[], |i, o| {
-                kafka_infer(&env, i, o, &echo.rest_url(), "rest", &[])
-            })
-            .await?,
-        );
+        // The producer rows in front of the echo model (ki_rest, the default path, first).
+        for row in PRODUCER_ROWS.iter().filter(|r| !r.2) {
+            f.insert(
+                row.0,
+                producer_row(&env, n, row, &echo.rest_url(), "").await?,
+            );
+        }
         // BENCH_BASELINE_BIN: another build (e.g. an older commit's) measured in the same run.
         if let Some(bin) = std::env::var_os("BENCH_BASELINE_BIN").map(PathBuf::from) {
             let label = std::env::var("BENCH_BASELINE_LABEL").unwrap_or_else(|_| "baseline".into());
@@ -1026,46 +1035,17 @@ pub fn bench(short: bool) -> Result<()> {
             )
             .await?,
         );
-        for (key, name, extra) in [
-            (
-                "ki_rest_b8",
+        f.insert(
+            "ki_rest_b8",
+            measure(
+                &env,
                 "kafka-infer -> echo model, REST, batch 8",
-                BATCH_8,
-            ),
-            (
-                "ki_rest_b32",
-                "kafka-infer -> echo model, REST, batch 32",
-                BATCH_32,
-            ),
-            (
-                "ki_rest_noidem",
-                "kafka-infer, producer not idempotent -> echo model, REST",
-                NO_IDEMPOTENCE,
-            ),
-            (
-                "ki_rest_b32_noidem",
-                "kafka-infer, producer not idempotent -> echo model, REST, batch 32",
-                BATCH_32_NO_IDEMPOTENCE,
-            ),
-            (
-                "ki_rest_eos",
-                "kafka-infer --exactly-once -> echo model, REST",
-                EXACTLY_ONCE,
-            ),
-            (
-                "ki_rest_b32_eos",
-                "kafka-infer --exactly-once -> echo model, REST, batch 32",
-                BATCH_32_EXACTLY_ONCE,
-            ),
-        ] {
-            f.insert(
-                key,
-                measure(&env, name, n, &[], |i, o| {
-                    kafka_infer(&env, i, o, &echo.rest_url(), "rest", extra)
-                })
-                .await?,
-            );
-        }
+                n,
+                &[],
+                |i, o| kafka_infer(&env, i, o, &echo.rest_url(), "rest", BATCH_8),
+            )
+            .await?,
+        );
         f.insert(
             "a_copy",
             measure(
@@ -1127,13 +1107,10 @@ pub fn bench(short: bool) -> Result<()> {
             "e_grpc",
             direct("(e) MLServer direct, gRPC", &ml.grpc_url(), true, secs).await?,
         );
-        f.insert(
-            "d_rest",
-            measure(&env, "(d) kafka-infer -> MLServer, REST", n, &[], |i, o| {
-                kafka_infer(&env, i, o, &ml.rest_url(), "rest", &[])
-            })
-            .await?,
-        );
+        // The producer rows in front of MLServer (d_rest, the default path, first).
+        for row in PRODUCER_ROWS.iter().filter(|r| r.2) {
+            f.insert(row.0, producer_row(&env, n, row, "", &ml.rest_url()).await?);
+        }
         f.insert(
             "d_grpc",
             measure(&env, "(d) kafka-infer -> MLServer, gRPC", n, &[], |i, o| {
@@ -1147,36 +1124,6 @@ pub fn bench(short: bool) -> Result<()> {
                 "(d) kafka-infer -> MLServer, REST, batch 8",
                 "rest",
                 BATCH_8,
-            ),
-            (
-                "d_rest_b32",
-                "(d) kafka-infer -> MLServer, REST, batch 32",
-                "rest",
-                BATCH_32,
-            ),
-            (
-                "d_rest_noidem",
-                "(d) kafka-infer, producer not idempotent -> MLServer, REST",
-                "rest",
-                NO_IDEMPOTENCE,
-            ),
-            (
-                "d_rest_b32_noidem",
-                "(d) kafka-infer, producer not idempotent -> MLServer, REST, batch 32",
-                "rest",
-                BATCH_32_NO_IDEMPOTENCE,
-            ),
-            (
-                "d_rest_eos",
-                "(d) kafka-infer --exactly-once -> MLServer, REST",
-                "rest",
-                EXACTLY_ONCE,
-            ),
-            (
-                "d_rest_b32_eos",
-                "(d) kafka-infer --exactly-once -> MLServer, REST, batch 32",
-                "rest",
-                BATCH_32_EXACTLY_ONCE,
             ),
             (
                 "d_grpc_b32",
