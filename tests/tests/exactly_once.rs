@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Result, bail, ensure};
 use bytes::Bytes;
 use kafka_infer_tests::{
-    Broker, free_port,
+    Broker, free_port, kafka_env,
     models::{self, KafkaInfer},
     unique, wait_for,
 };
@@ -31,6 +31,51 @@ fn request(id: &str) -> Bytes {
     Bytes::from(
         json!({"id": id, "inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [7]}]})
             .to_string(),
+    )
+}
+
+/// Inputs `r{i}` for `range`, keyed over 16 keys.
+fn keyed_inputs(range: std::ops::Range<usize>) -> Vec<OutRecord> {
+    range
+        .map(|i| OutRecord {
+            key: Some(Bytes::from(format!("k{}", i % 16))),
+            value: Some(request(&format!("r{i}"))),
+            headers: vec![],
+        })
+        .collect()
+}
+
+/// kafka-infer with `--exactly-once` (50 ms windows, transactional id `txn_id`) in front of
+/// the model `m` at `url`, with `max_in_flight` calls per partition (low: slow enough to be
+/// stopped or fenced mid-stream).
+fn start_eos(
+    url: &str,
+    group: &str,
+    txn_id: &str,
+    max_in_flight: &str,
+    env: &[(&str, String)],
+) -> Result<KafkaInfer> {
+    KafkaInfer::start(
+        &[
+            "--protocol",
+            "v2",
+            "--model",
+            url,
+            "--model-name",
+            "m",
+            "--group-id",
+            group,
+            "--session-timeout",
+            "2s",
+            "--exactly-once",
+            "--transaction-window",
+            "50ms",
+            "--transactional-id",
+            txn_id,
+            "--max-in-flight",
+            max_in_flight,
+        ],
+        env,
     )
 }
 
@@ -107,44 +152,14 @@ async fn exactly_once_under_kill_9_loops_answers_each_input_once_for_read_commit
     let url = model.rest_url();
     let txn_id = unique("eos");
     let n = 3000usize;
-    let recs: Vec<OutRecord> = (0..n)
-        .map(|i| OutRecord {
-            key: Some(Bytes::from(format!("k{}", i % 16))),
-            value: Some(request(&format!("r{i}"))),
-            headers: vec![],
-        })
-        .collect();
-    kafka_infer_tests::produce_all(broker.settings(), &input, recs).await?;
-    let env = vec![
-        ("KAFKA_BROKER", broker.bootstrap()),
-        ("KAFKA_INPUT_TOPIC", input.clone()),
-        ("KAFKA_OUTPUT_TOPIC", output.clone()),
-    ];
-    let args = [
-        "--protocol",
-        "v2",
-        "--model",
-        url.as_str(),
-        "--model-name",
-        "m",
-        "--group-id",
-        group.as_str(),
-        "--session-timeout",
-        "2s",
-        "--exactly-once",
-        "--transaction-window",
-        "50ms",
-        "--transactional-id",
-        txn_id.as_str(),
-        // Slow enough to be killed mid-stream several times.
-        "--max-in-flight",
-        "2",
-    ];
+    kafka_infer_tests::produce_all(broker.settings(), &input, keyed_inputs(0..n)).await?;
+    let env = kafka_env(&broker, &input, &output);
     // Kill -9 loops: each run answers some records, some windows commit, then SIGKILL (an
     // open window is left behind; the next run's InitProducerId aborts it) or SIGTERM.
     let mut stopped = 0;
     for round in 0..4 {
-        let mut ki = KafkaInfer::start(&args, &env)?;
+        // 2 calls per partition: slow enough to be killed mid-stream several times.
+        let mut ki = start_eos(&url, &group, &txn_id, "2", &env)?;
         let (target_txns, target_ok) = (3.0, 150.0 * (round + 1) as f64);
         let reached = wait_for(Duration::from_secs(60), "answers and commits", || {
             (committed_txns(&ki) >= target_txns && ok_count(&ki) >= target_ok)
@@ -164,7 +179,7 @@ async fn exactly_once_under_kill_9_loops_answers_each_input_once_for_read_commit
         stopped += 1;
     }
     // The last run goes to the end.
-    let ki = KafkaInfer::start(&args, &env)?;
+    let ki = start_eos(&url, &group, &txn_id, "2", &env)?;
     let start = Instant::now();
     let mut ids = Vec::new();
     let mut log_size = 0;
@@ -304,59 +319,25 @@ async fn exactly_once_two_replicas_through_rebalances_answer_each_input_once() -
         ensure!(d.wait().await.is_ok(), "input written");
     }
     producer.close(Duration::from_secs(10)).await?;
-    let env = vec![
-        ("KAFKA_BROKER", broker.bootstrap()),
-        ("KAFKA_INPUT_TOPIC", input.clone()),
-        ("KAFKA_OUTPUT_TOPIC", output.clone()),
-    ];
+    let env = kafka_env(&broker, &input, &output);
     let (id_a, id_b) = (unique("eos-a"), unique("eos-b"));
-    let args = |id: &'static str| -> Vec<String> {
-        [
-            "--protocol",
-            "v2",
-            "--model",
-            url.as_str(),
-            "--model-name",
-            "m",
-            "--group-id",
-            group.as_str(),
-            "--session-timeout",
-            "2s",
-            "--exactly-once",
-            "--transaction-window",
-            "50ms",
-            "--transactional-id",
-            id,
-            "--max-in-flight",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let id_a: &'static str = Box::leak(id_a.into_boxed_str());
-    let id_b: &'static str = Box::leak(id_b.into_boxed_str());
-    let start = |id: &'static str| -> Result<KafkaInfer> {
-        let a = args(id);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        KafkaInfer::start(&a, &env)
-    };
+    let start = |id: &str| start_eos(&url, &group, id, "1", &env);
     let progress = |ki: &KafkaInfer, at_least: f64, what: &str| -> Result<f64> {
         wait_for(Duration::from_secs(60), what, || {
             let c = ok_count(ki);
             (c >= at_least && committed_txns(ki) >= 2.0).then_some(c)
         })
     };
-    let mut a = start(id_a)?;
+    let mut a = start(&id_a)?;
     progress(&a, 300.0, "A answers")?;
-    let mut b = start(id_b)?;
+    let mut b = start(&id_b)?;
     // B gets partitions (a rebalance: A aborts its window, both rejoin).
     progress(&b, 200.0, "B answers after the rebalance")?;
     a.proc.signal("KILL")?;
     let _ = a.proc.wait_exit(Duration::from_secs(10));
     // A restarts with its transactional id (its open window is aborted at its first
     // transaction) and joins again: another rebalance.
-    let a2 = start(id_a)?;
+    let a2 = start(&id_a)?;
     progress(&a2, 200.0, "A (restarted) answers")?;
     let b_answered = ok_count(&b);
     b.proc.signal("TERM")?;
@@ -406,42 +387,10 @@ async fn a_fenced_producer_aborts_rejoins_and_answers_each_input_once() -> Resul
     let url = model.rest_url();
     let txn_id = unique("eos-fenced");
     let half = 800usize;
-    let inputs = |range: std::ops::Range<usize>| -> Vec<OutRecord> {
-        range
-            .map(|i| OutRecord {
-                key: Some(Bytes::from(format!("k{}", i % 16))),
-                value: Some(request(&format!("r{i}"))),
-                headers: vec![],
-            })
-            .collect()
-    };
-    kafka_infer_tests::produce_all(broker.settings(), &input, inputs(0..half)).await?;
-    let env = vec![
-        ("KAFKA_BROKER", broker.bootstrap()),
-        ("KAFKA_INPUT_TOPIC", input.clone()),
-        ("KAFKA_OUTPUT_TOPIC", output.clone()),
-    ];
-    let args = [
-        "--protocol",
-        "v2",
-        "--model",
-        url.as_str(),
-        "--model-name",
-        "m",
-        "--group-id",
-        group.as_str(),
-        "--session-timeout",
-        "2s",
-        "--exactly-once",
-        "--transaction-window",
-        "50ms",
-        "--transactional-id",
-        txn_id.as_str(),
-        // Slow enough to be fenced mid-stream.
-        "--max-in-flight",
-        "1",
-    ];
-    let mut ki = KafkaInfer::start(&args, &env)?;
+    kafka_infer_tests::produce_all(broker.settings(), &input, keyed_inputs(0..half)).await?;
+    let env = kafka_env(&broker, &input, &output);
+    // One call at a time per partition: slow enough to be fenced mid-stream.
+    let mut ki = start_eos(&url, &group, &txn_id, "1", &env)?;
     let fence = |ki: &KafkaInfer, what: &str| -> Result<()> {
         let aborted = aborted_txns(ki);
         let out = kafka_infer_tests::py("fence.py", &[&broker.bootstrap(), &txn_id])?;
@@ -478,7 +427,7 @@ async fn a_fenced_producer_aborts_rejoins_and_answers_each_input_once() -> Resul
     );
     let before = aborted_txns(&ki);
     fence(&ki, "while idle")?;
-    kafka_infer_tests::produce_all(broker.settings(), &input, inputs(half..2 * half)).await?;
+    kafka_infer_tests::produce_all(broker.settings(), &input, keyed_inputs(half..2 * half)).await?;
     aborted_after(&ki, before)?;
 
     let n = 2 * half;
