@@ -406,22 +406,27 @@ impl BrokerConn {
                 ),
             });
         }
-        let broker = self.broker.clone();
         let exchange = async {
             self.write_request(req, version, call).await?;
             self.read_response::<R>().await
         };
-        let r = tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| Error::Timeout {
-                call,
-                broker,
-                after: timeout,
-            })
-            .and_then(|r| r);
-        if r.is_err() {
-            self.broken = true;
+        let r = tokio::time::timeout(timeout, exchange).await;
+        let r = r.unwrap_or_else(|_| Err(self.timed_out(call, timeout)));
+        self.settle(r)
+    }
+
+    /// A request not answered (or not written) within `after`.
+    fn timed_out(&self, call: &'static str, after: Duration) -> Error {
+        Error::Timeout {
+            call,
+            broker: self.broker.clone(),
+            after,
         }
+    }
+
+    /// Any error leaves the connection unusable.
+    fn settle<T>(&mut self, r: Result<T>) -> Result<T> {
+        self.broken |= r.is_err();
         r
     }
 
@@ -440,19 +445,9 @@ impl BrokerConn {
             self.reauthenticate_if_due().await?;
         }
         let timeout = self.timeout;
-        let broker = self.broker.clone();
-        let r = tokio::time::timeout(timeout, self.write_request(req, version, call))
-            .await
-            .map_err(|_| Error::Timeout {
-                call,
-                broker,
-                after: timeout,
-            })
-            .and_then(|r| r);
-        if r.is_err() {
-            self.broken = true;
-        }
-        r
+        let r = tokio::time::timeout(timeout, self.write_request(req, version, call)).await;
+        let r = r.unwrap_or_else(|_| Err(self.timed_out(call, timeout)));
+        self.settle(r)
     }
 
     /// The response to the oldest outstanding pipelined request, which must be an `R`. No
@@ -461,15 +456,7 @@ impl BrokerConn {
     /// protocol error, and any error leaves the connection unusable (drop it).
     pub async fn recv<R: Request<Response: 'static>>(&mut self) -> Result<R::Response> {
         let r = self.read_response::<R>().await;
-        if r.is_err() {
-            self.broken = true;
-        }
-        r
-    }
-
-    /// Pipelined requests written and not yet answered.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.settle(r)
     }
 
     /// True when the session is due for re-authentication while requests are outstanding:

@@ -1039,11 +1039,20 @@ impl State {
         }
     }
 
-    /// `b` is written: the broker's next sequence follows it.
-    fn written(&mut self, b: &Batch) {
+    /// `b` is written: the broker's next sequence follows it, and its records resolve to their
+    /// offsets from `base` (-1 when the broker did not say).
+    fn written(&mut self, b: Batch, base: Option<i64>) {
         if let Some((_, seq)) = b.encoded.as_ref().and_then(|e| e.key) {
             self.acked = next_sequence(seq, b.records.len() as i32);
         }
+        for (i, (_, done)) in b.records.into_iter().enumerate() {
+            let _ = done.send(Ok(base.map_or(-1, |o| o + i as i64)));
+        }
+    }
+
+    /// The oldest batch, not sent, fails with `e` (before it goes out).
+    fn fail_unsent(&mut self, e: impl Fn(&OutRecord) -> ProduceError) {
+        self.queue.pop_front().expect("a batch").fail(e);
     }
 }
 
@@ -1228,13 +1237,10 @@ impl Writer {
                 }
                 Err(PidError::Refused(why)) => {
                     tracing::error!(%topic, partition, %why, "producer: idempotence refused");
-                    st.queue
-                        .pop_front()
-                        .expect("a batch")
-                        .fail(|_| ProduceError::Rejected {
-                            topic: topic.clone(),
-                            why: why.clone(),
-                        });
+                    st.fail_unsent(|_| ProduceError::Rejected {
+                        topic: topic.clone(),
+                        why: why.clone(),
+                    });
                     return Step::Again;
                 }
                 Err(PidError::Retry(e)) => {
@@ -1279,13 +1285,10 @@ impl Writer {
                 Ok(bytes) => b.encoded = Some(Encoded { bytes, key }),
                 Err(e) if front => {
                     tracing::error!(%topic, partition, error = %e, "producer: cannot encode the batch");
-                    st.queue
-                        .pop_front()
-                        .expect("a batch")
-                        .fail(|_| ProduceError::Rejected {
-                            topic: topic.clone(),
-                            why: format!("cannot encode the batch: {e}"),
-                        });
+                    st.fail_unsent(|_| ProduceError::Rejected {
+                        topic: topic.clone(),
+                        why: format!("cannot encode the batch: {e}"),
+                    });
                     return Step::Again;
                 }
                 Err(_) => return Step::Wait,
@@ -1304,10 +1307,7 @@ impl Writer {
                         && since.elapsed() >= self.cluster.request_timeout
                     {
                         tracing::error!(%topic, partition, error = %e, "producer: topic does not exist");
-                        st.queue
-                            .pop_front()
-                            .expect("a batch")
-                            .fail(|_| ProduceError::UnknownTopic(topic.clone()));
+                        st.fail_unsent(|_| ProduceError::UnknownTopic(topic.clone()));
                         st.none_written();
                         return Step::Again;
                     }
@@ -1331,10 +1331,7 @@ impl Writer {
                 return Step::Wait;
             }
             tracing::warn!(%topic, partition, error = %e, "producer: the transaction failed; batch not sent");
-            st.queue
-                .pop_front()
-                .expect("a batch")
-                .fail(|_| ProduceError::Transaction(e.to_string()));
+            st.fail_unsent(|_| ProduceError::Transaction(e.to_string()));
             return Step::Again;
         }
         self.shared.wait_throttle(c.broker()).await;
@@ -1376,20 +1373,14 @@ impl Writer {
                 st.backoff.reset();
                 st.reconnected = false;
                 let b = st.take_front();
-                st.written(&b);
-                for (i, (_, done)) in b.records.into_iter().enumerate() {
-                    let _ = done.send(Ok(base + i as i64));
-                }
+                st.written(b, Some(base));
             }
             Outcome::Duplicate => {
                 st.backoff.reset();
                 st.reconnected = false;
                 let b = st.take_front();
                 tracing::info!(%topic, partition, sequence = ?b.encoded.as_ref().and_then(|e| e.key), "producer: batch already written (duplicate sequence)");
-                st.written(&b);
-                for (_, done) in b.records {
-                    let _ = done.send(Ok(-1));
-                }
+                st.written(b, None);
             }
             Outcome::NewProducerId(e) if self.shared.txn.is_some() => {
                 // Transactional: the transaction is over (fenced: for good); the caller
@@ -1497,10 +1488,7 @@ impl Writer {
                     // log, so it is not sent again.
                     tracing::warn!(topic = %self.topic, partition = self.partition, "producer: a batch after a refused one was written");
                     let b = st.queue.remove(j).expect("an outstanding batch");
-                    st.written(&b);
-                    for (_, done) in b.records {
-                        let _ = done.send(Ok(-1));
-                    }
+                    st.written(b, None);
                 }
                 Outcome::Retry(_) => {
                     st.drop_conn();
