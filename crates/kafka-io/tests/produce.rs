@@ -531,19 +531,18 @@ async fn a_pipelined_batch_refused_as_too_large_is_split_before_the_later_ones()
     p.close(BOUND).await.unwrap();
 }
 
-/// Five batches pipelined; the broker rejects the second for good (INVALID_RECORD). Its record
-/// fails; the later ones (refused as out of order) are resent with their sequences moved down
-/// and land once, in order, under the same producer id.
-#[tokio::test]
-async fn a_pipelined_batch_rejected_for_good_fails_alone_and_the_later_ones_land() {
+/// Five one-record batches pipelined (answers 100 ms late); the broker answers the second with
+/// `error`. Checks what both cases share: that record fails naming `name`, every other one is
+/// written once, in order.
+async fn second_of_five_refused(error: ResponseError, name: &str) -> (FakeBroker, Producer) {
     let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
     let p = one_record_batches(&fake, true).await;
     fake.produce_answer_delay(Duration::from_millis(100));
-    fake.produce_error_at(2, ResponseError::InvalidRecord);
+    fake.produce_error_at(2, error);
     let vals = values(5, 200);
     let got = send_all(&p, &vals).await;
     assert!(
-        matches!(&got[1], Err(ProduceError::Rejected { why, .. }) if why.contains("InvalidRecord")),
+        matches!(&got[1], Err(ProduceError::Rejected { why, .. }) if why.contains(name)),
         "{got:?}"
     );
     assert!(
@@ -557,6 +556,15 @@ async fn a_pipelined_batch_rejected_for_good_fails_alone_and_the_later_ones_land
         .map(|(_, v)| v.clone())
         .collect();
     assert_eq!(strings(fake.produced(TOPIC, 0)), want);
+    (fake, p)
+}
+
+/// Five batches pipelined; the broker rejects the second for good (INVALID_RECORD). Its record
+/// fails; the later ones (refused as out of order) are resent with their sequences moved down
+/// and land once, in order, under the same producer id.
+#[tokio::test]
+async fn a_pipelined_batch_rejected_for_good_fails_alone_and_the_later_ones_land() {
+    let (fake, p) = second_of_five_refused(ResponseError::InvalidRecord, "InvalidRecord").await;
     let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
     assert_eq!(inits.len(), 1, "producer id kept");
     let seqs: Vec<i32> = fake
@@ -744,27 +752,8 @@ async fn a_batch_failed_with_its_write_unknown_does_not_lend_its_sequence() {
 /// out again under a new producer id, each landing once, in order.
 #[tokio::test]
 async fn a_pipelined_batch_failed_with_its_write_unknown_takes_a_new_producer_id() {
-    let fake = FakeBroker::start(&[(TOPIC, 1)]).await;
-    let p = one_record_batches(&fake, true).await;
-    fake.produce_answer_delay(Duration::from_millis(100));
-    fake.produce_error_at(2, ResponseError::UnknownServerError);
-    let vals = values(5, 200);
-    let got = send_all(&p, &vals).await;
-    assert!(
-        matches!(&got[1], Err(ProduceError::Rejected { why, .. }) if why.contains("UnknownServerError")),
-        "{got:?}"
-    );
-    assert!(
-        got.iter().enumerate().all(|(i, r)| i == 1 || r.is_ok()),
-        "{got:?}"
-    );
-    let want: Vec<String> = vals
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != 1)
-        .map(|(_, v)| v.clone())
-        .collect();
-    assert_eq!(strings(fake.produced(TOPIC, 0)), want);
+    let (fake, p) =
+        second_of_five_refused(ResponseError::UnknownServerError, "UnknownServerError").await;
     let inits = fake.of(kafka_protocol::messages::ApiKey::InitProducerId);
     assert_eq!(inits.len(), 2, "a new producer id");
     let batches = fake.produce_batches();
