@@ -212,9 +212,8 @@ fn broker_status() -> Result<()> {
     Ok(())
 }
 
-fn test(rest: &[&str]) -> Result<()> {
-    setup()?;
-    // The end-to-end tests drive these binaries as processes.
+/// The end-to-end tests drive these binaries as processes.
+fn build_bins() -> Result<()> {
     run(Command::new(env!("CARGO")).current_dir(root()).args([
         "build",
         "-p",
@@ -222,7 +221,12 @@ fn test(rest: &[&str]) -> Result<()> {
         "-p",
         "kafka-infer-tests",
         "--bins",
-    ]))?;
+    ]))
+}
+
+fn test(rest: &[&str]) -> Result<()> {
+    setup()?;
+    build_bins()?;
     let suite = run(Command::new(env!("CARGO"))
         .current_dir(root())
         .args(["test", "--workspace", "--no-fail-fast"])
@@ -255,6 +259,7 @@ fn tansu_sqlite_root() -> PathBuf {
 /// then runs the (ignored by default) tests of tests/tests/scram.rs with it.
 fn scram() -> Result<()> {
     setup()?;
+    build_bins()?;
     scram_tests()
 }
 
@@ -292,21 +297,13 @@ fn scram_tests() -> Result<()> {
             started.elapsed().as_secs_f64() / 60.0
         );
     }
-    run(Command::new(env!("CARGO")).current_dir(root()).args([
-        "build",
-        "-p",
-        "runner",
-        "-p",
-        "kafka-infer-tests",
-        "--bins",
-    ]))?;
+    // --workspace: the same features as `test`'s run, so its build is reused.
     run(Command::new(env!("CARGO"))
         .current_dir(root())
         .env("KAFKA_INFER_TANSU_SQLITE", &tansu)
         .args([
             "test",
-            "-p",
-            "kafka-infer-tests",
+            "--workspace",
             "--test",
             "scram",
             "--",
